@@ -1,0 +1,1 @@
+"""edgeforge's shared library: everything two targets need lives here."""
