@@ -5,6 +5,7 @@
 MODEL      ?= smollm2-135m
 BUILD_DIR  ?= build
 MODEL_PATH ?=
+USE_DOCKER ?=
 PYTHON311  ?= python3.11
 VENV       ?= .venv
 
@@ -68,3 +69,7 @@ corpus-check: venv ## regenerate data/web-bible from Debian's sword-text-web; mu
 
 clean: ## remove build/ (keeps .venv)
 	rm -rf $(BUILD_DIR)
+
+# Each target folder brings its own make step(s) (targets/<t>/target.mk), so a target
+# stays self-contained; fragments use PY, MODEL_ARGS, BUILD_DIR and USE_DOCKER from here.
+include $(sort $(wildcard targets/*/target.mk))

