@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import zstandard
 
 from tests.conftest import assert_clean_error, run_cli
@@ -90,45 +91,33 @@ def test_unsupported_model_type(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
     assert _leftovers(build) == []
 
 
-def test_corrupt_zst_corpus(tmp_path: Path, session_build: Path, tiny_qwen2_dir: Path) -> None:
-    corpus = tmp_path / "val.jsonl.zst"
+def _corrupt_zst(path: Path) -> None:
     good = zstandard.ZstdCompressor().compress(b'{"text": "hello"}\n' * 1000)
-    corpus.write_bytes(good[: len(good) // 2] + b"\x00garbage" * 50)
+    path.write_bytes(good[: len(good) // 2] + b"\x00garbage" * 50)
+
+
+@pytest.mark.parametrize(
+    ("filename", "write"),
+    [
+        ("val.jsonl.zst", _corrupt_zst),
+        ("val.jsonl.zst", lambda p: p.write_text('{"text": "plain text, not compressed"}\n')),
+        ("empty.jsonl", lambda p: p.write_text("")),
+        ("short.jsonl", lambda p: p.write_text('{"text": "In the beginning."}\n')),
+    ],
+    ids=["corrupt-zst", "not-zstd", "empty", "too-few-tokens"],
+)
+def test_bad_corpus(
+    filename: str, write, tmp_path: Path, session_build: Path, tiny_qwen2_dir: Path
+) -> None:
+    corpus = tmp_path / filename
+    write(corpus)
+    step_dir = session_build / "tiny-qwen2"
+    before = _leftovers(step_dir)
     result = run_cli(
         "eval", "--model", "tiny-qwen2", "--corpus", str(corpus), "--build-dir", str(session_build)
     )
     assert_clean_error(result, str(corpus))
-    assert not (session_build / "tiny-qwen2" / "eval").exists()
-
-
-def test_non_zstd_file_named_zst(tmp_path: Path, session_build: Path, tiny_qwen2_dir) -> None:
-    corpus = tmp_path / "val.jsonl.zst"
-    corpus.write_text('{"text": "plain text, not compressed"}\n')
-    result = run_cli(
-        "eval", "--model", "tiny-qwen2", "--corpus", str(corpus), "--build-dir", str(session_build)
-    )
-    assert_clean_error(result, str(corpus))
-    assert not (session_build / "tiny-qwen2" / "eval").exists()
-
-
-def test_empty_corpus(tmp_path: Path, session_build: Path, tiny_qwen2_dir: Path) -> None:
-    corpus = tmp_path / "empty.jsonl"
-    corpus.write_text("")
-    result = run_cli(
-        "eval", "--model", "tiny-qwen2", "--corpus", str(corpus), "--build-dir", str(session_build)
-    )
-    assert_clean_error(result, str(corpus))
-    assert not (session_build / "tiny-qwen2" / "eval").exists()
-
-
-def test_too_few_tokens(tmp_path: Path, session_build: Path, tiny_qwen2_dir: Path) -> None:
-    corpus = tmp_path / "short.jsonl"
-    corpus.write_text('{"text": "In the beginning."}\n')
-    result = run_cli(
-        "eval", "--model", "tiny-qwen2", "--corpus", str(corpus), "--build-dir", str(session_build)
-    )
-    assert_clean_error(result, str(corpus))
-    assert not (session_build / "tiny-qwen2" / "eval").exists()
+    assert _leftovers(step_dir) == before  # no new or half-written eval output
 
 
 def test_tiny_eval_writes_report(session_build: Path, tiny_qwen2_dir: Path) -> None:

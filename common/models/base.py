@@ -115,6 +115,7 @@ class ModelAdapter:
     vision_blocks_path: ClassVar[str] = "blocks"
     vision_block_spec: ClassVar[BlockSpec | None] = None
     vision_merger_path: ClassVar[str] = "merger"
+    vision_rotary_embedding_path: ClassVar[str] = "rotary_pos_emb"
     vision_merger_norm_path: ClassVar[str] = "ln_q"
     vision_merger_linears: ClassVar[Mapping[str, str]] = {
         "merger_fc1": "mlp.0",
@@ -232,6 +233,7 @@ class ModelAdapter:
             "vision_patch_embed": self.vision_patch_embed_path,
             "vision_blocks": self.vision_blocks_path,
             "vision_merger": self.vision_merger_path,
+            "vision_rotary_embedding": self.vision_rotary_embedding_path,
         }
         if part in vision_parts:
             if self.vision_tower_path is None:
@@ -303,6 +305,18 @@ class ModelAdapter:
         if self.vision_tower_path is None:
             return None
         return self._module(self.name_of("vision_patch_embed"))
+
+    def vision_rotary_embedding(self) -> nn.Module | None:
+        """The vision tower's 2-D rotary table module (maps (h, w) positions to cos/sin)."""
+        if self.vision_tower_path is None:
+            return None
+        return self._module(self.name_of("vision_rotary_embedding"))
+
+    @property
+    def vision_window_attention(self) -> tuple[int, tuple[int, ...]] | None:
+        """``(window_size_px, full_attention_block_indexes)`` for towers that attend
+        within windows (Qwen2.5-VL); None when every block attends globally."""
+        return None
 
     def vision_blocks(self) -> list[VisionBlock]:
         if self.vision_tower_path is None or self.vision_block_spec is None:

@@ -37,3 +37,9 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         """Vision block width: ``vision_config.hidden_size`` (``out_hidden_size`` is the
         merger's output width)."""
         return int(self.config.vision_config.hidden_size)
+
+    @property
+    def vision_window_attention(self) -> tuple[int, tuple[int, ...]]:
+        """Window size in pixels and the blocks that attend globally (the rest use windows)."""
+        vision = self.config.vision_config
+        return int(vision.window_size), tuple(int(i) for i in vision.fullatt_block_indexes)
