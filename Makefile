@@ -44,8 +44,8 @@ model: venv ## build or resolve the model directory: build/<MODEL>/model
 eval: venv ## held-out perplexity + canary prompt: build/<MODEL>/eval/report.json
 	$(PY) -m common.cli eval $(MODEL_ARGS)
 
-test: venv ## the test suite through tox (lint, then unit + integration tests)
-	$(VENV)/bin/tox -e lint,py
+test: venv ## the test suite through tox: lint, unit + integration tests, one env per target
+	$(VENV)/bin/tox
 
 lint: venv ## ruff over the whole tree
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,421 @@
+"""``make axera``: a Qwen-family checkpoint → everything Pulsar2 needs for an AXERA AX650.
+
+Vision-language models (qwen2_vl, qwen2_5_vl; ``--mode image|video``): the vision encoder
+as a static one-temporal-step ONNX with a uint8-picture calibration tar and the
+``pulsar2 build`` config; the language model goes to ``pulsar2 llm_build`` straight from
+the HF directory. Text models (``--mode llm``, the default for them) get only the latter.
+Every model gets bf16 token embeddings, the HF json files and a ``build.sh`` with the exact
+Pulsar2 command lines. Before the slow vendor compile, the ONNX is checked against the
+PyTorch vision tower (cosine, max abs, per block) and end to end: the language model fed
+by the ONNX features must produce the all-PyTorch greedy tokens. ``build.sh`` runs here
+only when ``pulsar2`` is on PATH (the Docker image); otherwise the one command to run it
+is printed. Output: ``build/<MODEL>/axera-ax650/`` (research note Part A; issue 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+import pulsar2  # noqa: E402  (this folder; target folders are not packages)
+
+from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.records import atomic_path, build_manifest, dumps_json  # noqa: E402
+
+TARGET = "axera-ax650"
+MODES = ("image", "video", "llm")
+DEFAULT_SIZES = {"image": 448, "video": 308}
+DEFAULT_PROMPTS = {"image": "Describe this image.", "video": "Describe this video.",
+                   "llm": "What is the capital of France?"}  # fmt: skip
+DEFAULT_IMAGES = ROOT / "data" / "images"
+#: Recipe keys read from ``targets["axera-ax650"]`` (CLI options override them).
+RECIPE_KEYS = ("image_size", "video_size", "prefill_len", "kv_cache_len", "parallel")
+COSINE_GATE = 0.9999
+EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"
+#: HF files the board runtime needs next to the axmodels (weights and our manifest excluded).
+COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model")
+COPY_EXCLUDE = ("manifest.json",)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="make axera", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
+    p.add_argument("--build-dir", type=Path, default=None)
+    p.add_argument("--model-path", type=Path, default=None, help="local HF checkpoint dir")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="image (default for VL models), video, llm (default for text models)")
+    p.add_argument("--image-size", type=int, default=None, help="square side, px (448)")
+    p.add_argument("--video-size", type=int, default=None, help="square side, px (308)")
+    p.add_argument("--calib-dir", type=Path, default=DEFAULT_IMAGES,
+                   help="images (image mode) or the frames of one clip (video mode)")
+    p.add_argument("--calib-format", choices=("image", "npy"), default="image")
+    p.add_argument("--prompt", default=None, help="text of the end-to-end check prompt")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--prefill-len", type=int, default=None)
+    p.add_argument("--kv-cache-len", type=int, default=None)
+    p.add_argument("--parallel", type=int, default=None)
+    p.add_argument("--hidden-state-type", choices=("bf16", "fp16", "fp32"),
+                   default=pulsar2.DEFAULT_HIDDEN_STATE_TYPE)
+    p.add_argument("--bf16-truncate", action="store_true",
+                   help="truncate embeddings to bf16 like AXERA's fp32_to_bf16 (default: RNE)")
+    p.add_argument("--out", type=Path, default=None, help="default build/<MODEL>/axera-ax650")
+    return p.parse_args(argv)  # fmt: skip
+
+
+def _log(message: str) -> None:
+    print(f"[axera] {message}", flush=True)
+
+
+def recipe_defaults(recipe: Any) -> dict[str, int]:
+    """The recipe's ``targets["axera-ax650"]`` block, checked key by key."""
+    block = (recipe.data.get("targets") or {}).get(TARGET) or {}
+    for key, value in block.items():
+        if key not in RECIPE_KEYS:
+            raise EdgeforgeError(f"{recipe.path}: targets.{TARGET}.{key} is not a known key; "
+                                 f"known: {', '.join(RECIPE_KEYS)}")  # fmt: skip
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise EdgeforgeError(f"{recipe.path}: targets.{TARGET}.{key} must be a positive int")
+    return block
+
+
+def positive(value: int | None, option: str) -> int | None:
+    if value is not None and value < 1:
+        raise EdgeforgeError(f"{option}: must be a positive integer, got {value}")
+    return value
+
+
+def choose_size(
+    requested: int | None, option: str, default: int, processor: Any, notes: list[str]
+) -> int:
+    """The square side for this mode, rounded like HF and inside the processor's budget.
+
+    An explicit size outside ``[min_pixels, max_pixels]`` is an error (the board-side
+    processor would resize to a different grid); the built-in default is lowered to the
+    largest fitting multiple of 28 instead, and the note says so.
+    """
+    from common.vl_preprocess import round_size
+
+    image_processor = processor.image_processor
+    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+    budget = image_processor.size
+    low, high = int(budget["shortest_edge"]), int(budget["longest_edge"])
+    size, note = round_size(requested if requested is not None else default, factor, option)
+    if note:
+        notes.append(note)
+    if low <= size * size <= high:
+        return size
+    if requested is not None:
+        raise EdgeforgeError(
+            f"{option}: {size}×{size} px is outside the model processor's pixel budget "
+            f"[{low}, {high}] (size.shortest_edge/longest_edge); pick a size inside it"
+        )
+    fitted = max(factor, int(high**0.5) // factor * factor)
+    notes.append(f"{option}: default {size} exceeds the processor's max_pixels {high}; "
+                 f"using {fitted}")  # fmt: skip
+    return fitted
+
+
+def copy_model_files(model_dir: Path, dest: Path) -> list[str]:
+    """Copy the tokenizer/config/processor files (not weights) the runtime reads."""
+    copied = []
+    for path in sorted(model_dir.iterdir()):
+        if (path.is_file() and path.suffix in COPY_SUFFIXES and path.name not in COPY_EXCLUDE
+                and not path.name.endswith(".index.json")):  # fmt: skip
+            shutil.copyfile(path, dest / path.name)
+            copied.append(path.name)
+    return copied
+
+
+@contextlib.contextmanager
+def bf16_embeddings(adapter: Any, truncate: bool) -> Iterator[None]:
+    """Within the block, token embeddings are what the board looks up: the bf16 words."""
+    import numpy as np
+    import torch
+
+    from common.bf16 import bf16_to_fp32, fp32_to_bf16_rne, fp32_to_bf16_truncate
+
+    convert = fp32_to_bf16_truncate if truncate else fp32_to_bf16_rne
+
+    def to_bf16(_m: Any, _i: Any, out: torch.Tensor) -> torch.Tensor:
+        words = convert(np.ascontiguousarray(out.detach().float().numpy()))
+        return torch.from_numpy(bf16_to_fp32(words)).to(out.dtype)
+
+    hook = adapter.embed_tokens().register_forward_hook(to_bf16)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def write_embeddings(adapter: Any, dest: Path, truncate: bool) -> dict[str, Any]:
+    from common.bf16 import write_bf16_table
+
+    table = adapter.embed_tokens().weight.detach().float().numpy()
+    stats = write_bf16_table(table, dest / EMBED_FILE, truncate=truncate)
+    bound = 2.0**-7 if truncate else 2.0**-8
+    return {"file": EMBED_FILE, "shape": list(table.shape), "dtype": "bf16 (raw, row-major, LE)",
+            "rounding": "truncate" if truncate else "nearest-even", **stats,
+            "max_rel_bound": bound, "passed": stats["max_rel"] <= bound}  # fmt: skip
+
+
+def text_inputs(tokenizer: Any, prompt: str) -> dict[str, Any]:
+    from common.eval import prompt_ids
+
+    ids = prompt_ids(tokenizer, prompt)
+    return {"input_ids": ids, "attention_mask":  ids.new_ones(ids.shape)}
+
+
+def check_lengths(prompt_tokens: int, visual: int, prefill: int, kv: int, source: str) -> None:
+    if prompt_tokens > prefill:
+        raise EdgeforgeError(
+            f"{source}: prefill_len {prefill} < prompt length {prompt_tokens} "
+            f"({visual} visual + {prompt_tokens - visual} text tokens); raise --prefill-len "
+            "or shorten the prompt / image size"
+        )
+    if kv < prefill:
+        raise EdgeforgeError(f"--kv-cache-len {kv} is smaller than prefill_len {prefill}")
+
+
+def build_vision(
+    args: argparse.Namespace, mode: str, model: Any, adapter: Any, processor: Any,
+    dest: Path, defaults: dict[str, int], notes: list[str],
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:  # fmt: skip
+    """Vision ONNX + calibration + config + checks; returns (report part, inputs, command)."""
+    from common import vision_export as ve
+    from common import vl_preprocess as vp
+    from common.calibration_pack import FORMATS, write_calibration_tar
+
+    option = f"--{mode}-size"
+    size = choose_size(getattr(args, f"{mode}_size") or defaults.get(f"{mode}_size"), option,
+                       DEFAULT_SIZES[mode], processor, notes)  # fmt: skip
+    geo = vp.geometry(processor, size)
+    paths = vp.list_frames(args.calib_dir, "--calib-dir")
+    frames = vp.prepare_frames(paths, geo, processor)
+    layout, grid_thw = vp.uint8_layout(processor, frames, geo, mode)
+    nchw = vp.to_nchw(vp.normalize_layout(layout, processor, mode))
+    vision = dest / pulsar2.VISION_DIR
+    vision.mkdir()
+    stems = [p.stem for p in paths] if mode == "image" else [f"h{i}" for i in range(len(layout))]
+    tar_name = "hidden_states.tar"
+    members = write_calibration_tar(
+        [(s, pic.numpy()) for s, pic in zip(stems, layout, strict=True)],
+        vision / tar_name,
+        args.calib_format,
+    )
+    _log(f"{mode} {size}×{size}: {len(members)} calibration samples of "
+         f"{geo.patches}×{geo.width}×3 uint8 → {pulsar2.VISION_DIR}/{tar_name}")  # fmt: skip
+
+    wrapper = ve.VisionEncoderExport(adapter, geo).eval()
+    onnx_name = f"{args.model}_vision.onnx"
+    onnx_info = ve.export_onnx(wrapper, vision / onnx_name)
+    _log(f"exported {onnx_name} (opset {onnx_info['opset']}); checking with onnxruntime")
+    onnx_out = ve.run_onnx_steps(ve.onnx_session(vision / onnx_name), nchw)
+    flat, _ = vp.hf_patches(processor, frames, geo, mode, normalize=True)
+    end_to_end = ve.similarity(onnx_out, ve.torch_vision_features(adapter, flat, grid_thw))
+    first = slice(0, geo.patches)
+    per_layer = ve.per_block_similarity(adapter, wrapper, flat[first],
+                                        grid_thw.new_tensor([[1, geo.grid, geo.grid]]), nchw[:1])
+
+    mean, std = vp.normalization(processor, mode)
+    config = pulsar2.vision_config(
+        calibration_tar=tar_name, calibration_size=len(members),
+        calibration_format=FORMATS[args.calib_format][1], mean=mean, std=std,
+    )  # fmt: skip
+    (vision / "config.json").write_text(dumps_json(config))
+
+    prompt_frames = frames[:1] if mode == "image" else frames
+    inputs = ve.vl_prompt_inputs(processor, args.prompt or DEFAULT_PROMPTS[mode], prompt_frames,
+                                 geo, mode)  # fmt: skip
+    prompt_onnx = ve.run_onnx_steps(ve.onnx_session(vision / onnx_name), nchw[: 1 if mode ==
+                                    "image" else len(nchw)])  # fmt: skip
+    reference = ve.greedy_tokens(model, inputs, args.max_new_tokens)
+    ref_logits = ve.prompt_logits(model, inputs)
+    with ve.vision_features_replaced(adapter, prompt_onnx):
+        fed = ve.greedy_tokens(model, inputs, args.max_new_tokens)
+        fed_logits = ve.prompt_logits(model, inputs)
+    visual = prompt_onnx.shape[0]
+    axmodel = f"{args.model}_vision_{mode}.axmodel"
+    part = {
+        "size": size, "grid": [geo.grid, geo.grid], "steps": len(layout),
+        "tokens_per_step": geo.tokens, "visual_tokens": visual,
+        "onnx": onnx_info, "onnx_cos_vs_torch": end_to_end["cosine"],
+        "onnx_max_abs": end_to_end["max_abs"], "per_layer": per_layer,
+        "prompt_logits": ve.similarity(fed_logits, ref_logits),
+        "greedy_tokens": {"torch": reference, "onnx_fed": fed},
+        "greedy_match": reference == fed,
+        "calibration": {"file": f"{pulsar2.VISION_DIR}/{tar_name}", "format": args.calib_format,
+                        "samples": members, "source": str(args.calib_dir)},
+        "vision_axmodel": axmodel,
+    }  # fmt: skip
+    return part, inputs, pulsar2.vision_build_command(onnx_name, axmodel)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: the gates first, then the per-layer table."""
+    lines = [f"# AXERA AX650 build: {report['model']} ({report['mode']})", "",
+             f"**Result: {'PASS' if report['passed'] else 'FAIL'}**", "", "| | |", "|---|---|"]
+    keys = ("mode", "size", "visual_tokens", "prompt_tokens", "prefill_len", "kv_cache_len",
+            "onnx_cos_vs_torch", "onnx_max_abs", "greedy_match", "npu_compile")  # fmt: skip
+    lines += [f"| {k} | {report[k]} |" for k in keys if k in report]
+    emb = report["embeddings"]
+    lines += [f"| embeddings | {emb['file']} {emb['shape']} {emb['rounding']}, max rel "
+              f"{emb['max_rel']:.3g}, cosine {emb['cosine']:.8f} |",
+              f"| greedy match with bf16 embeddings | {report['bf16_embeddings_greedy_match']} |"]
+    if "per_layer" in report:
+        lines += ["", "## Vision encoder: export wrapper vs PyTorch, per block (step 0)", "",
+                  "| layer | cosine | max abs |", "|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['cosine']:.8f} | {r['max_abs']:.3g} |"
+                  for r in report["per_layer"]]
+        lines += ["", f"End to end (ONNX Runtime vs PyTorch tower, all steps): cosine "
+                  f"{report['onnx_cos_vs_torch']:.8f}, max abs {report['onnx_max_abs']:.3g}; "
+                  f"prompt logits cosine {report['prompt_logits']['cosine']:.8f}."]
+    if report["notes"]:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
+    lines += ["", "## NPU compile", "", "```", report["build_command"], "```"]
+    return "\n".join(lines) + "\n"  # fmt: skip
+
+
+def run_pulsar2(dest: Path, model_dir: Path) -> str:
+    """Run build.sh inside ``dest`` (pulsar2 on PATH); return the toolchain version line."""
+    logs = dest / "logs"
+    logs.mkdir(exist_ok=True)
+    log = logs / "pulsar2.log"
+    with open(log, "w") as fh:
+        proc = subprocess.run(["bash", "build.sh"], cwd=dest, stdout=fh, stderr=subprocess.STDOUT,
+                              env={**os.environ, "MODEL_DIR": str(model_dir)}, check=False)
+    if proc.returncode:
+        kept = dest.parent.parent / f"{TARGET}.pulsar2-failed.log"
+        shutil.copyfile(log, kept)
+        raise EdgeforgeError(f"pulsar2 failed (exit {proc.returncode}); log: {kept}")
+    version = subprocess.run(["pulsar2", "version"], capture_output=True, text=True, check=False)
+    return (version.stdout.strip().splitlines() or ["unknown"])[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.model_build import build_model
+    from common.models import get_adapter
+    from common.models.loading import load_model, load_processor, load_tokenizer
+    from common.recipes import load_recipe, model_build_dir
+
+    args = parse_args(argv)
+    for name in ("max_new_tokens", "prefill_len", "kv_cache_len", "parallel", "image_size",
+                 "video_size"):  # fmt: skip
+        positive(getattr(args, name), "--" + name.replace("_", "-"))
+    recipe = load_recipe(args.model)
+    defaults = recipe_defaults(recipe)
+    model_dir = build_model(recipe, args.build_dir, args.model_path)
+    model = load_model(model_dir)
+    adapter = get_adapter(model)
+    mode = args.mode or ("image" if adapter.is_vision_language else "llm")
+    if adapter.is_vision_language == (mode == "llm"):
+        kind = "vision-language" if adapter.is_vision_language else "text-only"
+        raise EdgeforgeError(
+            f"--mode {mode}: {args.model} is a {kind} {adapter.model_type} model; use "
+            + ("--mode image or video" if adapter.is_vision_language else
+               "--mode llm (or leave MODE unset): text models go straight to llm_build")
+        )  # fmt: skip
+    dest = args.out or model_build_dir(recipe, args.build_dir) / TARGET
+    notes: list[str] = []
+    kv = args.kv_cache_len or defaults.get("kv_cache_len", pulsar2.DEFAULT_KV_CACHE_LEN)
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        report: dict[str, Any] = {"model": recipe.name, "model_type": adapter.model_type,
+                                  "mode": mode, "notes": notes}  # fmt: skip
+        vision_command = None
+        if mode == "llm":
+            tokenizer = load_tokenizer(model_dir)
+            inputs = text_inputs(tokenizer, args.prompt or recipe.eval_defaults.get(
+                "prompt", DEFAULT_PROMPTS["llm"]))  # fmt: skip
+            report.update(visual_tokens=0, onnx_cos_vs_torch=None, onnx_max_abs=None,
+                          greedy_match=None)  # fmt: skip
+        else:
+            processor = load_processor(model_dir)
+            part, inputs, command = build_vision(args, mode, model, adapter, processor, tmp,
+                                                 defaults, notes)  # fmt: skip
+            report.update(part)
+            vision_command = (command, part["vision_axmodel"])
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        explicit = args.prefill_len or defaults.get("prefill_len")
+        prefill = explicit or pulsar2.default_prefill_len(prompt_tokens, mode == "llm")
+        source = "--prefill-len" if args.prefill_len else (
+            f"{recipe.path}: targets.{TARGET}.prefill_len" if explicit else "prefill_len")
+        check_lengths(prompt_tokens, report["visual_tokens"], prefill, kv, source)
+        report.update(prompt_tokens=prompt_tokens, prefill_len=prefill, kv_cache_len=kv)
+
+        report["embeddings"] = write_embeddings(adapter, tmp, args.bf16_truncate)
+        from common.vision_export import greedy_tokens
+
+        plain = greedy_tokens(model, inputs, args.max_new_tokens)
+        with bf16_embeddings(adapter, args.bf16_truncate):
+            rounded = greedy_tokens(model, inputs, args.max_new_tokens)
+        report["bf16_embeddings_greedy_match"] = plain == rounded
+        report["model_files"] = copy_model_files(model_dir, tmp)
+
+        parallel = args.parallel or defaults.get("parallel", pulsar2.DEFAULT_PARALLEL)
+        llm_command = pulsar2.llm_build_command(
+            input_path="$MODEL_DIR", output_path="axmodel", kv_cache_len=kv, prefill_len=prefill,
+            hidden_state_type=args.hidden_state_type, parallel=parallel,
+        )  # fmt: skip
+        script = pulsar2.build_script(model_dir_default=os.path.relpath(model_dir, dest),
+                                      llm_command=llm_command, vision=vision_command)  # fmt: skip
+        (tmp / "build.sh").write_text(script)
+        (tmp / "build.sh").chmod(0o755)
+        run_here = f"make axera MODEL={recipe.name} USE_DOCKER=1" + (
+            f" MODE={mode}" if mode != "image" and adapter.is_vision_language else "")
+        report["build_command"] = run_here
+
+        gates = {"embeddings_bf16": report["embeddings"]["passed"]}
+        if mode != "llm":
+            gates["onnx_cosine"] = report["onnx_cos_vs_torch"] >= COSINE_GATE
+            gates["greedy_match"] = report["greedy_match"]
+        report["gates"] = {"cosine_min": COSINE_GATE, **gates}
+        report["passed"] = all(gates.values())
+        toolchains = {}
+        if shutil.which("pulsar2") and report["passed"]:
+            _log("pulsar2 found: running build.sh (log: logs/pulsar2.log)")
+            toolchains["pulsar2"] = run_pulsar2(tmp, model_dir)
+            report["npu_compile"] = "run"
+        else:
+            report["npu_compile"] = "not run (pulsar2 not on PATH)"
+        (tmp / "report.json").write_text(dumps_json(report))
+        (tmp / "report.md").write_text(render_markdown(report))
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        manifest = build_manifest(step=f"axera-{mode}", inputs={"model": model_dir},
+                                  outputs=tmp, recipe=recipe.data, options=options,
+                                  toolchains=toolchains)  # fmt: skip
+        if mode != "llm":
+            manifest["inputs"]["calibration"] = {"path": str(args.calib_dir),
+                                                 "files": report["calibration"]["samples"]}
+        (tmp / "manifest.json").write_text(dumps_json(manifest))
+    for note in notes:
+        _log(f"note: {note}")
+    summary = (f"{mode}: prompt {prompt_tokens} tokens ({report['visual_tokens']} visual) ≤ "
+               f"prefill_len {prefill}; embeddings bf16 max rel "
+               f"{report['embeddings']['max_rel']:.3g}")
+    if mode != "llm":
+        summary += (f"; ONNX vs torch cosine {report['onnx_cos_vs_torch']:.8f}, max abs "
+                    f"{report['onnx_max_abs']:.3g}; greedy match {report['greedy_match']}")
+    _log(summary)
+    _log(f"wrote {dest}")
+    if not report["passed"]:
+        failed = ", ".join(k for k, v in gates.items() if not v)
+        raise CheckFailed(f"{dest}/report.json: gate(s) failed: {failed}")
+    if report["npu_compile"] != "run":
+        _log("NPU compile step NOT run (pulsar2 is not installed here). To run it: "
+             + report["build_command"])  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,14 @@
+# AXERA AX650 (Pulsar2): make axera MODEL=<recipe> [MODE=image|video|llm] [AXERA_ARGS="--calib-dir d ..."] [USE_DOCKER=1]
+# Without USE_DOCKER the ONNX/calibration/config/embeddings are built and checked here, and
+# build.sh (the Pulsar2 compile) runs only if `pulsar2` is on PATH. With USE_DOCKER=1 the
+# same step runs inside the pulsar2:<version> image (targets/axera-ax650/Dockerfile).
+MODE       ?=
+AXERA_ARGS ?=
+.PHONY: axera
+
+axera: venv ## AXERA AX650: vision ONNX + calib tar + Pulsar2 configs + bf16 embeddings + build.sh (MODE=image|video)
+ifeq ($(USE_DOCKER),1)
+	docker/run.sh axera-ax650 axera MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) $(if $(MODE),MODE=$(MODE)) $(if $(AXERA_ARGS),AXERA_ARGS="$(AXERA_ARGS)")
+else
+	$(PY) targets/axera-ax650/build.py $(MODEL_ARGS) $(if $(MODE),--mode $(MODE)) $(AXERA_ARGS)
+endif
