@@ -1,0 +1,149 @@
+"""Create the pinned Python 3.10 venv for tpu-mlir and apply the fixes it needs on this OS.
+
+tpu-mlir ships for Python 3.10 only and, installed as-is from PyPI, no tool starts on a
+glibc-2.36 system (it bundles Ubuntu 22.04's libc), its ONNX route lacks packages it never
+declares, and its tools re-exec each other through ``python3`` on PATH. Version mismatch is
+the vendor's top support issue, so the venv is built from one fully pinned file and every
+fix is *checked* after it is applied: a fix that silently did nothing fails here, not in the
+middle of a compile.
+
+Usage (``make sophgo-toolchain``)::
+
+    python targets/sophgo-bm1684x/setup_toolchain.py [--venv .venv-tpu-mlir] [--python PATH]
+
+Re-running is cheap: a stamp holding the requirements hash skips the install when nothing
+changed; the checks always run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from common.errors import EdgeforgeError, run_cli  # noqa: E402
+from common.tpu_mlir import Toolchain  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REQUIREMENTS = HERE / "requirements-tpu-mlir.txt"
+#: The Ubuntu-22.04 C runtime inside the wheel; with it on LD_LIBRARY_PATH the system's own
+#: libraries (libexpat, needed by Python itself) fail with "GLIBC_2.36 not found".
+BUNDLED_GLIBC = ("libc.so.6", "libm.so.6", "libpthread.so.0")
+#: Modules the ONNX route imports but tpu-mlir does not declare (or only as an extra).
+REQUIRED_MODULES = ("onnx", "onnxruntime", "onnxsim", "psutil", "torch", "tqdm")
+
+
+def find_python310(explicit: str | None) -> str:
+    """A working Python 3.10: ``--python``/``$PYTHON310``, ``python3.10`` on PATH, or pyenv's."""
+    candidates = [explicit or os.environ.get("PYTHON310") or "", "python3.10"]
+    pyenv_root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
+    candidates += sorted(glob.glob(f"{pyenv_root}/versions/3.10.*/bin/python3.10"), reverse=True)
+    for candidate in filter(None, candidates):
+        exe = shutil.which(candidate) or candidate
+        try:
+            out = subprocess.run(
+                [exe, "-c", "import sys; print(sys.version_info[:2] == (3, 10))"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        except OSError:
+            continue
+        if out.returncode == 0 and out.stdout.strip() == "True":
+            return exe
+    raise EdgeforgeError(
+        "Python 3.10 not found (tpu-mlir is published for cp310 only): install it with "
+        "'pyenv install 3.10.13' or your distribution's python3.10, or pass "
+        "PYTHON310=/path/to/python3.10"
+    )
+
+
+def requirements_hash() -> str:
+    return hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:16]
+
+
+def install(venv: Path, python310: str) -> None:
+    """Create ``venv`` and install the pinned set (skipped when the stamp matches)."""
+    stamp = venv / f".edgeforge-tpu-mlir-{requirements_hash()}"
+    if stamp.exists():
+        print(f"[sophgo-toolchain] {venv}: requirements unchanged, install skipped")
+        return
+    start = time.monotonic()
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([python310, "-m", "venv", str(venv)], check=True)
+    for old in venv.glob(".edgeforge-tpu-mlir-*"):
+        old.unlink()
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--progress-bar", "off", "-r", str(REQUIREMENTS)], check=True)
+    stamp.touch()
+    print(f"[sophgo-toolchain] installed in {time.monotonic() - start:.0f} s")
+
+
+def remove_bundled_glibc(toolchain: Toolchain) -> None:
+    """Fix 1: move the bundled glibc aside (kept, not deleted, so the fix is reversible)."""
+    third_party = toolchain.package_dir() / "lib" / "third_party"
+    aside = third_party.with_name("third_party.glibc-disabled")
+    for name in BUNDLED_GLIBC:
+        if (third_party / name).exists():
+            aside.mkdir(exist_ok=True)
+            (third_party / name).replace(aside / name)
+    left = [name for name in BUNDLED_GLIBC if (third_party / name).exists()]
+    if left:
+        raise EdgeforgeError(f"{third_party}: could not move aside {', '.join(left)}")
+
+
+def check(toolchain: Toolchain) -> dict[str, str]:
+    """Prove each fix took effect; returns what was checked, for the log."""
+    results: dict[str, str] = {}
+    probe = (
+        "import importlib, sys\n"
+        f"for m in {REQUIRED_MODULES!r}:\n"
+        "    importlib.import_module(m)\n"
+        "import torch\n"
+        "assert torch.tensor([1.5]).numpy().tolist() == [1.5], 'torch is not a real torch'\n"
+        "print(torch.__version__)\n"
+    )
+    out = toolchain.python(["-c", probe], what="import check (onnx extra, psutil, torch)")
+    results["modules"] = f"{', '.join(REQUIRED_MODULES)} import; torch {out.strip()}"
+    # Fix 1 + 5: a tool that re-execs "python3" starts, and that python3 is the venv's.
+    which = subprocess.run(
+        ["python3", "-c", "import sys; print(sys.prefix)"],
+        env=toolchain.env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if Path(which).resolve() != toolchain.venv.resolve():
+        raise EdgeforgeError(f"python3 on the tools' PATH is {which}, not {toolchain.venv}")
+    results["path"] = f"python3 on the tools' PATH resolves to {which}"
+    for tool in ("model_transform", "model_deploy", "model_runner"):
+        toolchain.python([str(toolchain.bin(tool)), "--help"], what=f"{tool} --help")
+    results["glibc"] = "model_transform/model_deploy/model_runner start (bundled glibc removed)"
+    results["tpu_mlir"] = toolchain.version()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--venv", type=Path, default=ROOT / ".venv-tpu-mlir")
+    parser.add_argument("--python", help="Python 3.10 interpreter (default: search)")
+    args = parser.parse_args()
+    install(args.venv, find_python310(args.python))
+    toolchain = Toolchain(args.venv)
+    remove_bundled_glibc(toolchain)
+    for key, value in check(toolchain).items():
+        print(f"[sophgo-toolchain] ok {key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
