@@ -1,0 +1,289 @@
+"""``make cpu``: a rotated FP32 model for the mllm CPU runtime, checked against the original.
+
+Steps: resolve the model (``make model``), choose the rotation (seeded random Hadamard or
+orthogonal, a rotation file ``R_PATH``, or a mllm QNN convertor ``CONFIG``), rotate the
+language model through the adapters (common/rotation.py), save it as a Hugging Face
+directory, reload that directory the way a user would, and compare it with the original on
+the held-out corpus (perplexity, logits, per-layer residual stream; VL models also on an
+image prompt). ``model.mllm`` (FP32, mllm v1) is written from the reloaded weights and read
+back bit-exact. Output: ``build/<MODEL>/cpu-fp32-rotated/`` with ``model/``,
+``model.mllm``, ``rotation.safetensors``, ``report.{json,md}``, ``outliers.png``,
+``manifest.json``. A failed gate raises ``CheckFailed`` after the outputs are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+import report as rep  # noqa: E402  (this folder; target folders are not packages)
+
+from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.hadamard import ROTATE_MODES  # noqa: E402
+from common.records import (  # noqa: E402
+    atomic_path,
+    build_manifest,
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
+TARGET = "cpu-fp32-rotated"
+#: Gates: the rotated model must score the held-out corpus like the original.
+PPL_RATIO_TOL = 1e-3
+TOP1_MIN = 0.999
+DEFAULT_SEQ_LEN = 512
+DEFAULT_NUM_WINDOWS = 16
+DEFAULT_STATS_WINDOWS = 2
+#: Files of the source checkpoint copied next to the rotated weights (tokenizer, processor,
+#: chat template); config.json / generation_config.json are written by save_pretrained.
+COPY_EXCLUDE = {"config.json", "generation_config.json", "manifest.json"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+IMAGE = ROOT / "data" / "images" / "astronaut.jpg"
+IMAGE_PROMPT = "Describe this image."
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="make cpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
+    p.add_argument("--build-dir", type=Path, default=None)
+    p.add_argument("--model-path", type=Path, default=None, help="local HF checkpoint dir")
+    p.add_argument("--rotate-mode", default=None, help="hadamard (default) or orthogonal")
+    p.add_argument("--seed", default=None, help="seed of a fresh rotation (default 0)")
+    p.add_argument("--r-path", type=Path, default=None,
+                   help="rotation file: edgeforge safetensors or mllm torch pickle")
+    p.add_argument("--config", type=Path, default=None,
+                   help="mllm QNN convertor config (its export_config.model_config)")
+    p.add_argument("--seq-len", type=int, default=None, help="eval window length")
+    p.add_argument("--num-windows", type=int, default=None, help="eval windows")
+    p.add_argument("--stats-windows", type=int, default=DEFAULT_STATS_WINDOWS,
+                   help="windows traced for the outlier statistics")
+    return p.parse_args(argv)
+
+
+def _positive(value: int | None, option: str) -> None:
+    if value is not None and value < 1:
+        raise EdgeforgeError(f"{option}={value}: must be a positive integer")
+
+
+def rotation_options(args: argparse.Namespace, recipe_defaults: dict[str, Any]) -> dict[str, Any]:
+    """Mode, seed, rotation file and save path from the options, the recipe's
+    ``targets["cpu-fp32-rotated"]`` and a QNN config, checked before any slow work."""
+    from common.qnn_config import load_qnn_config, rotation_settings
+
+    mode = args.rotate_mode or recipe_defaults.get("rotate_mode", "hadamard")
+    if mode not in ROTATE_MODES:
+        raise EdgeforgeError(f"ROTATE_MODE={mode}: must be one of {', '.join(ROTATE_MODES)}")
+    seed_text = args.seed if args.seed is not None else recipe_defaults.get("seed", 0)
+    try:
+        seed = int(seed_text)
+    except (TypeError, ValueError):
+        raise EdgeforgeError(f"SEED={seed_text}: must be a non-negative integer") from None
+    if seed < 0 or str(seed) != str(seed_text).strip():
+        raise EdgeforgeError(f"SEED={seed_text}: must be a non-negative integer")
+    options: dict[str, Any] = {"rotate_mode": mode, "seed": seed, "r_path": args.r_path,
+                               "save_rotation": None, "config": None}  # fmt: skip
+    if args.config is not None:
+        settings = rotation_settings(load_qnn_config(args.config), args.config)
+        where = f"CONFIG={args.config}: $.export_config.model_config"
+        if not settings.online_rotation:
+            raise EdgeforgeError(
+                f"{where}.online_rotation: is false (the model is already rotated); "
+                f"{TARGET} rotates the model, so set online_rotation: true"
+            )
+        if settings.r_path is not None and args.r_path is not None:
+            raise EdgeforgeError(
+                f"R_PATH={args.r_path} and {where}.R_path both name a rotation file; give one"
+            )
+        if settings.random_rotate and args.r_path is not None:
+            raise EdgeforgeError(
+                f"R_PATH={args.r_path} contradicts {where}.random_rotate: true; give one"
+            )
+        for key in settings.unknown_keys:
+            print(f"[cpu] warning: {where}.{key} is not a key the mllm convertor reads",
+                  file=sys.stderr)
+        options.update(config=args.config, save_rotation=settings.save_rotation)
+        if settings.r_path is not None:
+            options["r_path"] = settings.r_path
+    return options
+
+
+def _copy_tokenizer_files(src: Path, dest: Path) -> None:
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name not in COPY_EXCLUDE and not path.name.endswith(
+            (*WEIGHT_SUFFIXES, ".index.json")
+        ):
+            shutil.copy2(path, dest / path.name)
+
+
+def _image_check(reference: Any, rotated: Any, model_dir: Path) -> dict[str, Any]:
+    """Logits of an image prompt (the merger feeds the rotated stream) vs the original."""
+    import torch
+    from PIL import Image
+
+    from common.models.loading import load_processor
+
+    processor = load_processor(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": IMAGE_PROMPT}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    with Image.open(IMAGE) as image:
+        inputs = processor(text=[text], images=[image.convert("RGB")], return_tensors="pt")
+    with torch.inference_mode():
+        want = reference(**inputs).logits[0].double()
+        got = rotated(**inputs).logits[0].double()
+    return {
+        "image": str(IMAGE.relative_to(ROOT)),
+        "prompt": IMAGE_PROMPT,
+        "tokens": int(want.shape[0]),
+        "top1_agreement": (got.argmax(-1) == want.argmax(-1)).double().mean().item(),
+        "max_abs_diff": (got - want).abs().max().item(),
+    }
+
+
+def build(args: argparse.Namespace) -> dict[str, Any]:
+    from common.data import EVAL_CORPUS, eval_windows
+    from common.eval import compare_logits, perplexity
+    from common.mllm_format import mllm_named_tensors, mllm_tensors_equal, write_mllm
+    from common.model_build import build_model
+    from common.models import get_adapter
+    from common.models.loading import load_model, load_tokenizer
+    from common.recipes import load_recipe, model_build_dir
+    from common.rotation import rotate_model, rotation_for, save_rotation
+
+    for value, option in ((args.seq_len, "SEQ_LEN"), (args.num_windows, "EVAL_WINDOWS"),
+                          (args.stats_windows, "STATS_WINDOWS")):  # fmt: skip
+        _positive(value, option)
+    recipe = load_recipe(args.model)
+    defaults = recipe.data.get("targets", {}).get(TARGET, {})
+    options = rotation_options(args, defaults)
+    model_dir = build_model(recipe, args.build_dir, args.model_path)
+    seq_len = args.seq_len or recipe.eval_defaults.get("seq_len", DEFAULT_SEQ_LEN)
+    num_windows = args.num_windows or recipe.eval_defaults.get("num_windows", DEFAULT_NUM_WINDOWS)
+
+    reference = load_model(model_dir)
+    model = load_model(model_dir)
+    adapter = get_adapter(model)
+    rotation = rotation_for(adapter, mode=options["rotate_mode"], seed=options["seed"],
+                            r_path=options["r_path"])  # fmt: skip
+    windows = eval_windows([EVAL_CORPUS], load_tokenizer(model_dir), num_windows, seq_len)
+    stats_windows = windows[: args.stats_windows]
+    print(f"[cpu] {recipe.name}: tracing the original", file=sys.stderr)
+    before = rep.trace(reference, get_adapter(reference), stats_windows)
+    rotated_info = rotate_model(adapter, rotation)
+
+    out_dir = model_build_dir(recipe, args.build_dir) / TARGET
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        print(f"[cpu] saving the rotated model to {out_dir / 'model'}", file=sys.stderr)
+        model.save_pretrained(tmp / "model")
+        _copy_tokenizer_files(model_dir, tmp / "model")
+        del model, adapter
+        save_rotation(tmp / "rotation.safetensors", rotation)
+        rotated = load_model(tmp / "model")  # what a user gets, loaded as-is
+        rotated_adapter = get_adapter(rotated)
+        named = mllm_named_tensors(rotated_adapter)
+        write_mllm(tmp / "model.mllm", named)
+        mllm_problems = mllm_tensors_equal(tmp / "model.mllm", dict(named))
+        if mllm_problems:
+            raise CheckFailed(f"model.mllm does not read back bit-exact: {mllm_problems[:5]}")
+
+        print("[cpu] perplexity and logits: original vs rotated", file=sys.stderr)
+        ppl_ref = perplexity(reference, windows)
+        ppl_rot = perplexity(rotated, windows)
+        logits = compare_logits(rotated, reference, windows, progress=True)
+        after = rep.trace(rotated, rotated_adapter, stats_windows)
+        similarity = rep.per_layer_similarity(before["outputs"], after["outputs"], rotation.R)
+        image = (_image_check(reference, rotated, model_dir)
+                 if rotated_adapter.is_vision_language else None)  # fmt: skip
+        ppl_ratio = ppl_rot["ppl"] / ppl_ref["ppl"]
+        top1_ok = logits["top1_agreement"] >= TOP1_MIN and (
+            image is None or image["top1_agreement"] >= TOP1_MIN
+        )
+        passed = abs(ppl_ratio - 1) <= PPL_RATIO_TOL and top1_ok
+        per_layer = [
+            {
+                "layer": i,
+                "q_input_ratio_original": before["ratios"]["q_input"][i],
+                "q_input_ratio_rotated": after["ratios"]["q_input"][i],
+                "down_input_ratio_original": before["ratios"]["down_input"][i],
+                "down_input_ratio_rotated": after["ratios"]["down_input"][i],
+                **similarity[i],
+            }
+            for i in range(rotated_adapter.num_layers)
+        ]
+        report: dict[str, Any] = {
+            "model": recipe.name,
+            "model_type": recipe.model_type,
+            "corpus": str(EVAL_CORPUS.relative_to(ROOT)),
+            "seq_len": seq_len,
+            "num_windows": num_windows,
+            "stats_windows": int(stats_windows.shape[0]),
+            "tokens": ppl_ref["tokens"],
+            "ppl_fp32": ppl_ref["ppl"],
+            "ppl_rotated": ppl_rot["ppl"],
+            "ppl_ratio": ppl_ratio,
+            "max_abs_logit_diff": logits["max_abs_diff"],
+            "top1_agreement": logits["top1_agreement"],
+            "cosine_mean": logits["cosine_mean"],
+            "cosine_min": logits["cosine_min"],
+            "image_prompt": image,
+            "rotation": {**dict(rotation.info), **rotated_info,
+                         "mode": options["rotate_mode"], "seed": options["seed"]},
+            "mllm": {"file": "model.mllm", "tensors": len(named),
+                     "bytes": (tmp / "model.mllm").stat().st_size,
+                     "sha256": sha256_file(tmp / "model.mllm"), "verified": True},
+            "per_layer": per_layer,
+            "gates": {"ppl_ratio_tol": PPL_RATIO_TOL, "top1_min": TOP1_MIN, "passed": passed},
+        }  # fmt: skip
+        rep.plot_outliers(tmp / "outliers.png", before["ratios"], after["ratios"],
+                          f"{recipe.name}: activation outliers before/after rotation")
+        write_json_atomic(tmp / "report.json", report)
+        write_bytes_atomic(tmp / "report.md", rep.render_markdown(report, "outliers.png").encode())
+        inputs = {"model_config": model_dir / "config.json", "corpus": EVAL_CORPUS}
+        inputs.update({f"weights:{p.name}": p for p in sorted(model_dir.glob("*.safetensors"))})
+        if options["r_path"] is not None:
+            inputs["R_path"] = Path(options["r_path"])
+        if options["config"] is not None:
+            inputs["config"] = Path(options["config"])
+        manifest_options = {
+            "rotate_mode": options["rotate_mode"], "seed": options["seed"],
+            "r_path": None if options["r_path"] is None else str(options["r_path"]),
+            "config": None if options["config"] is None else str(options["config"]),
+            "seq_len": seq_len, "num_windows": num_windows,
+            "stats_windows": int(stats_windows.shape[0]),
+        }  # fmt: skip
+        manifest = build_manifest(step="cpu", inputs=inputs, outputs=tmp, recipe=recipe.data,
+                                  options=manifest_options)  # fmt: skip
+        write_json_atomic(tmp / "manifest.json", manifest)
+        del rotated, rotated_adapter
+    if options["save_rotation"] is not None:
+        save_rotation(options["save_rotation"], rotation)
+        print(f"[cpu] rotation also saved to {options['save_rotation']}", file=sys.stderr)
+    print(f"[cpu] wrote {out_dir}: ppl {report['ppl_fp32']:.4f} -> {report['ppl_rotated']:.4f} "
+          f"(ratio {ppl_ratio:.6f}), top-1 {report['top1_agreement']:.5f}, max |Δlogit| "
+          f"{report['max_abs_logit_diff']:.3g}", file=sys.stderr)  # fmt: skip
+    if not passed:
+        raise CheckFailed(
+            f"{recipe.name}: rotated model fails its gates (ppl ratio {ppl_ratio:.6f}, allowed "
+            f"1 ± {PPL_RATIO_TOL}; top-1 {report['top1_agreement']:.5f}"
+            + (f", image-prompt top-1 {image['top1_agreement']:.5f}" if image else "")
+            + f", needed ≥ {TOP1_MIN}); see {out_dir / 'report.md'}"
+        )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    build(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,167 @@
+"""Measurements and the human report of ``make cpu``: outliers, per-layer similarity, plot.
+
+One traced forward pass per model records, per decoder layer, the largest |x| and the
+RMS of the inputs of q_proj and down_proj (the activations a static int8 scale has to
+cover: rotation should shrink max|x| / RMS(x)) and the layer's residual output, so the
+rotated model's stream ``h'`` can be compared with ``h·R`` of the original layer by layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.models import ModelAdapter
+
+#: Linear roles whose inputs are profiled: q_proj reads the attention norm's output
+#: (same as k/v), down_proj reads the SwiGLU product (not rotated here: no online R4).
+TRACED_ROLES = ("q", "down")
+
+
+@contextlib.contextmanager
+def _hooks(adapter: ModelAdapter, stats: dict, outputs: list) -> Iterator[None]:
+    handles = []
+    for layer in adapter.layers():
+        for role in TRACED_ROLES:
+            key = (layer.index, role)
+
+            def record(_m: nn.Module, args: tuple, key: tuple = key) -> None:
+                x = args[0].detach().double()
+                entry = stats.setdefault(key, [0.0, 0.0, 0])
+                entry[0] = max(entry[0], x.abs().max().item())
+                entry[1] += x.pow(2).sum().item()
+                entry[2] += x.numel()
+
+            handles.append(layer.linears[role].register_forward_pre_hook(record))
+
+        def keep(_m: nn.Module, _a: tuple, out: Any) -> None:
+            hidden = out[0] if isinstance(out, tuple) else out
+            outputs.append(hidden.detach()[0].double())
+
+        handles.append(layer.module.register_forward_hook(keep))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def trace(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor) -> dict[str, Any]:
+    """Per-layer ``max|x| / RMS(x)`` of the traced inputs over ``windows``, and the layer
+    outputs ``[seq, hidden]`` of the first window (float64)."""
+    stats: dict[tuple[int, str], list] = {}
+    outputs: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for i, window in enumerate(windows):
+            keep: list[torch.Tensor] = [] if i else outputs
+            with _hooks(adapter, stats, keep):
+                model(input_ids=window[None], use_cache=False)
+    ratios = {
+        f"{role}_input": [
+            stats[(i, role)][0] / math.sqrt(stats[(i, role)][1] / stats[(i, role)][2])
+            for i in range(adapter.num_layers)
+        ]
+        for role in TRACED_ROLES
+    }
+    return {"ratios": ratios, "outputs": outputs}
+
+
+def per_layer_similarity(
+    original: list[torch.Tensor], rotated: list[torch.Tensor], r: torch.Tensor
+) -> list[dict[str, float]]:
+    """Cosine (mean over tokens) and max |diff| of ``h'`` vs ``h·R`` for each layer output."""
+    rows = []
+    for h, h_rot in zip(original, rotated, strict=True):
+        want = h @ r
+        cosine = torch.nn.functional.cosine_similarity(h_rot, want, dim=-1)
+        rows.append({
+            "hidden_cosine_mean": cosine.mean().item(),
+            "hidden_cosine_min": cosine.min().item(),
+            "hidden_max_abs_diff": (h_rot - want).abs().max().item(),
+            "hidden_max_abs": want.abs().max().item(),
+        })
+    return rows
+
+
+def plot_outliers(path: Path, before: dict[str, list], after: dict[str, list], title: str) -> None:
+    """Per-layer max|x|/RMS(x) before and after rotation, one panel per traced input."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TRACED_ROLES), figsize=(11, 4), sharey=True)
+    for ax, role in zip(axes, TRACED_ROLES, strict=True):
+        key = f"{role}_input"
+        layers = range(len(before[key]))
+        ax.plot(layers, before[key], marker="o", ms=3, label="original")
+        ax.plot(layers, after[key], marker="s", ms=3, label="rotated")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_title(f"{role}_proj input")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("max|x| / RMS(x)")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def render_markdown(report: dict[str, Any], plot_name: str) -> str:
+    """``report.md``: the gates, the end-to-end numbers, then one row per layer."""
+    gates = report["gates"]
+    verdict = "PASS" if gates["passed"] else "FAIL"
+    lines = [
+        f"# cpu-fp32-rotated: {report['model']} — {verdict}",
+        "",
+        f"Rotation: `{report['rotation']['mode']}`, seed {report['rotation']['seed']}"
+        + (f", from `{report['rotation']['R_path']}`" if report["rotation"].get("R_path") else "")
+        + f"; evaluated on {report['num_windows']} × {report['seq_len']} held-out tokens.",
+        "",
+        "| metric | value | gate |",
+        "|---|---|---|",
+        f"| ppl original (fp32) | {report['ppl_fp32']:.6f} | |",
+        f"| ppl rotated | {report['ppl_rotated']:.6f} | |",
+        f"| ppl ratio | {report['ppl_ratio']:.7f} | within 1 ± {gates['ppl_ratio_tol']} |",
+        f"| top-1 agreement | {report['top1_agreement']:.6f} | ≥ {gates['top1_min']} |",
+        f"| logits max abs diff | {report['max_abs_logit_diff']:.3g} | |",
+        f"| logits cosine (mean / min) | {report['cosine_mean']:.9f} / "
+        f"{report['cosine_min']:.9f} | |",
+    ]
+    image = report.get("image_prompt")
+    if image:
+        lines.append(
+            f"| image prompt: top-1 / max abs diff | {image['top1_agreement']:.6f} / "
+            f"{image['max_abs_diff']:.3g} | top-1 ≥ {gates['top1_min']} |"
+        )
+    mllm = report["mllm"]
+    lines += [
+        f"| model.mllm | {mllm['tensors']} tensors, {mllm['bytes']} bytes, "
+        f"read back bit-exact: {mllm['verified']} | |",
+        "",
+        f"![max|x|/RMS(x) per layer]({plot_name})",
+        "",
+        "Per layer: outlier ratio max|x| / RMS(x) of the q_proj and down_proj inputs over the "
+        "traced windows (original → rotated), and the rotated residual stream h' against h·R "
+        "of the original (first window).",
+        "",
+        "| layer | q_proj in: orig → rot | down_proj in: orig → rot | h' vs h·R cosine min "
+        "| max abs diff |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["per_layer"]:
+        lines.append(
+            f"| {row['layer']} | {row['q_input_ratio_original']:.1f} → "
+            f"{row['q_input_ratio_rotated']:.1f} | {row['down_input_ratio_original']:.1f} → "
+            f"{row['down_input_ratio_rotated']:.1f} | {row['hidden_cosine_min']:.9f} | "
+            f"{row['hidden_max_abs_diff']:.3g} |"
+        )
+    lines += ["", "The vision tower (VL models) is not rotated; its merger's last linear is."]
+    return "\n".join(lines) + "\n"
