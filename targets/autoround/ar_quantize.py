@@ -1,0 +1,198 @@
+"""Run Intel AutoRound (the ``auto-round`` package) offline and fix what its exports get wrong.
+
+The algorithm is AutoRound's own: this module only feeds it local calibration data, keeps it
+off the network, and repairs one export defect before anything is verified:
+
+* ``auto_gptq`` exports carry no ``block_name_to_quantize``. For a vision-language model the
+  loader then also converts the float vision tower into empty quantized layers (NaN logits on
+  image prompts, research note §6.5); it is written from the blocks that were quantized.
+
+Model-free RTN (which writes block names transformers 5 no longer uses) and torch.compile
+(20x slower on CPU) are switched off; see ``../shared/research/autoround.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import EdgeforgeError
+
+#: Variables that keep every Hugging Face library (and auto-round's GGUF helper) off the net.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "AUTO_ROUND_GGUF_AUTO_UPDATE": "0",
+}
+
+_NETWORK_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+#: Text of the errors huggingface_hub / datasets / auto-round raise when offline mode (or the
+#: socket guard) stops a download; auto-round wraps them in RuntimeError/ConnectionError.
+_OFFLINE_MARKERS = (
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "on the Hub",
+    "network issue",
+    "offline mode",
+)
+
+
+class NetworkBlocked(OSError):
+    """Raised inside the library when it opens an internet socket during quantization."""
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Set the offline variables and refuse internet sockets for the duration.
+
+    The variables alone stop ``huggingface_hub``; auto-round also has plain ``requests``
+    fallbacks (LLaVA json, COCO images, llama.cpp code), which the socket guard catches. Local
+    (unix) sockets stay allowed; forked calibration workers inherit the guard.
+    """
+    saved_env = {key: os.environ.get(key) for key in OFFLINE_ENV}
+    os.environ.update(OFFLINE_ENV)
+    original = socket.socket.connect
+
+    def guarded(sock: socket.socket, address: Any) -> Any:
+        if sock.family in _NETWORK_FAMILIES:
+            raise NetworkBlocked(f"network access to {address!r} blocked")
+        return original(sock, address)
+
+    socket.socket.connect = guarded  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        socket.socket.connect = original  # type: ignore[method-assign]
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _tried_network(exc: BaseException) -> bool:
+    """Whether ``exc`` (or anything in its cause chain) is a blocked hub or network access."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = f"{type(seen).__name__}: {seen}"
+        if isinstance(seen, NetworkBlocked) or any(m in text for m in _OFFLINE_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def window_loader(windows: torch.Tensor, batch_size: int) -> torch.utils.data.DataLoader:
+    """Calibration token windows ``[n, seqlen]`` as the DataLoader AutoRound accepts.
+
+    Handing AutoRound a loader (instead of a dataset name) is what keeps it from choosing
+    its hub default (``NeelNanda/pile-10k``): the windows are exactly ours.
+    """
+    samples = [{"input_ids": window} for window in windows]
+    return torch.utils.data.DataLoader(samples, batch_size=batch_size, shuffle=False)
+
+
+def register_llava_file(path: Path) -> str:
+    """Make AutoRound read a local LLaVA json (its registry is keyed by dataset name)."""
+    from auto_round.compressors.mllm.dataset import MLLM_DATASET
+
+    key = str(path)
+    MLLM_DATASET[key] = MLLM_DATASET["liuhaotian/llava"]
+    return key
+
+
+def run_autoround(
+    model: torch.nn.Module,
+    *,
+    tokenizer: Any,
+    processor: Any | None,
+    dataset: Any,
+    out_dir: Path,
+    options: Any,
+    extra: dict[str, Any],
+) -> tuple[dict[str, Path], float]:
+    """Tune and export; returns ``({format: exported dir}, tuning+export seconds)``.
+
+    ``dataset`` is a DataLoader of token windows or a registered local LLaVA json key;
+    ``extra`` carries VL-only arguments (``extra_data_dir``, ``template``).
+    """
+    from auto_round import AutoRound
+
+    kwargs: dict[str, Any] = {
+        "tokenizer": tokenizer,
+        "bits": options.bits,
+        "group_size": options.group_size,
+        "sym": options.sym,
+        "dataset": dataset,
+        "iters": options.iters,
+        "nsamples": options.nsamples,
+        "seqlen": options.seqlen,
+        "batch_size": min(8, options.nsamples),
+        "device_map": "cpu",
+        "enable_torch_compile": False,
+        "amp": False,  # tune in fp32: CPU bf16 autocast is slower here and rounds the weights
+        "disable_model_free": True,
+        "seed": options.seed,
+        **extra,
+    }
+    if processor is not None:
+        kwargs["processor"] = processor
+        kwargs["quant_nontext_module"] = options.quant_nontext_module
+    start = time.perf_counter()
+    with offline():
+        try:
+            compressor = AutoRound(model, **kwargs)
+            _, folders = compressor.quantize_and_save(
+                str(out_dir), format=",".join(options.formats)
+            )
+        except SystemExit as exc:  # auto-round calls sys.exit when no sample survives
+            raise EdgeforgeError(
+                f"auto-round found no usable calibration sample (exit {exc.code}); samples "
+                f"shorter than SEQLEN={options.seqlen} tokens are dropped: lower SEQLEN or give "
+                "longer samples"
+            ) from None
+        except Exception as exc:
+            if _tried_network(exc):
+                raise EdgeforgeError(
+                    f"auto-round tried to reach the network ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); this step runs offline: "
+                    "calibrate on the project corpus or a local DATA file"
+                ) from None
+            raise
+    seconds = time.perf_counter() - start
+    if isinstance(folders, str | os.PathLike):  # one format: a single path, not a list
+        folders = [folders]
+    if len(folders) != len(options.formats):
+        raise EdgeforgeError(
+            f"auto-round wrote {len(folders)} export(s) for {len(options.formats)} format(s)"
+        )
+    return {
+        fmt: Path(folder) for fmt, folder in zip(options.formats, folders, strict=True)
+    }, seconds
+
+
+def block_prefixes(block_names: list[str]) -> list[str]:
+    """``model.layers.3`` → ``model.layers``: the block lists a loader matches layers by."""
+    return sorted({name.rsplit(".", 1)[0] for name in block_names})
+
+
+def fix_export_config(export_dir: Path, fmt: str, prefixes: list[str]) -> dict[str, Any]:
+    """Repair ``config.json`` of one export in place; returns its final quantization_config."""
+    config_path = export_dir / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict):
+        raise EdgeforgeError(f"{config_path}: auto-round wrote no quantization_config")
+    if fmt == "auto_gptq" and not quant.get("block_name_to_quantize"):
+        quant["block_name_to_quantize"] = ",".join(prefixes)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return quant

@@ -1,0 +1,164 @@
+"""Reload an AutoRound export offline on CPU and measure it against the float model.
+
+The loader is auto-round's own (transformers' ``AutoRoundConfig`` integration, CPU kernels
+from ``auto-round-lib``), the way a user would load the files. The main failure mode of
+these exports is silent: a loader that converts nothing (random weights), converts layers
+that were never quantized, or falls back to a fake kernel still "loads". So before any
+number is trusted, the set of quantized modules must equal the set that was planned, and no
+checkpoint tensor may be missing or left over.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.errors import EdgeforgeError
+
+#: Leftover tensors a GPTQ checkpoint may carry: with ``desc_act`` off, ``g_idx`` is the
+#: identity grouping and the kernels rebuild it.
+_IGNORABLE_UNEXPECTED = (".g_idx",)
+
+
+def load_export(export_dir: Path, is_vision_language: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """Load one exported directory with auto-round's loader on CPU, fp32 activations."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoRoundConfig
+
+    auto = AutoModelForImageTextToText if is_vision_language else AutoModelForCausalLM
+    try:
+        model, info = auto.from_pretrained(
+            export_dir,
+            dtype=torch.float32,
+            device_map="cpu",
+            local_files_only=True,
+            output_loading_info=True,
+            quantization_config=AutoRoundConfig(backend="auto"),
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
+        raise EdgeforgeError(f"{export_dir}: auto-round's loader failed: {exc}") from None
+    model.eval()
+    return model, info
+
+
+def quantized_modules(model: nn.Module) -> dict[str, str]:
+    """``{module name: class name}`` of every module holding packed weights (``qweight``)."""
+    return {name: type(m).__name__ for name, m in model.named_modules() if hasattr(m, "qweight")}
+
+
+def structure_problems(
+    model: nn.Module, info: dict[str, Any], planned: list[str], quant_config: dict[str, Any]
+) -> list[str]:
+    """Why the reloaded model is not the planned quantized model (empty when it is)."""
+    problems = []
+    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]}")
+    unexpected = sorted(
+        str(k)
+        for k in info.get("unexpected_keys") or ()
+        if not (str(k).endswith(_IGNORABLE_UNEXPECTED) and not quant_config.get("desc_act"))
+    )
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint tensor(s) left unused, e.g. {unexpected[0]}")
+    got = quantized_modules(model)
+    extra, absent = sorted(set(got) - set(planned)), sorted(set(planned) - set(got))
+    if absent:
+        problems.append(f"{len(absent)} planned layer(s) not quantized, e.g. {absent[0]}")
+    if extra:
+        problems.append(f"{len(extra)} layer(s) quantized that should not be, e.g. {extra[0]}")
+    fake = sorted({cls for cls in got.values() if "fake" in cls.lower()})
+    if fake:
+        problems.append(f"loader fell back to fake-quant layers {fake}")
+    return problems
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def layer_cosines(
+    model: nn.Module, reference: nn.Module, names: list[str], window: torch.Tensor
+) -> dict[str, float]:
+    """Mean per-token cosine of each named block's output hidden states, model vs reference.
+
+    Both models see the same window; the blocks' outputs are caught with forward hooks, so
+    the number per layer is the accumulated error up to and including that layer.
+    """
+
+    def capture(net: nn.Module) -> dict[str, torch.Tensor]:
+        caught: dict[str, torch.Tensor] = {}
+        hooks = []
+        for name in names:
+
+            def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+                hidden = _first_tensor(out).detach().double()
+                caught[name] = hidden.reshape(-1, hidden.shape[-1])
+
+            hooks.append(net.get_submodule(name).register_forward_hook(hook))
+        try:
+            with torch.inference_mode():
+                net(input_ids=window[None], use_cache=False)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        return caught
+
+    got, want = capture(model), capture(reference)
+    return {
+        name: F.cosine_similarity(got[name], want[name], dim=-1).mean().item() for name in names
+    }
+
+
+def image_inputs(processor: Any, image_path: Path, prompt: str) -> dict[str, torch.Tensor]:
+    """Processor inputs for one user turn holding ``image_path`` and ``prompt``."""
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    with Image.open(image_path) as image:
+        rgb = image.convert("RGB")
+    return dict(processor(text=[text], images=[rgb], return_tensors="pt"))
+
+
+def image_prompt_check(
+    model: nn.Module,
+    reference: nn.Module,
+    processor: Any,
+    inputs: dict[str, torch.Tensor],
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """Logits agreement on an image prompt and both models' greedy answers to it."""
+    with torch.inference_mode():
+        got = model(**inputs, use_cache=False).logits[0].double()
+        want = reference(**inputs, use_cache=False).logits[0].double()
+    answers = [_greedy(net, processor, inputs, max_new_tokens) for net in (model, reference)]
+    return {
+        "cosine_mean": F.cosine_similarity(got, want, dim=-1).mean().item(),
+        "top1_agreement": (got.argmax(-1) == want.argmax(-1)).double().mean().item(),
+        "answer": answers[0],
+        "answer_fp": answers[1],
+        "same_answer": answers[0] == answers[1],
+    }
+
+
+def _greedy(
+    model: nn.Module, processor: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int
+) -> str:
+    from transformers import GenerationConfig
+
+    tokenizer = processor.tokenizer
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=config)
+    prompt_len = inputs["input_ids"].shape[1]
+    return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)

@@ -1,0 +1,360 @@
+"""``make autoround``: AutoRound weight-only quantization, exported and verified offline.
+
+Intel AutoRound (PyPI ``auto-round``, seed 004) tunes the rounding of each weight by signed
+gradient descent on block outputs; it is called through its Python API, never
+re-implemented. Calibration is the project corpus by default, or a local JSON/JSONL text
+file, or (vision-language models) a LLaVA-style conversation JSON with its image folder.
+Every requested format is reloaded from disk with auto-round's CPU loader, its quantized
+layer set is checked against the plan, and it is compared with the float model on the
+held-out corpus (perplexity ratio, logits cosine, top-1 agreement, per-layer cosine; VL: an
+image prompt), next to plain round-to-nearest at the same bits/group (``common.rtn``), the
+baseline AutoRound must beat. Output: ``build/<MODEL>/autoround/`` with one folder per
+format (a loadable checkpoint plus its own report/manifest) and the overall report.
+Research notes: ``../shared/research/autoround.md``; issue 7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+import ar_options  # noqa: E402  (this folder; target folders are not packages)
+import ar_quantize  # noqa: E402
+import ar_report  # noqa: E402
+import ar_verify  # noqa: E402
+
+from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.records import (  # noqa: E402
+    atomic_path,
+    build_manifest,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
+TARGET = "autoround"
+IMAGE_PROMPT = "Describe this image."
+MAX_NEW_TOKENS = 12
+#: Held-out windows whose full logits are compared (cosine, top-1, per layer): every window
+#: costs two forward passes, and 4 x 512 tokens already give thousands of positions.
+COMPARE_WINDOWS = 4
+DEFAULT_IMAGES = ROOT / "data" / "images"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
+    parser.add_argument("--build-dir", type=Path, default=None)
+    parser.add_argument("--model-path", type=Path, default=None)
+    parser.add_argument("--bits", help="2, 3, 4 or 8 (default 4)")
+    parser.add_argument("--group-size", dest="group_size", help="-1 or a divisor (default 32)")
+    parser.add_argument("--sym", help="1 symmetric (default), 0 asymmetric")
+    parser.add_argument("--iters", help="AutoRound tuning steps per block (0 = its RTN)")
+    parser.add_argument("--nsamples", help="calibration samples")
+    parser.add_argument("--seqlen", help="calibration tokens per sample")
+    parser.add_argument("--format", dest="formats", help="comma list: auto_round,auto_gptq,...")
+    parser.add_argument("--quant-nontext", dest="quant_nontext_module", help="1: vision too")
+    parser.add_argument("--data", help="local calibration .json/.jsonl (default: corpus)")
+    parser.add_argument("--images", help="image folder of a LLaVA-style --data file")
+    parser.add_argument("--template", help="custom chat-template JSON (AutoRound format)")
+    parser.add_argument("--max-ppl-ratio", dest="max_ppl_ratio", help="gate (default 1.10)")
+    parser.add_argument("--rtn-gate", dest="rtn_gate", help="beat RTN on: both|ppl|cosine")
+    return parser.parse_args(argv)
+
+
+def _log(message: str) -> None:
+    print(f"[{TARGET}] {message}", file=sys.stderr, flush=True)
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _require_autoround() -> dict[str, str]:
+    """auto-round's versions, or one line saying how to install it."""
+    versions = {name: _version(name) for name in ("auto-round", "auto-round-lib")}
+    missing = [name for name, version in versions.items() if version is None]
+    if missing:
+        raise EdgeforgeError(
+            f"{', '.join(missing)} not installed; run `make autoround-venv` (pins in "
+            "targets/autoround/requirements.txt)"
+        )
+    return {name: str(version) for name, version in versions.items()}
+
+
+def planned_layers(adapter: Any, quant_nontext: bool) -> list[tuple[str, Any]]:
+    """The Linears AutoRound quantizes: decoder blocks, plus vision blocks with nontext.
+
+    Its block-wise tuner works on repeated blocks, so lm_head and the vision merger (not in
+    a block) stay float; this list is what every reload is checked against.
+    """
+    from common.models.base import iter_linears
+
+    return [
+        (name, linear)
+        for name, role, linear in iter_linears(
+            adapter, include_lm_head=False, include_vision=quant_nontext
+        )
+        if not role.startswith("merger")
+    ]
+
+
+def _block_names(adapter: Any, quant_nontext: bool) -> list[str]:
+    blocks = [layer.name for layer in adapter.layers()]
+    if quant_nontext:
+        blocks += [block.name for block in adapter.vision_blocks()]
+    return blocks
+
+
+def calibration(
+    options: ar_options.Options, tokenizer: Any, is_vl: bool, scratch: Path
+) -> tuple[Any, dict[str, Any], dict[str, Path]]:
+    """(AutoRound ``dataset``, VL-only extra kwargs, manifest inputs) for the run."""
+    from common.calib_data import read_calibration_file
+    from common.data import CALIB_CORPUS, sample_windows
+
+    extra: dict[str, Any] = {}
+    if options.template is not None:
+        extra["template"] = str(options.template)
+    if options.data is None:
+        if options.quant_nontext_module:
+            raise EdgeforgeError(
+                "QUANT_NONTEXT=1 tunes the vision tower, which needs images: pass a LLaVA-style "
+                "DATA=<conversations.json> and IMAGES=<its image folder>"
+            )
+        windows = sample_windows(
+            [CALIB_CORPUS], tokenizer, options.nsamples, options.seqlen, options.seed
+        )
+        return (
+            ar_quantize.window_loader(windows, min(8, options.nsamples)),
+            extra,
+            {"calibration": CALIB_CORPUS},
+        )
+    parsed = read_calibration_file(options.data, options.images)
+    inputs = {"calibration": options.data}
+    if parsed.layout == "llava":
+        if not is_vl:
+            raise EdgeforgeError(
+                f"DATA={options.data}: LLaVA image conversations need a vision-language model"
+            )
+        if options.nsamples > len(parsed):
+            raise EdgeforgeError(
+                f"NSAMPLES={options.nsamples} is larger than DATA={options.data} "
+                f"({len(parsed)} conversations); lower NSAMPLES or add conversations"
+            )
+        extra["extra_data_dir"] = str(options.images)
+        inputs["images"] = Path(options.images)
+        return ar_quantize.register_llava_file(options.data), extra, inputs
+    if options.quant_nontext_module:
+        raise EdgeforgeError(
+            f"DATA={options.data} holds text only, but QUANT_NONTEXT=1 needs image "
+            "conversations (LLaVA-style DATA plus IMAGES)"
+        )
+    corpus = scratch / "calibration.jsonl"  # the texts in the corpus reader's own format
+    write_bytes_atomic(
+        corpus, "".join(ar_report.jsonl_line(text) for text in parsed.texts).encode()
+    )
+    windows = sample_windows([corpus], tokenizer, options.nsamples, options.seqlen, options.seed)
+    return ar_quantize.window_loader(windows, min(8, options.nsamples)), extra, inputs
+
+
+def _release(*objects: Any) -> None:
+    del objects
+    gc.collect()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from common.data import EVAL_CORPUS, eval_windows
+    from common.eval import compare_logits, perplexity
+    from common.eval_step import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
+    from common.model_build import build_model
+    from common.models import get_adapter
+    from common.models.loading import load_model, load_processor, load_tokenizer
+    from common.recipes import load_recipe, model_build_dir
+    from common.rtn import apply_rtn
+
+    toolchains = _require_autoround()
+    recipe = load_recipe(args.model)
+    cli = {
+        key: getattr(args, key)
+        for key in (
+            "bits",
+            "group_size",
+            "sym",
+            "iters",
+            "nsamples",
+            "seqlen",
+            "formats",
+            "max_ppl_ratio",
+            "rtn_gate",
+        )
+    }
+    cli["quant_nontext_module"] = args.quant_nontext_module
+    cli.update(data=args.data, images=args.images, template=args.template)
+    options = ar_options.resolve(cli, recipe.data.get("targets", {}).get(TARGET, {}))
+    model_dir = build_model(recipe, args.build_dir, args.model_path)
+
+    reference = load_model(model_dir)
+    adapter = get_adapter(reference)
+    is_vl = adapter.is_vision_language
+    plan = planned_layers(adapter, options.quant_nontext_module)
+    ar_options.check_against_model(
+        options, is_vision_language=is_vl, linears=[(n, lin.in_features) for n, lin in plan]
+    )
+    planned = [name for name, _ in plan]
+    decoder_names = [layer.name for layer in adapter.layers()]
+    prefixes = ar_quantize.block_prefixes(_block_names(adapter, options.quant_nontext_module))
+    tokenizer = load_tokenizer(model_dir)
+    processor = load_processor(model_dir) if is_vl else None
+    image = None
+    if is_vl:
+        from common.vl_preprocess import list_frames
+
+        image = list_frames(options.images or DEFAULT_IMAGES, "image prompt folder")[0]
+
+    eval_cfg = recipe.eval_defaults
+    windows = eval_windows(
+        [EVAL_CORPUS],
+        tokenizer,
+        eval_cfg.get("num_windows", DEFAULT_NUM_WINDOWS),
+        eval_cfg.get("seq_len", DEFAULT_SEQ_LEN),
+    )
+    out_root = model_build_dir(recipe, args.build_dir) / TARGET
+    with tempfile.TemporaryDirectory(prefix=".autoround-", dir=out_root.parent) as scratch:
+        dataset, extra, calib_inputs = calibration(options, tokenizer, is_vl, Path(scratch))
+        _log(f"float model: perplexity on {windows.shape[0]}x{windows.shape[1]} held-out tokens")
+        fp = perplexity(reference, windows)
+        image_inputs = (
+            ar_verify.image_inputs(processor, image, IMAGE_PROMPT) if image is not None else None
+        )
+
+        _log(f"RTN baseline: W{options.bits} g{options.group_size} on {len(planned)} layers")
+        rtn_model = load_model(model_dir)
+        apply_rtn(
+            [(n, rtn_model.get_submodule(n)) for n in planned],
+            options.bits,
+            options.group_size,
+            options.sym,
+        )
+        rtn = {
+            "ppl": perplexity(rtn_model, windows)["ppl"],
+            **compare_logits(rtn_model, reference, windows[:COMPARE_WINDOWS]),
+            "layers": ar_verify.layer_cosines(rtn_model, reference, decoder_names, windows[0]),
+        }
+        _release(rtn_model)
+
+        with atomic_path(out_root) as tmp:
+            tmp.mkdir()
+            _log(
+                f"AutoRound: iters {options.iters}, {options.nsamples} samples x "
+                f"{options.seqlen} tokens -> {', '.join(options.formats)}"
+            )
+            exports, seconds = ar_quantize.run_autoround(
+                load_model(model_dir),
+                tokenizer=tokenizer,
+                processor=processor,
+                dataset=dataset,
+                out_dir=Path(scratch) / "export",
+                options=options,
+                extra=extra,
+            )
+            gc.collect()
+            per_format: dict[str, Any] = {}
+            for fmt, exported in exports.items():
+                fmt_dir = tmp / fmt
+                shutil.move(str(exported), fmt_dir)
+                quant_config = ar_quantize.fix_export_config(fmt_dir, fmt, prefixes)
+                _log(f"{fmt}: reloading {fmt_dir.name}/ with auto-round's CPU loader")
+                model, info = ar_verify.load_export(fmt_dir, is_vl)
+                result: dict[str, Any] = {
+                    "problems": ar_verify.structure_problems(model, info, planned, quant_config),
+                    "kernels": sorted(set(ar_verify.quantized_modules(model).values())),
+                    "quantized_layers": len(ar_verify.quantized_modules(model)),
+                    "quantization_config": quant_config,
+                }
+                if not result["problems"]:
+                    result["ppl"] = perplexity(model, windows)["ppl"]
+                    result.update(compare_logits(model, reference, windows[:COMPARE_WINDOWS]))
+                    result["layers"] = ar_verify.layer_cosines(
+                        model, reference, decoder_names, windows[0]
+                    )
+                    if image_inputs is not None:
+                        result["image_prompt"] = ar_verify.image_prompt_check(
+                            model, reference, processor, image_inputs, MAX_NEW_TOKENS
+                        )
+                _release(model)
+                per_format[fmt] = result
+            report = ar_report.build_report(
+                recipe=recipe.name,
+                model_type=recipe.model_type,
+                options=options,
+                planned=planned,
+                fp=fp,
+                rtn=rtn,
+                per_format=per_format,
+                quantize_seconds=seconds,
+                eval_shape=list(windows.shape),
+                image=None if image is None else str(image),
+                image_prompt=IMAGE_PROMPT if image is not None else None,
+            )
+            inputs = {"model_config": model_dir / "config.json", **calib_inputs}
+            if options.template is not None:
+                inputs["template"] = options.template
+            for fmt in per_format:
+                fmt_report = ar_report.format_report(report, fmt)
+                write_json_atomic(tmp / fmt / "report.json", fmt_report)
+                write_bytes_atomic(
+                    tmp / fmt / "report.md", ar_report.render_markdown(fmt_report).encode()
+                )
+                write_json_atomic(
+                    tmp / fmt / "manifest.json",
+                    build_manifest(
+                        step=f"{TARGET}:{fmt}",
+                        inputs=inputs,
+                        outputs=tmp / fmt,
+                        recipe=recipe.data,
+                        options=options.as_record(),
+                        toolchains=toolchains,
+                    ),
+                )
+            write_json_atomic(tmp / "report.json", report)
+            write_bytes_atomic(tmp / "report.md", ar_report.render_markdown(report).encode())
+            write_json_atomic(
+                tmp / "manifest.json",
+                build_manifest(
+                    step=TARGET,
+                    inputs=inputs,
+                    outputs=tmp,
+                    recipe=recipe.data,
+                    options=options.as_record(),
+                    toolchains=toolchains,
+                ),
+            )
+    print(ar_report.console_table(report), flush=True)
+    _log(f"wrote {out_root}")
+    if report["failures"]:
+        raise CheckFailed(
+            f"{recipe.name}: " + "; ".join(report["failures"]) + f" ({out_root / 'report.json'})"
+        )
+    return report
+
+
+def main() -> int:
+    run(parse_args())
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
