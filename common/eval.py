@@ -62,6 +62,13 @@ def _logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     return out.logits[0].float()
 
 
+def _window_nll_sum(logits: torch.Tensor, window: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood of one window (float64 sum: exact for long
+    windows)."""
+    targets = window[1:].to(logits.device)
+    return F.cross_entropy(logits[:-1].float(), targets, reduction="none").double().sum().item()
+
+
 def perplexity(model: nn.Module, windows: torch.Tensor, *, progress: bool = True) -> dict[str, Any]:
     """Perplexity over fixed windows, each scored on its own (no context carried over).
 
@@ -74,10 +81,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, progress: bool = True
     total = 0.0
     with torch.inference_mode():
         for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
-            logits = _logits(model, window)
-            targets = window[1:].to(logits.device)
-            token_nll = F.cross_entropy(logits[:-1], targets, reduction="none")
-            total += token_nll.double().sum().item()  # float64 sum: long windows stay exact
+            total += _window_nll_sum(_logits(model, window), window)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = total / tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens}
@@ -90,11 +94,15 @@ def compare_logits(
 
     Per token: cosine similarity of the two logit rows (float64, so identical models give
     exactly 1) and whether their argmax agrees; overall the largest absolute difference.
-    ``tokens`` is the number of positions compared (``n * seq_len``).
+    ``tokens`` is the number of positions compared (``n * seq_len``). From the same forward
+    passes it also scores both models as :func:`perplexity` does (``ppl``,
+    ``ppl_reference``, ``nll``, ``nll_reference``, over ``ppl_tokens``), so a before/after
+    check costs two passes per window, not four.
     """
-    windows = check_windows(windows, model)
-    check_windows(windows, reference)
+    windows = check_windows(windows, model, min_len=2)
+    check_windows(windows, reference, min_len=2)
     cosine_sum, cosine_min, agree, max_abs, count = 0.0, math.inf, 0, 0.0, 0
+    nll_sum, nll_sum_reference = 0.0, 0.0
     with torch.inference_mode():
         for window in tqdm(windows, desc="compare logits", unit="window", disable=not progress):
             got = _logits(model, window).double()
@@ -104,18 +112,27 @@ def compare_logits(
                     f"compare_logits: logits of shape {list(got.shape)} vs reference "
                     f"{list(want.shape)}; the two models have different vocabularies"
                 )
+            nll_sum += _window_nll_sum(got, window)
+            nll_sum_reference += _window_nll_sum(want, window)
             cosine = F.cosine_similarity(got, want, dim=-1)
             cosine_sum += cosine.sum().item()
             cosine_min = min(cosine_min, cosine.min().item())
             agree += int((got.argmax(-1) == want.argmax(-1)).sum().item())
             max_abs = max(max_abs, (got - want).abs().max().item())
             count += got.shape[0]
+    ppl_tokens = windows.shape[0] * (windows.shape[1] - 1)
+    nll, nll_reference = nll_sum / ppl_tokens, nll_sum_reference / ppl_tokens
     return {
         "cosine_mean": cosine_sum / count,
         "cosine_min": cosine_min,
         "top1_agreement": agree / count,
         "max_abs_diff": max_abs,
         "tokens": count,
+        "nll": nll,
+        "nll_reference": nll_reference,
+        "ppl": math.exp(nll),
+        "ppl_reference": math.exp(nll_reference),
+        "ppl_tokens": ppl_tokens,
     }
 
 

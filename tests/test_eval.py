@@ -110,6 +110,23 @@ def test_perplexity_rejects_foreign_token_ids(model: nn.Module) -> None:
 # -- compare_logits ----------------------------------------------------------------------
 
 
+def test_compare_logits_scores_both_models_like_perplexity(
+    model: nn.Module, windows: torch.Tensor
+) -> None:
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        layer = get_adapter(perturbed).layers()[0]
+        layer.linears["down"].weight.mul_(3.0)
+    result = compare_logits(perturbed, model, windows)
+    alone, reference = perplexity(perturbed, windows, progress=False), perplexity(
+        model, windows, progress=False
+    )
+    assert result["ppl"] == pytest.approx(alone["ppl"], rel=1e-12)
+    assert result["ppl_reference"] == pytest.approx(reference["ppl"], rel=1e-12)
+    assert result["ppl_tokens"] == alone["tokens"]
+    assert result["ppl"] != pytest.approx(result["ppl_reference"], rel=1e-6)
+
+
 def test_compare_logits_identical(model: nn.Module, windows: torch.Tensor) -> None:
     same = compare_logits(model, copy.deepcopy(model), windows)
     assert same["cosine_mean"] == pytest.approx(1.0, abs=1e-6)

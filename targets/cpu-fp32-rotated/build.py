@@ -150,7 +150,7 @@ def _image_check(reference: Any, rotated: Any, model_dir: Path) -> dict[str, Any
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
     from common.data import EVAL_CORPUS, eval_windows
-    from common.eval import compare_logits, perplexity
+    from common.eval import compare_logits
     from common.mllm_format import mllm_named_tensors, mllm_tensors_equal, write_mllm
     from common.model_build import build_model
     from common.models import get_adapter
@@ -196,14 +196,12 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             raise CheckFailed(f"model.mllm does not read back bit-exact: {mllm_problems[:5]}")
 
         print("[cpu] perplexity and logits: original vs rotated", file=sys.stderr)
-        ppl_ref = perplexity(reference, windows)
-        ppl_rot = perplexity(rotated, windows)
         logits = compare_logits(rotated, reference, windows, progress=True)
         after = rep.trace(rotated, rotated_adapter, stats_windows)
         similarity = rep.per_layer_similarity(before["outputs"], after["outputs"], rotation.R)
         image = (_image_check(reference, rotated, model_dir)
                  if rotated_adapter.is_vision_language else None)  # fmt: skip
-        ppl_ratio = ppl_rot["ppl"] / ppl_ref["ppl"]
+        ppl_ratio = logits["ppl"] / logits["ppl_reference"]
         top1_ok = logits["top1_agreement"] >= TOP1_MIN and (
             image is None or image["top1_agreement"] >= TOP1_MIN
         )
@@ -226,9 +224,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "seq_len": seq_len,
             "num_windows": num_windows,
             "stats_windows": int(stats_windows.shape[0]),
-            "tokens": ppl_ref["tokens"],
-            "ppl_fp32": ppl_ref["ppl"],
-            "ppl_rotated": ppl_rot["ppl"],
+            "tokens": logits["ppl_tokens"],
+            "ppl_fp32": logits["ppl_reference"],
+            "ppl_rotated": logits["ppl"],
             "ppl_ratio": ppl_ratio,
             "max_abs_logit_diff": logits["max_abs_diff"],
             "top1_agreement": logits["top1_agreement"],
