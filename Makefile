@@ -73,3 +73,6 @@ clean: ## remove build/ (keeps .venv)
 # Each target folder brings its own make step(s) (targets/<t>/target.mk), so a target
 # stays self-contained; fragments use PY, MODEL_ARGS, BUILD_DIR and USE_DOCKER from here.
 include $(sort $(wildcard targets/*/target.mk))
+
+# Steps shared by several targets (profiling, simulation, benchmarks) live in mk/*.mk.
+include $(sort $(wildcard mk/*.mk))

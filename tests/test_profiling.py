@@ -1,0 +1,253 @@
+"""Profiling: streaming statistics, sequential == whole model, seed JSON, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.data import CALIB_CORPUS, sample_windows
+from common.errors import EdgeforgeError
+from common.models import get_adapter
+from common.models.loading import load_model, load_tokenizer
+from common.observers import exact_percentile
+from common.profile_step import ProfileSettings, run_profile
+from common.profiling import (
+    ActivationProfiler,
+    load_profile,
+    parse_memory,
+    profile_document,
+    profile_model,
+    profile_sequential,
+)
+from common.recipes import load_recipe
+from tests.conftest import REPO_ROOT, CliResult, assert_clean_error
+
+
+def run_profile_cli(*args: str) -> CliResult:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.profile_cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _windows(model_dir: Path, n: int, seq_len: int) -> torch.Tensor:
+    return sample_windows([CALIB_CORPUS], load_tokenizer(model_dir), n, seq_len, seed=0)
+
+
+def test_sequential_equals_whole_model_tiny(tiny_qwen2_dir: Path) -> None:
+    windows = _windows(tiny_qwen2_dir, 3, 32)
+    whole = profile_model(load_model(tiny_qwen2_dir), windows).results()
+    sequential = profile_sequential(tiny_qwen2_dir, windows).results()
+    assert whole == sequential
+    assert len(whole) == 2 * 7 + 1  # every decoder linear and the LM head
+
+
+def test_hooks_match_exact_statistics(tiny_qwen2_dir: Path) -> None:
+    """Observed q_proj input/output against tensors captured independently."""
+    model = load_model(tiny_qwen2_dir)
+    adapter = get_adapter(model)
+    layer = adapter.layers()[1]
+    captured: dict[str, list[torch.Tensor]] = {"in": [], "out": []}
+
+    def grab(_m, args, out):
+        captured["in"].append(args[0].detach().clone())
+        captured["out"].append(out.detach().clone() - layer.linears["q"].bias)
+
+    handle = layer.linears["q"].register_forward_hook(grab)
+    windows = _windows(tiny_qwen2_dir, 2, 48)
+    stats = profile_model(model, windows, no_bias=True).results()[layer.linear_names["q"]]
+    handle.remove()
+    x, y = torch.cat(captured["in"], 1), torch.cat(captured["out"], 1)
+    assert stats["input"]["max"] == float(x.max())
+    assert stats["input"]["absmax"] == float(x.abs().max())
+    assert stats["input"]["p999"] == pytest.approx(exact_percentile(x, 0.001), rel=0.01)
+    assert stats["output"]["abs_p999"] == pytest.approx(exact_percentile(y.abs(), 0.001), rel=0.01)
+    assert stats["output"]["mean"] == pytest.approx(float(y.double().mean()), abs=1e-6)
+    assert stats["input"]["count"] == x.numel()
+
+
+def test_memory_does_not_grow_with_tokens(tiny_qwen2_dir: Path) -> None:
+    model = load_model(tiny_qwen2_dir)
+    profiler = ActivationProfiler(get_adapter(model))
+
+    def state_bytes() -> int:
+        total = 0
+        for obs in profiler.observers.values():
+            for side in (obs.input, obs.output):
+                total += side.histogram.counts.nbytes
+                total += 0 if side.channel_absmax is None else side.channel_absmax.nbytes
+        return total
+
+    windows = _windows(tiny_qwen2_dir, 4, 32)
+    with profiler.attached(), torch.inference_mode():
+        model(input_ids=windows[:1])
+        after_one = state_bytes()
+        for w in windows[1:]:
+            model(input_ids=w[None])
+    assert state_bytes() == after_one
+
+
+def test_seed_json_keys_and_extended_stats() -> None:
+    stats = {
+        "model.layers.0.mlp.down_proj": {
+            "role": "down",
+            "has_bias": False,
+            "input": {"max": 3.0, "p999": 1.0, "mean": 0.1, "std": 0.5, "absmax": 4.0},
+            "output": {"max": 2.0, "p999": 0.5, "mean": 0.0, "std": 0.2, "absmax": 2.0},
+        }
+    }
+    doc = profile_document(stats, {"model": "m"})
+    name = "model.layers.0.mlp.down_proj"
+    assert doc["ori"][name] == {"input": 3.0, "output": 2.0}
+    assert doc["top_0_1"][name] == {"input": 1.0, "output": 0.5}
+    assert doc["all_stat"][name]["input"] == {"mean": 0.1, "std": 0.5}
+    assert doc["edgeforge"]["stats"][name]["input"]["absmax"] == 4.0
+
+
+def test_profile_cli_deterministic_and_complete(
+    tmp_path: Path, session_build: Path, tiny_qwen2_dir: Path
+) -> None:
+    args = (
+        "profile",
+        "--model",
+        "tiny-qwen2",
+        "--build-dir",
+        str(session_build),
+        "--num-samples",
+        "3",
+        "--seq-len",
+        "32",
+        "--seed",
+        "7",
+    )
+    out = session_build / "tiny-qwen2" / "profile"
+    first = run_profile_cli(*args)
+    assert first.returncode == 0, first.stderr
+    snapshot = {
+        p: (out / p).read_bytes()
+        for p in ("profile.json", "channel_absmax.safetensors", "report.json", "input_ranges.png")
+    }
+    # The same settings in this process give the same bytes as the CLI's process.
+    settings = ProfileSettings(corpus=str(CALIB_CORPUS), num_samples=3, seq_len=32, seed=7)
+    again = tmp_path / "again"
+    run_profile(load_recipe("tiny-qwen2"), tiny_qwen2_dir, settings, again)
+    for name, data in snapshot.items():
+        assert (again / "tiny-qwen2" / "profile" / name).read_bytes() == data, name
+    doc = json.loads(snapshot["profile.json"])
+    assert set(doc) == {"ori", "top_0_1", "all_stat", "edgeforge"}
+    for name in ("manifest.json", "report.md", "outlier_ratio.png", "channel_heatmap.png"):
+        assert (out / name).is_file()
+    assert load_profile(out / "profile.json", get_adapter(load_model(tiny_qwen2_dir)))
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"num_samples": 0}, "num_samples"),
+        ({"num_samples": 100000}, "num_samples=100000"),
+        ({"corpus": "/nonexistent/corpus.jsonl"}, "dataset_path"),
+        ({"corpus": str(REPO_ROOT / "pyproject.toml")}, "dataset_path"),
+        ({"rotate": "hadamard", "r_path": "x.safetensors"}, "mutually exclusive"),
+        ({"sequential": True, "rotate": "hadamard"}, "--sequential"),
+        ({"max_memory": 1024}, "--max-memory"),
+        ({"sequential": True, "max_memory": 1024}, "--max-memory"),
+    ],
+)
+def test_profile_bad_input(
+    tmp_path: Path, tiny_qwen2_dir: Path, changes: dict, fragment: str
+) -> None:
+    settings = replace(
+        ProfileSettings(corpus=str(CALIB_CORPUS), num_samples=2, seq_len=32), **changes
+    )
+    with pytest.raises(EdgeforgeError, match=re.escape(fragment)):
+        run_profile(load_recipe("tiny-qwen2"), tiny_qwen2_dir, settings, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_profile_cli_bad_input_exits_2(tmp_path: Path) -> None:
+    for extra, fragment in (
+        (("--num-samples", "0"), "num_samples"),
+        (("--max-memory", "lots"), "--max-memory"),
+    ):
+        result = run_profile_cli(
+            "profile", "--model", "tiny-qwen2", "--build-dir", str(tmp_path), *extra
+        )
+        assert_clean_error(result, fragment)
+    assert not (tmp_path / "tiny-qwen2" / "profile").exists()
+
+
+def test_profile_for_another_model_is_rejected(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    doc = profile_document({}, {"model": "other"})
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(EdgeforgeError, match=r"lacks \d+ linear"):
+        load_profile(tmp_path / "p.json", get_adapter(load_model(tiny_qwen2_dir)))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(EdgeforgeError, match="not an edgeforge profile"):
+        load_profile(tmp_path / "bad.json")
+
+
+def test_parse_memory() -> None:
+    assert parse_memory("4GB") == 4 * 2**30
+    assert parse_memory("512m") == 512 * 2**20
+    with pytest.raises(EdgeforgeError, match="--max-memory"):
+        parse_memory("-1GB")
+
+
+@pytest.mark.smollm2
+def test_sequential_equals_whole_model_smollm2(smollm2_dir: Path) -> None:
+    windows = _windows(smollm2_dir, 2, 64)
+    whole = profile_model(load_model(smollm2_dir), windows).results()
+    assert profile_sequential(smollm2_dir, windows).results() == whole
+
+
+def test_qnn_config_file_profiles_the_rotated_model(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    from common.rotation import load_rotation
+
+    model_config = {
+        "model_type": "qwen2",
+        "tokenizer_name": str(tiny_qwen2_dir),
+        "model_name": str(tiny_qwen2_dir),
+        "online_rotation": True,
+        "random_rotate": True,
+        "save_rotation": "R/rotation.safetensors",
+    }
+    config = {
+        "profile_config": {
+            "dataset_path": str(CALIB_CORPUS),
+            "output_path": "scales.json",
+            "num_samples": 2,
+            "no_bias": True,
+            "model_config": model_config,
+        },
+        "export_config": {
+            "scale_file": "scales.json",
+            "output_model": "out.pth",
+            "quant_bias": False,
+            "model_config": model_config,
+        },
+    }
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    result = run_profile_cli(
+        "profile", "--model", "tiny-qwen2", "--build-dir", str(tmp_path / "build"),
+        "--config-file", str(tmp_path / "cfg.json"), "--seq-len", "32",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "scales.json").read_text())
+    assert doc["edgeforge"]["transforms"]["rotation"]["mode"] == "hadamard"
+    assert doc["edgeforge"]["settings"]["num_samples"] == 2
+    rotation = load_rotation(tmp_path / "R" / "rotation.safetensors")
+    assert rotation.hidden_size == 64
