@@ -1,0 +1,299 @@
+"""``make qnn``: the mllm int8 model and QNN HTP context binaries, verified on the emulator.
+
+Reads the activation profile of ``make profile`` (``build/<MODEL>/profile/profile.json``;
+its transforms, e.g. a rotation, are applied to the model first). Writes
+``build/<MODEL>/qnn/``:
+
+* ``model.int8.mllm`` + ``shadow_layers.json`` + ``quant_plan.json`` (the plan the file was
+  written from), re-read and checked to reproduce the fake-quant model's logits;
+* ``<SOC>/<piece>_ctx.onnx`` + ``_qnn.bin`` per decoder layer (prefill and decode) and the
+  LM head, compiled by the QNN EP for each SoC, with the SoC/arch read back from the binary;
+* ``qnn_scales.json`` (the activation ranges imposed on the QDQ graphs);
+* ``report.json`` / ``report.md`` (+ ``layers.png``) and ``manifest.json``.
+
+A failed numerical gate raises ``CheckFailed`` (exit 1) after everything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+import mllm_int8  # noqa: E402  (this folder; target folders are not packages)
+import pipeline  # noqa: E402
+import report as rep  # noqa: E402
+
+from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.records import (  # noqa: E402
+    atomic_path,
+    build_manifest,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
+TARGET = "qnn"
+DEFAULT_SEQ_LEN = 32
+DEFAULT_CALIB_WINDOWS = 4
+#: Gates per preset: worst per-piece cosine vs float, end-to-end top-1 agreement.
+GATES: dict[str, dict[str, float]] = {
+    "w8a16": {"layer_cos": 0.999, "top1": 0.95},
+    "w8a8": {"layer_cos": 0.99, "top1": 0.0},
+    "w4a16": {"layer_cos": 0.95, "top1": 0.0},
+}
+#: The int8 .mllm must reproduce the fake-quant model's logits this closely.
+MLLM_MAX_ABS = 1e-4
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="make qnn", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
+    p.add_argument("--build-dir", type=Path, default=None)
+    p.add_argument("--model-path", type=Path, default=None, help="local HF checkpoint dir")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="profile JSON (default build/<MODEL>/profile/profile.json)",
+    )
+    p.add_argument("--socs", default=None, help="comma list, e.g. SM8650,SM8750")
+    p.add_argument("--preset", default=None, help="w8a16 (default), w8a8 or w4a16")
+    p.add_argument("--seq-len", type=int, default=None, help="static context S of the graphs")
+    p.add_argument("--calib-windows", type=int, default=None)
+    p.add_argument("--vtcm-mb", type=int, default=None)
+    p.add_argument("--opt-mode", type=int, default=None)
+    p.add_argument("--t", type=float, default=None, help="t01m_clip_threshold (no clip_all)")
+    p.add_argument("--quant-bias", action="store_true", help="int8 bias in the .mllm")
+    return p.parse_args(argv)
+
+
+def settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """CLI options over the recipe's ``targets.qnn`` over the script defaults, checked."""
+    from common import qdq, qnn_ep
+
+    def pick(key: str, fallback: Any) -> Any:
+        value = getattr(args, key)
+        return value if value is not None else defaults.get(key, fallback)
+
+    socs = pick("socs", qnn_ep.DEFAULT_SOC)
+    socs = socs.split(",") if isinstance(socs, str) else list(socs)
+    out = {
+        "socs": [qnn_ep.soc_by_name(s.strip()).name for s in socs if s.strip()],
+        "preset": qdq.preset_by_name(pick("preset", qdq.DEFAULT_PRESET)).name,
+        "seq_len": pick("seq_len", DEFAULT_SEQ_LEN),
+        "calib_windows": pick("calib_windows", DEFAULT_CALIB_WINDOWS),
+        "vtcm_mb": pick("vtcm_mb", qnn_ep.DEFAULT_VTCM_MB),
+        "opt_mode": pick("opt_mode", qnn_ep.DEFAULT_OPT_MODE),
+        "t01m_clip_threshold": pick("t", None),
+        "quant_bias": bool(args.quant_bias or defaults.get("quant_bias", False)),
+    }
+    if not out["socs"]:
+        raise EdgeforgeError("SOCS: empty; name at least one SoC")
+    for key in ("seq_len", "calib_windows", "vtcm_mb"):
+        if not isinstance(out[key], int) or out[key] < 1:
+            raise EdgeforgeError(f"{key.upper()}: expected a positive integer, got {out[key]!r}")
+    if out["seq_len"] < 2:
+        raise EdgeforgeError(f"SEQ_LEN: expected >= 2, got {out['seq_len']}")
+    if out["opt_mode"] not in (1, 2, 3):
+        raise EdgeforgeError(f"OPT_MODE: expected 1, 2 or 3, got {out['opt_mode']!r}")
+    return out
+
+
+def check_profile(profile: dict[str, Any], recipe_name: str, path: Path) -> dict[str, Any]:
+    """The profile's transforms, after checking it was made for this model."""
+    meta = profile["edgeforge"]
+    if meta.get("model") != recipe_name:
+        raise EdgeforgeError(
+            f"{path}: profile was made for model {meta.get('model')!r}, not {recipe_name!r}; "
+            f"run make profile MODEL={recipe_name}"
+        )
+    transforms = meta.get("transforms") or {}
+    if transforms.get("online_hadamard"):
+        raise EdgeforgeError(
+            f"{path}: profile assumes an online Hadamard on down_proj inputs, which the QNN "
+            "pieces do not contain; profile without --online-down"
+        )
+    return transforms
+
+
+def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """The plan with every range rounded to float32 (what the .mllm stores), scales
+    recomputed from it, so the file and the fake-quant model use the same grid."""
+    import numpy as np
+
+    from common.int8 import qmax
+    from common.quant_plan import bits_of
+
+    for entry in plan["tensors"].values():
+        for side in ("input", "output"):
+            tensor = entry[side]
+            if "range" in tensor:
+                tensor["range"] = float(np.float32(tensor["range"]))
+                tensor["scale"] = tensor["range"] / qmax(bits_of(tensor))
+    return plan
+
+
+def mllm_check(adapter: Any, plan: dict[str, Any], path: Path, ids: list[int]) -> dict[str, Any]:
+    """Logits of the fake-quant model vs the model rebuilt from ``path`` alone.
+
+    Mutates ``adapter``'s model (fake-quant weights, then the file's): run last.
+    """
+    import torch
+
+    from common.simulate import apply_plan
+
+    batch = torch.tensor([ids])
+    handles = apply_plan(adapter, plan)
+    with torch.no_grad():
+        want = adapter.model(batch).logits.float()
+    for h in handles:
+        h.remove()
+    handles = mllm_int8.load_int8_mllm(path, adapter, plan)
+    with torch.no_grad():
+        got = adapter.model(batch).logits.float()
+    for h in handles:
+        h.remove()
+    return {"max_abs_diff": float((got - want).abs().max()), "tokens": len(ids)}
+
+
+def build(args: argparse.Namespace) -> dict[str, Any]:
+    from common import piece_export as pe
+    from common import qdq, qnn_ep
+    from common.data import CALIB_CORPUS, EVAL_CORPUS, eval_windows, sample_windows
+    from common.model_build import build_model
+    from common.models import get_adapter
+    from common.models.loading import load_tokenizer
+    from common.profiling import load_profile
+    from common.quant_plan import PlanOptions, build_plan
+    from common.recipes import load_recipe, model_build_dir
+    from common.simulate import transformed_model
+
+    recipe = load_recipe(args.model)
+    opts = settings(args, (recipe.data.get("targets") or {}).get(TARGET, {}))
+    versions = qnn_ep.qnn_versions()  # fails early, clearly, without the wheel
+    socs = [qnn_ep.soc_by_name(s) for s in opts["socs"]]
+    preset = qdq.preset_by_name(opts["preset"])
+    build_dir = model_build_dir(recipe, args.build_dir)
+    profile_path = args.profile or build_dir / "profile" / "profile.json"
+    model_dir = build_model(recipe, args.build_dir, args.model_path)
+    out_dir = build_dir / TARGET
+    tokenizer = load_tokenizer(model_dir)
+    seq_len = opts["seq_len"]
+    golden_ids = eval_windows(EVAL_CORPUS, tokenizer, 1, seq_len)[0].tolist()
+    calib_ids = sample_windows(CALIB_CORPUS, tokenizer, opts["calib_windows"], seq_len, 0)
+    calib_ids = [w.tolist() for w in calib_ids]
+
+    profile = load_profile(profile_path)
+    transforms = check_profile(profile, recipe.name, profile_path)
+    stats = profile["edgeforge"]["stats"]
+    plan = f32_plan(
+        build_plan(
+            profile,
+            PlanOptions(
+                weight_granularity="per_tensor",
+                act_bits=8,
+                threshold=opts["t01m_clip_threshold"],
+                quant_bias=opts["quant_bias"],
+            ),
+            name=f"{recipe.name}-qnn-int8",
+            transforms=transforms,
+        )
+    )
+    with transformed_model(model_dir, transforms) as (model, _), atomic_path(out_dir) as tmp:
+        adapter = get_adapter(model)
+        load_profile(profile_path, adapter)  # covers every linear of this model
+        work = tmp / "_work"
+        float_dir = work / "float"
+        pe.export_pieces(
+            adapter, seq_len, float_dir, only=lambda n: n.startswith("block") or n == "lm_head"
+        )
+        golden = pipeline.capture(
+            pe.onnx_runner(float_dir), adapter, golden_ids, calib_ids, seq_len
+        )
+        rows, hidden = pipeline.build_all(
+            adapter,
+            float_dir,
+            work,
+            tmp,
+            golden,
+            stats,
+            preset,
+            socs,
+            opts["vtcm_mb"],
+            opts["opt_mode"],
+        )
+        e2e = pipeline.end_to_end(adapter, hidden, golden_ids)
+        write_json_atomic(
+            tmp / "qnn_scales.json",
+            {
+                "preset": preset.name,
+                "ranges": {
+                    n: {s: stats[n][s]["absmax"] for s in ("input", "output")} for n in stats
+                },
+            },
+        )
+        write_json_atomic(tmp / "quant_plan.json", plan)
+        write_json_atomic(
+            tmp / "shadow_layers.json",
+            {
+                "model": recipe.name,
+                "t01m_clip_threshold": opts["t01m_clip_threshold"],
+                "shadow_layers": plan["shadow_layers"],
+                "summary": plan["summary"],
+            },
+        )
+        mllm_int8.write_int8_mllm(tmp / "model.int8.mllm", adapter, plan, stats)
+        mllm = mllm_check(adapter, plan, tmp / "model.int8.mllm", golden_ids)
+        shutil.rmtree(work)
+        first = rows[0]["binaries"][socs[0].name]
+        report = {
+            "model": recipe.name,
+            "preset": preset.name,
+            "seq_len": seq_len,
+            "soc_model": first["soc_model"],
+            "htp_arch": first["htp_arch"],
+            "socs": {s.name: {"soc_model": s.soc_model, "htp_arch": s.htp_arch} for s in socs},
+            "qnn_version": versions["qnn_sdk"],
+            "versions": versions,
+            "layers": rows,
+            "end_to_end": e2e,
+            "mllm_int8": mllm,
+            "gates": GATES[preset.name] | {"mllm_max_abs": MLLM_MAX_ABS},
+        }
+        report["passed"] = rep.gate_failures(report) == []
+        write_json_atomic(tmp / "report.json", report)
+        rep.plot_layers(rows, tmp / "layers.png")
+        write_bytes_atomic(tmp / "report.md", rep.render(report).encode())
+        manifest = build_manifest(
+            step=TARGET,
+            inputs={"profile": profile_path, "model_config": model_dir / "config.json"},
+            outputs=tmp,
+            recipe=recipe.data,
+            options=opts,
+            toolchains=versions,
+        )
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    report = build(parse_args(argv))
+    failures = rep.gate_failures(report)
+    if failures:
+        raise CheckFailed("; ".join(failures))
+    print(
+        f"[qnn] {report['model']}: {len(report['layers'])} pieces all on QNN, worst cos "
+        f"{min(r['cos_vs_float'] for r in report['layers']):.5f}, end-to-end top-1 "
+        f"{report['end_to_end']['top1_agreement']:.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

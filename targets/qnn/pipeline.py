@@ -1,0 +1,262 @@
+"""Per-piece QDQ → EPContext → emulator verification, and the end-to-end chain.
+
+Every decoder layer is exported twice by :mod:`common.piece_export` (prefill ``block_i``
+of ``S`` tokens; decode ``block_cache_i`` of one token over a static ``S``-row KV cache;
+finite −1e4 masks), plus ``lm_head``. Golden inputs are captured by running the float
+pieces on onnxruntime CPU over one held-out window; calibration inputs (for activations
+the profile does not cover) over a few calibration windows. Each QDQ piece is compiled
+for every requested SoC, its binary's metadata is asserted, and the first SoC's binary
+is run on the HTP emulator in a strict session: cosine vs the float piece and vs the same
+QDQ model on CPU. The prefill binaries are also chained from the embedding to the last
+layer, and the final norm + LM head are applied on the host in float (where the mllm
+runtime runs them), giving end-to-end logits to compare with the FP32 model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import piece_export as pe
+from common import qdq, qnn_ep
+from common.models import ModelAdapter, iter_linears
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class Golden:
+    """Per piece: the golden input, the float output, and calibration inputs."""
+
+    inputs: dict[str, Feeds]
+    outputs: dict[str, list[np.ndarray]]
+    calibration: dict[str, list[Feeds]]
+
+
+#: Calibration rows/steps per calibration window for the one-token graphs (decode blocks,
+#: LM head): a MinMax range from one token per window misses the next token's values.
+CALIB_POSITIONS = 8
+
+
+def _positions(length: int, count: int) -> list[int]:
+    """Up to ``count`` decode positions spread over ``1..length-1`` (always the last)."""
+    picks = np.linspace(1, length - 1, num=min(count, length - 1)).round().astype(int)
+    return sorted({int(p) for p in picks})
+
+
+def _chain(
+    run: pe.PieceRunner,
+    adapter: ModelAdapter,
+    ids: Sequence[int],
+    seq_len: int,
+    positions: Sequence[int],
+    record: Callable[[str, Feeds, list[np.ndarray]], None],
+) -> None:
+    """Float prefill over ``ids``, the LM head on the rows at ``positions``, and one decode
+    step per position (history: the prefill's K/V rows before it), calling
+    ``record(piece, inputs, outputs)`` for every piece run."""
+    pre = pe.prefill_inputs(list(ids), seq_len)
+    with torch.no_grad():
+        hidden = adapter.embed_tokens()(torch.from_numpy(pre["input_ids"]).long()).numpy()
+    caches = []
+    for i in range(adapter.num_layers):
+        feeds = {
+            "input_states": hidden,
+            "position_ids": pre["position_ids"],
+            "attention_mask": pre["attention_mask"],
+        }
+        outs = run(f"block_{i}", feeds)
+        record(f"block_{i}", feeds, outs)
+        hidden = outs[0]
+        caches.append((outs[1], outs[2]))
+    for position in positions:
+        record("lm_head", {"hidden_states": hidden[:, position]}, [])
+        step = pe.decode_inputs(int(ids[position]), position, seq_len)
+        with torch.no_grad():
+            token = adapter.embed_tokens()(torch.from_numpy(step["input_ids"]).long()).numpy()
+        for i in range(adapter.num_layers):
+            feeds = {
+                "input_states": token,
+                "position_ids": step["position_ids"],
+                "attention_mask": step["attention_mask"],
+                "history_k": caches[i][0],
+                "history_v": caches[i][1],
+            }
+            outs = run(f"block_cache_{i}", feeds)
+            record(f"block_cache_{i}", feeds, outs)
+            token = outs[0]
+
+
+def capture(
+    run: pe.PieceRunner,
+    adapter: ModelAdapter,
+    golden_ids: Sequence[int],
+    calib_ids: Sequence[Sequence[int]],
+    seq_len: int,
+) -> Golden:
+    """Golden inputs/outputs from one held-out window (decode and LM head at its last
+    token), calibration inputs from the others."""
+    golden = Golden({}, {}, {})
+
+    def keep_golden(name: str, feeds: Feeds, outs: list[np.ndarray]) -> None:
+        golden.inputs[name] = feeds
+        golden.outputs[name] = outs
+
+    def keep_calib(name: str, feeds: Feeds, _outs: list[np.ndarray]) -> None:
+        golden.calibration.setdefault(name, []).append(feeds)
+
+    _chain(run, adapter, golden_ids, seq_len, [len(golden_ids) - 1], keep_golden)
+    for ids in calib_ids:
+        _chain(run, adapter, ids, seq_len, _positions(len(ids), CALIB_POSITIONS), keep_calib)
+    return golden
+
+
+def piece_linears(adapter: ModelAdapter, piece: str) -> dict[str, torch.Tensor]:
+    """The float weights of the linears inside ``piece`` (by qualified name)."""
+    if piece == "lm_head":
+        return {
+            name: m.weight.detach() for name, role, m in iter_linears(adapter) if role == "lm_head"
+        }
+    index = int(piece.rsplit("_", 1)[1])
+    layer = adapter.layers()[index]
+    ids = {id(m) for m in layer.linears.values()}
+    return {name: m.weight.detach() for name, _role, m in iter_linears(adapter) if id(m) in ids}
+
+
+def _cpu_run(model: Path, feeds: Feeds) -> list[np.ndarray]:
+    """Reference run on onnxruntime CPU with graph optimizations off, so every Q/DQ pair
+    is executed literally as written. HTP may fuse ops and skip intermediate encodings
+    (e.g. the x² inside a decomposed RMSNorm), so the two can differ where such an
+    intermediate has a huge range."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: feeds[n] for n in names})
+
+
+def _worst_cos(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    return min(pe.cosine(x, y) for x, y in zip(a, b, strict=True))
+
+
+def build_piece(
+    name: str,
+    float_dir: Path,
+    work_dir: Path,
+    out_dir: Path,
+    *,
+    adapter: ModelAdapter,
+    stats: dict[str, Any],
+    golden: Golden,
+    preset: qdq.Preset,
+    socs: Sequence[qnn_ep.Soc],
+    vtcm_mb: int,
+    opt_mode: int,
+    chain_input: Feeds | None = None,
+) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+    """QDQ, compile for each SoC, verify on the emulator; returns the report row and, with
+    ``chain_input``, the QNN outputs on it."""
+    weights = piece_linears(adapter, name)
+    ranges = {n: (stats[n]["input"]["absmax"], stats[n]["output"]["absmax"]) for n in weights}
+    static = qdq.static_float_model(float_dir / f"{name}.onnx", work_dir / f"{name}.static.onnx")
+    qdq_path = work_dir / f"{name}.{preset.name}.onnx"
+    qdq.quantize_piece(
+        static,
+        qdq_path,
+        ranges=ranges,
+        weights=weights,
+        calibration=golden.calibration[name],
+        preset=preset,
+    )
+    feeds = golden.inputs[name]
+    float_out = golden.outputs[name] or _cpu_run(float_dir / f"{name}.onnx", feeds)
+    cpu_out = _cpu_run(qdq_path, feeds)
+    row: dict[str, Any] = {"name": name, "binaries": {}}
+    session = None
+    for soc in socs:
+        options = qnn_ep.provider_options(soc, vtcm_mb, opt_mode)
+        ctx = out_dir / soc.name / f"{name}_ctx.onnx"
+        ctx.parent.mkdir(parents=True, exist_ok=True)
+        binary = qnn_ep.compile_context(qdq_path, ctx, options)
+        info = qnn_ep.check_binary_target(binary, soc, vtcm_mb, opt_mode)
+        row["binaries"][soc.name] = {
+            "ctx": f"{soc.name}/{ctx.name}",
+            "bin": f"{soc.name}/{binary.name}",
+            "soc_model": info.soc_model,
+            "htp_arch": info.htp_arch,
+            "vtcm_mb": info.vtcm_mb,
+            "optimization_level": info.optimization_level,
+        }
+        if session is None:
+            session = qnn_ep.strict_session(ctx, options)  # asserts {EPContext: 1} on QNN
+    assert session is not None
+    qnn_out = session.run(None, feeds)
+    row.update(
+        cos_vs_float=_worst_cos(qnn_out, float_out),
+        cos_vs_cpu_qdq=_worst_cos(qnn_out, cpu_out),
+        cpu_qdq_cos_vs_float=_worst_cos(cpu_out, float_out),
+        all_nodes_on_qnn=True,
+    )
+    chained = session.run(None, chain_input) if chain_input is not None else None
+    return row, chained
+
+
+def build_all(
+    adapter: ModelAdapter,
+    float_dir: Path,
+    work_dir: Path,
+    out_dir: Path,
+    golden: Golden,
+    stats: dict[str, Any],
+    preset: qdq.Preset,
+    socs: Sequence[qnn_ep.Soc],
+    vtcm_mb: int,
+    opt_mode: int,
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Every piece's report row, and the last hidden state of the QNN prefill chain."""
+    common = dict(
+        adapter=adapter,
+        stats=stats,
+        golden=golden,
+        preset=preset,
+        socs=socs,
+        vtcm_mb=vtcm_mb,
+        opt_mode=opt_mode,
+    )
+    rows: list[dict[str, Any]] = []
+    hidden = golden.inputs["block_0"]["input_states"]
+    names = [f"block_{i}" for i in range(adapter.num_layers)]
+    names += [f"block_cache_{i}" for i in range(adapter.num_layers)] + ["lm_head"]
+    for name in tqdm(names, desc=f"qnn {preset.name}"):
+        chain = None
+        if name.startswith("block_") and not name.startswith("block_cache"):
+            chain = {**golden.inputs[name], "input_states": hidden}
+        row, chained = build_piece(name, float_dir, work_dir, out_dir, chain_input=chain, **common)
+        if chained is not None:
+            hidden = chained[0]
+        rows.append(row)
+    return rows, hidden
+
+
+def end_to_end(adapter: ModelAdapter, hidden: np.ndarray, ids: Sequence[int]) -> dict[str, Any]:
+    """Final norm + LM head (float, host) on the QNN chain's hidden states vs the FP32
+    model's logits on the same window: cosine over all logits and top-1 agreement."""
+    length = len(ids)
+    with torch.no_grad():
+        h = torch.from_numpy(np.asarray(hidden[:, :length], np.float32))
+        got = adapter.lm_head()(adapter.final_norm()(h))[0].numpy()
+        want = adapter.model(torch.tensor([list(ids)])).logits[0].float().numpy()
+    return {
+        "cos": pe.cosine(got, want),
+        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
+        "tokens": length,
+    }

@@ -1,0 +1,84 @@
+"""The gates and the human report of ``make qnn``: per-piece similarity table and plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def gate_failures(report: dict[str, Any]) -> list[str]:
+    """One line per failed gate (empty when the artifacts pass)."""
+    gates = report["gates"]
+    failures = [
+        f"{row['name']}: cos vs float {row['cos_vs_float']:.5f} < {gates['layer_cos']}"
+        for row in report["layers"]
+        if row["cos_vs_float"] < gates["layer_cos"]
+    ]
+    failures += [
+        f"{row['name']}: not all nodes on QNN"
+        for row in report["layers"]
+        if not row["all_nodes_on_qnn"]
+    ]
+    top1 = report["end_to_end"]["top1_agreement"]
+    if top1 < gates["top1"]:
+        failures.append(f"end-to-end top-1 agreement {top1:.3f} < {gates['top1']}")
+    diff = report["mllm_int8"]["max_abs_diff"]
+    if diff > gates["mllm_max_abs"]:
+        failures.append(f"model.int8.mllm logits differ from fake-quant by {diff:.3g}")
+    return failures
+
+
+def plot_layers(rows: list[dict[str, Any]], dest: Path) -> None:
+    """Per-piece cosine vs float and vs CPU QDQ (log-scaled distance from 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.25), 3.5))
+    for key, label in (("cos_vs_float", "HTP vs float"), ("cos_vs_cpu_qdq", "HTP vs CPU QDQ")):
+        ax.plot(range(len(rows)), [max(1 - r[key], 1e-9) for r in rows], "o-", label=label)
+    ax.set_yscale("log")
+    ax.set_ylabel("1 - cosine")
+    ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=6)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def render(report: dict[str, Any]) -> str:
+    """report.md: settings, binaries, per-piece table, end to end, int8 .mllm check."""
+    e2e, mllm = report["end_to_end"], report["mllm_int8"]
+    failures = gate_failures(report)
+    lines = [
+        f"# QNN HTP: {report['model']} ({report['preset']}, S={report['seq_len']})",
+        "",
+        f"QNN SDK {report['qnn_version']} (onnxruntime-qnn "
+        f"{report['versions']['onnxruntime-qnn']}); SoCs: "
+        + ", ".join(f"{n} ({s['soc_model']}/v{s['htp_arch']})" for n, s in report["socs"].items()),
+        "Numbers are from Qualcomm's x86 HTP emulator; loading and latency on a device are "
+        "not proven here.",
+        "",
+        "![per-piece similarity](layers.png)",
+        "",
+        "| piece | HTP vs float | HTP vs CPU QDQ | CPU QDQ vs float | all on QNN |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['name']} | {r['cos_vs_float']:.6f} | {r['cos_vs_cpu_qdq']:.6f} | "
+        f"{r['cpu_qdq_cos_vs_float']:.6f} | {'yes' if r['all_nodes_on_qnn'] else 'NO'} |"
+        for r in report["layers"]
+    ]
+    lines += [
+        "",
+        f"End to end (prefill chain on HTP, float LM head on host, {e2e['tokens']} tokens): "
+        f"logit cosine {e2e['cos']:.6f}, top-1 agreement {e2e['top1_agreement']:.4f}.",
+        "",
+        f"model.int8.mllm re-read vs fake-quant model: max |Δlogit| {mllm['max_abs_diff']:.3g}.",
+        "",
+        "Gates: " + ("all passed" if not failures else "FAILED: " + "; ".join(failures)),
+        "",
+    ]
+    return "\n".join(lines)
