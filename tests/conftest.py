@@ -28,11 +28,16 @@ class CliResult:
         return [line for line in self.stderr.splitlines() if line.startswith("error:")]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
-    """Run ``python -m common.cli`` from the repo root, offline, and capture everything."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+def run_python(*argv: str, env: dict[str, str] | None = None) -> CliResult:
+    """Run ``python <argv>`` from the repo root, offline, and capture everything.
+
+    Every suite drives its entry point (``-m common.cli``, a target's ``build.py``) through
+    this, exactly as ``make`` does; ``env`` replaces the environment when given.
+    """
+    base = os.environ if env is None else env
+    full_env = {**base, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "common.cli", *args],
+        [sys.executable, *argv],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -40,6 +45,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
         check=False,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
+    """Run ``python -m common.cli`` (the Makefile's model/eval steps)."""
+    extra = {**os.environ, **env} if env else None
+    return run_python("-m", "common.cli", *args, env=extra)
 
 
 def assert_clean_error(result: CliResult, *fragments: str, code: int = 2) -> None:

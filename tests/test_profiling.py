@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,20 +25,11 @@ from common.profiling import (
     profile_sequential,
 )
 from common.recipes import load_recipe
-from tests.conftest import REPO_ROOT, CliResult, assert_clean_error
+from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
 
 
 def run_profile_cli(*args: str) -> CliResult:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "common.profile_cli", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    return run_python("-m", "common.profile_cli", *args)
 
 
 def _windows(model_dir: Path, n: int, seq_len: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from common.calib_data import read_calibration_file
 from common.data import CALIB_CORPUS, iter_texts
 from common.errors import EdgeforgeError
-from tests.conftest import REPO_ROOT, CliResult, assert_clean_error
+from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
 
 TARGET_DIR = REPO_ROOT / "targets" / "autoround"
 IMAGES = REPO_ROOT / "data" / "images"
@@ -37,13 +36,8 @@ ar_options = importlib.import_module("ar_options")
 
 
 def run_build(build_dir: Path, model: str, *args: str) -> CliResult:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(TARGET_DIR / "build.py"), "--model", model,
-         "--build-dir", str(build_dir), *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, env=env, check=False,
-    )  # fmt: skip
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    return run_python(str(TARGET_DIR / "build.py"), "--model", model,
+                      "--build-dir", str(build_dir), *args)  # fmt: skip
 
 
 def _ok(result: CliResult) -> CliResult:

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 
 from common.bf16 import bf16_to_fp32
 from common.calibration_pack import read_calibration_tar
-from tests.conftest import REPO_ROOT, CliResult, assert_clean_error
+from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
 
 TARGET_DIR = REPO_ROOT / "targets" / "axera-ax650"
 IMAGES = REPO_ROOT / "data" / "images"
@@ -38,12 +37,10 @@ build = _load("build")
 
 
 def run_build(*args: str) -> CliResult:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = dict(os.environ)
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
                                   if not (Path(p) / "pulsar2").exists())  # fmt: skip
-    proc = subprocess.run([sys.executable, str(TARGET_DIR / "build.py"), *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, env=env, check=False)  # fmt: skip
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    return run_python(str(TARGET_DIR / "build.py"), *args, env=env)
 
 
 def _ok(result: CliResult) -> None:

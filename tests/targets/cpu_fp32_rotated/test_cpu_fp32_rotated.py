@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from common.models import get_adapter
 from common.models.loading import load_model
 from common.records import sha256_file
 from common.rotation import load_rotation, make_rotation, save_rotation
-from tests.conftest import REPO_ROOT, CliResult, assert_clean_error
+from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
 
 SCRIPT = REPO_ROOT / "targets" / "cpu-fp32-rotated" / "build.py"
 TARGET = "cpu-fp32-rotated"
@@ -33,17 +31,8 @@ STABLE_FILES = ("model.mllm", "rotation.safetensors", "model/model.safetensors",
 
 
 def run_target(build_dir: Path, *args: str) -> CliResult:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--build-dir", str(build_dir), *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    return run_python(str(SCRIPT), "--build-dir", str(build_dir), *args,
+                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
 
 
 def _ok(result: CliResult) -> None:

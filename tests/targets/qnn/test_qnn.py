@@ -24,7 +24,7 @@ from common.mllm_format import read_mllm
 from common.models import get_adapter, iter_linears
 from common.models.loading import load_model
 from common.simulate import apply_plan
-from tests.conftest import REPO_ROOT, CliResult, assert_clean_error
+from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
 
 SCRIPT = REPO_ROOT / "targets" / "qnn" / "build.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -97,16 +97,7 @@ def test_rejected_graph_names_the_ops_instead_of_falling_back(tmp_path: Path) ->
 
 
 def run_target(build_dir: Path, *args: str) -> CliResult:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--build-dir", str(build_dir), *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    return run_python(str(SCRIPT), "--build-dir", str(build_dir), *args)
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from common.tpu_mlir import Toolchain
-from tests.conftest import CliResult, assert_clean_error
+from tests.conftest import CliResult, assert_clean_error, run_python
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "targets" / "sophgo-bm1684x" / "build.py"
 
 
 def run_build(*args: str) -> CliResult:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, check=False
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    return run_python(str(SCRIPT), *args)
 
 
 def test_unknown_mode_and_chip(session_build: Path) -> None:

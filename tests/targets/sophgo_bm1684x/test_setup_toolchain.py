@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import CliResult, assert_clean_error
+from tests.conftest import CliResult, assert_clean_error, run_python
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "targets" / "sophgo-bm1684x" / "setup_toolchain.py"
 
 
 def run_setup(*args: str, env: dict[str, str]) -> CliResult:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    return run_python(str(SCRIPT), *args, env=env)
 
 
 def test_missing_python310_says_how_to_get_it(tmp_path: Path) -> None:
