@@ -186,8 +186,8 @@ def _weight_files(model_dir: Path) -> tuple[Path, ...]:
     return files
 
 
-def check_model_dir(model_dir: Path) -> ModelDir:
-    """Check a checkpoint directory without loading it; raise one line on the first problem."""
+def _existing_dir(model_dir: Path) -> Path:
+    """``model_dir`` as a Path, or one line saying it is missing or not a directory."""
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise EdgeforgeError(
@@ -195,6 +195,12 @@ def check_model_dir(model_dir: Path) -> ModelDir:
         )
     if not model_dir.is_dir():
         raise EdgeforgeError(f"{model_dir}: not a directory; pass the checkpoint's directory")
+    return model_dir
+
+
+def check_model_dir(model_dir: Path) -> ModelDir:
+    """Check a checkpoint directory without loading it; raise one line on the first problem."""
+    model_dir = _existing_dir(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise EdgeforgeError(
@@ -253,11 +259,7 @@ def load_tokenizer(model_dir: Path) -> Any:
     """The checkpoint's tokenizer (for a VL model, its text tokenizer), offline."""
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise EdgeforgeError(
-            f"{model_dir}: model directory does not exist; build it (make model) or fix the path"
-        )
+    model_dir = _existing_dir(model_dir)
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise EdgeforgeError(
             f"{model_dir}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the tokenizer "
