@@ -14,12 +14,18 @@ length up to ``S``; :func:`prefill_inputs` / :func:`decode_inputs` build them th
 vendor runtimes do, and :func:`greedy_decode` runs the whole protocol against any
 :class:`PieceRunner` (onnxruntime here, a chip simulator in a target), which is what makes
 "the compiled pieces generate the same tokens as the float model" a testable claim.
+
+The Qwen2-VL family's language model exports the same pieces with M-RoPE: positions are
+``[3,1,S]`` (temporal, height, width rows) and each ``mrope_section`` of the rotary dims
+turns with its own row. Blocks take embeddings, so a runtime splices the vision tower's
+output over the placeholder rows; :class:`MultimodalPrompt` carries those rows and the
+3-row positions HF's rope index lays out, and decode positions then run behind the cache.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -42,13 +48,20 @@ ONNX_OPSET = 17
 SAMPLE_TOP_K = 50
 #: The sampling head never filters below this many candidates, whatever ``top_p`` says.
 SAMPLE_MIN_KEEP = 5
-#: Model families whose decoder layer is llama's (pre-norm, SwiGLU, 1-D RoPE).
-SUPPORTED_TYPES = ("llama", "qwen2")
+#: Model families whose decoder layer is llama's (pre-norm, SwiGLU). The VL ones (their
+#: language model) rotate with M-RoPE: 3-row position ids, one per (temporal, height, width).
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen2_vl", "qwen2_5_vl")
+#: Position-id rows of an M-RoPE model.
+MROPE_ROWS = 3
 
 
 @dataclass(frozen=True)
 class PieceDims:
-    """The shapes every piece agrees on; ``seq_len`` is the static context ``S``."""
+    """The shapes every piece agrees on; ``seq_len`` is the static context ``S``.
+
+    ``mrope_section`` is set for M-RoPE models (Qwen2-VL family): positions are then
+    ``[3,1,L]`` and section ``i`` of the rotary half-dim turns with row ``i``.
+    """
 
     seq_len: int
     hidden_size: int
@@ -57,6 +70,12 @@ class PieceDims:
     head_dim: int
     num_layers: int
     vocab_size: int
+    mrope_section: tuple[int, ...] | None = None
+
+    @property
+    def rope_rows(self) -> int:
+        """Rows of position ids the blocks take: 3 with M-RoPE, else 1."""
+        return 1 if self.mrope_section is None else MROPE_ROWS
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,7 @@ def piece_dims(adapter: ModelAdapter, seq_len: int) -> PieceDims:
         head_dim=adapter.head_dim,
         num_layers=adapter.num_layers,
         vocab_size=adapter.vocab_size,
+        mrope_section=adapter.mrope_section,
     )
 
 
@@ -107,6 +127,37 @@ def rotary_table(adapter: ModelAdapter, seq_len: int) -> tuple[torch.Tensor, tor
     with torch.no_grad():
         cos, sin = rotary(probe, positions)
     return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+
+def mrope_runs(section: Sequence[int], head_dim: int) -> list[tuple[int, int, int]]:
+    """``(row, start, stop)`` column runs of an M-RoPE cos/sin row: section ``i`` of each
+    rotary half takes its angles from position row ``i % 3`` (HF's
+    ``recomposition_frequencies``: split the half-dim by ``mrope_section``, then repeat the
+    half). Empty sections give no run."""
+    runs: list[tuple[int, int, int]] = []
+    for start in (0, head_dim // 2):
+        for i, width in enumerate(section):
+            if width:
+                runs.append((i % MROPE_ROWS, start, start + width))
+            start += width
+    return runs
+
+
+def gather_rope(
+    table: torch.Tensor, position_ids: torch.Tensor, section: Sequence[int] | None
+) -> torch.Tensor:
+    """Rotary rows ``[1, L, D]`` for ``position_ids`` from a 1-D table ``[S, D]``.
+
+    1-D RoPE indexes the table by ``[1, L]`` positions. M-RoPE gathers the table once per
+    row of ``[3, 1, L]`` positions and takes each column run from its row: the table entry
+    for position ``p`` is ``f(p · inv_freq[d])``, so this equals HF's per-row angles exactly
+    (Gather, Slice and Concat only — ops every NPU compiler lowers)."""
+    if section is None:
+        return table[position_ids]
+    rows = table[position_ids]  # [3, 1, L, D]
+    # D from the section, not table.shape: under the ONNX tracer a shape is a tensor.
+    runs = mrope_runs(section, 2 * sum(section))
+    return torch.cat([rows[r, :, :, a:b] for r, a, b in runs], dim=-1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -137,8 +188,8 @@ class _Attention(nn.Module):
         q = self.q_proj(x).view(1, length, d.num_heads, d.head_dim)
         k = self.k_proj(x).view(1, length, d.num_kv_heads, d.head_dim)
         v = self.v_proj(x).view(1, length, d.num_kv_heads, d.head_dim)
-        cos = self.cos[position_ids].unsqueeze(2)  # [1, L, 1, D]
-        sin = self.sin[position_ids].unsqueeze(2)
+        cos = gather_rope(self.cos, position_ids, d.mrope_section).unsqueeze(2)  # [1, L, 1, D]
+        sin = gather_rope(self.sin, position_ids, d.mrope_section).unsqueeze(2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
@@ -159,8 +210,10 @@ class _Attention(nn.Module):
 
 
 class BlockPiece(nn.Module):
-    """Prefill ``block_i``: ``[1,S,H]``, positions ``[1,S]``, mask ``[1,1,S,S]`` →
-    hidden ``[1,S,H]``, ``past_k``/``past_v`` ``[1,S,KVH,D]``."""
+    """Prefill ``block_i``: ``[1,S,H]``, positions ``[1,S]`` (M-RoPE: ``[3,1,S]``), mask
+    ``[1,1,S,S]`` → hidden ``[1,S,H]``, ``past_k``/``past_v`` ``[1,S,KVH,D]``.
+
+    It takes embeddings, not ids, so a VL runtime splices vision-tower rows in between."""
 
     def __init__(self, layer: DecoderLayer, dims: PieceDims, cos: torch.Tensor, sin: torch.Tensor):
         super().__init__()
@@ -178,7 +231,7 @@ class BlockPiece(nn.Module):
 
 
 class BlockCachePiece(BlockPiece):
-    """Decode ``block_cache_i``: one token ``[1,1,H]``, its position ``[1,1]``, mask
+    """Decode ``block_cache_i``: one token ``[1,1,H]``, its position ``[1,1]`` (``[3,1,1]``), mask
     ``[1,1,1,S+1]`` and the history ``[1,S,KVH,D]`` → hidden ``[1,1,H]`` and only the new
     token's K/V ``[1,1,KVH,D]`` (the host writes them into its cache; no full-cache copy)."""
 
@@ -271,13 +324,14 @@ def piece_signatures(dims: PieceDims) -> dict[str, tuple[tuple, tuple[str, ...]]
     """Input specs and output names of every piece kind (``block``/``block_cache`` per layer)."""
     s, h, kvh, d = dims.seq_len, dims.hidden_size, dims.num_kv_heads, dims.head_dim
     kv_out = ("hidden_states", "past_k", "past_v")
+    rows = (1,) if dims.mrope_section is None else (MROPE_ROWS, 1)
     return {
         "embedding": ((_spec("input_ids", (1, s), "int32"),), ("input_embed",)),
         "embedding_cache": ((_spec("input_ids", (1, 1), "int32"),), ("input_embed",)),
         "block": (
             (
                 _spec("input_states", (1, s, h), "float32"),
-                _spec("position_ids", (1, s), "int32"),
+                _spec("position_ids", (*rows, s), "int32"),
                 _spec("attention_mask", (1, 1, s, s), "float32"),
             ),
             kv_out,
@@ -285,7 +339,7 @@ def piece_signatures(dims: PieceDims) -> dict[str, tuple[tuple, tuple[str, ...]]
         "block_cache": (
             (
                 _spec("input_states", (1, 1, h), "float32"),
-                _spec("position_ids", (1, 1), "int32"),
+                _spec("position_ids", (*rows, 1), "int32"),
                 _spec("attention_mask", (1, 1, 1, s + 1), "float32"),
                 _spec("history_k", (1, s, kvh, d), "float32"),
                 _spec("history_v", (1, s, kvh, d), "float32"),
@@ -311,14 +365,17 @@ def example_inputs(
     specs: Sequence[tuple[str, tuple[int, ...], str]], vocab_size: int, seed: int = 0
 ) -> list[torch.Tensor]:
     """Deterministic in-range tensors for ``specs`` (ids below the vocab, positions below S,
-    a causal mask), used to trace the export; the values never reach the artifacts."""
+    distinct per M-RoPE row, a causal mask), used to trace the export and as the compilers'
+    check sample; the values never reach the artifacts."""
     gen = torch.Generator().manual_seed(seed)
     out: list[torch.Tensor] = []
     for name, shape, _ in specs:
         if name == "input_ids":
             out.append(torch.randint(0, vocab_size, shape, generator=gen, dtype=torch.int32))
         elif name == "position_ids":
-            out.append(torch.arange(shape[-1], dtype=torch.int32).reshape(shape))
+            steps = torch.arange(shape[-1], dtype=torch.int32)
+            rows = [steps // (r + 1) for r in range(math.prod(shape[:-1]))]
+            out.append(torch.stack(rows).reshape(shape))
         elif name == "attention_mask":
             rows, cols = shape[-2], shape[-1]
             mask = torch.full((rows, cols), MASK_BLOCKED).triu(cols - rows + 1)
@@ -374,14 +431,27 @@ def export_pieces(
     The model must be float32 (the export fixes dtypes into the graph). Returns the pieces
     in call order with their signatures, which the compile step passes on as input shapes.
     """
-    from tqdm import tqdm
-
     if adapter.embed_tokens().weight.dtype != torch.float32:
         raise EdgeforgeError("piece export: load the model in float32 (load_model default)")
     dims = piece_dims(adapter, seq_len)
+    return export_modules(iter_pieces(adapter, dims), dims, out_dir, only, progress)
+
+
+def export_modules(
+    modules: Iterable[tuple[str, str, nn.Module]],
+    dims: PieceDims,
+    out_dir: Path,
+    only: Callable[[str], bool] | None = None,
+    progress: bool = True,
+) -> list[Piece]:
+    """Export ``(name, kind, module)`` wrappers with :func:`piece_signatures` ``(dims)``'s
+    inputs and outputs for their kind: the one export loop for every family's pieces (a
+    family with its own wrappers, such as Qwen1's remote-code blocks, passes them here)."""
+    from tqdm import tqdm
+
     signatures = piece_signatures(dims)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in iter_pieces(adapter, dims) if only is None or only(p[0])]
+    todo = [p for p in modules if only is None or only(p[0])]
     pieces: list[Piece] = []
     for name, kind, module in tqdm(todo, desc="export pieces", disable=not progress):
         specs, outputs = signatures[kind]
@@ -400,35 +470,125 @@ class PieceRunner(Protocol):
     def __call__(self, name: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
-def prefill_inputs(token_ids: Sequence[int], seq_len: int) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class MultimodalPrompt:
+    """A vision-language prompt as the pieces take it: token ids ``[L]`` (vision tokens are
+    placeholders), M-RoPE positions ``[3, L]``, and the vision tower's embeddings ``[N, H]``
+    for prompt rows ``rows`` ``[N]``, which replace the embedding piece's output there."""
+
+    token_ids: tuple[int, ...]
+    positions: np.ndarray
+    rows: np.ndarray
+    embeds: np.ndarray
+
+
+def multimodal_prompt(
+    adapter: ModelAdapter, inputs: Mapping[str, torch.Tensor]
+) -> MultimodalPrompt:
+    """The :class:`MultimodalPrompt` of one processor-encoded prompt (batch 1): positions
+    from the model's own rope index, embeddings from its own (float) vision tower, images
+    into the rows the processor typed 1 and videos into those typed 2, in order — what
+    Hugging Face scatters into its input embeddings."""
+    ids = inputs.get("input_ids")
+    if ids is None or ids.shape[0] != 1:
+        raise EdgeforgeError("multimodal prompt: expected processor inputs for one prompt")
+    positions, _ = adapter.rope_index(inputs)
+    types = np.asarray(inputs["mm_token_type_ids"][0])
+    tower = adapter.vision_tower()
+    rows: list[np.ndarray] = []
+    embeds: list[np.ndarray] = []
+    for kind, (pixels, grid) in enumerate(
+        (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")), 1
+    ):
+        if inputs.get(pixels) is None:
+            continue
+        with torch.no_grad():
+            features = tower(inputs[pixels], grid_thw=inputs[grid]).pooler_output
+        where = np.flatnonzero(types == kind)
+        if len(where) != features.shape[0]:
+            raise EdgeforgeError(
+                f"multimodal prompt: {len(where)} placeholder tokens for {pixels}, but the "
+                f"vision tower gave {features.shape[0]} embeddings"
+            )
+        rows.append(where)
+        embeds.append(features.float().numpy())
+    hidden = adapter.hidden_size
+    return MultimodalPrompt(
+        token_ids=tuple(int(t) for t in ids[0]),
+        positions=positions[:, 0].numpy().astype(np.int64),
+        rows=np.concatenate(rows) if rows else np.zeros(0, np.int64),
+        embeds=np.concatenate(embeds) if embeds else np.zeros((0, hidden), np.float32),
+    )
+
+
+def _position_ids(positions: np.ndarray, width: int, seq_len: int) -> np.ndarray:
+    """``[R, n]`` positions zero-padded to ``[1, width]`` (one row) or ``[3, 1, width]``,
+    checked against the rotary table the blocks carry (``S`` rows)."""
+    rows, length = positions.shape
+    if rows not in (1, MROPE_ROWS):
+        raise EdgeforgeError(f"position ids: expected 1 or {MROPE_ROWS} rows, got {rows}")
+    if length and not 0 <= positions.min() <= positions.max() < seq_len:
+        raise EdgeforgeError(
+            f"rotary positions {positions.min()}..{positions.max()} fall outside the "
+            f"0..{seq_len - 1} the pieces were exported for; use a larger SEQ_LEN"
+        )
+    out = np.zeros((rows, width), dtype=np.int32)
+    out[:, :length] = positions
+    return out if rows == 1 else out[:, None]
+
+
+def prefill_inputs(
+    token_ids: Sequence[int],
+    seq_len: int,
+    rope_rows: int = 1,
+    positions: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Padded ids, positions and causal mask for a prompt of ``L <= S`` tokens.
 
-    Rows past ``L`` are padding: position 0 and fully blocked (their output is never read).
+    ``positions`` ``[rope_rows, L]`` are the rotary positions (default ``0..L-1`` in every
+    row; an M-RoPE prompt with images passes its 3-row layout). Rows past ``L`` are
+    padding: position 0 and fully blocked (their output is never read).
     """
     length = len(token_ids)
     if not 1 <= length <= seq_len:
         raise EdgeforgeError(f"prompt has {length} tokens; it must fit SEQ_LEN={seq_len}")
+    if positions is None:
+        positions = np.broadcast_to(np.arange(length), (rope_rows, length))
+    if np.shape(positions) != (rope_rows, length):
+        raise EdgeforgeError(
+            f"prompt positions have shape {np.shape(positions)}; expected ({rope_rows}, {length})"
+        )
     ids = np.zeros((1, seq_len), dtype=np.int32)
     ids[0, :length] = token_ids
-    positions = np.zeros((1, seq_len), dtype=np.int32)
-    positions[0, :length] = np.arange(length)
     mask = np.full((seq_len, seq_len), MASK_BLOCKED, dtype=np.float32)
     mask[:length, :length] = np.where(np.tri(length, dtype=bool), 0.0, MASK_BLOCKED)
-    return {"input_ids": ids, "position_ids": positions, "attention_mask": mask[None, None]}
+    return {
+        "input_ids": ids,
+        "position_ids": _position_ids(np.asarray(positions), seq_len, seq_len),
+        "attention_mask": mask[None, None],
+    }
 
 
-def decode_inputs(token_id: int, position: int, seq_len: int) -> dict[str, np.ndarray]:
+def decode_inputs(
+    token_id: int,
+    position: int,
+    seq_len: int,
+    rope_rows: int = 1,
+    rope_position: int | None = None,
+) -> dict[str, np.ndarray]:
     """Inputs for the token at ``position`` (its K/V go to cache row ``position``): history
     rows ``< position`` are visible, later rows are not yet written, the last column is the
-    token itself."""
+    token itself. Its rotary position is ``rope_position`` (default ``position``) in every
+    row: after an image, M-RoPE positions run behind the cache rows."""
     if not 0 < position < seq_len:
         raise EdgeforgeError(f"decode position {position} is outside SEQ_LEN={seq_len}")
     mask = np.full((1, 1, 1, seq_len + 1), MASK_BLOCKED, dtype=np.float32)
     mask[..., :position] = 0.0
     mask[..., seq_len] = 0.0
+    rope = position if rope_position is None else rope_position
     return {
         "input_ids": np.array([[token_id]], dtype=np.int32),
-        "position_ids": np.array([[position]], dtype=np.int32),
+        "position_ids": _position_ids(np.full((rope_rows, 1), rope), 1, seq_len),
         "attention_mask": mask,
     }
 
@@ -436,21 +596,35 @@ def decode_inputs(token_id: int, position: int, seq_len: int) -> dict[str, np.nd
 def greedy_decode(
     run: PieceRunner,
     dims: PieceDims,
-    prompt: Sequence[int],
+    prompt: Sequence[int] | MultimodalPrompt,
     max_new_tokens: int,
     logits: list[np.ndarray] | None = None,
 ) -> list[int]:
     """Greedy tokens from the pieces: prefill the prompt, then one ``block_cache`` pass per
     new token with the KV cache kept on the host. Never stops early (no EOS), so the result
     is comparable token for token with a reference run of the same length. With ``logits``,
-    each step's ``[V]`` logits are appended to it (a finer check than the tokens alone)."""
-    length = len(prompt)
+    each step's ``[V]`` logits are appended to it (a finer check than the tokens alone).
+
+    A :class:`MultimodalPrompt` brings its M-RoPE positions and vision embeddings (spliced
+    over the embedding piece's output); decode positions continue from its largest
+    position + 1, as Hugging Face's ``rope_deltas`` do."""
+    if isinstance(prompt, MultimodalPrompt):
+        if dims.mrope_section is None:
+            raise EdgeforgeError("a multimodal prompt needs an M-RoPE model's pieces")
+        token_ids, positions = list(prompt.token_ids), prompt.positions
+    else:
+        token_ids, positions = list(prompt), None
+    length = len(token_ids)
     if length + max_new_tokens > dims.seq_len:
         raise EdgeforgeError(
             f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds SEQ_LEN={dims.seq_len}"
         )
-    pre = prefill_inputs(prompt, dims.seq_len)
+    pre = prefill_inputs(token_ids, dims.seq_len, dims.rope_rows, positions)
+    rope_offset = 0 if positions is None else int(np.max(positions)) + 1 - length
     (hidden,) = run("embedding", {"input_ids": pre["input_ids"]})
+    if isinstance(prompt, MultimodalPrompt) and len(prompt.rows):
+        hidden = np.array(hidden, dtype=np.float32)
+        hidden[0, prompt.rows] = prompt.embeds
     cache_k: list[np.ndarray] = []
     cache_v: list[np.ndarray] = []
     for i in range(dims.num_layers):
@@ -467,7 +641,7 @@ def greedy_decode(
     token = _next_token(run, hidden[:, length - 1], logits)
     tokens = [token]
     for position in range(length, length + max_new_tokens - 1):
-        step = decode_inputs(token, position, dims.seq_len)
+        step = decode_inputs(token, position, dims.seq_len, dims.rope_rows, position + rope_offset)
         (hidden,) = run("embedding_cache", {"input_ids": step["input_ids"]})
         for i in range(dims.num_layers):
             hidden, k, v = run(
@@ -569,3 +743,22 @@ def reference_logits(model: nn.Module, prompt: torch.Tensor, tokens: Sequence[in
     with torch.no_grad():
         out = model(ids[:, :-1]).logits[0, prompt.shape[1] - 1 :]
     return out.float().numpy()
+
+
+def reference_multimodal(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_tokens: int
+) -> tuple[list[int], np.ndarray]:
+    """Hugging Face ``generate`` on processor ``inputs`` (pixels included): exactly
+    ``max_new_tokens`` greedy tokens (EOS ignored, so the whole run is compared) and the raw
+    logits ``[n, V]`` that chose each — what :func:`greedy_decode` on the matching
+    :class:`MultimodalPrompt` must reproduce."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=config)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return tokens, torch.cat(out.logits).float().numpy()

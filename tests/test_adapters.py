@@ -113,7 +113,7 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_supported_types() -> None:
-    assert SUPPORTED_MODEL_TYPES == ("llama", "qwen2", "qwen2_5_vl", "qwen2_vl")
+    assert SUPPORTED_MODEL_TYPES == ("llama", "qwen", "qwen2", "qwen2_5_vl", "qwen2_vl")
 
 
 @pytest.mark.parametrize(
@@ -144,13 +144,13 @@ def test_unsupported_type_lists_supported() -> None:
         get_adapter(gpt2)
     message = str(err.value)
     assert "'gpt2' is not supported" in message
-    assert "llama, qwen2, qwen2_5_vl, qwen2_vl" in message
+    assert "llama, qwen, qwen2, qwen2_5_vl, qwen2_vl" in message
     assert "\n" not in message
 
 
 def test_planned_type_says_planned() -> None:
-    with pytest.raises(EdgeforgeError, match=r"'qwen' \(Qwen1.*planned but not supported yet"):
-        adapter_class("qwen")
+    with pytest.raises(EdgeforgeError, match=r"'gemma' \(Gemma\) is planned but not supported"):
+        adapter_class("gemma")
 
 
 def test_not_a_hf_model() -> None:
@@ -372,6 +372,58 @@ def test_vision_block_is_live(fresh: Callable[[str], nn.Module]) -> None:
     assert after.abs().max().item() == 0.0
 
 
+# -- rotary positions --------------------------------------------------------------------
+
+
+def test_mrope_section(model: nn.Module) -> None:
+    """VL models expose their config's M-RoPE split; text models have 1-D positions."""
+    adapter = get_adapter(model)
+    if adapter.is_vision_language:
+        section = tuple(text_config(model).rope_parameters["mrope_section"])
+        assert adapter.mrope_section == section
+        assert 2 * sum(section) == adapter.head_dim
+    else:
+        assert adapter.mrope_section is None
+        with pytest.raises(EdgeforgeError, match="uses 1-D rotary positions"):
+            adapter.rope_index({"input_ids": IDS})
+
+
+def test_bad_mrope_section(fresh: Callable[[str], nn.Module]) -> None:
+    adapter = get_adapter(fresh("qwen2_vl"))
+    adapter.rotary_embedding().mrope_section = [2, 3, 2]
+    with pytest.raises(EdgeforgeError, match=r"mrope_section \[2, 3, 2\] must be 3 sections"):
+        _ = adapter.mrope_section
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_rope_index(
+    fresh: Callable[[str], nn.Module], tiny_dirs: dict[str, Path], model_type: str
+) -> None:
+    """Text tokens count up in all three rows; a 3x4-token picture takes (t, h, w) grid
+    positions from where the text stopped, and the text after it resumes at max + 1."""
+    adapter = get_adapter(fresh(model_type))
+    processor = load_processor(tiny_dirs[model_type])
+    image = torch.zeros(84, 112, 3, dtype=torch.uint8).numpy()  # 6x8 patches -> 3x4 tokens
+    content = [{"type": "image"}, {"type": "text", "text": "Hi"}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = dict(processor(text=[text], images=[image], return_tensors="pt"))
+    positions, deltas = adapter.rope_index(inputs)
+    rows = torch.nonzero(inputs["mm_token_type_ids"][0]).ravel()
+    start, length = int(rows[0]), inputs["input_ids"].shape[1]
+    assert positions.shape == (3, 1, length) and rows.tolist() == list(range(start, start + 12))
+    assert (positions[:, 0, :start] == torch.arange(start)).all()
+    grid = torch.arange(12)
+    expected = torch.stack([torch.zeros(12, dtype=torch.long), grid // 4, grid % 4]) + start
+    assert positions[:, 0, start : start + 12].tolist() == expected.tolist()
+    after = torch.arange(length - start - 12) + start + 4  # max(h, w) = 4 positions used
+    assert (positions[:, 0, start + 12 :] == after).all()
+    assert deltas.tolist() == [[int(positions.max()) + 1 - length]]
+    with pytest.raises(EdgeforgeError, match="need input_ids and mm_token_type_ids"):
+        adapter.rope_index({"input_ids": inputs["input_ids"]})
+
+
 # -- loading -----------------------------------------------------------------------------
 
 
@@ -504,8 +556,8 @@ def test_load_missing_tensor(saved_llama: tuple[Path, nn.Module], tmp_path: Path
 @pytest.mark.parametrize(
     ("model_type", "fragment"),
     [
-        ("bert", "model_type: 'bert' is not supported; supported: llama, qwen2"),
-        ("qwen", "model_type: 'qwen' (Qwen1 / Qwen-7B, remote code) is planned"),
+        ("bert", "model_type: 'bert' is not supported; supported: llama, qwen, qwen2"),
+        ("gemma", "model_type: 'gemma' (Gemma) is planned"),
     ],
 )
 def test_load_bad_model_type(

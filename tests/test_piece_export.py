@@ -3,11 +3,14 @@
 Each piece runs in onnxruntime and is compared with the Hugging Face model itself (hidden
 states, KV cache, logits), not with the wrapper it was exported from, so a wrong rotary,
 KV layout or mask shows up here. Then the host protocol (prefill + cached decode through the
-pieces) must reproduce ``model.generate``'s greedy tokens exactly.
+pieces) must reproduce ``model.generate``'s greedy tokens exactly. The Qwen2-VL family's
+language model runs the same checks with 3-row M-RoPE positions, for a text prompt and for
+an image prompt whose vision embeddings (from HF's own tower) are spliced into the prefill.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +20,25 @@ import torch
 from common.errors import EdgeforgeError
 from common.eval import prompt_ids
 from common.models import get_adapter
-from common.models.loading import load_model, load_tokenizer
+from common.models.loading import load_model, load_processor, load_tokenizer
 from common.piece_export import (
     MASK_BLOCKED,
+    PieceDims,
     cosine,
     decode_inputs,
     example_inputs,
     export_pieces,
+    gather_rope,
     greedy_decode,
+    multimodal_prompt,
     onnx_runner,
     piece_dims,
     piece_signatures,
     prefill_inputs,
     reference_greedy,
     reference_logits,
+    reference_multimodal,
+    rotary_table,
 )
 
 #: Cosine every float piece must reach against the HF model (fp32 both sides).
@@ -56,12 +64,13 @@ def check_model(model_dir: Path, out_dir: Path, seq_len: int, new_tokens: int) -
     assert len(pieces) == 2 * layers + 5
     run = onnx_runner(out_dir)
     dims = piece_dims(adapter, seq_len)
+    rows = dims.rope_rows
 
     with torch.no_grad():
         ref = model(ids, output_hidden_states=True, use_cache=True)
     hidden_ref = [h[0].numpy() for h in ref.hidden_states]  # [L, H] per layer input
 
-    pre = prefill_inputs(ids[0].tolist(), seq_len)
+    pre = prefill_inputs(ids[0].tolist(), seq_len, rows)
     caches: list[tuple[np.ndarray, np.ndarray]] = []
     (hidden,) = run("embedding", {"input_ids": pre["input_ids"]})
     assert cosine(hidden[0, :length], hidden_ref[0]) >= COS_MIN
@@ -93,7 +102,7 @@ def check_model(model_dir: Path, out_dir: Path, seq_len: int, new_tokens: int) -
     nxt = int(logits_ref.argmax())
     with torch.no_grad():
         step_ref = model(torch.tensor([[nxt]]), past_key_values=ref.past_key_values)
-    step = decode_inputs(nxt, length, seq_len)
+    step = decode_inputs(nxt, length, seq_len, rows)
     (hidden,) = run("embedding_cache", {"input_ids": step["input_ids"]})
     for i in range(layers):
         hidden, k, _ = run(
@@ -122,6 +131,14 @@ def check_model(model_dir: Path, out_dir: Path, seq_len: int, new_tokens: int) -
 
 def test_tiny_qwen2_pieces_match_hf(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
     check_model(tiny_qwen2_dir, tmp_path, seq_len=64, new_tokens=12)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_vl_dir", "tiny_qwen2_5_vl_dir"])
+def test_tiny_vl_text_pieces_match_hf(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A text prompt on the VL language model: the same checks, positions ``[3,1,S]``."""
+    check_model(request.getfixturevalue(fixture), tmp_path, seq_len=64, new_tokens=12)
 
 
 def test_smollm2_pieces_match_hf(smollm2_dir: Path, tmp_path: Path) -> None:
@@ -176,11 +193,149 @@ def test_bad_seq_len(tiny_qwen2_dir: Path) -> None:
         piece_dims(adapter, 1)
 
 
-def test_signatures_match_example_inputs() -> None:
-    from common.piece_export import PieceDims
-
-    dims = PieceDims(16, 64, 4, 2, 16, 2, 1024)
-    for kind, (specs, _) in piece_signatures(dims).items():
+@pytest.mark.parametrize("section", [None, (2, 3, 3)])
+def test_signatures_match_example_inputs(section: tuple[int, ...] | None) -> None:
+    dims = PieceDims(16, 64, 4, 2, 16, 2, 1024, mrope_section=section)
+    signatures = piece_signatures(dims)
+    for kind, (specs, _) in signatures.items():
         for (name, shape, dtype), tensor in zip(specs, example_inputs(specs, 1024), strict=True):
             assert tuple(tensor.shape) == shape, (kind, name)
             assert str(tensor.dtype) == f"torch.{dtype}", (kind, name)
+    positions = dict((n, s) for n, s, _ in signatures["block"][0])["position_ids"]
+    assert positions == ((1, 16) if section is None else (3, 1, 16))
+    if section is not None:  # the compile-check sample exercises distinct rows
+        (_, pos, _) = example_inputs(signatures["block"][0], 1024)
+        assert pos[0, 0, 5] == 5 and pos[1, 0, 5] == 2 and pos[2, 0, 5] == 1
+
+
+# -- M-RoPE (Qwen2-VL / Qwen2.5-VL language model) -----------------------------------------
+
+#: A non-square picture (84x112 px → 6x8 patches → 3x4 merged tokens), so the height and
+#: width position rows differ from each other and from the temporal row.
+IMAGE_HW = (84, 112)
+IMAGE_PROMPT = "Describe this picture."
+VL_FIXTURES = ["tiny_qwen2_vl_dir", "tiny_qwen2_5_vl_dir"]
+
+
+def test_gather_rope_equals_hf_mrope(tiny_qwen2_5_vl_dir: Path) -> None:
+    """The in-graph M-RoPE gather equals HF's rotary module on 3 distinct position rows."""
+    adapter = get_adapter(load_model(tiny_qwen2_5_vl_dir))
+    assert adapter.mrope_section == (2, 3, 3)
+    cos, sin = rotary_table(adapter, 32)
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 32, (3, 1, 20), generator=gen)
+    probe = torch.zeros(1, 20, adapter.head_dim)
+    with torch.no_grad():
+        cos_ref, sin_ref = adapter.rotary_embedding()(probe, positions)
+    section = adapter.mrope_section
+    assert torch.allclose(gather_rope(cos, positions, section), cos_ref, atol=1e-6)
+    assert torch.allclose(gather_rope(sin, positions, section), sin_ref, atol=1e-6)
+    # 1-D positions through the same table are a different rotation: the rows matter.
+    assert not torch.allclose(gather_rope(cos, positions[0], None), cos_ref, atol=1e-2)
+
+
+def test_mrope_prefill_and_decode_inputs() -> None:
+    positions = np.array([[0, 1, 1, 1, 3], [0, 1, 1, 2, 3], [0, 1, 2, 1, 3]])
+    pre = prefill_inputs([5, 6, 6, 6, 7], seq_len=8, rope_rows=3, positions=positions)
+    assert pre["position_ids"].shape == (3, 1, 8)
+    assert pre["position_ids"][:, 0, :5].tolist() == positions.tolist()
+    assert (pre["position_ids"][:, 0, 5:] == 0).all()
+    text = prefill_inputs([5, 6, 7], seq_len=4, rope_rows=3)
+    assert text["position_ids"][:, 0].tolist() == [[0, 1, 2, 0]] * 3
+    step = decode_inputs(9, position=5, seq_len=8, rope_rows=3, rope_position=4)
+    assert step["position_ids"].tolist() == [[[4]], [[4]], [[4]]]
+    assert step["attention_mask"][0, 0, 0].tolist() == [0] * 5 + [-1e4] * 3 + [0]
+    with pytest.raises(EdgeforgeError, match="larger SEQ_LEN"):
+        prefill_inputs([5, 6], seq_len=4, rope_rows=3, positions=np.array([[0, 4]] * 3))
+    with pytest.raises(EdgeforgeError, match=r"shape \(1, 2\); expected \(3, 2\)"):
+        prefill_inputs([5, 6], seq_len=4, rope_rows=3, positions=np.array([[0, 1]]))
+
+
+def _image_inputs(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Processor inputs for one chat turn: a deterministic picture, then a question."""
+    processor = load_processor(model_dir)
+    height, width = IMAGE_HW
+    image = (np.arange(height * width * 3) % 251).astype(np.uint8).reshape(height, width, 3)
+    content = [{"type": "image"}, {"type": "text", "text": IMAGE_PROMPT}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    return dict(processor(text=[text], images=[image], return_tensors="pt"))
+
+
+def _video_inputs(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Processor inputs for a 4-frame 56 px clip (2 temporal steps x 2x2 merged tokens)."""
+    from common.vision_export import vl_prompt_inputs
+    from common.vl_preprocess import geometry
+
+    processor = load_processor(model_dir)
+    pixels = np.arange(56 * 56 * 3)
+    frames = [((pixels * (i + 1)) % 251).astype(np.uint8).reshape(56, 56, 3) for i in range(4)]
+    return vl_prompt_inputs(processor, "What happens?", frames, geometry(processor, 56), "video")
+
+
+@pytest.mark.parametrize("fixture", VL_FIXTURES)
+def test_tiny_vl_vision_prompts_match_hf(
+    fixture: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """An image prompt: positions from HF's rope index, vision embeddings from HF's tower
+    spliced over the embedding piece's rows; the prefill KV cache (post-rope keys, so the
+    3-row rotation itself), the logits of every decode step and the greedy tokens equal
+    Hugging Face's own multimodal forward and ``generate``. Then the same end to end for a
+    video prompt (temporal rows; Qwen2.5-VL spaces them by ``second_per_grid_ts``)."""
+    model_dir = request.getfixturevalue(fixture)
+    model = load_model(model_dir)
+    adapter = get_adapter(model)
+    inputs = _image_inputs(model_dir)
+    seq_len, new_tokens = 80, 12
+    pieces = export_pieces(adapter, seq_len, tmp_path, progress=False)
+    run = onnx_runner(tmp_path)
+    dims = piece_dims(adapter, seq_len)
+    prompt = multimodal_prompt(adapter, inputs)
+    length = len(prompt.token_ids)
+    assert next(p.inputs[1][1] for p in pieces if p.kind == "block") == (3, 1, seq_len)
+    assert len(prompt.rows) == 12 and prompt.embeds.shape == (12, dims.hidden_size)
+    assert not (prompt.positions[1] == prompt.positions[2]).all()  # a real 2-D layout
+    assert int(prompt.positions.max()) + 1 < length  # decode positions run behind the rows
+
+    with torch.no_grad():
+        ref = model(**inputs, use_cache=True)
+    pre = prefill_inputs(prompt.token_ids, seq_len, 3, prompt.positions)
+    flat = prefill_inputs(prompt.token_ids, seq_len, 3)  # 1-D positions: the wrong rotation
+    (embedded,) = run("embedding", {"input_ids": pre["input_ids"]})
+    embedded[0, prompt.rows] = prompt.embeds
+    for name, positions in (("m-rope", pre["position_ids"]), ("flat", flat["position_ids"])):
+        feed = {"input_states": embedded, "attention_mask": pre["attention_mask"]}
+        _, k, _ = run("block_0", {**feed, "position_ids": positions})
+        k_ref = ref.past_key_values.layers[0].keys[0].transpose(0, 1).numpy()
+        err = float(np.abs(k[0, :length] - k_ref).max())
+        assert (err < 1e-4) if name == "m-rope" else (err > 1e-2), (name, err)
+
+    step_logits: list[np.ndarray] = []
+    tokens = greedy_decode(run, dims, prompt, new_tokens, step_logits)
+    reference, ref_logits = reference_multimodal(model, inputs, new_tokens)
+    assert np.abs(step_logits[0] - ref.logits[0, -1].numpy()).max() < 1e-3
+    for step, want in enumerate(ref_logits):
+        assert cosine(step_logits[step], want) >= COS_MIN, f"decode step {step}"
+        assert np.abs(step_logits[step] - want).max() < 1e-3, f"decode step {step}"
+    assert tokens == reference
+
+    video = _video_inputs(model_dir)
+    prompt = multimodal_prompt(adapter, video)
+    assert len(prompt.rows) == 8 and (video["mm_token_type_ids"][0, prompt.rows] == 2).all()
+    step_logits = []
+    tokens = greedy_decode(run, dims, prompt, new_tokens, step_logits)
+    reference, ref_logits = reference_multimodal(model, video, new_tokens)
+    for step, want in enumerate(ref_logits):
+        assert cosine(step_logits[step], want) >= COS_MIN, f"video decode step {step}"
+        assert np.abs(step_logits[step] - want).max() < 1e-3, f"video decode step {step}"
+    assert tokens == reference
+
+
+def test_multimodal_prompt_needs_mrope_pieces(tiny_qwen2_vl_dir: Path) -> None:
+    adapter = get_adapter(load_model(tiny_qwen2_vl_dir))
+    prompt = multimodal_prompt(adapter, _image_inputs(tiny_qwen2_vl_dir))
+    dims = piece_dims(adapter, 64)
+    flat = dataclasses.replace(dims, mrope_section=None)
+    with pytest.raises(EdgeforgeError, match="M-RoPE"):
+        greedy_decode(lambda *_: [], flat, prompt, 4)

@@ -22,12 +22,14 @@ from common.models.base import (
     iter_linears,
 )
 from common.models.llama import LlamaAdapter
+from common.models.qwen import QwenAdapter
 from common.models.qwen2 import Qwen2Adapter
 from common.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from common.models.qwen2_vl import Qwen2VLAdapter
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {
-    cls.model_type: cls for cls in (LlamaAdapter, Qwen2Adapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+    cls.model_type: cls
+    for cls in (LlamaAdapter, QwenAdapter, Qwen2Adapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
 }
 
 #: ``config.model_type`` values with an adapter, sorted.
@@ -35,7 +37,6 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
 
 #: Families on the roadmap: asking for one is an error that says so, not "unknown".
 PLANNED_MODEL_TYPES: dict[str, str] = {
-    "qwen": "Qwen1 / Qwen-7B, remote code",
     "opt": "OPT",
     "gemma": "Gemma",
     "phi": "Phi",
@@ -83,6 +84,7 @@ __all__ = [
     "Qwen2Adapter",
     "Qwen2VLAdapter",
     "Qwen2_5_VLAdapter",
+    "QwenAdapter",
     "VisionBlock",
     "VisionMerger",
     "adapter_class",

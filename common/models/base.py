@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from common.errors import EdgeforgeError
@@ -203,6 +204,19 @@ class ModelAdapter:
 
     def rotary_embedding(self) -> nn.Module:
         return self._module(self.name_of("rotary_embedding"))
+
+    @property
+    def mrope_section(self) -> tuple[int, ...] | None:
+        """How multimodal RoPE splits the rotary half-dim into (temporal, height, width)
+        sections, each rotated by its own row of 3-row position ids; None for 1-D RoPE."""
+        return None
+
+    def rope_index(self, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE position ids ``[3, B, L]`` and each sequence's decode offset ``[B, 1]``
+        for processor ``inputs``; text models have no multimodal positions."""
+        raise EdgeforgeError(
+            f"{self.model_type} uses 1-D rotary positions: it has no multimodal rope index"
+        )
 
     def layers(self) -> list[DecoderLayer]:
         """Every decoder layer, in order, as live modules."""

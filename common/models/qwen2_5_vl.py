@@ -31,6 +31,8 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
     model_type = "qwen2_5_vl"
     vision_block_spec = QWEN2_5_VL_VISION_BLOCK_SPEC
+    #: Video frames also space their temporal positions by ``second_per_grid_ts``.
+    rope_index_inputs = (*Qwen2VLAdapter.rope_index_inputs, "second_per_grid_ts")
 
     @property
     def vision_hidden_size(self) -> int:

@@ -1,0 +1,285 @@
+"""Qwen1 (``qwen-7b``) on the SOPHGO ONNX route: the sophon-demo patch and the pieces.
+
+The upstream ``modeling_qwen.py`` cannot be shipped, so the tests build tiny checkpoints
+from ``tests/fixtures/qwen1`` in the layout of both upstream revisions the patches know (the
+one sophon-demo's guide was written for, ``modeling_qwen.py``, and the later one the Hub
+serves, ``modeling_qwen_latest.py``), with every region a patch edits kept verbatim,
+deterministic weights and tiny-qwen2's tokenizer (a real ``tokenizers`` BPE: Qwen1's own
+tokenizer needs ``tiktoken`` and a 150k-token vocabulary, and nothing here depends on which
+BPE it is). The reference is always the *unpatched* model through its own remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import EdgeforgeError
+from common.models.qwen import QwenAdapter, load_qwen_model
+from common.piece_export import (
+    cosine,
+    greedy_decode,
+    onnx_runner,
+    reference_greedy,
+    reference_logits,
+)
+
+REPO = Path(__file__).resolve().parents[3]
+FIXTURE = REPO / "tests" / "fixtures" / "qwen1"
+SEQ_LEN = 32
+NEW_TOKENS = 12
+PROMPT = "What is the capital of France?"
+CONFIG = {
+    "architectures": ["QWenLMHeadModel"],
+    "auto_map": {
+        "AutoConfig": "configuration_qwen.QWenConfig",
+        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+    },
+    "model_type": "qwen",
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "kv_channels": 16,
+    "intermediate_size": 256,
+    "seq_length": 64,
+    "max_position_embeddings": 64,
+    "bf16": False,
+    "fp16": False,
+    "fp32": True,
+    "use_flash_attn": False,
+    "use_dynamic_ntk": True,
+    "use_logn_attn": True,
+    "no_bias": True,
+    "layer_norm_epsilon": 1e-6,
+    "rotary_emb_base": 10000,
+    "rotary_pct": 1.0,
+    "tie_word_embeddings": False,
+}
+
+
+def _load_qwen1_module():
+    spec = importlib.util.spec_from_file_location(
+        "sophgo_qwen1", REPO / "targets" / "sophgo-bm1684x" / "qwen1.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+qwen1 = _load_qwen1_module()
+
+
+def _seeded(name: str, shape: torch.Size) -> torch.Tensor:
+    """N(0, 4/fan_in) matrices, norm gains around 1, from a per-tensor seed (same bytes
+    always). At std 1/sqrt(fan_in) this random network falls into repeating one token, which
+    would make a weak greedy check; twice that keeps it generating varied tokens."""
+    seed = int.from_bytes(hashlib.sha256(f"qwen1-fixture:{name}".encode()).digest()[:8], "little")
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(seed >> 1))
+    return 2.0 * values / math.sqrt(shape[-1]) if len(shape) == 2 else 1.0 + 0.1 * values
+
+
+#: Fixture modeling file per upstream revision, and the patch that must fit it.
+REVISIONS = {
+    "guide": ("modeling_qwen.py", "qwen1-modeling_qwen.patch"),
+    "latest": ("modeling_qwen_latest.py", "qwen1-modeling_qwen-latest.patch"),
+}
+
+
+def _build_checkpoint(out: Path, revision: str, tokenizer_dir: Path) -> Path:
+    """A tiny Qwen1 checkpoint: fixture remote code, config.json, seeded safetensors."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out.mkdir(parents=True)
+    shutil.copy(FIXTURE / "configuration_qwen.py", out / "configuration_qwen.py")
+    shutil.copy(FIXTURE / REVISIONS[revision][0], out / "modeling_qwen.py")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    (out / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    config = AutoConfig.from_pretrained(out, trust_remote_code=True, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    weights = {n: _seeded(n, p.shape).contiguous() for n, p in model.named_parameters()}
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -> dict:
+    root = tmp_path_factory.mktemp("qwen1")
+    return {rev: _build_checkpoint(root / rev, rev, tiny_qwen2_dir) for rev in REVISIONS}
+
+
+@pytest.fixture(params=sorted(REVISIONS))
+def revision(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def qwen1_dir(checkpoints: dict, revision: str) -> Path:
+    """The tiny checkpoint of each upstream revision in turn."""
+    return checkpoints[revision]
+
+
+@pytest.fixture
+def guide_dir(checkpoints: dict) -> Path:
+    """The revision with ``registered_causal_mask`` (the buffer transformers 5 breaks)."""
+    return checkpoints["guide"]
+
+
+def test_adapter_reads_qwen1_dialect(guide_dir: Path) -> None:
+    adapter = QwenAdapter(load_qwen_model(guide_dir))
+    assert (adapter.head_dim, adapter.num_kv_heads, adapter.intermediate_size) == (16, 4, 128)
+    assert adapter.num_layers == 2 and adapter.trained_context == 64
+    layer = adapter.layers()[1]
+    assert set(layer.linears) == {"qkv", "o", "gate", "up", "down"}
+    assert layer.linear_names["gate"] == "transformer.h.1.mlp.w2"
+
+
+def test_loader_restores_non_persistent_buffers(guide_dir: Path) -> None:
+    """transformers 5 leaves remote-code buffers uninitialised; the loader rebuilds them."""
+    model = load_qwen_model(guide_dir)
+    mask = model.transformer.registered_causal_mask[0, 0]
+    assert torch.equal(mask, torch.tril(torch.ones(64, 64, dtype=torch.bool)))
+    logn = model.transformer.h[0].attn.logn_tensor.flatten()
+    assert torch.all(logn[:64] == 1.0) and logn[64] == pytest.approx(math.log(65, 64))
+
+
+#: Per revision, code the patch must remove (mask logic, torch.full divisor).
+REMOVED = {
+    "guide": ("/ torch.full(", "torch.where(causal_mask", "key_length - query_length"),
+    "latest": ("torch.tril(",),
+}
+
+
+def test_remote_code_needing_a_missing_package(guide_dir: Path, tmp_path: Path) -> None:
+    """Real Qwen1 code imports einops/tiktoken; a missing one is one line, not a traceback."""
+    source = tmp_path / "needs-package"
+    shutil.copytree(guide_dir, source)
+    modeling = source / "modeling_qwen.py"
+    modeling.write_text("import edgeforge_absent_pkg\n" + modeling.read_text())
+    with pytest.raises(EdgeforgeError) as err:
+        load_qwen_model(source)
+    message = str(err.value)
+    assert message.startswith(f"{source}: the remote code could not load it: ")
+    assert "edgeforge_absent_pkg" in message and "\n" not in message
+
+
+def test_patch_applies_every_edit(qwen1_dir: Path, revision: str, tmp_path: Path) -> None:
+    dest = qwen1.patch_model_dir(qwen1_dir, tmp_path / "patched", SEQ_LEN)
+    text = (dest / "modeling_qwen.py").read_text()
+    assert "\nSUPPORT_TORCH2 = False\n" in text
+    assert "attn_weights = attn_weights / (size_temp ** 0.5)" in text
+    for gone in REMOVED[revision]:
+        assert gone not in text, gone
+    assert text.index("present = (key, value)") < text.index("if layer_past is not None:")
+    config = json.loads((dest / "config.json").read_text())
+    assert config["seq_length"] == config["max_position_embeddings"] == SEQ_LEN
+    assert (dest / "model.safetensors").is_symlink()
+    source = (qwen1_dir / "modeling_qwen.py").read_text()
+    assert source == (FIXTURE / REVISIONS[revision][0]).read_text()  # the source is untouched
+    record = json.loads((dest / qwen1.PATCH_RECORD).read_text())
+    assert record["seq_len"] == SEQ_LEN and record["patch"] == REVISIONS[revision][1]
+
+
+def test_patch_is_a_real_unified_diff(qwen1_dir: Path, revision: str, tmp_path: Path) -> None:
+    """git's own patcher applies the same file to the same result as ours."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(qwen1_dir / "modeling_qwen.py", plain / "modeling_qwen.py")
+    patch = qwen1.PATCH_DIR / REVISIONS[revision][1]
+    subprocess.run(["git", "apply", "-p1", str(patch)], cwd=plain, check=True)
+    ours = qwen1.patch_model_dir(qwen1_dir, tmp_path / "ours", SEQ_LEN)
+    assert (plain / "modeling_qwen.py").read_text() == (ours / "modeling_qwen.py").read_text()
+
+
+def test_mismatching_modeling_file_fails_cleanly(guide_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "edited"
+    shutil.copytree(guide_dir, source)
+    modeling = source / "modeling_qwen.py"
+    modeling.write_text(modeling.read_text().replace("size_temp ** 0.5,", "size_temp**0.5,"))
+    dest = tmp_path / "out" / "patched"
+    dest.parent.mkdir()
+    with pytest.raises(EdgeforgeError) as err:
+        qwen1.patch_model_dir(source, dest, SEQ_LEN)
+    message = str(err.value)
+    assert message.startswith(f"{modeling}: not a modeling_qwen.py revision"), message
+    assert "qwen1-modeling_qwen.patch hunk 2/4 (edits 2+3" in message
+    assert "qwen1-modeling_qwen-latest.patch hunk 2/3 (edits 3+4" in message
+    assert "size_temp**0.5" not in message and "does not match: expected `" in message
+    assert "\n" not in message
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+
+
+def test_already_patched_file_is_named(qwen1_dir: Path, tmp_path: Path) -> None:
+    patched = qwen1.patch_model_dir(qwen1_dir, tmp_path / "once", SEQ_LEN)
+    with pytest.raises(EdgeforgeError, match=r"modeling_qwen\.py: qwen1-.* hunk 1/. .*already"):
+        qwen1.patch_model_dir(patched, tmp_path / "twice", SEQ_LEN)
+
+
+@pytest.mark.parametrize("seq_len", [1, 65])
+def test_seq_len_outside_trained_context(guide_dir: Path, tmp_path: Path, seq_len: int) -> None:
+    with pytest.raises(EdgeforgeError, match=rf"SEQ_LEN={seq_len} is outside 2\.\.64.*config"):
+        qwen1.patch_model_dir(guide_dir, tmp_path / "p", seq_len)
+    assert not (tmp_path / "p").exists()
+
+
+def test_llm_convert_route_is_refused(guide_dir: Path) -> None:
+    with pytest.raises(EdgeforgeError, match=r"ROUTE=llm_convert: Qwen1 builds only by ROUTE=onnx"):
+        qwen1.load_reference(guide_dir, SEQ_LEN, "llm_convert")
+
+
+def test_recipe_needs_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.recipes import load_recipe, resolve_model_dir
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    recipe = load_recipe("qwen-7b")
+    assert recipe.model_type == "qwen" and recipe.trust_remote_code
+    with pytest.raises(EdgeforgeError, match=r"Qwen/Qwen-7B-Chat not found.*MODEL_PATH=DIR"):
+        resolve_model_dir(recipe, tmp_path, None)
+
+
+def test_onnx_pieces_reproduce_unpatched_hf(qwen1_dir: Path, tmp_path: Path) -> None:
+    """ONNX pieces of the patched model, chained by the shared host loop on onnxruntime,
+    against the unpatched remote code: same greedy tokens, same logits at every step."""
+    from common.eval import prompt_ids
+
+    # the two calls `make sophgo` makes: the unpatched reference, then the patched export
+    reference, tokenizer, dims = qwen1.load_reference(qwen1_dir, SEQ_LEN, "onnx")
+    pieces = qwen1.export_patched(qwen1_dir, SEQ_LEN, tmp_path)
+    names = [p.name for p in pieces]
+    assert names[:4] == ["embedding", "embedding_cache", "block_0", "block_cache_0"]
+    assert len(pieces) == 2 * 2 + 5
+    patched = json.loads((tmp_path / "patched-model" / "config.json").read_text())
+    assert patched["seq_length"] == dims.seq_len == SEQ_LEN
+
+    run = onnx_runner(tmp_path / "onnx")
+    hidden = np.zeros((1, 1, 64), np.float32)
+    history = np.zeros((1, SEQ_LEN, 4, 16), np.float32)
+    mask = np.zeros((1, 1, 1, SEQ_LEN + 1), np.float32)
+    inputs = {"input_states": hidden, "position_ids": np.ones((1, 1), np.int32),
+              "attention_mask": mask, "history_k": history, "history_v": history}  # fmt: skip
+    out = run("block_cache_0", inputs)
+    assert [o.shape for o in out] == [(1, 1, 64), (1, 1, 4, 16), (1, 1, 4, 16)]  # edit 5
+
+    ids = prompt_ids(tokenizer, PROMPT)
+    logits: list[np.ndarray] = []
+    tokens = greedy_decode(run, dims, ids[0].tolist(), NEW_TOKENS, logits)
+    want = reference_greedy(reference, ids, NEW_TOKENS)
+    assert len(want) == NEW_TOKENS and len(set(want)) > 2, want  # a non-degenerate check
+    assert tokens == want
+    hf = reference_logits(reference, ids, want)
+    worst = min(cosine(a, b) for a, b in zip(logits, hf, strict=True))
+    assert worst >= 0.99999, worst
+    assert float(np.abs(np.stack(logits) - hf).max()) < 1e-3
