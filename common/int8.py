@@ -23,13 +23,15 @@ from common.errors import EdgeforgeError
 #: Smallest range a scale is computed from (mllm's guard against all-zero tensors).
 MIN_RANGE = 1e-5
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
-_INT_DTYPES = {8: torch.int8, 16: torch.int16, 32: torch.int32}
+#: Storage dtype per bit width; int4 levels (``[-8, 7]``) are held in int8 and packed
+#: only by the file format that ships them (e.g. ONNX ``INT4`` for QNN ``w4a16``).
+_INT_DTYPES = {4: torch.int8, 8: torch.int8, 16: torch.int16, 32: torch.int32}
 
 
 def qmax(bits: int) -> int:
-    """Largest positive level of a signed ``bits``-bit integer (127 for int8)."""
+    """Largest positive level of a signed ``bits``-bit integer (127 for int8, 7 for int4)."""
     if bits not in _INT_DTYPES:
-        raise EdgeforgeError(f"bits: expected 8, 16 or 32, got {bits!r}")
+        raise EdgeforgeError(f"bits: expected 4, 8, 16 or 32, got {bits!r}")
     return 2 ** (bits - 1) - 1
 
 

@@ -1,7 +1,8 @@
-"""``python -m common.profile_cli profile|simulate``: the make steps of activation profiling.
+"""``python -m common.profile_cli profile|simulate|sweep``: the make steps of profiling.
 
 ``profile`` writes ``build/<MODEL>/profile/``; ``simulate`` writes
-``build/<MODEL>/simulate/`` (variants, threshold sweep, ``shadow_layers.json``).
+``build/<MODEL>/simulate/`` (variants, threshold sweep, ``shadow_layers.json``); ``sweep``
+re-runs the threshold sweep on an existing profile into ``build/<MODEL>/sweep/``.
 Bad input exits 2 with one line naming the option; a failed gate exits 1 after the report.
 """
 
@@ -44,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--r-path", default=None, help="R_path: rotation file to apply first")
     prof.add_argument("--online-down", type=_bool, default=False, help="online Hadamard")
     prof.add_argument(
+        "--images", default=None, help="image folder: also profile the vision linears (VL)"
+    )
+    prof.add_argument("--image-size", type=int, default=224, help="square image side (px)")
+    prof.add_argument(
         "--config-file", type=Path, default=None, help="mllm QNN convertor config (profile_config)"
     )
     sim = sub.add_parser("simulate", help="fake-quant W8A8 variants + threshold sweep")
@@ -54,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--thresholds", default=None, help="comma list of T for the sweep")
     sim.add_argument("--eval-corpus", default=None)
     sim.add_argument("--num-windows", type=int, default=None)
+    sweep = sub.add_parser("sweep", help="threshold sweep on an existing profile")
+    sweep.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
+    sweep.add_argument("--build-dir", type=Path, default=None)
+    sweep.add_argument("--model-path", type=Path, default=None)
+    sweep.add_argument(
+        "--profile", type=Path, default=None, help="default: build/<MODEL>/profile/profile.json"
+    )
+    sweep.add_argument("--thresholds", default=None, help="comma list of T")
+    sweep.add_argument("--eval-corpus", default=None)
+    sweep.add_argument("--num-windows", type=int, default=None)
+    sweep.add_argument("--seq-len", type=int, default=None)
     return parser
 
 
@@ -65,6 +81,26 @@ def main() -> int:
     from common.recipes import load_recipe
 
     recipe = load_recipe(args.model)
+    if args.step == "sweep":
+        from common.simulate_step import parse_thresholds
+        from common.sweep_step import SweepSettings, default_profile, run_sweep_step
+        from common.threshold_sweep import DEFAULT_THRESHOLDS
+
+        run_sweep_step(
+            recipe,
+            build_model(recipe, args.build_dir, args.model_path),
+            SweepSettings(
+                profile=args.profile or default_profile(recipe, args.build_dir),
+                eval_corpus=str(args.eval_corpus or EVAL_CORPUS),
+                thresholds=parse_thresholds(args.thresholds.split(","))
+                if args.thresholds
+                else DEFAULT_THRESHOLDS,
+                num_windows=args.num_windows,
+                seq_len=args.seq_len,
+            ),
+            args.build_dir,
+        )
+        return 0
     seq_len = args.seq_len or DEFAULT_SEQ_LEN
     common = {
         "corpus": str(args.corpus or CALIB_CORPUS),
@@ -100,6 +136,8 @@ def main() -> int:
             rotate=args.rotate,
             r_path=args.r_path,
             online_down=args.online_down,
+            images=args.images,
+            image_size=args.image_size,
         )
         settings.check()
         run_profile(

@@ -40,6 +40,8 @@ class ProfileSettings:
     rotate: str | None = None  # None, or a rotation mode (random_rotate)
     r_path: str | None = None  # R_path: a rotation file to apply
     online_down: bool = False
+    images: str | None = None  # folder of calibration images (vision-language models)
+    image_size: int = 224  # square side the images are resized to (patch·merge multiple)
 
     def check(self) -> None:
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -49,6 +51,11 @@ class ProfileSettings:
         if self.rotate and self.r_path:
             raise EdgeforgeError(
                 "random_rotate and R_path are mutually exclusive: give one rotation source"
+            )
+        if self.sequential and self.images:
+            raise EdgeforgeError(
+                "--sequential profiles text models; --images needs the whole vision-language "
+                "model — drop one of them"
             )
         if self.sequential and (self.rotate or self.r_path or self.online_down):
             raise EdgeforgeError(
@@ -87,6 +94,39 @@ def calibration_windows(model_dir: Path, settings: ProfileSettings) -> torch.Ten
         raise EdgeforgeError(f"num_samples={settings.num_samples}: {exc}") from None
 
 
+#: The instruction paired with every calibration image.
+IMAGE_PROMPT = "Describe this image in detail."
+
+
+def vision_calibration(model_dir: Path, settings: ProfileSettings) -> list[dict[str, Any]]:
+    """One processor-encoded prompt per image of ``settings.images`` (sorted by name),
+    each square-resized to ``image_size`` (rounded to the patch·merge grid as the
+    processor would); none without ``--images``. Errors name the option."""
+    if not settings.images:
+        return []
+    from common.models.loading import check_model_dir, load_processor
+    from common.vision_export import vl_prompt_inputs
+    from common.vl_preprocess import geometry, list_frames, prepare_frames, round_size
+
+    if not check_model_dir(model_dir).is_vision_language:
+        raise EdgeforgeError(
+            f"--images: {model_dir} is a text model; image calibration needs a "
+            "vision-language model — drop --images"
+        )
+    processor = load_processor(model_dir)
+    image_processor = processor.image_processor
+    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+    size, note = round_size(settings.image_size, factor, "--image-size")
+    if note:
+        print(f"[profile] {note}", file=sys.stderr)
+    geo = geometry(processor, size)
+    return [
+        vl_prompt_inputs(processor, IMAGE_PROMPT, prepare_frames([path], geo, processor), geo,
+                         "image")
+        for path in list_frames(Path(settings.images), "--images")
+    ]  # fmt: skip
+
+
 def collect(model_dir: Path, settings: ProfileSettings, windows: torch.Tensor) -> Any:
     """Run the profiler in the requested mode; returns (profiler, rotation or None)."""
     from common.profiling import profile_model, profile_sequential
@@ -105,8 +145,12 @@ def collect(model_dir: Path, settings: ProfileSettings, windows: torch.Tensor) -
                 f"--max-memory: the model's weights alone are {size / 2**30:.2f} GiB, over the "
                 f"cap of {settings.max_memory / 2**30:.2f} GiB; add --sequential"
             )
+    vision_inputs = vision_calibration(model_dir, settings)
     with transformed_model(model_dir, settings.transforms) as (model, rotation):
-        return profile_model(model, windows, no_bias=settings.no_bias), rotation
+        profiler = profile_model(
+            model, windows, no_bias=settings.no_bias, vision_inputs=vision_inputs
+        )
+        return profiler, rotation
 
 
 def run_profile(

@@ -19,11 +19,13 @@ exporters can read it; everything else sits under the ``edgeforge`` key.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,9 +104,7 @@ class ActivationProfiler:
                 self._last_input = x
             obs.input.merge(self._last_stats)
             y = output[0] if isinstance(output, tuple) else output
-            if self.no_bias and module.bias is not None:
-                y = y - module.bias
-            obs.output.update(y)
+            obs.output.update(y, subtract=module.bias if self.no_bias else None)
 
         return hook
 
@@ -149,15 +149,30 @@ def _progress(total_tokens: int, desc: str) -> tqdm:
 
 
 def profile_model(
-    model: nn.Module, windows: torch.Tensor, *, no_bias: bool = True
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    no_bias: bool = True,
+    vision_inputs: Sequence[Mapping[str, Any]] = (),
 ) -> ActivationProfiler:
-    """Run every window (batch 1) through the whole model with the observers attached."""
-    profiler = ActivationProfiler(get_adapter(model), no_bias=no_bias)
+    """Run every window (batch 1) through the whole model with the observers attached.
+
+    ``vision_inputs`` (processor outputs of image prompts, for a vision-language model)
+    run after the text windows and make the vision linears observed too: text alone
+    never reaches them.
+    """
+    profiler = ActivationProfiler(
+        get_adapter(model), no_bias=no_bias, include_vision=bool(vision_inputs)
+    )
+    vision_tokens = sum(int(inputs["input_ids"].numel()) for inputs in vision_inputs)
     with profiler.attached(), torch.inference_mode():
-        bar = _progress(windows.numel(), "profile")
+        bar = _progress(windows.numel() + vision_tokens, "profile")
         for window in windows:
             model(input_ids=window[None], use_cache=False)
             bar.update(window.numel())
+        for inputs in vision_inputs:
+            model(**inputs, use_cache=False)
+            bar.update(int(inputs["input_ids"].numel()))
         bar.close()
     return profiler
 
@@ -256,6 +271,30 @@ def _materialize(
 
 def _release(module: nn.Module) -> None:
     module.to("meta")
+    _return_freed_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the released part's buffers back to the OS.
+
+    glibc serves allocations below its mmap threshold from the heap, and raises that
+    threshold (up to 32 MiB) each time a large mapped buffer is freed; weight matrices
+    of a few MiB then land in the heap, where freed ones stay resident and, fragmented by
+    the small allocations made while a layer runs, are not reused: measured +65 MiB of RSS
+    per released layer of a 2.5 GB model. ``malloc_trim`` returns those pages at once.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def sequential_plan_bytes(

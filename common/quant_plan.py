@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,9 @@ _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 class PlanOptions:
     """How to turn a profile into a plan (the knobs of ``make simulate``).
 
-    ``act_bits``/``output_bits``/``weight_bits`` of None mean float32. ``threshold`` (T)
+    ``act_bits``/``output_bits``/``weight_bits`` of None mean float32; ``qkv_input_bits`` /
+    ``qkv_output_bits`` override the width of q/k/v inputs / (quantized) outputs, as the
+    mllm NPU runtime runs those in int16. ``threshold`` (T)
     applies mllm's no-clip rule to the inputs of ``shadow_roles``; None means ``clip_all``.
     ``input_bits`` overrides the activation width of named linears' inputs (mixed precision,
     e.g. 16-bit down_proj inputs); ``float_inputs`` keeps named inputs in float.
@@ -44,6 +46,7 @@ class PlanOptions:
     act_bits: int | None = 8
     qkv_input_bits: int | None = None
     output_bits: int | None = None
+    qkv_output_bits: int | None = None
     threshold: float | None = None
     shadow_roles: tuple[str, ...] = ("down",)
     input_bits: dict[str, int] = field(default_factory=dict)
@@ -57,6 +60,7 @@ class PlanOptions:
             ("act_bits", self.act_bits),
             ("qkv_input_bits", self.qkv_input_bits),
             ("output_bits", self.output_bits),
+            ("qkv_output_bits", self.qkv_output_bits),
             *((f"input_bits[{k}]", v) for k, v in self.input_bits.items()),
         ):
             if bits not in (None, 8, 16):
@@ -121,10 +125,10 @@ def build_plan(
                 "output": {"dtype": "float32"},
             }
             continue
-        in_bits = (
-            options.qkv_input_bits
-            if role in ("q", "k", "v") and options.qkv_input_bits
-            else options.act_bits
+        qkv = role in ("q", "k", "v")
+        in_bits = options.qkv_input_bits if qkv and options.qkv_input_bits else options.act_bits
+        out_bits = (
+            options.qkv_output_bits if qkv and options.qkv_output_bits else options.output_bits
         )
         in_bits = options.input_bits.get(linear, in_bits)
         if linear in options.float_inputs:
@@ -145,7 +149,7 @@ def build_plan(
             ),
             "bias": ("int32" if options.quant_bias else "float32") if st.get("has_bias") else None,
             "input": _tensor_entry(st["input"], in_bits, clip=clip_in),
-            "output": _tensor_entry(st["output"], options.output_bits, clip=clip_out),
+            "output": _tensor_entry(st["output"], out_bits, clip=clip_out),
         }
         if entry["input"].get("shadow") or entry["output"].get("shadow"):
             index = layer_index(linear)
@@ -165,6 +169,23 @@ def build_plan(
         "shadow_layers": sorted(shadow_layers),
         "summary": summarize(tensors),
     }
+
+
+def npu_precision_map(profile: dict[str, Any], threshold: float) -> PlanOptions:
+    """The mllm NPU runtime's precision map (v1 ``modeling_qwen_npu_v2.hpp``) as options:
+    q/k/v inputs and outputs int16; o/gate/up int8; every linear output quantized (int8);
+    down_proj inputs int16, except in the shadow layers that T selects, where they are
+    int8 with the float shadow correction. The shadow set depends only on the statistics
+    and T, so it is read from a first plan and the other down_proj inputs are widened.
+    """
+    base = PlanOptions(qkv_input_bits=16, qkv_output_bits=16, output_bits=8, threshold=threshold)
+    shadow = set(build_plan(profile, base, name="probe")["summary"]["no_clip_input_name"])
+    wide = {
+        name: 16
+        for name, st in profile["edgeforge"]["stats"].items()
+        if st["role"] == "down" and name not in shadow
+    }
+    return replace(base, input_bits=wide)
 
 
 def summarize(tensors: dict[str, Any]) -> dict[str, Any]:

@@ -1,20 +1,28 @@
 # Activation profiling, W8A8 simulation and the profiling benchmark (issue 4).
 # Knobs: NUM_SAMPLES, SEQ_LEN, SEED, SEQUENTIAL=1, MAX_MEMORY=4GB, ROTATE=hadamard|orthogonal,
-# R_PATH=file, ONLINE_DOWN=1, CONFIG=<mllm QNN config> (profile); T, CLIP_ALL, THRESHOLDS (simulate).
+# R_PATH=file, ONLINE_DOWN=1, CONFIG=<mllm QNN config>, IMAGES=<folder>, IMAGE_SIZE (profile); T, CLIP_ALL, THRESHOLDS (simulate);
+# PROFILE=<profile.json>, THRESHOLDS, NUM_WINDOWS (sweep).
 PROFILE_ARGS = $(if $(NUM_SAMPLES),--num-samples $(NUM_SAMPLES)) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) \
 	$(if $(SEED),--seed $(SEED)) $(if $(CORPUS),--corpus $(CORPUS))
-.PHONY: profile simulate bench
+.PHONY: profile simulate sweep bench
 
 profile: venv ## streaming activation profile: build/<MODEL>/profile/{profile.json,report.md}
 	$(PY) -m common.profile_cli profile $(MODEL_ARGS) $(PROFILE_ARGS) \
 		$(if $(SEQUENTIAL),--sequential $(SEQUENTIAL)) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY)) \
 		$(if $(ROTATE),--rotate $(ROTATE)) $(if $(R_PATH),--r-path $(R_PATH)) \
-		$(if $(ONLINE_DOWN),--online-down $(ONLINE_DOWN)) $(if $(CONFIG),--config-file $(CONFIG))
+		$(if $(ONLINE_DOWN),--online-down $(ONLINE_DOWN)) $(if $(CONFIG),--config-file $(CONFIG)) \
+		$(if $(IMAGES),--images $(IMAGES)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 
 simulate: venv ## W8A8 variants + threshold sweep: build/<MODEL>/simulate/{report.json,shadow_layers.json}
 	$(PY) -m common.profile_cli simulate $(MODEL_ARGS) $(PROFILE_ARGS) \
 		$(if $(T),--t $(T)) $(if $(CLIP_ALL),--clip-all $(CLIP_ALL)) \
-		$(if $(ROTATE),--rotate $(ROTATE)) $(if $(THRESHOLDS),--thresholds $(THRESHOLDS))
+		$(if $(ROTATE),--rotate $(ROTATE)) $(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) \
+		$(if $(NUM_WINDOWS),--num-windows $(NUM_WINDOWS))
+
+sweep: venv ## threshold sweep on an existing profile: build/<MODEL>/sweep/{report.json,shadow_layers.json}
+	$(PY) -m common.profile_cli sweep $(MODEL_ARGS) $(if $(PROFILE),--profile $(PROFILE)) \
+		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) $(if $(NUM_WINDOWS),--num-windows $(NUM_WINDOWS)) \
+		$(if $(SEQ_LEN),--seq-len $(SEQ_LEN))
 
 bench: venv ## profiling cost vs plain inference, sequential-mode RSS: build/bench/profile.json
 	$(PY) bench/profile_bench.py --build-dir $(BUILD_DIR) $(if $(NUM_SAMPLES),--num-samples $(NUM_SAMPLES)) \

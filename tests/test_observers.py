@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from common import observers
 from common.errors import EdgeforgeError
 from common.observers import LogHistogram, TensorObserver, exact_percentile, seed_rank
 
@@ -90,3 +91,25 @@ def test_empty_and_mismatched_inputs_are_clean_errors() -> None:
     obs.update(torch.zeros(2, 4))
     with pytest.raises(EdgeforgeError, match="channel count"):
         obs.update(torch.zeros(2, 5))
+
+
+def test_chunked_histogram_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large tensors are counted in chunks; the counts must not depend on the chunking."""
+    x = _heavy_tailed(6)
+    whole = LogHistogram()
+    whole.update(x)
+    monkeypatch.setattr(observers, "_CHUNK", 999)  # uneven chunks, a short last one
+    chunked = LogHistogram()
+    chunked.update(x)
+    assert torch.equal(chunked.counts, whole.counts)
+    assert chunked.count == x.numel()
+
+
+def test_subtract_observes_the_biasless_output() -> None:
+    x = _heavy_tailed(7)
+    bias = torch.linspace(-3.0, 5.0, x.shape[-1])
+    direct, shifted = TensorObserver(), TensorObserver()
+    direct.update(x - bias)
+    shifted.update(x, subtract=bias)
+    assert shifted.result() == direct.result()
+    assert torch.equal(shifted.channel_absmax, direct.channel_absmax)

@@ -12,7 +12,7 @@ import torch
 
 from common.data import CALIB_CORPUS, sample_windows
 from common.errors import EdgeforgeError
-from common.models import get_adapter
+from common.models import get_adapter, iter_linears
 from common.models.loading import load_model, load_tokenizer
 from common.observers import exact_percentile
 from common.profile_step import ProfileSettings, run_profile
@@ -239,3 +239,35 @@ def test_qnn_config_file_profiles_the_rotated_model(tmp_path: Path, tiny_qwen2_d
     assert doc["edgeforge"]["settings"]["num_samples"] == 2
     rotation = load_rotation(tmp_path / "R" / "rotation.safetensors")
     assert rotation.hidden_size == 64
+
+
+def test_image_calibration_profiles_the_vision_linears(
+    tmp_path: Path, tiny_qwen2_vl_dir: Path, tiny_qwen2_dir: Path
+) -> None:
+    images = REPO_ROOT / "data" / "images"
+    settings = ProfileSettings(
+        corpus=str(CALIB_CORPUS), num_samples=1, seq_len=16, images=str(images), image_size=56
+    )
+    run_profile(load_recipe("tiny-qwen2-vl"), tiny_qwen2_vl_dir, settings, tmp_path)
+    stats = load_profile(tmp_path / "tiny-qwen2-vl" / "profile" / "profile.json")["edgeforge"][
+        "stats"
+    ]
+    adapter = get_adapter(load_model(tiny_qwen2_vl_dir))
+    wanted = {name for name, _, _ in iter_linears(adapter, include_vision=True)}
+    assert set(stats) == wanted and any(".visual." in name for name in stats)
+    num_images = len([p for p in images.iterdir() if p.suffix == ".jpg"])
+    for name, st in stats.items():
+        if ".visual." in name:
+            # Every image gives (56 / 14)² = 16 patches to each vision block linear.
+            assert st["input"]["count"] % (16 * num_images) == 0, name
+            assert st["input"]["absmax"] > 0, name
+    for changes, model_dir, fragment in (
+        ({"images": str(tmp_path / "none")}, tiny_qwen2_vl_dir, "--images"),
+        ({"images": str(images)}, tiny_qwen2_dir, "--images"),
+        ({"images": str(images), "sequential": True}, tiny_qwen2_vl_dir, "--images"),
+    ):
+        with pytest.raises(EdgeforgeError, match=re.escape(fragment)):
+            run_profile(
+                load_recipe("tiny-qwen2"), model_dir, replace(settings, **changes), tmp_path / "x"
+            )
+        assert not (tmp_path / "x").exists()

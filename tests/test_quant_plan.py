@@ -9,7 +9,14 @@ import pytest
 
 from common.errors import EdgeforgeError
 from common.profiling import profile_document
-from common.quant_plan import PLAN_FORMAT, PlanOptions, build_plan, layer_index, load_plan
+from common.quant_plan import (
+    PLAN_FORMAT,
+    PlanOptions,
+    build_plan,
+    layer_index,
+    load_plan,
+    npu_precision_map,
+)
 from common.threshold_sweep import candidate_plans, check_thresholds, run_sweep, shadow_decision
 
 
@@ -87,12 +94,35 @@ def test_mixed_precision_and_float_inputs() -> None:
     assert t["model.layers.0.mlp.down_proj"]["output"]["dtype"] == "int8"
 
 
+def test_npu_precision_map_widens_all_but_the_shadow_down_inputs() -> None:
+    profile = _profile()
+    plan = build_plan(profile, npu_precision_map(profile, 64.0), name="npu")
+    t = plan["tensors"]
+    q = t["model.layers.0.self_attn.q_proj"]
+    assert q["input"]["dtype"] == q["output"]["dtype"] == "int16"
+    assert q["output"]["scale"] == 4.0 / 32767
+    clipped, shadow = t["model.layers.0.mlp.down_proj"], t["model.layers.1.mlp.down_proj"]
+    assert clipped["input"] == {
+        "dtype": "int16",
+        "range": 3.0,
+        "scale": 3.0 / 32767,
+        "clip": True,
+        "shadow": False,
+    }
+    assert shadow["input"]["dtype"] == "int8" and shadow["input"]["shadow"]
+    assert shadow["input"]["scale"] == 1.0 / 127  # the p99.9 range, outliers in float
+    assert clipped["output"]["dtype"] == "int8"
+    assert plan["shadow_layers"] == [1]
+    assert t["lm_head"]["input"] == {"dtype": "float32"}
+
+
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
         (PlanOptions(threshold=0), "T"),
         (PlanOptions(threshold=-1.0), "T"),
         (PlanOptions(act_bits=4), "act_bits"),
+        (PlanOptions(qkv_output_bits=4), "qkv_output_bits"),
         (PlanOptions(weight_granularity="per_row"), "weight_granularity"),
         (PlanOptions(input_bits={"nope": 16}), "nope"),
     ],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,10 @@ from common.eval import perplexity
 from common.int8 import dequantize, fake_quantize, quantize_weight, shadow_input_correction
 from common.models import get_adapter
 from common.models.loading import load_model, load_tokenizer
+from common.profile_step import ProfileSettings, run_profile
 from common.profiling import profile_document, profile_model
 from common.quant_plan import PlanOptions, build_plan
+from common.recipes import load_recipe
 from common.simulate import apply_plan, evaluate, simulate_plan, transformed_model
 from tests.conftest import assert_clean_error
 from tests.test_profiling import run_profile_cli
@@ -136,3 +140,73 @@ def test_simulate_cli_rejects_bad_threshold(tmp_path: Path, tiny_qwen2_dir: Path
     )
     assert_clean_error(result, "T")
     assert not (build / "tiny-qwen2" / "simulate").exists()
+
+
+def _tiny_build(tmp_path: Path, tiny_qwen2_dir: Path) -> Path:
+    build = tmp_path / "build"
+    (build / "tiny-qwen2").mkdir(parents=True)
+    (build / "tiny-qwen2" / "model").symlink_to(tiny_qwen2_dir)
+    return build
+
+
+def test_simulate_cli_writes_every_variant_and_gate(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    """End to end on the tiny model: the report has the issue's keys, the gates agree with
+    the ratios, and a failed gate (random weights may fail some) exits 1 after writing."""
+    build = _tiny_build(tmp_path, tiny_qwen2_dir)
+    result = run_profile_cli(
+        "simulate", "--model", "tiny-qwen2", "--build-dir", str(build), "--num-samples", "2",
+        "--seq-len", "32", "--num-windows", "2", "--thresholds", "4,1e7",
+    )  # fmt: skip
+    out = build / "tiny-qwen2" / "simulate"
+    report = json.loads((out / "report.json").read_text())
+    ratio = report["ppl_ratio"]
+    for key in ("fp32", "w8a16", "w8a8_clip_all", "w8a8_shadow", "w8a8_rotated_clip_all",
+                "w8a8_rotated_online_down", "w8a8_best", "w8a8_npu_precision_map"):  # fmt: skip
+        assert ratio[key] > 0, key
+    assert ratio["fp32"] == 1.0
+    gates = report["gates"]
+    assert gates["w8a16"]["passed"] == (ratio["w8a16"] <= 1.01)
+    assert gates["rotated_beats_clip_all"]["passed"] == (
+        ratio["w8a8_rotated_clip_all"] < ratio["w8a8_clip_all"]
+    )
+    assert gates["w8a8_best"]["passed"] == (ratio["w8a8_best"] <= 1.05)
+    assert result.returncode == (0 if all(g["passed"] for g in gates.values()) else 1)
+    assert report["int8_output_cost"]["w8a8_clip_all"] == pytest.approx(
+        ratio["w8a8_clip_all_int8_out"] / ratio["w8a8_clip_all"]
+    )
+    npu = json.loads((out / "plans" / "w8a8_npu_precision_map.json").read_text())["tensors"]
+    assert npu["model.layers.0.self_attn.q_proj"]["input"]["dtype"] == "int16"
+    assert npu["model.layers.0.self_attn.o_proj"]["output"]["dtype"] == "int8"
+    assert report["w8a8_best_plan"]["name"] == report["sweep"]["chosen"]
+    assert (out / "shadow_layers.json").is_file() and (out / "manifest.json").is_file()
+
+
+def test_sweep_reads_an_existing_profile(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    build = _tiny_build(tmp_path, tiny_qwen2_dir)
+    settings = ProfileSettings(
+        corpus=str(CALIB_CORPUS), num_samples=2, seq_len=32, rotate="hadamard", online_down=True
+    )
+    run_profile(load_recipe("tiny-qwen2"), tiny_qwen2_dir, settings, build)
+    args = ("sweep", "--model", "tiny-qwen2", "--build-dir", str(build), "--num-windows", "2",
+            "--seq-len", "32")  # fmt: skip
+    result = run_profile_cli(*args, "--thresholds", "2,1e7")
+    assert result.returncode == 0, result.stderr
+    out = build / "tiny-qwen2" / "sweep"
+    report = json.loads((out / "report.json").read_text())
+    assert report["transforms"] == settings.transforms  # candidates simulated as profiled
+    rows = {r["name"]: r for r in report["sweep"]["rows"]}
+    assert rows["down_int16"]["special_down_inputs"] == 2  # both layers' down_proj inputs
+    assert "T=2" in rows  # T=1e7 is merged into it when their shadow sets are equal
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["name"] == report["sweep"]["chosen"]
+    assert plan["transforms"] == settings.transforms
+    decision = json.loads((out / "shadow_layers.json").read_text())
+    assert decision["shadow_layers"] == plan["shadow_layers"]
+    # Bad input: T <= 0 and a missing profile name the option; nothing is written.
+    for extra, fragment in (
+        (("--thresholds", "0"), "T"),
+        (("--profile", str(tmp_path / "none.json")), "none.json"),
+    ):
+        shutil.rmtree(out, ignore_errors=True)
+        assert_clean_error(run_profile_cli(*args, *extra), fragment)
+        assert not out.exists()
