@@ -98,6 +98,8 @@ def provider_options(
         "htp_arch": str(soc.htp_arch),
         "vtcm_mb": str(vtcm_mb),
         "htp_graph_finalization_optimization_mode": str(opt_mode),
+        # The QDQ graphs keep the residual stream in float (common.qdq.float_nodes).
+        "enable_htp_fp16_precision": "1",
     }
 
 

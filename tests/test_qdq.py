@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from common import piece_export as pe
 from common import qdq
 from common.errors import EdgeforgeError
-from common.int8 import quantize_weight, symmetric_scale
+from common.int8 import quantize, quantize_weight, symmetric_scale
 from common.models import get_adapter, iter_linears
 from common.models.loading import load_model
 
@@ -77,15 +77,27 @@ def layer(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 def _quantize(layer: dict, preset: str) -> tuple[Path, dict]:
     dest = layer["dir"] / f"block_0.{preset}.onnx"
+    bits = qdq.preset_by_name(preset).act_bits
     sites = qdq.quantize_piece(
         layer["static"],
         dest,
-        ranges=layer["ranges"],
+        encodings={
+            n: (qdq.Encoding(i, bits), qdq.Encoding(o, bits))
+            for n, (i, o) in layer["ranges"].items()
+        },
         weights=layer["weights"],
         calibration=layer["feeds"][:4],
         preset=qdq.preset_by_name(preset),
     )
     return dest, sites
+
+
+def _weight_dq(model: onnx.ModelProto, site: qdq.LinearSite) -> onnx.NodeProto:
+    """The DequantizeLinear feeding a linear's MatMul its weight."""
+    feeding = {m.input[1] for m in model.graph.node if m.name == site.matmul}
+    return next(
+        n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in feeding
+    )
 
 
 def _q_params(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -120,12 +132,7 @@ def test_w8a16_imposes_profile_scales_and_our_weights(layer: dict) -> None:
             scale, zero = params[tensor]
             assert zero.dtype == np.uint16 and int(zero) == 32768
             assert float(scale) == pytest.approx(float(symmetric_scale(rng, 16)), rel=1e-6)
-        dq = next(
-            n
-            for n in model.graph.node
-            if n.op_type == "DequantizeLinear"
-            and n.output[0] in {m.input[1] for m in model.graph.node if m.name == site.matmul}
-        )
+        dq = _weight_dq(model, site)
         levels, w_scale = quantize_weight(layer["weights"][name], "per_channel")
         np.testing.assert_array_equal(inits[dq.input[0]], levels.T.numpy())
         np.testing.assert_array_equal(inits[dq.input[1]], w_scale.reshape(-1).numpy())
@@ -147,10 +154,109 @@ def test_w8a8_keeps_attention_scores_in_16_bits(layer: dict) -> None:
     assert _cos(path, layer) > 0.99
 
 
-def test_w4a16_runs_and_is_coarser(layer: dict) -> None:
-    path, _ = _quantize(layer, "w4a16")
+def test_residual_stream_and_norms_stay_float(layer: dict) -> None:
+    """Both presets leave the residual Adds and the RMSNorms on them unquantized."""
+    static = onnx.load(str(layer["static"]))
+    stream = qdq.residual_tensors(static)
+    assert stream[0] == "input_states" and len(stream) == 3  # input, after attn, after MLP
+    excluded = qdq.float_nodes(static)
+    assert sorted(n.op_type for n in static.graph.node if n.name in excluded) == [
+        "Add",
+        "Add",
+        "RMSNormalization",
+        "RMSNormalization",
+    ]
+    for preset in ("w8a16", "w8a8"):
+        params = _q_params(onnx.load(str(_quantize(layer, preset)[0])))
+        assert not set(stream) & set(params), preset
+
+
+def test_w4a16_holds_our_int4_levels_and_is_coarser(layer: dict) -> None:
+    path, sites = _quantize(layer, "w4a16")
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    for name, site in sites.items():
+        dq = _weight_dq(model, site)
+        weight = layer["weights"][name]
+        scale = symmetric_scale(weight.abs().amax(dim=1, keepdim=True), 4)
+        levels = quantize(weight, scale, 4)  # common.int8 on the 4-bit grid
+        assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
+        stored = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int8)
+        np.testing.assert_array_equal(stored, levels.T.numpy())
+        np.testing.assert_array_equal(
+            numpy_helper.to_array(inits[dq.input[1]]), scale.reshape(-1).numpy()
+        )
     cos = _cos(path, layer)
     assert 0.95 < cos < _cos(_quantize(layer, "w8a16")[0], layer)
+
+
+def test_rms_norms_fused_into_one_node(layer: dict) -> None:
+    """The exporter's Pow/ReduceMean/Add/Sqrt/Div/Mul RMSNorm becomes RMSNormalization
+    (input and post-attention norm), computing the same function."""
+    model = onnx.load(str(layer["static"]))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("RMSNormalization") == 2 and "Pow" not in ops and "Sqrt" not in ops
+    unfused = ort.InferenceSession(
+        str(layer["dir"] / "block_0.onnx"), providers=["CPUExecutionProvider"]
+    )
+    fused = ort.InferenceSession(str(layer["static"]), providers=["CPUExecutionProvider"])
+    feeds = layer["feeds"][4]
+    for a, b in zip(fused.run(None, feeds), unfused.run(None, feeds), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_encodings_float_for_shadow_and_extreme_tensors() -> None:
+    """A shadow (no-clip) tensor of the plan stays float; so does a 16-bit tensor whose
+    abs-max is beyond FLOAT_RATIO_16 x its p99.9; others take the preset's width."""
+    ratio = qdq.FLOAT_RATIO_16
+    stats = {
+        "a": {"input": {"absmax": 4.0, "abs_p999": 1.0}, "output": {"absmax": 2.0, "abs_p999": 1}},
+        "b": {"input": {"absmax": 9.0, "abs_p999": 1.0}, "output": {"absmax": 3.0, "abs_p999": 1}},
+        "c": {
+            "input": {"absmax": 2.0 * ratio, "abs_p999": 1.0},
+            "output": {"absmax": 3.0, "abs_p999": 1.0},
+        },
+    }
+    plan = {
+        "tensors": {
+            "a": {"input": {"shadow": False}, "output": {}},
+            "b": {"input": {"shadow": True}, "output": {}},
+            "c": {"input": {}, "output": {}},
+        }
+    }
+    got = qdq.plan_encodings(plan, stats, qdq.preset_by_name("w8a8"))
+    assert got == {
+        "a": (qdq.Encoding(4.0, 8), qdq.Encoding(2.0, 8)),
+        "b": (qdq.Encoding(9.0, None), qdq.Encoding(3.0, 8)),
+        "c": (qdq.Encoding(2.0 * ratio, 8), qdq.Encoding(3.0, 8)),
+    }
+    assert qdq.float_linears(got) == {"b"}
+    wide = qdq.plan_encodings(plan, stats, qdq.preset_by_name("w8a16"))
+    assert wide["a"] == (qdq.Encoding(8.0, 16), qdq.Encoding(4.0, 16))  # HEADROOM_16 = 2
+    assert qdq.float_linears(wide) == {"b", "c"}
+
+
+def test_float_linear_keeps_float_weight(layer: dict) -> None:
+    """A linear whose encoding is float is left out of quantization entirely."""
+    dest = layer["dir"] / "block_0.float_down.onnx"
+    encodings = {
+        n: (qdq.Encoding(i * 2, 16), qdq.Encoding(o * 2, 16))
+        for n, (i, o) in layer["ranges"].items()
+    }
+    down = next(n for n in encodings if n.endswith("down_proj"))
+    encodings[down] = (qdq.Encoding(1.0, None), qdq.Encoding(1.0, None))
+    sites = qdq.quantize_piece(
+        layer["static"],
+        dest,
+        encodings=encodings,
+        weights=layer["weights"],
+        calibration=layer["feeds"][:4],
+        preset=qdq.preset_by_name("w8a16"),
+    )
+    model = onnx.load(str(dest))
+    matmul = next(n for n in model.graph.node if n.name == sites[down].matmul)
+    assert matmul.input[1] in {i.name for i in model.graph.initializer}  # float weight
+    assert _cos(dest, layer) > 0.995
 
 
 def test_unknown_preset_and_foreign_weights(layer: dict) -> None:
@@ -159,3 +265,27 @@ def test_unknown_preset_and_foreign_weights(layer: dict) -> None:
     model = onnx.load(str(layer["static"]))
     with pytest.raises(EdgeforgeError, match="0 MatMul nodes carry its weight"):
         qdq.linear_sites(model, {"x": torch.zeros(64, 64)})
+
+
+def test_masked_scores_saturate_the_mask(layer: dict) -> None:
+    """The Softmax input reaches SOFTMAX_FLOOR below the pre-mask scores' encoding, not
+    down to the −1e4 mask, so its 16-bit step stays fine (measured, not assumed)."""
+    path, _ = _quantize(layer, "w8a16")
+    model, floats = onnx.load(str(path)), onnx.load(str(layer["static"]))
+    params = _q_params(model)
+    producers = {o: n for n in floats.graph.node for o in n.output}
+    softmaxes = [n for n in floats.graph.node if n.op_type == "Softmax"]
+    assert softmaxes
+    for node in softmaxes:
+        masked = node.input[0]
+        scores = producers[masked].input[0]
+
+        def bounds(tensor: str) -> tuple[float, float]:
+            scale, zero = params[tensor]
+            return (0 - float(zero)) * float(scale), (65535 - float(zero)) * float(scale)
+
+        lo, hi = bounds(scores)
+        m_lo, m_hi = bounds(masked)
+        assert m_lo == pytest.approx(lo - qdq.SOFTMAX_FLOOR, abs=2 * float(params[masked][0]))
+        assert m_hi == pytest.approx(hi, abs=2 * float(params[masked][0]))
+        assert float(params[masked][0]) < 1e-2  # the −1e4 mask alone would force ~0.15

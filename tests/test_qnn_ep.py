@@ -34,4 +34,5 @@ def test_provider_options_always_name_the_soc() -> None:
         "htp_arch": "79",
         "vtcm_mb": "4",
         "htp_graph_finalization_optimization_mode": "2",
+        "enable_htp_fp16_precision": "1",  # the float residual stream runs in fp16
     }

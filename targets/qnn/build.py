@@ -1,14 +1,16 @@
 """``make qnn``: the mllm int8 model and QNN HTP context binaries, verified on the emulator.
 
 Reads the activation profile of ``make profile`` (``build/<MODEL>/profile/profile.json``;
-its transforms, e.g. a rotation, are applied to the model first). Writes
+its transforms, e.g. a rotation, are applied to the model first) and, when ``make simulate``
+has run, its ``shadow_layers.json`` (the chosen ``T``; ``--t`` overrides it). Writes
 ``build/<MODEL>/qnn/``:
 
 * ``model.int8.mllm`` + ``shadow_layers.json`` + ``quant_plan.json`` (the plan the file was
   written from), re-read and checked to reproduce the fake-quant model's logits;
-* ``<SOC>/<piece>_ctx.onnx`` + ``_qnn.bin`` per decoder layer (prefill and decode) and the
-  LM head, compiled by the QNN EP for each SoC, with the SoC/arch read back from the binary;
-* ``qnn_scales.json`` (the activation ranges imposed on the QDQ graphs);
+* ``<SOC>/<piece>_ctx.onnx`` + ``_qnn.bin`` per decoder layer (prefill graph of
+  ``PREFILL_LEN`` tokens, decode graph of one token over a ``KV_LEN`` cache) and the LM
+  head, compiled by the QNN EP for each SoC, with the SoC/arch read back from the binary;
+* ``qnn_scales.json`` (the activation encodings, range and width, imposed on the graphs);
 * ``report.json`` / ``report.md`` (+ ``layers.png``) and ``manifest.json``.
 
 A failed numerical gate raises ``CheckFailed`` (exit 1) after everything is written.
@@ -39,8 +41,9 @@ from common.records import (  # noqa: E402
 )
 
 TARGET = "qnn"
-DEFAULT_SEQ_LEN = 32
-DEFAULT_CALIB_WINDOWS = 4
+DEFAULT_PREFILL_LEN = 32
+DEFAULT_KV_LEN = 64
+DEFAULT_CALIB_WINDOWS = 16
 #: Gates per preset: worst per-piece cosine vs float, end-to-end top-1 agreement.
 GATES: dict[str, dict[str, float]] = {
     "w8a16": {"layer_cos": 0.999, "top1": 0.95},
@@ -64,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--socs", default=None, help="comma list, e.g. SM8650,SM8750")
     p.add_argument("--preset", default=None, help="w8a16 (default), w8a8 or w4a16")
-    p.add_argument("--seq-len", type=int, default=None, help="static context S of the graphs")
+    p.add_argument("--prefill-len", type=int, default=None, help="tokens of the prefill graph")
+    p.add_argument("--kv-len", type=int, default=None, help="KV cache rows of the decode graph")
     p.add_argument("--calib-windows", type=int, default=None)
     p.add_argument("--vtcm-mb", type=int, default=None)
     p.add_argument("--opt-mode", type=int, default=None)
@@ -86,7 +90,8 @@ def settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, An
     out = {
         "socs": [qnn_ep.soc_by_name(s.strip()).name for s in socs if s.strip()],
         "preset": qdq.preset_by_name(pick("preset", qdq.DEFAULT_PRESET)).name,
-        "seq_len": pick("seq_len", DEFAULT_SEQ_LEN),
+        "prefill_len": pick("prefill_len", DEFAULT_PREFILL_LEN),
+        "kv_len": pick("kv_len", DEFAULT_KV_LEN),
         "calib_windows": pick("calib_windows", DEFAULT_CALIB_WINDOWS),
         "vtcm_mb": pick("vtcm_mb", qnn_ep.DEFAULT_VTCM_MB),
         "opt_mode": pick("opt_mode", qnn_ep.DEFAULT_OPT_MODE),
@@ -95,11 +100,14 @@ def settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, An
     }
     if not out["socs"]:
         raise EdgeforgeError("SOCS: empty; name at least one SoC")
-    for key in ("seq_len", "calib_windows", "vtcm_mb"):
+    for key in ("prefill_len", "kv_len", "calib_windows", "vtcm_mb"):
         if not isinstance(out[key], int) or out[key] < 1:
             raise EdgeforgeError(f"{key.upper()}: expected a positive integer, got {out[key]!r}")
-    if out["seq_len"] < 2:
-        raise EdgeforgeError(f"SEQ_LEN: expected >= 2, got {out['seq_len']}")
+    if out["kv_len"] <= out["prefill_len"]:
+        raise EdgeforgeError(
+            f"KV_LEN: must exceed PREFILL_LEN ({out['prefill_len']}) so the decode graph has "
+            f"a row for the token after the prompt, got {out['kv_len']}"
+        )
     if out["opt_mode"] not in (1, 2, 3):
         raise EdgeforgeError(f"OPT_MODE: expected 1, 2 or 3, got {out['opt_mode']!r}")
     return out
@@ -120,6 +128,28 @@ def check_profile(profile: dict[str, Any], recipe_name: str, path: Path) -> dict
             "pieces do not contain; profile without --online-down"
         )
     return transforms
+
+
+def simulate_threshold(path: Path, recipe_name: str) -> float | None:
+    """The ``T`` ``make simulate`` chose (``shadow_layers.json``; None = clip_all), after
+    checking the file was made for this model."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+        model, threshold = doc["model"], doc["t01m_clip_threshold"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EdgeforgeError(
+            f"{path}: not a shadow_layers.json from make simulate ({exc})"
+        ) from None
+    if model != recipe_name:
+        raise EdgeforgeError(
+            f"{path}: made for model {model!r}, not {recipe_name!r}; "
+            f"run make simulate MODEL={recipe_name}"
+        )
+    if threshold is not None and not (isinstance(threshold, int | float) and threshold > 0):
+        raise EdgeforgeError(f"{path}: t01m_clip_threshold must be > 0 or null, got {threshold!r}")
+    return threshold
 
 
 def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
@@ -183,10 +213,16 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     profile_path = args.profile or build_dir / "profile" / "profile.json"
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     out_dir = build_dir / TARGET
+    inputs = {"profile": profile_path, "model_config": model_dir / "config.json"}
+    decision = build_dir / "simulate" / "shadow_layers.json"
+    if args.t is None and decision.is_file():
+        opts["t01m_clip_threshold"] = simulate_threshold(decision, recipe.name)
+        inputs["shadow_layers"] = decision
     tokenizer = load_tokenizer(model_dir)
-    seq_len = opts["seq_len"]
-    golden_ids = eval_windows(EVAL_CORPUS, tokenizer, 1, seq_len)[0].tolist()
-    calib_ids = sample_windows(CALIB_CORPUS, tokenizer, opts["calib_windows"], seq_len, 0)
+    lengths = (opts["prefill_len"], opts["kv_len"])
+    window = lengths[0] + 1  # the prompt and the token the decode graph is checked on
+    golden_ids = eval_windows(EVAL_CORPUS, tokenizer, 1, window)[0].tolist()
+    calib_ids = sample_windows(CALIB_CORPUS, tokenizer, opts["calib_windows"], window, 0)
     calib_ids = [w.tolist() for w in calib_ids]
 
     profile = load_profile(profile_path)
@@ -211,30 +247,39 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         work = tmp / "_work"
         float_dir = work / "float"
         pe.export_pieces(
-            adapter, seq_len, float_dir, only=lambda n: n.startswith("block") or n == "lm_head"
+            adapter,
+            lengths[0],
+            float_dir,
+            only=lambda n: (n.startswith("block_") and "cache" not in n) or n == "lm_head",
         )
+        pe.export_pieces(adapter, lengths[1], float_dir, only=lambda n: "block_cache" in n)
         golden = pipeline.capture(
-            pe.onnx_runner(float_dir), adapter, golden_ids, calib_ids, seq_len
+            pe.onnx_runner(float_dir), adapter, golden_ids, calib_ids, lengths
         )
+        encodings = qdq.plan_encodings(plan, stats, preset)
         rows, hidden = pipeline.build_all(
             adapter,
             float_dir,
             work,
             tmp,
             golden,
-            stats,
+            encodings,
             preset,
             socs,
             opts["vtcm_mb"],
             opts["opt_mode"],
         )
-        e2e = pipeline.end_to_end(adapter, hidden, golden_ids)
+        e2e = pipeline.end_to_end(adapter, hidden, golden_ids[: lengths[0]])
         write_json_atomic(
             tmp / "qnn_scales.json",
             {
                 "preset": preset.name,
-                "ranges": {
-                    n: {s: stats[n][s]["absmax"] for s in ("input", "output")} for n in stats
+                "encodings": {
+                    n: {
+                        side: {"absmax": e.absmax, "bits": e.bits}
+                        for side, e in zip(("input", "output"), pair, strict=True)
+                    }
+                    for n, pair in encodings.items()
                 },
             },
         )
@@ -255,7 +300,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         report = {
             "model": recipe.name,
             "preset": preset.name,
-            "seq_len": seq_len,
+            "prefill_len": lengths[0],
+            "kv_len": lengths[1],
             "soc_model": first["soc_model"],
             "htp_arch": first["htp_arch"],
             "socs": {s.name: {"soc_model": s.soc_model, "htp_arch": s.htp_arch} for s in socs},
@@ -263,6 +309,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "versions": versions,
             "layers": rows,
             "end_to_end": e2e,
+            "float_linears": sorted(qdq.float_linears(encodings)),
             "mllm_int8": mllm,
             "gates": GATES[preset.name] | {"mllm_max_abs": MLLM_MAX_ABS},
         }
@@ -272,7 +319,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         write_bytes_atomic(tmp / "report.md", rep.render(report).encode())
         manifest = build_manifest(
             step=TARGET,
-            inputs={"profile": profile_path, "model_config": model_dir / "config.json"},
+            inputs=inputs,
             outputs=tmp,
             recipe=recipe.data,
             options=opts,

@@ -1,10 +1,12 @@
 """Per-piece QDQ → EPContext → emulator verification, and the end-to-end chain.
 
 Every decoder layer is exported twice by :mod:`common.piece_export` (prefill ``block_i``
-of ``S`` tokens; decode ``block_cache_i`` of one token over a static ``S``-row KV cache;
-finite −1e4 masks), plus ``lm_head``. Golden inputs are captured by running the float
-pieces on onnxruntime CPU over one held-out window; calibration inputs (for activations
-the profile does not cover) over a few calibration windows. Each QDQ piece is compiled
+of ``PREFILL_LEN`` = ``P`` tokens; decode ``block_cache_i`` of one token over a static
+``KV_LEN``-row KV cache; finite −1e4 masks), plus ``lm_head``. Golden inputs are captured
+by running the float pieces on onnxruntime CPU over one held-out window of ``P + 1``
+tokens (prefill over ``P``, one decode step for the token after them, whose history is the
+prefill's K/V in the first ``P`` rows of the ``KV_LEN`` cache); calibration inputs (for
+activations the profile does not cover) over a few calibration windows. Each QDQ piece is compiled
 for every requested SoC, its binary's metadata is asserted, and the first SoC's binary
 is run on the HTP emulator in a strict session: cosine vs the float piece and vs the same
 QDQ model on CPU. The prefill binaries are also chained from the embedding to the last
@@ -44,24 +46,33 @@ class Golden:
 CALIB_POSITIONS = 8
 
 
-def _positions(length: int, count: int) -> list[int]:
-    """Up to ``count`` decode positions spread over ``1..length-1`` (always the last)."""
-    picks = np.linspace(1, length - 1, num=min(count, length - 1)).round().astype(int)
+def _positions(last: int, count: int) -> list[int]:
+    """Up to ``count`` decode positions spread over ``1..last`` (always ``last``)."""
+    picks = np.linspace(1, last, num=min(count, last)).round().astype(int)
     return sorted({int(p) for p in picks})
+
+
+def _history(cache: np.ndarray, kv_len: int) -> np.ndarray:
+    """The prefill's K or V ``[1,P,KVH,D]`` in the first rows of a zeroed ``KV_LEN`` cache."""
+    full = np.zeros((1, kv_len, *cache.shape[2:]), dtype=cache.dtype)
+    full[:, : cache.shape[1]] = cache
+    return full
 
 
 def _chain(
     run: pe.PieceRunner,
     adapter: ModelAdapter,
     ids: Sequence[int],
-    seq_len: int,
+    lengths: tuple[int, int],
     positions: Sequence[int],
     record: Callable[[str, Feeds, list[np.ndarray]], None],
 ) -> None:
-    """Float prefill over ``ids``, the LM head on the rows at ``positions``, and one decode
-    step per position (history: the prefill's K/V rows before it), calling
-    ``record(piece, inputs, outputs)`` for every piece run."""
-    pre = pe.prefill_inputs(list(ids), seq_len)
+    """Float prefill over ``ids[:P]``; for every decode position ``p`` (``1 <= p <= P``)
+    the LM head on the prefill row ``p - 1`` and one decode step for ``ids[p]`` over the
+    prefill's K/V (rows ``>= p`` masked), calling ``record(piece, inputs, outputs)`` for
+    every piece run. ``lengths`` is ``(PREFILL_LEN, KV_LEN)``."""
+    prefill_len, kv_len = lengths
+    pre = pe.prefill_inputs(list(ids[:prefill_len]), prefill_len)
     with torch.no_grad():
         hidden = adapter.embed_tokens()(torch.from_numpy(pre["input_ids"]).long()).numpy()
     caches = []
@@ -74,10 +85,10 @@ def _chain(
         outs = run(f"block_{i}", feeds)
         record(f"block_{i}", feeds, outs)
         hidden = outs[0]
-        caches.append((outs[1], outs[2]))
+        caches.append((_history(outs[1], kv_len), _history(outs[2], kv_len)))
     for position in positions:
-        record("lm_head", {"hidden_states": hidden[:, position]}, [])
-        step = pe.decode_inputs(int(ids[position]), position, seq_len)
+        record("lm_head", {"hidden_states": hidden[:, position - 1]}, [])
+        step = pe.decode_inputs(int(ids[position]), position, kv_len)
         with torch.no_grad():
             token = adapter.embed_tokens()(torch.from_numpy(step["input_ids"]).long()).numpy()
         for i in range(adapter.num_layers):
@@ -98,11 +109,12 @@ def capture(
     adapter: ModelAdapter,
     golden_ids: Sequence[int],
     calib_ids: Sequence[Sequence[int]],
-    seq_len: int,
+    lengths: tuple[int, int],
 ) -> Golden:
-    """Golden inputs/outputs from one held-out window (decode and LM head at its last
-    token), calibration inputs from the others."""
+    """Golden inputs/outputs from one held-out window of ``P + 1`` tokens (decode of its
+    last token, LM head on the last prefill row), calibration inputs from the others."""
     golden = Golden({}, {}, {})
+    prefill_len = lengths[0]
 
     def keep_golden(name: str, feeds: Feeds, outs: list[np.ndarray]) -> None:
         golden.inputs[name] = feeds
@@ -111,9 +123,10 @@ def capture(
     def keep_calib(name: str, feeds: Feeds, _outs: list[np.ndarray]) -> None:
         golden.calibration.setdefault(name, []).append(feeds)
 
-    _chain(run, adapter, golden_ids, seq_len, [len(golden_ids) - 1], keep_golden)
+    _chain(run, adapter, golden_ids, lengths, [prefill_len], keep_golden)
     for ids in calib_ids:
-        _chain(run, adapter, ids, seq_len, _positions(len(ids), CALIB_POSITIONS), keep_calib)
+        picks = _positions(prefill_len, CALIB_POSITIONS)
+        _chain(run, adapter, ids, lengths, picks, keep_calib)
     return golden
 
 
@@ -155,7 +168,7 @@ def build_piece(
     out_dir: Path,
     *,
     adapter: ModelAdapter,
-    stats: dict[str, Any],
+    encodings: dict[str, tuple[qdq.Encoding, qdq.Encoding]],
     golden: Golden,
     preset: qdq.Preset,
     socs: Sequence[qnn_ep.Soc],
@@ -166,13 +179,12 @@ def build_piece(
     """QDQ, compile for each SoC, verify on the emulator; returns the report row and, with
     ``chain_input``, the QNN outputs on it."""
     weights = piece_linears(adapter, name)
-    ranges = {n: (stats[n]["input"]["absmax"], stats[n]["output"]["absmax"]) for n in weights}
     static = qdq.static_float_model(float_dir / f"{name}.onnx", work_dir / f"{name}.static.onnx")
     qdq_path = work_dir / f"{name}.{preset.name}.onnx"
     qdq.quantize_piece(
         static,
         qdq_path,
-        ranges=ranges,
+        encodings={n: encodings[n] for n in weights},
         weights=weights,
         calibration=golden.calibration[name],
         preset=preset,
@@ -216,7 +228,7 @@ def build_all(
     work_dir: Path,
     out_dir: Path,
     golden: Golden,
-    stats: dict[str, Any],
+    encodings: dict[str, tuple[qdq.Encoding, qdq.Encoding]],
     preset: qdq.Preset,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
@@ -225,7 +237,7 @@ def build_all(
     """Every piece's report row, and the last hidden state of the QNN prefill chain."""
     common = dict(
         adapter=adapter,
-        stats=stats,
+        encodings=encodings,
         golden=golden,
         preset=preset,
         socs=socs,

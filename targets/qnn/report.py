@@ -53,13 +53,19 @@ def render(report: dict[str, Any]) -> str:
     e2e, mllm = report["end_to_end"], report["mllm_int8"]
     failures = gate_failures(report)
     lines = [
-        f"# QNN HTP: {report['model']} ({report['preset']}, S={report['seq_len']})",
+        f"# QNN HTP: {report['model']} ({report['preset']}, "
+        f"PREFILL_LEN={report['prefill_len']}, KV_LEN={report['kv_len']})",
         "",
         f"QNN SDK {report['qnn_version']} (onnxruntime-qnn "
         f"{report['versions']['onnxruntime-qnn']}); SoCs: "
         + ", ".join(f"{n} ({s['soc_model']}/v{s['htp_arch']})" for n, s in report["socs"].items()),
         "Numbers are from Qualcomm's x86 HTP emulator; loading and latency on a device are "
         "not proven here.",
+        "",
+        "Residual stream and RMSNorms in float (fp16 on HTP); linears kept float "
+        "(shadow / beyond the 16-bit ratio): "
+        + (", ".join(report["float_linears"]) or "none")
+        + ".",
         "",
         "![per-piece similarity](layers.png)",
         "",

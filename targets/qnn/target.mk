@@ -1,6 +1,7 @@
 # QNN (Qualcomm HTP): make qnn MODEL=<recipe> [SOCS=SM8650,SM8750] [PRESET=w8a16|w8a8|w4a16]
-#   [SEQ_LEN=n] [PROFILE=profile.json] [USE_DOCKER=1]
-# Needs build/<MODEL>/profile/profile.json (make profile). Writes build/<MODEL>/qnn/: the mllm
+#   [PREFILL_LEN=n] [KV_LEN=n] [PROFILE=profile.json] [USE_DOCKER=1]
+# Reads build/<MODEL>/profile/profile.json (runs make profile first when it is missing) and,
+# when present, build/<MODEL>/simulate/shadow_layers.json (the T chosen by make simulate). Writes build/<MODEL>/qnn/: the mllm
 # int8 model and per-SoC QNN context binaries, verified on the x86 HTP emulator
 # (targets/qnn/README.md). onnxruntime-qnn comes from targets/qnn/requirements.txt,
 # installed into the shared venv once (stamp keyed on that file's hash).
@@ -9,11 +10,15 @@ QNN_HASH  := $(shell sha256sum $(QNN_REQ) | cut -c1-16)
 QNN_STAMP := $(VENV)/.edgeforge-qnn-$(QNN_HASH)
 SOCS      ?=
 PRESET    ?=
-SEQ_LEN   ?=
+PREFILL_LEN ?=
+KV_LEN    ?=
 PROFILE   ?=
-QNN_VARS = $(foreach v,SOCS PRESET SEQ_LEN PROFILE,$(if $($(v)),$(v)=$($(v))))
+QNN_VARS = $(foreach v,SOCS PRESET PREFILL_LEN KV_LEN PROFILE,$(if $($(v)),$(v)=$($(v))))
 QNN_ARGS = $(if $(SOCS),--socs $(SOCS)) $(if $(PRESET),--preset $(PRESET)) \
-  $(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) $(if $(PROFILE),--profile $(PROFILE))
+  $(if $(PREFILL_LEN),--prefill-len $(PREFILL_LEN)) $(if $(KV_LEN),--kv-len $(KV_LEN)) \
+  $(if $(PROFILE),--profile $(PROFILE))
+#: The profile make qnn reads: PROFILE=, else make profile's output (made on demand).
+QNN_PROFILE = $(or $(PROFILE),$(BUILD_DIR)/$(MODEL)/profile/profile.json)
 .PHONY: qnn qnn-venv qnn-rotated-fp32
 
 qnn-venv: $(QNN_STAMP) ## install onnxruntime-qnn (pinned) into the venv
@@ -24,7 +29,10 @@ $(QNN_STAMP): $(QNN_REQ) $(STAMP)
 	$(PY) -c "import onnxruntime_qnn"
 	@touch $@
 
-qnn: venv qnn-venv ## QNN HTP: model.int8.mllm + context binaries per SoC, checked on the HTP emulator
+$(BUILD_DIR)/$(MODEL)/profile/profile.json:
+	$(MAKE) profile MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH))
+
+qnn: venv qnn-venv $(QNN_PROFILE) ## QNN HTP: model.int8.mllm + context binaries per SoC, checked on the HTP emulator
 ifeq ($(USE_DOCKER),1)
 	docker/run.sh qnn qnn MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) $(QNN_VARS)
 else

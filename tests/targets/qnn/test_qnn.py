@@ -131,7 +131,15 @@ def tiny_profile(session_build: Path, tiny_qwen2_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(session_build: Path, tiny_profile: Path) -> Path:
     result = run_target(
-        session_build, "--model", "tiny-qwen2", "--seq-len", "16", "--socs", "SM8650,SM8850"
+        session_build,
+        "--model",
+        "tiny-qwen2",
+        "--prefill-len",
+        "16",
+        "--kv-len",
+        "24",
+        "--socs",
+        "SM8650,SM8850",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return session_build / "tiny-qwen2" / "qnn"
@@ -211,3 +219,16 @@ def test_profile_from_another_model(
     foreign.write_text(json.dumps(doc))
     result = run_target(session_build, "--model", "tiny-qwen2", "--profile", str(foreign))
     assert_clean_error(result, str(foreign), "made for model 'tiny-qwen2-vl'")
+
+
+def test_shadow_layers_from_another_model(
+    session_build: Path, tiny_profile: Path, tmp_path: Path
+) -> None:
+    """make simulate's decision is read when present, and checked like the profile."""
+    build_dir = tmp_path / "build"
+    (build_dir / "tiny-qwen2" / "simulate").mkdir(parents=True)
+    (build_dir / "tiny-qwen2" / "model").symlink_to(session_build / "tiny-qwen2" / "model")
+    decision = build_dir / "tiny-qwen2" / "simulate" / "shadow_layers.json"
+    decision.write_text(json.dumps({"model": "smollm2-135m", "t01m_clip_threshold": 8.0}))
+    result = run_target(build_dir, "--model", "tiny-qwen2", "--profile", str(tiny_profile))
+    assert_clean_error(result, str(decision), "made for model 'smollm2-135m'")
