@@ -16,12 +16,21 @@ from common.errors import EdgeforgeError
 from common.rtn import SUPPORTED_BITS, check_group_size
 
 #: Export formats this step produces and reloads, with the bit widths each can store.
-#: AWQ's GEMM layout packs 4-bit codes only; GPTQ and AutoRound's own layout take 2/3/4/8.
+#: AWQ's GEMM layout packs 4-bit codes only; GPTQ and AutoRound's own layout take 2/3/4/8;
+#: the GGUF types named here are 4-bit llama.cpp block types.
 FORMAT_BITS: dict[str, tuple[int, ...]] = {
     "auto_round": SUPPORTED_BITS,
     "auto_gptq": SUPPORTED_BITS,
     "auto_awq": (4,),
+    "gguf:q4_0": (4,),
+    "gguf:q4_k_m": (4,),
 }
+
+#: The grid each GGUF type fixes (AutoRound derives its scheme from the type, so GROUP_SIZE
+#: and SYM cannot choose): Q4_0 is blocks of 32 weights sharing one fp16 scale, codes
+#: -8..7 (symmetric); Q4_K is 256-weight super-blocks of eight 32-weight sub-blocks, each with
+#: a 6-bit scale and min (asymmetric). "_M" mixes in Q6_K for attn_v / half of ffn_down.
+GGUF_GRID: dict[str, tuple[int, bool]] = {"gguf:q4_0": (32, True), "gguf:q4_k_m": (32, False)}
 
 #: Defaults sized for a CPU run (AutoRound's own are iters 200, nsamples 128, seqlen 2048,
 #: tuned for GPUs): with these SmolLM2-135M W4 g32 reaches ppl ratio 1.095 (RTN: 1.261) in
@@ -39,6 +48,13 @@ DEFAULTS: dict[str, Any] = {
     "rtn_gate": "both",
     "seed": 42,
 }
+
+#: GGUF runs default to auto-round's own advice for its current GGUF export: no sign-round
+#: steps (``iters=0``), i.e. its optimized RTN, which searches each block's scale (and min)
+#: weighted by an importance matrix taken from the calibration data. Sign-round steps do not
+#: pay off there without its ``enable_alg_ext`` extension (auto-round's warning); on
+#: SmolLM2 Q4_K_M, 5 steps kept every block at its initial rounding.
+GGUF_DEFAULT_ITERS = 0
 
 #: Keys a recipe's ``targets.autoround`` object may set (tell the schema).
 RECIPE_KEYS = tuple(DEFAULTS)
@@ -110,16 +126,44 @@ def parse_formats(value: Any) -> tuple[str, ...]:
         raise EdgeforgeError("FORMAT is empty; name one or more of " + ", ".join(FORMAT_BITS))
     for fmt in formats:
         if fmt not in FORMAT_BITS:
-            hint = (
-                " (GGUF export is not part of this target: its files cannot be reloaded and "
-                "checked against the float model here)"
-                if fmt.startswith("gguf")
-                else ""
-            )
             raise EdgeforgeError(
-                f"FORMAT {fmt!r} is not supported; choose from {', '.join(FORMAT_BITS)}{hint}"
+                f"FORMAT {fmt!r} is not supported; choose from {', '.join(FORMAT_BITS)}"
             )
+    gguf = [fmt for fmt in formats if fmt in GGUF_GRID]
+    if gguf and len(formats) > 1:
+        raise EdgeforgeError(
+            f"FORMAT {gguf[0]} must be the only format of a run: the GGUF type fixes the "
+            f"quantization grid, so it cannot share tuned weights with {', '.join(formats)}; "
+            "run once per format"
+        )
     return formats
+
+
+def folder_name(fmt: str) -> str:
+    """The output folder of ``fmt`` (``gguf:q4_0`` → ``gguf-q4_0``: no colon in paths)."""
+    return fmt.replace(":", "-")
+
+
+def is_gguf(options: Options) -> bool:
+    """Whether this run exports a GGUF file (one format, reloaded through transformers)."""
+    return options.formats[0] in GGUF_GRID
+
+
+def _gguf_grid(fmt: str, cli: dict[str, Any]) -> dict[str, Any]:
+    """group_size/sym of a GGUF type; a conflicting GROUP_SIZE/SYM on the command line fails."""
+    group_size, sym = GGUF_GRID[fmt]
+    asked = cli.get("group_size")
+    if asked is not None and _int(asked, "GROUP_SIZE", -1) != group_size:
+        raise EdgeforgeError(
+            f"GROUP_SIZE={cli['group_size']} conflicts with FORMAT {fmt}, whose blocks are "
+            f"{group_size} weights; leave GROUP_SIZE unset"
+        )
+    if cli.get("sym") is not None and parse_bool(cli["sym"], "SYM") != sym:
+        raise EdgeforgeError(
+            f"SYM={cli['sym']} conflicts with FORMAT {fmt}, which is "
+            f"{'symmetric' if sym else 'asymmetric (scale and min)'}; leave SYM unset"
+        )
+    return {"group_size": group_size, "sym": sym}
 
 
 def resolve(cli: dict[str, Any], recipe_defaults: dict[str, Any]) -> Options:
@@ -130,7 +174,10 @@ def resolve(cli: dict[str, Any], recipe_defaults: dict[str, Any]) -> Options:
             f"recipe targets.autoround: unknown key(s) {', '.join(unknown)}; "
             f"known: {', '.join(RECIPE_KEYS)}"
         )
-    merged = {**DEFAULTS, **recipe_defaults, **{k: v for k, v in cli.items() if v is not None}}
+    given = {**recipe_defaults, **{k: v for k, v in cli.items() if v is not None}}
+    merged = {**DEFAULTS, **given}
+    if parse_formats(merged["formats"])[0] in GGUF_GRID and "iters" not in given:
+        merged["iters"] = GGUF_DEFAULT_ITERS
     bits = _int(merged["bits"], "BITS", 1)
     if bits not in SUPPORTED_BITS:
         raise EdgeforgeError(f"BITS must be one of {SUPPORTED_BITS}, got {bits}")
@@ -141,6 +188,8 @@ def resolve(cli: dict[str, Any], recipe_defaults: dict[str, Any]) -> Options:
                 f"BITS={bits} is not supported by FORMAT {fmt} (it stores "
                 f"{'/'.join(map(str, FORMAT_BITS[fmt]))}-bit weights)"
             )
+    if formats[0] in GGUF_GRID:
+        merged.update(_gguf_grid(formats[0], cli))
     group_size = _int(merged["group_size"], "GROUP_SIZE", -1)
     if group_size == 0:
         raise EdgeforgeError("GROUP_SIZE must be -1 (per row) or a positive integer, got 0")
@@ -230,6 +279,12 @@ def check_against_model(
     options: Options, *, is_vision_language: bool, linears: list[tuple[str, int]]
 ) -> None:
     """Checks that need the model: VL-only options, and group_size against every layer."""
+    if is_vision_language and is_gguf(options):
+        raise EdgeforgeError(
+            f"FORMAT {options.formats[0]} is for text-only LLMs here (Llama/Qwen2): a "
+            "vision-language GGUF is a text file plus an mmproj file that transformers cannot "
+            "reload to check; use auto_round, auto_gptq or auto_awq"
+        )
     if not is_vision_language:
         for flag, name in (
             (options.quant_nontext_module, "QUANT_NONTEXT=1"),

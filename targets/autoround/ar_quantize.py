@@ -7,6 +7,10 @@ off the network, and repairs one export defect before anything is verified:
   loader then also converts the float vision tower into empty quantized layers (NaN logits on
   image prompts, research note §6.5); it is written from the blocks that were quantized.
 
+GGUF export goes through the llama.cpp converter auto-round bundles; whether it can convert
+the model with the installed ``gguf`` package is checked before tuning
+(:func:`check_gguf_support`), and its auto-update (a download from GitHub) is kept off.
+
 Model-free RTN (which writes block names transformers 5 no longer uses) and torch.compile
 (20x slower on CPU) are switched off; see ``../shared/research/autoround.md``.
 """
@@ -110,6 +114,44 @@ def register_llava_file(path: Path) -> str:
     return key
 
 
+#: Packages auto-round's GGUF writer imports (it tries a SentencePiece vocab first).
+GGUF_MODULES = ("gguf", "sentencepiece")
+
+
+def check_gguf_support(model_dir: Path, fmt: str) -> None:
+    """Fail before tuning if auto-round's bundled llama.cpp converter cannot write ``fmt``.
+
+    The converter is imported exactly as the export will import it (``LLAMA_CPP_ROOT``, if
+    set, is honoured; the GitHub auto-update is off), so a model architecture it cannot
+    convert with the installed ``gguf`` package is one clear line instead of a traceback
+    after minutes of tuning.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    missing = [name for name in GGUF_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise EdgeforgeError(
+            f"FORMAT {fmt} needs the Python package(s) {', '.join(missing)}; run `make "
+            "autoround-venv` (pins in targets/autoround/requirements.txt)"
+        )
+    from auto_round.export.export_to_gguf.llama_cpp_conversion import get_conversion
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    arch = (config.get("architectures") or ["?"])[0]
+    with offline():
+        try:
+            get_conversion(hparams=config, auto_update=False)
+        except (NotImplementedError, ImportError) as exc:
+            cause = exc.__cause__ or exc
+            raise EdgeforgeError(
+                f"FORMAT {fmt}: auto-round's bundled llama.cpp converter cannot convert {arch} "
+                f"with gguf {importlib.metadata.version('gguf')} ({type(cause).__name__}: "
+                f"{str(cause).splitlines()[0]}); point LLAMA_CPP_ROOT at a llama.cpp checkout "
+                "whose converter supports it, or choose auto_round, auto_gptq or auto_awq"
+            ) from None
+
+
 def run_autoround(
     model: torch.nn.Module,
     *,
@@ -144,6 +186,10 @@ def run_autoround(
         "seed": options.seed,
         **extra,
     }
+    if options.formats[0].startswith("gguf:"):  # the GGUF type is the scheme
+        for key in ("bits", "group_size", "sym"):
+            del kwargs[key]
+        kwargs["scheme"] = options.formats[0].upper()
     if processor is not None:
         kwargs["processor"] = processor
         kwargs["quant_nontext_module"] = options.quant_nontext_module
@@ -159,6 +205,14 @@ def run_autoround(
                 f"auto-round found no usable calibration sample (exit {exc.code}); samples "
                 f"shorter than SEQLEN={options.seqlen} tokens are dropped: lower SEQLEN or give "
                 "longer samples"
+            ) from None
+        except NotImplementedError as exc:  # llama.cpp's tokenizer fingerprint check
+            if "pre-tokenizer was not recognized" not in str(exc):
+                raise
+            raise EdgeforgeError(
+                f"FORMAT {options.formats[0]}: llama.cpp's converter does not know this "
+                "model's tokenizer (its BPE pre-tokenizer fingerprint is not in the bundled "
+                "list), so the GGUF would tokenize wrongly; choose another FORMAT"
             ) from None
         except Exception as exc:
             if _tried_network(exc):

@@ -163,12 +163,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells = [_num(report["rtn"]["layers"][name], 6)]
         cells += [_num(report["per_format"][f]["layers"][name], 6) for f in formats]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Reload", ""]
+    lines += ["", f"RTN baseline: {report['rtn']['baseline']}.", "", "## Reload", ""]
     for fmt, result in report["per_format"].items():
-        lines.append(
-            f"- {fmt}: {result['quantized_layers']} quantized layers, kernels "
-            f"{', '.join(result['kernels']) or 'none'}"
+        tensor_types = result["quantization_config"].get("tensor_types")
+        stored = (
+            f"GGUF tensor types {tensor_types} (planned layers: {', '.join(result['kernels'])})"
+            if tensor_types
+            else f"kernels {', '.join(result['kernels']) or 'none'}"
         )
+        lines.append(f"- {fmt}: {result['quantized_layers']} quantized layers, {stored}")
         prompt = result.get("image_prompt")
         if prompt:
             lines.append(

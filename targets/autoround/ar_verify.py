@@ -1,11 +1,13 @@
 """Reload an AutoRound export offline on CPU and measure it against the float model.
 
 The loader is auto-round's own (transformers' ``AutoRoundConfig`` integration, CPU kernels
-from ``auto-round-lib``), the way a user would load the files. The main failure mode of
-these exports is silent: a loader that converts nothing (random weights), converts layers
-that were never quantized, or falls back to a fake kernel still "loads". So before any
-number is trusted, the set of quantized modules must equal the set that was planned, and no
-checkpoint tensor may be missing or left over.
+from ``auto-round-lib``), the way a user would load the files; a GGUF file is read back by
+transformers' GGUF reader, which dequantizes every tensor through the ``gguf`` package.
+The main failure mode of these exports is silent: a loader that converts nothing (random
+weights), converts layers that were never quantized, or falls back to a fake kernel still
+"loads". So before any number is trusted, the set of quantized modules (GGUF: tensors stored
+in a quantized type) must equal the set that was planned, and no checkpoint tensor may be
+missing or left over.
 """
 
 from __future__ import annotations
@@ -42,6 +44,99 @@ def load_export(export_dir: Path, is_vision_language: bool) -> tuple[nn.Module, 
         raise EdgeforgeError(f"{export_dir}: auto-round's loader failed: {exc}") from None
     model.eval()
     return model, info
+
+
+def gguf_file(export_dir: Path) -> Path:
+    """The one ``.gguf`` file auto-round wrote into ``export_dir``."""
+    files = sorted(export_dir.glob("*.gguf"))
+    if len(files) != 1:
+        raise EdgeforgeError(f"{export_dir}: expected one .gguf file, found {len(files)}")
+    return files[0]
+
+
+def load_gguf(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a GGUF file the way a transformers user would: dequantized to fp32, on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path.parent,
+            gguf_file=path.name,
+            dtype=torch.float32,
+            device_map="cpu",
+            local_files_only=True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
+        raise EdgeforgeError(f"{path}: transformers' GGUF reader failed: {exc}") from None
+    model.eval()
+    return model, info
+
+
+def gguf_tensor_types(path: Path, planned: list[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """(``{planned layer: GGUF type}``, ``{type: tensor count}``) read from the file itself.
+
+    Layer names map to GGUF tensor names with gguf-py's own table for the file's
+    architecture (``model.layers.0.self_attn.q_proj`` → ``blk.0.attn_q``).
+    """
+    from collections import Counter
+
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch_name = reader.fields["general.architecture"].contents()
+    arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[arch_name]
+    blocks = int(reader.fields[f"{arch_name}.block_count"].contents())
+    names = gguf.get_tensor_name_map(arch, blocks)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    per_layer = {}
+    for layer in planned:
+        mapped = names.get_name(layer)
+        per_layer[layer] = types.get(f"{mapped}.weight", "absent") if mapped else "unmapped"
+    return per_layer, dict(sorted(Counter(types.values()).items()))
+
+
+#: GGUF tensor types that are not quantized (a planned layer stored so was not quantized).
+FLOAT_GGUF_TYPES = ("F32", "F16", "BF16", "F64")
+#: What :func:`gguf_tensor_types` reports for a planned layer the file does not hold.
+MISSING_GGUF_TYPES = ("absent", "unmapped")
+
+
+def is_quantized_gguf_type(tensor_type: str) -> bool:
+    """Whether a planned layer's entry names a quantized GGUF type (Q4_0, Q4_K, Q5_0, ...)."""
+    return tensor_type not in FLOAT_GGUF_TYPES + MISSING_GGUF_TYPES
+
+
+def gguf_problems(info: dict[str, Any], per_layer: dict[str, str]) -> list[str]:
+    """Why the reloaded GGUF is not the planned quantized model (empty when it is)."""
+    problems = [
+        f"{len(info.get(key) or ())} tensor(s) {what}, e.g. {sorted(map(str, info[key]))[0]}"
+        for key, what in (("missing_keys", "missing from the file"),
+                          ("unexpected_keys", "in the file left unused"))
+        if info.get(key)
+    ]  # fmt: skip
+    floats = sorted(n for n, t in per_layer.items() if t in FLOAT_GGUF_TYPES)
+    absent = sorted(n for n, t in per_layer.items() if t in MISSING_GGUF_TYPES)
+    if absent:
+        problems.append(f"{len(absent)} planned layer(s) not in the file, e.g. {absent[0]}")
+    if floats:
+        problems.append(f"{len(floats)} planned layer(s) stored unquantized, e.g. {floats[0]}")
+    return problems
+
+
+def gguf_tokenizer_problems(path: Path, tokenizer: Any, texts: list[str]) -> list[str]:
+    """The tokenizer stored in the GGUF must encode ``texts`` exactly as the source one does."""
+    from transformers import AutoTokenizer
+
+    try:
+        stored = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                               local_files_only=True)  # fmt: skip
+    except (OSError, ValueError, KeyError) as exc:
+        return [f"the GGUF's tokenizer does not load: {exc}"]
+    for text in texts:
+        if stored(text).input_ids != tokenizer(text).input_ids:
+            return [f"the GGUF's tokenizer encodes {text[:40]!r}... differently from the source"]
+    return []
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:

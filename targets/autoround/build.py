@@ -4,10 +4,11 @@ Intel AutoRound (PyPI ``auto-round``, seed 004) tunes the rounding of each weigh
 gradient descent on block outputs; it is called through its Python API, never
 re-implemented. Calibration is the project corpus by default, or a local JSON/JSONL text
 file, or (vision-language models) a LLaVA-style conversation JSON with its image folder.
-Every requested format is reloaded from disk with auto-round's CPU loader, its quantized
-layer set is checked against the plan, and it is compared with the float model on the
-held-out corpus (perplexity ratio, logits cosine, top-1 agreement, per-layer cosine; VL: an
-image prompt), next to plain round-to-nearest at the same bits/group (``common.rtn``), the
+Every requested format is reloaded from disk with auto-round's CPU loader (a GGUF file:
+transformers' GGUF reader), its quantized layer set is checked against the plan, and it is
+compared with the float model on the held-out corpus (perplexity ratio, logits cosine, top-1
+agreement, per-layer cosine; VL: an image prompt), next to plain round-to-nearest at the same
+bits/group (``common.rtn``; for GGUF, auto-round's own RTN into the same GGUF type), the
 baseline AutoRound must beat. Output: ``build/<MODEL>/autoround/`` with one folder per
 format (a loadable checkpoint plus its own report/manifest) and the overall report.
 Research notes: ``../shared/research/autoround.md``; issue 7.
@@ -16,8 +17,10 @@ Research notes: ``../shared/research/autoround.md``; issue 7.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib.metadata
+import itertools
 import shutil
 import sys
 import tempfile
@@ -61,13 +64,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", help="AutoRound tuning steps per block (0 = its RTN)")
     parser.add_argument("--nsamples", help="calibration samples")
     parser.add_argument("--seqlen", help="calibration tokens per sample")
-    parser.add_argument("--format", dest="formats", help="comma list: auto_round,auto_gptq,...")
+    parser.add_argument(
+        "--format",
+        dest="formats",
+        help="comma list of auto_round,auto_gptq,auto_awq; or gguf:q4_0|gguf:q4_k_m alone",
+    )
     parser.add_argument("--quant-nontext", dest="quant_nontext_module", help="1: vision too")
     parser.add_argument("--data", help="local calibration .json/.jsonl (default: corpus)")
     parser.add_argument("--images", help="image folder of a LLaVA-style --data file")
     parser.add_argument("--template", help="custom chat-template JSON (AutoRound format)")
     parser.add_argument("--max-ppl-ratio", dest="max_ppl_ratio", help="gate (default 1.10)")
     parser.add_argument("--rtn-gate", dest="rtn_gate", help="beat RTN on: both|ppl|cosine")
+    parser.add_argument(
+        "--eval-windows", type=int, default=None, help="held-out windows (default: recipe eval)"
+    )
     return parser.parse_args(argv)
 
 
@@ -188,6 +198,73 @@ def _release(*objects: Any) -> None:
     gc.collect()
 
 
+#: Held-out texts the tokenizer stored in a GGUF file must encode as the source one does.
+TOKENIZER_CHECK_TEXTS = 4
+
+#: What "RTN" means in the report, per kind of format.
+RTN_BASELINE = {
+    False: "common.rtn: plain round-to-nearest on the same layers and the same integer grid "
+    "AutoRound stores (signed-extreme symmetric / min-max asymmetric, fp16 scales)",
+    True: "auto-round with iters=0 and disable_opt_rtn (no calibration, no importance "
+    "matrix) exported to the same GGUF type with the same per-tensor types and reloaded the "
+    "same way: for Q4_0 plain round-to-nearest (llama.cpp's reference quantizer); for the "
+    "k-quants llama.cpp's own scale/min search, i.e. what llama-quantize does without "
+    "--imatrix",
+}
+
+
+def _rtn_baseline(
+    options: ar_options.Options, model_dir: Path, planned: list[str], quantize: Any
+) -> Any:
+    """The RTN model at the run's setting (see :data:`RTN_BASELINE`)."""
+    from common.models.loading import load_model
+    from common.rtn import apply_rtn
+
+    if ar_options.is_gguf(options):
+        rtn_options = dataclasses.replace(options, iters=0)
+        exports, _ = quantize(rtn_options, {"disable_opt_rtn": True}, "rtn-export")
+        model, _ = ar_verify.load_gguf(ar_verify.gguf_file(exports[options.formats[0]]))
+        return model
+    model = load_model(model_dir)
+    apply_rtn(
+        [(n, model.get_submodule(n)) for n in planned], options.bits, options.group_size,
+        options.sym,
+    )  # fmt: skip
+    return model
+
+
+def _reload(
+    fmt: str, fmt_dir: Path, is_vl: bool, planned: list[str], prefixes: list[str], tokenizer: Any
+) -> tuple[Any, dict[str, Any]]:
+    """(reloaded model, structural findings) of one export folder."""
+    if fmt in ar_options.GGUF_GRID:
+        from common.data import EVAL_CORPUS, iter_texts
+
+        path = ar_verify.gguf_file(fmt_dir)
+        _log(f"{fmt}: reloading {path.name} with transformers' GGUF reader")
+        model, info = ar_verify.load_gguf(path)
+        per_layer, types = ar_verify.gguf_tensor_types(path, planned)
+        texts = list(itertools.islice(iter_texts([EVAL_CORPUS]), TOKENIZER_CHECK_TEXTS))
+        problems = ar_verify.gguf_problems(info, per_layer)
+        problems += ar_verify.gguf_tokenizer_problems(path, tokenizer, texts)
+        quantized = {n: t for n, t in per_layer.items() if ar_verify.is_quantized_gguf_type(t)}
+        return model, {
+            "problems": problems,
+            "kernels": sorted(set(quantized.values())),
+            "quantized_layers": len(quantized),
+            "quantization_config": {"gguf_file": path.name, "tensor_types": types},
+        }
+    quant_config = ar_quantize.fix_export_config(fmt_dir, fmt, prefixes)
+    _log(f"{fmt}: reloading {fmt_dir.name}/ with auto-round's CPU loader")
+    model, info = ar_verify.load_export(fmt_dir, is_vl)
+    return model, {
+        "problems": ar_verify.structure_problems(model, info, planned, quant_config),
+        "kernels": sorted(set(ar_verify.quantized_modules(model).values())),
+        "quantized_layers": len(ar_verify.quantized_modules(model)),
+        "quantization_config": quant_config,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from common.data import EVAL_CORPUS, eval_windows
     from common.eval import perplexity
@@ -196,7 +273,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from common.models import get_adapter
     from common.models.loading import load_model, load_processor, load_tokenizer
     from common.recipes import load_recipe, model_build_dir
-    from common.rtn import apply_rtn
 
     toolchains = _require_autoround()
     recipe = load_recipe(args.model)
@@ -227,6 +303,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         options, is_vision_language=is_vl, linears=[(n, lin.in_features) for n, lin in plan]
     )
     planned = [name for name, _ in plan]
+    if ar_options.is_gguf(options):
+        ar_quantize.check_gguf_support(model_dir, options.formats[0])
     decoder_names = [layer.name for layer in adapter.layers()]
     prefixes = ar_quantize.block_prefixes(_block_names(adapter, options.quant_nontext_module))
     tokenizer = load_tokenizer(model_dir)
@@ -238,11 +316,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         image = list_frames(options.images or DEFAULT_IMAGES, "image prompt folder")[0]
 
     eval_cfg = recipe.eval_defaults
+    num_windows = (
+        eval_cfg.get("num_windows", DEFAULT_NUM_WINDOWS)
+        if args.eval_windows is None
+        else args.eval_windows
+    )
+    if num_windows < 1:
+        raise EdgeforgeError(f"EVAL_WINDOWS must be >= 1, got {num_windows}")
     windows = eval_windows(
-        [EVAL_CORPUS],
-        tokenizer,
-        eval_cfg.get("num_windows", DEFAULT_NUM_WINDOWS),
-        eval_cfg.get("seq_len", DEFAULT_SEQ_LEN),
+        [EVAL_CORPUS], tokenizer, num_windows, eval_cfg.get("seq_len", DEFAULT_SEQ_LEN)
     )
     out_root = model_build_dir(recipe, args.build_dir) / TARGET
     with tempfile.TemporaryDirectory(prefix=".autoround-", dir=out_root.parent) as scratch:
@@ -253,14 +335,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ar_verify.image_inputs(processor, image, IMAGE_PROMPT) if image is not None else None
         )
 
-        _log(f"RTN baseline: W{options.bits} g{options.group_size} on {len(planned)} layers")
-        rtn_model = load_model(model_dir)
-        apply_rtn(
-            [(n, rtn_model.get_submodule(n)) for n in planned],
-            options.bits,
-            options.group_size,
-            options.sym,
+        def quantize(run_options: ar_options.Options, more: dict[str, Any], name: str) -> Any:
+            return ar_quantize.run_autoround(
+                load_model(model_dir),
+                tokenizer=tokenizer,
+                processor=processor,
+                dataset=dataset,
+                out_dir=Path(scratch) / name,
+                options=run_options,
+                extra={**extra, **more},
+            )
+
+        baseline = options.formats[0] if ar_options.is_gguf(options) else "common.rtn"
+        _log(
+            f"RTN baseline ({baseline}): W{options.bits} g{options.group_size} on "
+            f"{len(planned)} layers"
         )
+        rtn_model = _rtn_baseline(options, model_dir, planned, quantize)
         rtn = {
             "ppl": perplexity(rtn_model, windows)["ppl"],
             **_logit_similarity(rtn_model, reference, windows[:COMPARE_WINDOWS]),
@@ -274,34 +365,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"AutoRound: iters {options.iters}, {options.nsamples} samples x "
                 f"{options.seqlen} tokens -> {', '.join(options.formats)}"
             )
-            exports, seconds = ar_quantize.run_autoround(
-                load_model(model_dir),
-                tokenizer=tokenizer,
-                processor=processor,
-                dataset=dataset,
-                out_dir=Path(scratch) / "export",
-                options=options,
-                extra=extra,
-            )
+            exports, seconds = quantize(options, {}, "export")
             gc.collect()
             per_format: dict[str, Any] = {}
             for fmt, exported in exports.items():
-                fmt_dir = tmp / fmt
+                fmt_dir = tmp / ar_options.folder_name(fmt)
                 shutil.move(str(exported), fmt_dir)
-                quant_config = ar_quantize.fix_export_config(fmt_dir, fmt, prefixes)
-                _log(f"{fmt}: reloading {fmt_dir.name}/ with auto-round's CPU loader")
-                model, info = ar_verify.load_export(fmt_dir, is_vl)
-                result: dict[str, Any] = {
-                    "problems": ar_verify.structure_problems(model, info, planned, quant_config),
-                    "kernels": sorted(set(ar_verify.quantized_modules(model).values())),
-                    "quantized_layers": len(ar_verify.quantized_modules(model)),
-                    "quantization_config": quant_config,
-                }
+                model, result = _reload(fmt, fmt_dir, is_vl, planned, prefixes, tokenizer)
                 if not result["problems"]:
                     result["ppl"] = perplexity(model, windows)["ppl"]
-                    result.update(
-                        _logit_similarity(model, reference, windows[:COMPARE_WINDOWS])
-                    )
+                    result.update(_logit_similarity(model, reference, windows[:COMPARE_WINDOWS]))
                     result["layers"] = ar_verify.layer_cosines(
                         model, reference, decoder_names, windows[0]
                     )
@@ -317,7 +390,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 options=options,
                 planned=planned,
                 fp=fp,
-                rtn=rtn,
+                rtn={**rtn, "baseline": RTN_BASELINE[ar_options.is_gguf(options)]},
                 per_format=per_format,
                 quantize_seconds=seconds,
                 eval_shape=list(windows.shape),
@@ -329,16 +402,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 inputs["template"] = options.template
             for fmt in per_format:
                 fmt_report = ar_report.format_report(report, fmt)
-                write_json_atomic(tmp / fmt / "report.json", fmt_report)
+                fmt_dir = tmp / ar_options.folder_name(fmt)
+                write_json_atomic(fmt_dir / "report.json", fmt_report)
                 write_bytes_atomic(
-                    tmp / fmt / "report.md", ar_report.render_markdown(fmt_report).encode()
+                    fmt_dir / "report.md", ar_report.render_markdown(fmt_report).encode()
                 )
                 write_json_atomic(
-                    tmp / fmt / "manifest.json",
+                    fmt_dir / "manifest.json",
                     build_manifest(
                         step=f"{TARGET}:{fmt}",
                         inputs=inputs,
-                        outputs=tmp / fmt,
+                        outputs=fmt_dir,
                         recipe=recipe.data,
                         options=options.as_record(),
                         toolchains=toolchains,

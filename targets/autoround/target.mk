@@ -1,8 +1,10 @@
 # AutoRound (Intel auto-round): int4/int2/3/8 weight-only quantization of LLMs and MLLMs,
 # offline, every export reloaded on CPU and compared with the float model and with RTN.
 #   make autoround MODEL=<recipe> [BITS=4] [GROUP_SIZE=32] [SYM=1] [ITERS=..] [NSAMPLES=..]
-#        [SEQLEN=..] [FORMAT=auto_round,auto_gptq,auto_awq] [QUANT_NONTEXT=1]
-#        [DATA=calib.json|.jsonl] [IMAGES=<dir of the LLaVA json's images>] [TEMPLATE=t.json]
+#        [SEQLEN=..] [FORMAT=auto_round,auto_gptq,auto_awq | gguf:q4_0 | gguf:q4_k_m]
+#        [QUANT_NONTEXT=1] [DATA=calib.json|.jsonl] [IMAGES=<LLaVA json's image dir>]
+#        [TEMPLATE=t.json]
+#        [EVAL_WINDOWS=<held-out windows; default the recipe's eval.num_windows>]
 # auto-round and its extra dependencies come from targets/autoround/requirements.txt and are
 # installed into the shared venv once (stamp keyed on that file's hash).
 AUTOROUND_REQ   := targets/autoround/requirements.txt
@@ -19,12 +21,14 @@ QUANT_NONTEXT ?=
 DATA          ?=
 IMAGES        ?=
 TEMPLATE      ?=
-AUTOROUND_VARS = $(foreach v,BITS GROUP_SIZE SYM ITERS NSAMPLES SEQLEN FORMAT QUANT_NONTEXT DATA IMAGES TEMPLATE,$(if $($(v)),$(v)=$($(v))))
+EVAL_WINDOWS  ?=
+AUTOROUND_VARS = $(foreach v,BITS GROUP_SIZE SYM ITERS NSAMPLES SEQLEN FORMAT QUANT_NONTEXT DATA IMAGES TEMPLATE EVAL_WINDOWS,$(if $($(v)),$(v)=$($(v))))
 AUTOROUND_ARGS = $(if $(BITS),--bits $(BITS)) $(if $(GROUP_SIZE),--group-size $(GROUP_SIZE)) \
   $(if $(SYM),--sym $(SYM)) $(if $(ITERS),--iters $(ITERS)) $(if $(NSAMPLES),--nsamples $(NSAMPLES)) \
   $(if $(SEQLEN),--seqlen $(SEQLEN)) $(if $(FORMAT),--format $(FORMAT)) \
   $(if $(QUANT_NONTEXT),--quant-nontext $(QUANT_NONTEXT)) $(if $(DATA),--data $(DATA)) \
-  $(if $(IMAGES),--images $(IMAGES)) $(if $(TEMPLATE),--template $(TEMPLATE))
+  $(if $(IMAGES),--images $(IMAGES)) $(if $(TEMPLATE),--template $(TEMPLATE)) \
+  $(if $(EVAL_WINDOWS),--eval-windows $(EVAL_WINDOWS))
 .PHONY: autoround autoround-venv
 
 autoround-venv: $(AUTOROUND_STAMP) ## install auto-round's pinned extras into the venv
@@ -32,7 +36,7 @@ autoround-venv: $(AUTOROUND_STAMP) ## install auto-round's pinned extras into th
 $(AUTOROUND_STAMP): $(AUTOROUND_REQ) $(STAMP)
 	@rm -f $(VENV)/.edgeforge-autoround-*
 	$(PY) -m pip install --disable-pip-version-check --progress-bar off --no-deps -r $(AUTOROUND_REQ)
-	$(PY) -c "import auto_round, auto_round_kernel, datasets"
+	$(PY) -c "import auto_round, auto_round_kernel, datasets, sentencepiece"
 	@touch $@
 
 autoround: venv autoround-venv ## AutoRound W4 (default) quantization + offline reload check: build/<MODEL>/autoround/
