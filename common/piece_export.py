@@ -639,9 +639,32 @@ def greedy_decode(
         cache_k.append(np.array(k, dtype=np.float32))
         cache_v.append(np.array(v, dtype=np.float32))
     token = _next_token(run, hidden[:, length - 1], logits)
-    tokens = [token]
-    for position in range(length, length + max_new_tokens - 1):
-        step = decode_inputs(token, position, dims.seq_len, dims.rope_rows, position + rope_offset)
+    return decode_steps(
+        run, dims, (cache_k, cache_v), token, length, max_new_tokens, rope_offset, logits
+    )
+
+
+def decode_steps(
+    run: PieceRunner,
+    dims: PieceDims,
+    cache: tuple[list[np.ndarray], list[np.ndarray]],
+    first_token: int,
+    start: int,
+    count: int,
+    rope_offset: int = 0,
+    logits: list[np.ndarray] | None = None,
+) -> list[int]:
+    """The runtime's decode loop: ``count`` greedy tokens starting with ``first_token`` at
+    position ``start``, one ``embedding_cache`` → ``block_cache_i`` → ``lm_head`` →
+    ``greedy_head`` pass per further token, each writing its own K/V row into ``cache``
+    (per-layer ``[1,S,KVH,D]`` K and V lists, updated in place). M-RoPE positions run
+    ``rope_offset`` ahead of the cache row, as after a multimodal prompt."""
+    cache_k, cache_v = cache
+    tokens = [first_token]
+    for position in range(start, start + count - 1):
+        step = decode_inputs(
+            tokens[-1], position, dims.seq_len, dims.rope_rows, position + rope_offset
+        )
         (hidden,) = run("embedding_cache", {"input_ids": step["input_ids"]})
         for i in range(dims.num_layers):
             hidden, k, v = run(
@@ -656,8 +679,7 @@ def greedy_decode(
             )
             cache_k[i][:, position] = k[:, 0]
             cache_v[i][:, position] = v[:, 0]
-        token = _next_token(run, hidden[:, 0], logits)
-        tokens.append(token)
+        tokens.append(_next_token(run, hidden[:, 0], logits))
     return tokens
 
 
@@ -693,18 +715,19 @@ def onnx_runner(onnx_dir: Path) -> PieceRunner:
 
 
 def reference_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int) -> list[int]:
-    """Hugging Face ``generate`` greedy tokens for ``prompt`` ``[1, L]``: the reference the
-    pieces must reproduce. It stops at the checkpoint's EOS (suppressing EOS would change
-    the argmax), so it may be shorter than ``max_new_tokens``; compare on its length."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is not None:
-        config.eos_token_id = eos
+    """Hugging Face greedy tokens for ``prompt`` ``[1, L]`` (the model's own forward with its
+    KV cache, argmax each step): the reference the pieces must reproduce. Exactly
+    ``max_new_tokens`` of them: EOS neither stops the run nor is suppressed, so every token is
+    the model's own argmax and a prompt whose answer ends early still checks the whole run."""
+    tokens: list[int] = []
     with torch.no_grad():
-        out = model.generate(prompt, generation_config=config)
-    return out[0, prompt.shape[1] :].tolist()
+        out = model(input_ids=prompt, use_cache=True)
+        while True:
+            tokens.append(int(out.logits[0, -1].argmax()))
+            if len(tokens) == max_new_tokens:
+                return tokens
+            step = torch.tensor([[tokens[-1]]], dtype=prompt.dtype)
+            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

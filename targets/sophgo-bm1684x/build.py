@@ -1,33 +1,45 @@
 """``make sophgo``: a llama/qwen2 checkpoint → one BM1684X bmodel, verified on the simulator.
 
-The model is cut into static ONNX pieces (``common.piece_export``), each compiled by
-TPU-MLIR (``model_transform`` checked against onnxruntime, ``model_deploy`` checked on the
-chip simulator), then every piece's bmodel is run on the simulator against onnxruntime on the
-same inputs, and a greedy decode through the simulated bmodels (prefill, then the KV-cache
-decode pieces) is compared token for token with Hugging Face ``generate``. The pieces are
-combined into ``<model>_<mode>_seq<S>_1dev.bmodel`` and packaged with the tokenizer/config
-files, ``manifest.json`` and ``report.json``/``report.md`` in
-``build/<MODEL>/sophgo-bm1684x/<mode>/``. Intermediates and per-step logs stay in
-``build/<MODEL>/sophgo-bm1684x/work-<mode>/``.
+Two routes build the bmodel. ``onnx`` (default): the model is cut into static ONNX pieces
+(``common.piece_export``), each compiled by TPU-MLIR (``model_transform`` checked against
+onnxruntime, ``model_deploy`` checked tpu-vs-top MLIR), up to one compile per core at once,
+and combined into ``<model>_<mode>_seq<S>_1dev.bmodel``. ``llm_convert``: the vendor's
+one-shot converter builds the bmodel straight from a half-precision copy of the checkpoint.
+Either way the combined bmodel is then loaded once into tpu-mlir's chip simulator: every net
+is run against the float ONNX pieces on onnxruntime (same inputs), and a greedy decode through
+the simulated nets (prefill, then the KV-cache decode pieces) is compared token for token with
+Hugging Face ``generate``. The package — bmodel, tokenizer/config files, ``manifest.json``,
+``report.json``/``report.md`` with per-step timings and, once both routes are built, a table
+comparing them — lands in ``build/<MODEL>/sophgo-bm1684x/<mode>[-<chip>][-llm_convert]/``;
+intermediates and per-step logs in ``.../work-<same>/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # target folders are not packages
+
+from sophgo_verify import (  # noqa: E402
+    ScoredRunner,
+    first_mismatch,
+    image_prompt_check,
+    image_prompt_inputs,
+    kv_decode,
+    prefill_greedy,
+)
 
 from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
 from common.records import atomic_path, build_manifest, dumps_json  # noqa: E402
-from common.tpu_mlir import CHIPS, QUANTIZE, Toolchain, check_mode_chip  # noqa: E402
+from common.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain, check_mode_chip  # noqa: E402
 
 TARGET = "sophgo-bm1684x"
 #: Recipe keys read from ``targets["sophgo-bm1684x"]`` (CLI options override them).
@@ -38,7 +50,11 @@ DEFAULT_SEQ_LEN = 256
 PIECE_GATE = {"bf16": 0.999, "f16": 0.999, "w8bf16": 0.99, "w4bf16": 0.95}
 GREEDY_GATE = {"bf16": True, "f16": True, "w8bf16": False, "w4bf16": False}
 #: HF files a runtime needs next to the bmodel (weights and our manifest excluded).
-COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model")
+COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
+#: Picture of the VL image-prompt check (shipped in data/images) and its square side: 112 px
+#: is 4x4 merged tokens on the Qwen2-VL family.
+VL_IMAGE = ROOT / "data" / "images" / "astronaut.jpg"
+VL_IMAGE_SIZE = 112
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,12 +64,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-path", type=Path, default=None, help="local HF checkpoint dir")
     p.add_argument("--mode", default="bf16", help=f"one of {', '.join(QUANTIZE)}")
     p.add_argument("--chip", default="bm1684x", help=f"one of {', '.join(CHIPS)}")
+    p.add_argument("--route", default="onnx", help=f"one of {', '.join(ROUTES)}")
     p.add_argument(
         "--seq-len", type=int, default=None, help=f"static context (default {DEFAULT_SEQ_LEN})"
     )
     p.add_argument("--q-group-size", type=int, default=None, help="W4 group size (64)")
     p.add_argument("--prompt", default=None, help="end-to-end check prompt (recipe eval prompt)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=None,
+        help="tokens generated through the KV-cache decode nets (default: max-new-tokens)",
+    )
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles (core count)")
     p.add_argument("--venv", type=Path, default=ROOT / ".venv-tpu-mlir")
     return p.parse_args(argv)  # fmt: skip
@@ -72,37 +95,156 @@ def target_options(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
             f"{recipe.path}: targets.{TARGET} has unknown keys {unknown}; known: {RECIPE_KEYS}"
         )
     check_mode_chip(args.mode, args.chip)
+    if args.route not in ROUTES:
+        raise EdgeforgeError(
+            f"ROUTE={args.route!r} is not supported; use one of {', '.join(ROUTES)}"
+        )
+    group = args.q_group_size or int(defaults.get("q_group_size", 64))
+    if group <= 0:
+        raise EdgeforgeError(f"Q_GROUP_SIZE={group}: expected a positive integer (default 64)")
     return {
         "mode": args.mode,
         "chip": args.chip,
+        "route": args.route,
         "seq_len": args.seq_len or int(defaults.get("seq_len", DEFAULT_SEQ_LEN)),
-        "q_group_size": args.q_group_size or int(defaults.get("q_group_size", 64)),
+        "q_group_size": group,
         "max_new_tokens": args.max_new_tokens,
     }
 
 
-def report_markdown(report: dict[str, Any]) -> str:
+def package_name(opts: dict[str, Any]) -> str:
+    """``<mode>`` for the default chip and route, suffixed by any other chip or route, so
+    builds that differ only there never overwrite each other."""
+    name = opts["mode"]
+    if opts["chip"] != "bm1684x":
+        name += f"-{opts['chip']}"
+    if opts["route"] != "onnx":
+        name += f"-{opts['route']}"
+    return name
+
+
+class Stopwatch:
+    """Wall seconds per named step, in order (the report's timing table)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.monotonic()
+
+    def lap(self, step: str) -> float:
+        now = time.monotonic()
+        self.seconds[step] = round(now - self._mark, 1)
+        self._mark = now
+        return self.seconds[step]
+
+
+def route_table(reports: list[dict[str, Any]]) -> list[str]:
+    """Markdown comparing builds of the same model/mode/chip/seq by route: totals, then
+    per-piece cosine side by side."""
     lines = [
-        f"# {report['model']} → {report['chip']} {report['mode']} (seq {report['seq_len']})",
+        "| route | build (s) | bmodel bytes | min piece cos | greedy match |",
+        "|---|---|---|---|---|",
+    ]
+    for rep in reports:
+        worst = min(piece["cos"] for piece in rep["pieces"])
+        lines.append(
+            f"| {rep['route']} | {rep['build_seconds']:.0f} | {rep['bmodel_bytes']:,} | "
+            f"{worst:.6f} | {rep['greedy_match_tokens']}/{rep['greedy_total_tokens']} |"
+        )
+    names = [piece["name"] for piece in reports[0]["pieces"]]
+    for rep in reports[1:]:
+        names += [p["name"] for p in rep["pieces"] if p["name"] not in names]
+    cos = [{p["name"]: p["cos"] for p in rep["pieces"]} for rep in reports]
+    lines += ["", "| piece | " + " | ".join(r["route"] for r in reports) + " |"]
+    lines.append("|---|" + "---|" * len(reports))
+    for name in names:
+        cells = [f"{c[name]:.6f}" if name in c else "—" for c in cos]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report_markdown(report: dict[str, Any], others: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# {report['model']} → {report['chip']} {report['mode']} (seq {report['seq_len']}, "
+        f"route {report['route']})",
         "",
         f"tpu-mlir {report['tpu_mlir_version']}; bmodel `{report['bmodel']}` "
-        f"({report['bmodel_bytes']:,} bytes); compile {report['compile_seconds']:.0f} s.",
+        f"({report['bmodel_bytes']:,} bytes); build {report['build_seconds']:.0f} s.",
         "",
-        f"Greedy decode on the simulator vs Hugging Face: {report['greedy_match_tokens']}/"
-        f"{report['greedy_total_tokens']} tokens equal; gate "
-        f"{'passed' if report['passed'] else 'FAILED'}. Logits at every decode step vs HF "
-        f"(teacher-forced): min cos {report['decode_logits_cos_min']:.6f}.",
+        f"Greedy tokens on the simulator vs Hugging Face: prefill nets (teacher-forced) "
+        f"{report['greedy_match_tokens']}/{report['greedy_total_tokens']} equal, logits min cos "
+        f"{report['decode_logits_cos_min']:.6f}; KV-cache decode loop "
+        f"{report['kv_decode_match_tokens']}/{report['kv_decode_total_tokens']} equal. Gate "
+        f"{'passed' if report['passed'] else 'FAILED'}.",
         "",
-        "| piece | cos (simulator vs onnxruntime) | tool compares (cos) |",
-        "|---|---|---|",
+        "Per piece: cosine of the simulated net vs the float ONNX piece on onnxruntime, on the"
+        " same inputs — those of its first call in the greedy run (prefill: the rows a"
+        " runtime reads), or deterministic example inputs for nets the run does not call.",
+        "",
+        "| piece | cos (simulator vs onnxruntime) | inputs | tool compares (cos) | compile s |",
+        "|---|---|---|---|---|",
     ]
     for piece in report["pieces"]:
-        tools = ", ".join(f"{c:.6f}" for c in piece["tool_cos"])
-        lines.append(f"| {piece['name']} | {piece['cos']:.6f} | {tools} |")
+        tools = ", ".join(f"{c:.6f}" for c in piece["tool_cos"]) or "—"
+        spent = "+".join(f"{s:.0f}" for s in piece["compile_seconds"]) or "—"
+        lines.append(
+            f"| {piece['name']} | {piece['cos']:.6f} | {piece['inputs']} | {tools} | {spent} |"
+        )
+    lines += ["", "| step | wall s |", "|---|---|"]
+    lines += [f"| {step} | {sec:.1f} |" for step, sec in report["timings"].items()]
+    lines += ["", "| simulated net kind | calls | mean s |", "|---|---|---|"]
+    for kind, (calls, mean) in report["simulator_calls"].items():
+        lines.append(f"| {kind} | {calls} | {mean:.2f} |")
+    if report.get("image_prompt"):
+        image = report["image_prompt"]
+        lines += [
+            "",
+            f"Image prompt ({image['image']} at {image['image_size']} px = "
+            f"{image['image_tokens']} vision tokens from the float HF tower, 3-row M-RoPE "
+            f"positions; {image['prompt_tokens']} prompt tokens): KV-cache decode "
+            f"{image['greedy_match_tokens']}/{len(image['reference_tokens'])} tokens equal to "
+            f"Hugging Face, logits min cos {image['logits_cos_min']:.6f}.",
+        ]
+    for note in report["notes"]:
+        lines += ["", note]
+    if others:
+        lines += ["", "## Routes side by side", "", *route_table([report, *others])]
     return "\n".join(lines) + "\n"
 
 
+def sibling_reports(root: Path, opts: dict[str, Any], seq_len: int) -> list[dict[str, Any]]:
+    """Reports of the other routes for the same mode, chip and context (already built)."""
+    found = []
+    for route in ROUTES:
+        if route == opts["route"]:
+            continue
+        path = root / package_name({**opts, "route": route}) / "report.json"
+        if path.is_file():
+            other = json.loads(path.read_text())
+            if other.get("seq_len") == seq_len and "build_seconds" in other:
+                found.append(other)
+    return found
+
+
+def counted(run: Any, bar: Any) -> Any:
+    """``run`` that advances ``bar`` once per net call (the progress of a long simulation)."""
+
+    def call(name: str, inputs: dict[str, Any]) -> Any:
+        outputs = run(name, inputs)
+        bar.update(1)
+        return outputs
+
+    return call
+
+
+def net_kind(name: str) -> str:
+    """``block_cache_3`` → ``block_cache``: simulator calls are summarised per kind."""
+    return name.rstrip("0123456789").rstrip("_") or name
+
+
 def main(argv: list[str] | None = None) -> int:
+    import torch
+    from tqdm import tqdm
+
     from common.eval import prompt_ids
     from common.model_build import build_model
     from common.models import get_adapter
@@ -111,14 +253,20 @@ def main(argv: list[str] | None = None) -> int:
         compare_runners,
         cosine,
         export_pieces,
-        greedy_decode,
         onnx_runner,
         piece_dims,
         reference_greedy,
         reference_logits,
     )
     from common.recipes import load_recipe, model_build_dir
-    from common.tpu_mlir import Simulator, combine, compile_pieces
+    from common.tpu_mlir import (
+        Simulator,
+        combine,
+        compile_pieces,
+        fused_norm_reference,
+        run_llm_convert,
+        save_half_checkpoint,
+    )
 
     args = parse_args(argv)
     recipe = load_recipe(args.model)
@@ -126,86 +274,197 @@ def main(argv: list[str] | None = None) -> int:
     toolchain = Toolchain(args.venv)
     version = toolchain.version()
     model_dir = build_model(recipe, args.build_dir, args.model_path)
-    model = load_model(model_dir)
-    adapter = get_adapter(model)
-    dims = piece_dims(adapter, opts["seq_len"])
-    tokenizer = load_tokenizer(model_dir)
+    qwen1 = None
+    if recipe.model_type == "qwen":  # remote code: patched copy, own pieces (qwen1.py)
+        import qwen1
+
+        model, tokenizer, dims = qwen1.load_reference(model_dir, opts["seq_len"], opts["route"])
+    else:
+        model = load_model(model_dir)
+        adapter = get_adapter(model)
+        dims = piece_dims(adapter, opts["seq_len"])
+        tokenizer = load_tokenizer(model_dir)
     prompt = args.prompt or recipe.eval_defaults.get("prompt", "What is the capital of France?")
     ids = prompt_ids(tokenizer, prompt)
+    if ids.shape[1] + args.max_new_tokens - 1 > dims.seq_len:
+        raise EdgeforgeError(
+            f"SEQ_LEN={dims.seq_len} is too short for the check: prompt ({ids.shape[1]} "
+            f"tokens) + max_new_tokens ({args.max_new_tokens})"
+        )
+
+    prompt_list = ids[0].tolist()
+    decode_tokens = args.max_new_tokens if args.decode_tokens is None else args.decode_tokens
+    if not 1 <= decode_tokens <= args.max_new_tokens:
+        raise EdgeforgeError(
+            f"DECODE_TOKENS={decode_tokens}: expected 1..max_new_tokens ({args.max_new_tokens})"
+        )
+    image_inputs = None
+    if qwen1 is None and adapter.is_vision_language:  # image prompt too; fits SEQ_LEN?
+        image_inputs = image_prompt_inputs(model_dir, prompt, VL_IMAGE, VL_IMAGE_SIZE)
+        length = image_inputs["input_ids"].shape[1]
+        if length + decode_tokens > dims.seq_len:
+            raise EdgeforgeError(
+                f"SEQ_LEN={dims.seq_len} is too short for the image check: prompt ({length} "
+                f"tokens with the picture) + {decode_tokens} new tokens"
+            )
+    with torch.no_grad():
+        expected = reference_greedy(model, ids, args.max_new_tokens)
+        ref_logits = reference_logits(model, ids, expected)
 
     root = model_build_dir(recipe, args.build_dir) / TARGET
-    work = root / f"work-{opts['mode']}"
+    label = package_name(opts)
+    work = root / f"work-{label}"
     shutil.rmtree(work, ignore_errors=True)
+    bmodel_name = f"{recipe.name}_{opts['mode']}_seq{dims.seq_len}_1dev.bmodel"
+    watch = Stopwatch()
     _log(f"exporting pieces (seq {dims.seq_len}) to {work / 'onnx'}")
-    pieces = export_pieces(adapter, dims.seq_len, work / "onnx")
-    start = time.monotonic()
-    builds = compile_pieces(
-        toolchain, pieces, dims.vocab_size, opts["mode"], opts["chip"], work / "compile",
-        args.jobs, opts["q_group_size"],
-    )  # fmt: skip
-    compile_seconds = time.monotonic() - start
-    _log(f"compiled {len(builds)} pieces in {compile_seconds:.0f} s; checking on the simulator")
-    with Simulator(toolchain, {b.name: b.bmodel for b in builds}, work / "simulator") as sim:
-        scores = compare_runners(sim, onnx_runner(work / "onnx"), pieces, dims.vocab_size)
-        step_logits: list[np.ndarray] = []
-        tokens = greedy_decode(sim, dims, ids[0].tolist(), args.max_new_tokens, step_logits)
-    reference = reference_greedy(model, ids, args.max_new_tokens)
-    matched = next(
-        (i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b),
-        len(reference),
-    )
-    # Logits agree step by step while the inputs are the same: up to the first divergence.
-    ref_logits = reference_logits(model, ids, reference[: matched + 1])
-    step_cos = [cosine(a, b) for a, b in zip(step_logits, ref_logits, strict=False)]
+    if qwen1 is not None:
+        del model  # the reference's numbers are taken; the patched copy loads next
+        pieces = qwen1.export_patched(model_dir, dims.seq_len, work)
+    else:
+        pieces = export_pieces(adapter, dims.seq_len, work / "onnx")
+    watch.lap("export onnx pieces")
+    reference = onnx_runner(work / "onnx")
+    notes: list[str] = []
+    compile_info: dict[str, tuple[list[float], list[float]]] = {}
+    if opts["route"] == "onnx":
+        builds = compile_pieces(
+            toolchain, pieces, dims.vocab_size, opts["mode"], opts["chip"], work / "compile",
+            args.jobs, opts["q_group_size"],
+        )  # fmt: skip
+        compile_info = {b.name: ([c.cos for c in b.compares], list(b.seconds)) for b in builds}
+        _log(f"compiled {len(builds)} pieces in {watch.lap('compile pieces'):.0f} s")
+        bmodel = combine(toolchain, [b.bmodel for b in builds], work / bmodel_name, work)
+        watch.lap("combine")
+        notes.append(
+            "model_deploy ran with --skip_validation: its tpu-MLIR-vs-top compare is kept (the "
+            "tool compares column), its bmodel simulation is not, because every net of the "
+            "combined bmodel is simulated against onnxruntime below."
+        )
+    else:
+        half = save_half_checkpoint(model_dir, work / "hf-half", opts["mode"], COPY_SUFFIXES)
+        watch.lap("save half checkpoint")
+        bmodel = run_llm_convert(
+            toolchain, half, dims.seq_len, opts["mode"], opts["chip"], opts["q_group_size"],
+            work,
+        )  # fmt: skip
+        _log(f"llm_convert built {bmodel.name} in {watch.lap('llm_convert'):.0f} s")
+        reference = fused_norm_reference(reference, adapter, dims.num_layers)
+        notes.append(
+            "llm_convert folds the final norm into the last block and makes lm_head a bare "
+            "projection; the float reference is rearranged the same way (same math). Its "
+            "sample head has another signature, so penalty_sample_head is not compared."
+        )
+    # What building the bmodel cost (the llm_convert route exports ONNX only as reference).
+    build_steps = ("export onnx pieces", "compile pieces", "combine")
+    if opts["route"] != "onnx":
+        build_steps = ("save half checkpoint", "llm_convert")
+    build_seconds = sum(watch.seconds[step] for step in build_steps)
+    with Simulator(toolchain, bmodel, work / "simulator") as sim:
+        watch.lap("simulator load")
+        checked = [piece for piece in pieces if piece.name in sim.nets]
+        # One bar over every simulated call of the greedy run (seconds each on the chip model).
+        layers = dims.num_layers
+        total = 1 + layers + len(expected) + (decode_tokens - 1) * (layers + 3)
+        bar = tqdm(total=total, desc="simulate", unit="net")
+        scored = ScoredRunner(counted(sim, bar), reference)
+        prefill_tokens, step_logits, *cache = prefill_greedy(scored, dims, prompt_list, expected)
+        watch.lap("simulate greedy (prefill, teacher-forced)")
+        decoded = kv_decode(
+            scored, dims, len(prompt_list), prefill_tokens[0], (cache[0], cache[1]),
+            decode_tokens,
+        )  # fmt: skip
+        bar.close()
+        watch.lap("simulate greedy (kv-cache decode)")
+        image = None
+        if image_inputs is not None:
+            image = image_prompt_check(scored, model, adapter, image_inputs, dims, decode_tokens)
+            image |= {"image": VL_IMAGE.name, "image_size": VL_IMAGE_SIZE}
+            watch.lap("simulate image prompt (kv-cache decode)")
+        rest = [piece for piece in checked if piece.name not in scored.scores]
+        scores = scored.scores | compare_runners(sim, reference, rest, dims.vocab_size)
+        watch.lap("simulate other pieces vs onnxruntime")
+        calls: dict[str, list[float]] = {}
+        for name, spent in sim.calls.items():
+            calls.setdefault(net_kind(name), []).extend(spent)
+    matched = first_mismatch(prefill_tokens, expected)
+    decode_expected = expected[:decode_tokens]
+    decode_matched = first_mismatch(decoded, decode_expected)
+    step_cos = [cosine(a, b) for a, b in zip(step_logits, ref_logits, strict=True)]
     gate = PIECE_GATE[opts["mode"]]
     failed = [name for name, cos in scores.items() if cos < gate]
-    if GREEDY_GATE[opts["mode"]] and matched < len(reference):
-        failed.append(f"greedy ({matched}/{len(reference)} tokens)")
+    if GREEDY_GATE[opts["mode"]] and matched < len(expected):
+        failed.append(f"greedy prefill ({matched}/{len(expected)} tokens)")
+    if image and GREEDY_GATE[opts["mode"]]:
+        total = len(image["reference_tokens"])
+        if image["greedy_match_tokens"] < total:
+            failed.append(f"image prompt ({image['greedy_match_tokens']}/{total} tokens)")
+    if GREEDY_GATE[opts["mode"]] and decode_matched < len(decode_expected):
+        failed.append(f"greedy kv-cache decode ({decode_matched}/{len(decode_expected)} tokens)")
 
-    out = root / opts["mode"]
-    bmodel_name = f"{recipe.name}_{opts['mode']}_seq{dims.seq_len}_1dev.bmodel"
+    out = root / label
+    others = sibling_reports(root, opts, dims.seq_len)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        combine(toolchain, [b.bmodel for b in builds], tmp / bmodel_name, work)
+        shutil.copy2(bmodel, tmp / bmodel_name)
         for path in sorted(model_dir.iterdir()):
             if path.suffix in COPY_SUFFIXES and path.name != "manifest.json":
                 shutil.copy2(path, tmp / path.name)
+        watch.lap("package")
         report = {
             "model": recipe.name,
             "mode": opts["mode"],
             "chip": opts["chip"],
+            "route": opts["route"],
             "seq_len": dims.seq_len,
+            "q_group_size": opts["q_group_size"],
             "tpu_mlir_version": version,
             "bmodel": bmodel_name,
             "bmodel_bytes": (tmp / bmodel_name).stat().st_size,
-            "compile_seconds": round(compile_seconds, 1),
+            "build_seconds": round(build_seconds, 1),
+            "timings": watch.seconds,
+            "simulator_calls": {
+                kind: [len(spent), round(sum(spent) / len(spent), 3)]
+                for kind, spent in calls.items()
+            },
             "pieces": [
                 {
-                    "name": b.name,
-                    "cos": scores[b.name],
-                    "tool_cos": [c.cos for c in b.compares],
-                    "tool_passed": all(c.passed for c in b.compares),
+                    "name": piece.name,
+                    "cos": scores[piece.name],
+                    "inputs": "greedy run" if piece.name in scored.scores else "example",
+                    "tool_cos": compile_info.get(piece.name, ([], []))[0],
+                    "compile_seconds": compile_info.get(piece.name, ([], []))[1],
                 }
-                for b in builds
+                for piece in checked
             ],
             "piece_gate": gate,
             "prompt": prompt,
-            "greedy_tokens": tokens,
-            "reference_tokens": reference,
+            "greedy_tokens": prefill_tokens,
+            "reference_tokens": expected,
             "greedy_match_tokens": matched,
+            "greedy_total_tokens": len(expected),
             "decode_logits_cos_min": min(step_cos),
-            "greedy_total_tokens": len(reference),
+            "kv_decode_tokens": decoded,
+            "image_prompt": image,
+            "kv_decode_match_tokens": decode_matched,
+            "kv_decode_total_tokens": len(decode_expected),
+            "notes": notes,
+            "routes_compared": [other["route"] for other in others],
             "passed": not failed,
         }
         (tmp / "report.json").write_text(dumps_json(report))
-        (tmp / "report.md").write_text(report_markdown(report))
+        (tmp / "report.md").write_text(report_markdown(report, others))
         manifest = build_manifest(
-            step="sophgo", inputs={"model": model_dir}, outputs=tmp, recipe=recipe.data,
+            step="sophgo", outputs=tmp, recipe=recipe.data,
+            inputs={"model": model_dir, **({"patches": qwen1.PATCH_DIR} if qwen1 else {})},
             options=opts, toolchains={"tpu_mlir": version},
         )  # fmt: skip
         (tmp / "manifest.json").write_text(dumps_json(manifest))
     worst = min(scores.values())
-    _log(f"wrote {out} (greedy {matched}/{len(reference)}, min piece cos {worst:.6f})")
+    _log(
+        f"wrote {out} (greedy {matched}/{len(expected)}, kv decode "
+        f"{decode_matched}/{len(decode_expected)}, min piece cos {worst:.6f})"
+    )
     if failed:
         raise CheckFailed(f"{out}/report.md: below the {opts['mode']} gate: {', '.join(failed)}")
     return 0

@@ -7,9 +7,15 @@ the vendor's top support issue, so the venv is built from one fully pinned file 
 fix is *checked* after it is applied: a fix that silently did nothing fails here, not in the
 middle of a compile.
 
-Usage (``make sophgo-toolchain``)::
+Usage (``make sophgo-toolchain [LLM_CONVERT=1]``)::
 
     python targets/sophgo-bm1684x/setup_toolchain.py [--venv .venv-tpu-mlir] [--python PATH]
+    python targets/sophgo-bm1684x/setup_toolchain.py --llm-convert [--venv .venv-tpu-mlir-llm]
+
+``--llm-convert`` builds the venv for ``ROUTE=llm_convert`` instead: the vendor's converter
+needs torch >= 2.1 (the ONNX route's venv keeps the much smaller torch 1.12) and GNU
+``parallel``, which is installed into the venv's ``bin`` from Debian's pinned package
+(checksum checked) rather than system-wide, so the tools find it on their PATH.
 
 Re-running is cheap: a stamp holding the requirements hash skips the install when nothing
 changed; the checks always run.
@@ -35,6 +41,11 @@ from common.tpu_mlir import Toolchain  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "requirements-tpu-mlir.txt"
+REQUIREMENTS_LLM = HERE / "requirements-llm-convert.txt"
+#: GNU parallel for llm_convert (it runs its model_deploy jobs through ``parallel``):
+#: Debian 12's package, pinned by version and checksum (it is one Perl script).
+PARALLEL_DEB = "parallel=20221122+ds-2"
+PARALLEL_SHA256 = "6f515189a784f63fe28b11b262f404b0a1a74cc63dac4038bb31f248e3706dc4"
 #: The Ubuntu-22.04 C runtime inside the wheel; with it on LD_LIBRARY_PATH the system's own
 #: libraries (libexpat, needed by Python itself) fail with "GLIBC_2.36 not found".
 BUNDLED_GLIBC = ("libc.so.6", "libm.so.6", "libpthread.so.0")
@@ -67,13 +78,13 @@ def find_python310(explicit: str | None) -> str:
     )
 
 
-def requirements_hash() -> str:
-    return hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()[:16]
+def requirements_hash(requirements: Path) -> str:
+    return hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
 
 
-def install(venv: Path, python310: str) -> None:
+def install(venv: Path, python310: str, requirements: Path) -> None:
     """Create ``venv`` and install the pinned set (skipped when the stamp matches)."""
-    stamp = venv / f".edgeforge-tpu-mlir-{requirements_hash()}"
+    stamp = venv / f".edgeforge-tpu-mlir-{requirements_hash(requirements)}"
     if stamp.exists():
         print(f"[sophgo-toolchain] {venv}: requirements unchanged, install skipped")
         return
@@ -83,7 +94,7 @@ def install(venv: Path, python310: str) -> None:
     for old in venv.glob(".edgeforge-tpu-mlir-*"):
         old.unlink()
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
-    subprocess.run([*pip, "--progress-bar", "off", "-r", str(REQUIREMENTS)], check=True)
+    subprocess.run([*pip, "--progress-bar", "off", "-r", str(requirements)], check=True)
     stamp.touch()
     print(f"[sophgo-toolchain] installed in {time.monotonic() - start:.0f} s")
 
@@ -99,6 +110,45 @@ def remove_bundled_glibc(toolchain: Toolchain) -> None:
     left = [name for name in BUNDLED_GLIBC if (third_party / name).exists()]
     if left:
         raise EdgeforgeError(f"{third_party}: could not move aside {', '.join(left)}")
+
+
+def install_parallel(toolchain: Toolchain, scratch: Path) -> None:
+    """GNU parallel into the venv's ``bin`` from the pinned Debian package (apt-get
+    download needs no root; the checksum makes a different build fail loudly)."""
+    target = toolchain.bin("parallel")
+    if target.exists():
+        return
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise EdgeforgeError(
+            "GNU parallel is needed by llm_convert: install it (apt-get install parallel) "
+            f"and copy or link it to {target}"
+        )
+    scratch.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["apt-get", "download", PARALLEL_DEB], cwd=scratch, check=True)
+    (deb,) = scratch.glob("parallel_*.deb")
+    digest = hashlib.sha256(deb.read_bytes()).hexdigest()
+    if digest != PARALLEL_SHA256:
+        raise EdgeforgeError(f"{deb}: sha256 {digest} is not the pinned {PARALLEL_SHA256}")
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(scratch / "root")], check=True)
+    shutil.copy2(scratch / "root" / "usr" / "bin" / "parallel", target)
+
+
+def check_llm_convert(toolchain: Toolchain) -> dict[str, str]:
+    """The llm_convert extras took effect: torch has the float8 dtypes its loader names,
+    ``parallel`` on the tools' PATH is the pinned one, and ``llm_convert`` starts."""
+    out = toolchain.python(
+        ["-c", "import torch; torch.float8_e4m3fn; print(torch.__version__)"],
+        what="torch >= 2.1 check (llm_convert names torch.float8_e4m3fn)",
+    )
+    version = subprocess.run(
+        ["parallel", "--version"], env=toolchain.env(), capture_output=True, text=True,
+        check=False,
+    ).stdout.splitlines()  # fmt: skip
+    wanted = PARALLEL_DEB.split("=")[1].split("+")[0]
+    if not version or wanted not in version[0]:
+        raise EdgeforgeError(f"parallel on the tools' PATH is not GNU parallel {wanted}")
+    toolchain.python([str(toolchain.bin("llm_convert")), "--help"], what="llm_convert --help")
+    return {"llm_convert": f"torch {out.strip()}; {version[0]}; llm_convert starts"}
 
 
 def check(toolchain: Toolchain) -> dict[str, str]:
@@ -134,13 +184,21 @@ def check(toolchain: Toolchain) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--venv", type=Path, default=ROOT / ".venv-tpu-mlir")
+    parser.add_argument("--venv", type=Path, default=None, help="default .venv-tpu-mlir[-llm]")
     parser.add_argument("--python", help="Python 3.10 interpreter (default: search)")
+    parser.add_argument("--llm-convert", action="store_true", help="the ROUTE=llm_convert venv")
     args = parser.parse_args()
-    install(args.venv, find_python310(args.python))
-    toolchain = Toolchain(args.venv)
+    venv = args.venv or ROOT / (".venv-tpu-mlir-llm" if args.llm_convert else ".venv-tpu-mlir")
+    install(
+        venv, find_python310(args.python), REQUIREMENTS_LLM if args.llm_convert else REQUIREMENTS
+    )
+    toolchain = Toolchain(venv)
     remove_bundled_glibc(toolchain)
-    for key, value in check(toolchain).items():
+    results = check(toolchain)
+    if args.llm_convert:
+        install_parallel(toolchain, venv / ".parallel-deb")
+        results |= check_llm_convert(toolchain)
+    for key, value in results.items():
         print(f"[sophgo-toolchain] ok {key}: {value}")
     return 0
 

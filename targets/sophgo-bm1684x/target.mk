@@ -1,27 +1,37 @@
-# SOPHGO BM1684X (TPU-MLIR): make sophgo-toolchain [PYTHON310=/path/to/python3.10] [USE_DOCKER=1]
+# SOPHGO BM1684X (TPU-MLIR): make sophgo-toolchain [LLM_CONVERT=1] [PYTHON310=/path/to/python3.10] [USE_DOCKER=1]
 # tpu-mlir is cp310-only and pins numpy 1.24 / protobuf 3.20, so it lives in its own venv
 # (SOPHGO_VENV, git-ignored) built from targets/sophgo-bm1684x/requirements-tpu-mlir.txt;
 # the project's .venv drives its tools as subprocesses (common/tpu_mlir.py).
+# LLM_CONVERT=1 builds the second venv ROUTE=llm_convert needs (SOPHGO_LLM_VENV: torch 2.1,
+# GNU parallel; requirements-llm-convert.txt).
 SOPHGO_VENV ?= .venv-tpu-mlir
+SOPHGO_LLM_VENV ?= .venv-tpu-mlir-llm
 PYTHON310   ?=
+LLM_CONVERT ?=
 .PHONY: sophgo-toolchain
 
-sophgo-toolchain: venv ## SOPHGO: pinned Python 3.10 tpu-mlir venv (.venv-tpu-mlir), fixes applied and checked
+sophgo-toolchain: venv ## SOPHGO: pinned Python 3.10 tpu-mlir venv (.venv-tpu-mlir; LLM_CONVERT=1: .venv-tpu-mlir-llm), fixes checked
 ifeq ($(USE_DOCKER),1)
-	docker/run.sh sophgo-bm1684x sophgo-toolchain SOPHGO_VENV=/opt/tpu-mlir-venv PYTHON310=/usr/bin/python3.10
+	docker/run.sh sophgo-bm1684x sophgo-toolchain SOPHGO_VENV=/opt/tpu-mlir-venv SOPHGO_LLM_VENV=/opt/tpu-mlir-llm-venv PYTHON310=/usr/bin/python3.10 $(if $(LLM_CONVERT),LLM_CONVERT=1)
 else
-	$(PY) targets/sophgo-bm1684x/setup_toolchain.py --venv $(SOPHGO_VENV) $(if $(PYTHON310),--python $(PYTHON310))
+	$(PY) targets/sophgo-bm1684x/setup_toolchain.py $(if $(LLM_CONVERT),--llm-convert --venv $(SOPHGO_LLM_VENV),--venv $(SOPHGO_VENV)) $(if $(PYTHON310),--python $(PYTHON310))
 endif
 
 # make sophgo MODEL=<recipe> [MODE=bf16|f16|w8bf16|w4bf16] [CHIP=bm1684x|bm1688] [SEQ_LEN=n]
+#             [ROUTE=onnx|llm_convert] [Q_GROUP_SIZE=64] [DECODE_TOKENS=n]
 # MODE is shared with other targets (axera defines it empty), so the default is applied here.
+# ROUTE=llm_convert runs in its own venv (SOPHGO_LLM_VENV, from LLM_CONVERT=1 below).
 SOPHGO_MODE = $(or $(MODE),bf16)
 CHIP    ?= bm1684x
 SEQ_LEN ?=
+ROUTE   ?= onnx
+Q_GROUP_SIZE  ?=
+DECODE_TOKENS ?=
+SOPHGO_ARGS = --mode $(SOPHGO_MODE) --chip $(CHIP) --route $(ROUTE) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) $(if $(Q_GROUP_SIZE),--q-group-size $(Q_GROUP_SIZE)) $(if $(DECODE_TOKENS),--decode-tokens $(DECODE_TOKENS))
 .PHONY: sophgo
-sophgo: venv ## SOPHGO BM1684X: pieces → bmodel (MODE=bf16|f16|w8bf16|w4bf16), checked on the simulator
+sophgo: venv ## SOPHGO BM1684X: bmodel (MODE=bf16|f16|w8bf16|w4bf16, ROUTE=onnx|llm_convert), checked on the simulator
 ifeq ($(USE_DOCKER),1)
-	docker/run.sh sophgo-bm1684x sophgo MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) MODE=$(SOPHGO_MODE) CHIP=$(CHIP) $(if $(SEQ_LEN),SEQ_LEN=$(SEQ_LEN)) SOPHGO_VENV=/opt/tpu-mlir-venv
+	docker/run.sh sophgo-bm1684x sophgo MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) MODE=$(SOPHGO_MODE) CHIP=$(CHIP) ROUTE=$(ROUTE) $(if $(SEQ_LEN),SEQ_LEN=$(SEQ_LEN)) $(if $(Q_GROUP_SIZE),Q_GROUP_SIZE=$(Q_GROUP_SIZE)) $(if $(DECODE_TOKENS),DECODE_TOKENS=$(DECODE_TOKENS)) SOPHGO_VENV=/opt/tpu-mlir-venv SOPHGO_LLM_VENV=/opt/tpu-mlir-llm-venv
 else
-	$(PY) targets/sophgo-bm1684x/build.py $(MODEL_ARGS) --mode $(SOPHGO_MODE) --chip $(CHIP) --venv $(SOPHGO_VENV) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN))
+	$(PY) targets/sophgo-bm1684x/build.py $(MODEL_ARGS) $(SOPHGO_ARGS) --venv $(if $(filter llm_convert,$(ROUTE)),$(SOPHGO_LLM_VENV),$(SOPHGO_VENV))
 endif

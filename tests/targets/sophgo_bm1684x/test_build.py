@@ -1,15 +1,33 @@
-"""``make sophgo`` end to end on tiny-qwen2, and its input errors."""
+"""``make sophgo`` end to end on tiny-qwen2, its input errors, and the checks it runs on the
+simulated nets (exercised here against onnxruntime, where the answer is known)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from common.eval import prompt_ids
+from common.models import get_adapter
+from common.models.loading import load_model, load_tokenizer
+from common.piece_export import (
+    MASK_BLOCKED,
+    export_pieces,
+    greedy_decode,
+    onnx_runner,
+    piece_dims,
+    prefill_inputs,
+)
 from common.tpu_mlir import Toolchain
 from tests.conftest import CliResult, assert_clean_error, run_python
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "targets" / "sophgo-bm1684x" / "build.py"
+sys.path.insert(0, str(SCRIPT.parent))  # target folders are not packages
+import sophgo_verify  # noqa: E402
 
 
 def run_build(*args: str) -> CliResult:
@@ -20,6 +38,16 @@ def test_unknown_mode_and_chip(session_build: Path) -> None:
     base = ("--model", "tiny-qwen2", "--build-dir", str(session_build))
     assert_clean_error(run_build(*base, "--mode", "int3"), "MODE='int3'", "w4bf16")
     assert_clean_error(run_build(*base, "--chip", "bm1999"), "CHIP='bm1999'", "bm1688")
+    assert_clean_error(run_build(*base, "--route", "x"), "ROUTE='x'", "llm_convert")
+    assert_clean_error(run_build(*base, "--q-group-size", "-1"), "Q_GROUP_SIZE=-1")
+
+
+def test_seq_len_too_short_for_the_check(session_build: Path, tiny_qwen2_dir: Path) -> None:
+    result = run_build(
+        "--model", "tiny-qwen2", "--build-dir", str(session_build), "--seq-len", "8",
+        "--max-new-tokens", "32",
+    )  # fmt: skip
+    assert_clean_error(result, "SEQ_LEN=8 is too short", "max_new_tokens (32)")
 
 
 def test_seq_len_beyond_rotary_range(session_build: Path, tiny_qwen2_dir: Path) -> None:
@@ -50,11 +78,17 @@ def test_tiny_qwen2_bf16_package(session_build: Path, tiny_qwen2_dir: Path, tmp_
     assert len(report["pieces"]) == 2 * 2 + 5
     for piece in report["pieces"]:
         assert piece["cos"] >= 0.999, piece  # simulator vs onnxruntime
-        # the tools' own checks: transform (top vs onnxruntime), deploy (tpu vs top, bmodel
-        # vs tpu)
-        assert len(piece["tool_cos"]) == 3 and piece["tool_passed"], piece
-        assert min(piece["tool_cos"]) >= 0.999, piece
+        # the tools' own checks: transform (top vs onnxruntime), deploy (tpu vs top; its
+        # bmodel simulation is skipped: the cos above is that check, against the float model)
+        assert len(piece["tool_cos"]) == 2 and min(piece["tool_cos"]) >= 0.999, piece
+        assert len(piece["compile_seconds"]) == 2, piece
+    # everything but the sampling head is scored on the inputs the greedy run produced
+    assert {p["name"] for p in report["pieces"] if p["inputs"] == "example"} == {
+        "penalty_sample_head"
+    }
     assert report["greedy_match_tokens"] == report["greedy_total_tokens"] >= 1
+    assert report["kv_decode_match_tokens"] == report["kv_decode_total_tokens"] == 8
+    assert report["timings"]["compile pieces"] > 0
     # every decode step's logits (simulated bf16 bmodels) against HF's float logits
     assert report["decode_logits_cos_min"] >= 0.999
     assert (out / "tiny-qwen2_bf16_seq64_1dev.bmodel").stat().st_size > 0
@@ -70,3 +104,54 @@ def test_tiny_qwen2_bf16_package(session_build: Path, tiny_qwen2_dir: Path, tmp_
     for index, piece in enumerate(report["pieces"]):  # one net per piece, in order
         assert f"net {index}: [{piece['name']}]" in info
     assert info.count("kernel_module size") == 1  # the 5.6 MB kernel is stored once
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """tiny-qwen2's float pieces at SEQ 64 on onnxruntime, with its dims and a prompt."""
+    model = load_model(tiny_qwen2_dir)
+    adapter = get_adapter(model)
+    out = tmp_path_factory.mktemp("tiny-onnx")
+    export_pieces(adapter, 64, out, progress=False)
+    prompt = prompt_ids(load_tokenizer(tiny_qwen2_dir), "What is the capital of France?")
+    return onnx_runner(out), piece_dims(adapter, 64), prompt[0].tolist()
+
+
+def test_teacher_forced_prefill_and_cached_decode_equal_the_decode_loop(tiny_onnx) -> None:
+    """The two cheap checks reproduce ``greedy_decode`` (prefill + decode per token) exactly
+    on the same runner: same tokens, and the decode from the prefill's cache is the same loop."""
+    run, dims, prompt = tiny_onnx
+    reference = greedy_decode(run, dims, prompt, 8)
+    tokens, logits, cache_k, cache_v = sophgo_verify.prefill_greedy(run, dims, prompt, reference)
+    assert tokens == reference and len(logits) == 8
+    assert [int(np.argmax(row)) for row in logits] == reference
+    assert len(cache_k) == dims.num_layers and cache_k[0].shape[1] == dims.seq_len
+    decoded = sophgo_verify.kv_decode(run, dims, len(prompt), tokens[0], (cache_k, cache_v), 8)
+    assert decoded == reference
+    # a wrong continuation is caught at the first position it differs
+    wrong = [*reference[:3], (reference[3] + 1) % dims.vocab_size, *reference[4:]]
+    forced, *_ = sophgo_verify.prefill_greedy(run, dims, prompt, wrong)
+    assert sophgo_verify.first_mismatch(forced, wrong) == 3
+
+
+def test_scored_runner_scores_first_calls_on_live_rows(tiny_onnx) -> None:
+    run, dims, prompt = tiny_onnx
+    scored = sophgo_verify.ScoredRunner(run, run)
+    sophgo_verify.prefill_greedy(scored, dims, prompt, [1, 2])
+    assert scored.scores.keys() == {"embedding", *(f"block_{i}" for i in range(2)), "lm_head"}
+    assert all(score == pytest.approx(1.0) for score in scored.scores.values())
+    # padding rows (fully masked) are not scored; a difference in a live row is
+    pre = prefill_inputs([5, 6, 7], 8)
+    rows = sophgo_verify.live_rows(pre)
+    assert rows is not None and rows[0].tolist() == [0, 1, 2] and rows[1] == 8
+    want = np.ones((1, 8, 4), np.float32)
+    padded = want.copy()
+    padded[:, 3:] = -want[:, 3:]
+    assert sophgo_verify.agreement(padded, want, rows) == pytest.approx(1.0)
+    assert sophgo_verify.agreement(padded, want, None) < 0.0
+    live = want.copy()
+    live[:, 1] = -live[:, 1]
+    assert sophgo_verify.agreement(live, want, rows) < 0.5
+    assert sophgo_verify.agreement(np.array([[3]]), np.array([[3]]), None) == 1.0
+    assert sophgo_verify.agreement(np.array([[3]]), np.array([[4]]), None) == 0.0
+    assert pre["attention_mask"][0, 0, 5, 5] == MASK_BLOCKED

@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.errors import EdgeforgeError
+from common.models import get_adapter
+from common.models.loading import load_model
+from common.piece_export import example_inputs, export_pieces, onnx_runner, piece_signatures
+from common.piece_export import piece_dims as dims_of
 from common.tpu_mlir import (
     Toolchain,
     deploy_args,
+    fused_norm_reference,
+    llm_convert_args,
     parse_compares,
     shapes_arg,
 )
@@ -50,6 +57,10 @@ def test_deploy_flags_follow_the_vendor_flow(tmp_path: Path) -> None:
     def flags(kind: str, mode: str = "bf16") -> list[str]:
         return deploy_args("p", kind, mode, "bm1684x", tmp_path / "p.mlir", tmp_path / "p.bmodel")
 
+    block = flags("block")
+    # model_deploy keeps its tpu-vs-top compare on the sample but skips its simulator pass
+    assert "--skip_validation" in block and "--test_input" in block
+    assert block[block.index("--test_reference") + 1] == "p_top_out.npz"
     cache = flags("block_cache", "w4bf16")
     assert cache[cache.index("--quantize") + 1] == "W4BF16"
     assert cache[cache.index("--q_group_size") + 1] == "64"
@@ -65,6 +76,44 @@ def test_deploy_flags_follow_the_vendor_flow(tmp_path: Path) -> None:
         deploy_args("p", "block", "int3", "bm1684x", tmp_path, tmp_path)
     with pytest.raises(EdgeforgeError, match="CHIP='bm1999'"):
         deploy_args("p", "block", "bf16", "bm1999", tmp_path, tmp_path)
+
+
+def test_q_group_size_and_llm_convert_flags(tmp_path: Path) -> None:
+    w4 = deploy_args("p", "block", "w4bf16", "bm1688", tmp_path, tmp_path, q_group_size=128)
+    assert w4[w4.index("--q_group_size") + 1] == "128"
+    assert w4[w4.index("--chip") + 1] == "bm1688"
+    assert "--q_group_size" not in deploy_args(
+        "p", "block", "w8bf16", "bm1684x", tmp_path, tmp_path
+    )
+    args = llm_convert_args(tmp_path, 128, "w4bf16", "bm1684x", 32, tmp_path / "out")
+    assert args[args.index("-s") + 1] == "128" and args[args.index("-g") + 1] == "32"
+    assert args[args.index("-q") + 1] == "w4bf16" and "--do_sample" in args
+    with pytest.raises(EdgeforgeError, match="MODE='int3'"):
+        llm_convert_args(tmp_path, 128, "int3", "bm1684x", 64, tmp_path)
+    # the tools run in their own cwd: a relative venv must not resolve against it
+    assert Toolchain(Path("relative-venv")).venv.is_absolute()
+
+
+def test_fused_norm_reference_is_the_same_model(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    """llm_convert's layout (final norm in the last block, bare lm_head) composes to the
+    same logits as ours, and differs per net exactly where it should."""
+    adapter = get_adapter(load_model(tiny_qwen2_dir))
+    dims = dims_of(adapter, 16)
+    last = f"block_{dims.num_layers - 1}"
+    export_pieces(adapter, 16, tmp_path, only=lambda n: n in (last, "lm_head"), progress=False)
+    ours = onnx_runner(tmp_path)
+    theirs = fused_norm_reference(ours, adapter, dims.num_layers)
+    specs = piece_signatures(dims)["block"][0]
+    tensors = example_inputs(specs, dims.vocab_size)
+    inputs = {s[0]: t.numpy() for s, t in zip(specs, tensors, strict=True)}
+    our_hidden, our_k, _ = ours(last, inputs)
+    their_hidden, their_k, _ = theirs(last, inputs)
+    np.testing.assert_array_equal(their_k, our_k)
+    assert not np.allclose(their_hidden, our_hidden)  # normed
+    row = {"hidden_states": our_hidden[:, 3]}
+    (want,) = ours("lm_head", row)
+    (got,) = theirs("lm_head", {"hidden_states": their_hidden[:, 3]})
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,162 @@
+"""The end-to-end checks ``make sophgo`` runs on simulated nets, kept cheap enough for a
+CPU model of the chip (seconds per net call): a teacher-forced prefill that proves the greedy
+tokens, a KV-cache decode loop that starts from that prefill's cache, and per-net scoring on
+the very inputs the run produced. Everything takes any :class:`PieceRunner`, so it is tested
+against onnxruntime without the simulator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.piece_export import (
+    MASK_BLOCKED,
+    PieceDims,
+    PieceRunner,
+    cosine,
+    decode_steps,
+    greedy_decode,
+    multimodal_prompt,
+    prefill_inputs,
+    reference_multimodal,
+)
+
+
+def prefill_greedy(
+    run: PieceRunner, dims: PieceDims, prompt: list[int], continuation: list[int]
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Greedy tokens, logits and the K/V cache of the prefill nets under teacher forcing:
+    one ``block_i`` pass over ``prompt + continuation[:-1]``, then ``lm_head`` on every row
+    that predicts a continuation token.
+
+    If every argmax equals ``continuation`` (HF's greedy tokens), greedy generation through
+    these nets yields exactly those tokens — each step sees the same prefix as HF — at the
+    cost of one simulated prefill instead of one simulated decode pass per token.
+    """
+    ids = [*prompt, *continuation[:-1]]
+    pre = prefill_inputs(ids, dims.seq_len, dims.rope_rows)
+    (hidden,) = run("embedding", {"input_ids": pre["input_ids"]})
+    cache_k: list[np.ndarray] = []
+    cache_v: list[np.ndarray] = []
+    for i in range(dims.num_layers):
+        hidden, k, v = run(
+            f"block_{i}",
+            {k: pre[k] for k in ("position_ids", "attention_mask")} | {"input_states": hidden},
+        )
+        cache_k.append(np.array(k, np.float32))
+        cache_v.append(np.array(v, np.float32))
+    logits = [
+        np.asarray(
+            run("lm_head", {"hidden_states": np.asarray(hidden[:, row], np.float32)})[0],
+            np.float32,
+        ).reshape(-1)
+        for row in range(len(prompt) - 1, len(ids))
+    ]
+    return [int(np.argmax(row)) for row in logits], logits, cache_k, cache_v
+
+
+def kv_decode(
+    run: PieceRunner,
+    dims: PieceDims,
+    prompt_length: int,
+    first_token: int,
+    cache: tuple[list[np.ndarray], list[np.ndarray]],
+    count: int,
+) -> list[int]:
+    """``count`` greedy tokens through the decode nets (``embedding_cache`` →
+    ``block_cache_i`` → ``lm_head`` → ``greedy_head``), each step feeding back its own token
+    and writing its own K/V into the cache — the runtime's loop. It starts from the prompt's
+    K/V rows of a prefill that already ran (rows ``>= prompt_length`` are cleared), instead
+    of simulating the same prompt prefill a second time."""
+    cache_k = [k.copy() for k in cache[0]]
+    cache_v = [v.copy() for v in cache[1]]
+    for layer in (*cache_k, *cache_v):
+        layer[:, prompt_length:] = 0.0
+    return decode_steps(run, dims, (cache_k, cache_v), first_token, prompt_length, count)
+
+
+class ScoredRunner:
+    """Runs ``candidate`` and, on the first call of each net, ``reference`` on the very same
+    inputs, keeping the worst output agreement (cosine; integer outputs 1.0/0.0 for equal or
+    not). For a prefill net only the rows a runtime reads are scored: padding rows are fully
+    masked, and there the bf16 kernel and the float graph legitimately disagree."""
+
+    def __init__(self, candidate: PieceRunner, reference: PieceRunner):
+        self.candidate, self.reference = candidate, reference
+        self.scores: dict[str, float] = {}
+
+    def __call__(self, name: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        got = self.candidate(name, inputs)
+        if name not in self.scores:
+            want = self.reference(name, inputs)
+            rows = live_rows(inputs)
+            self.scores[name] = min(agreement(g, w, rows) for g, w in zip(got, want, strict=True))
+        return got
+
+
+def live_rows(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, int] | None:
+    """Indices of a prefill's rows whose mask row is not fully blocked, and the row count
+    (``None`` for a net without a multi-row mask: all of it is live)."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.shape[-2] == 1:
+        return None
+    return np.flatnonzero((mask[0, 0] > MASK_BLOCKED / 2).any(axis=-1)), mask.shape[-2]
+
+
+def agreement(got: np.ndarray, want: np.ndarray, rows: tuple[np.ndarray, int] | None) -> float:
+    """Cosine of two outputs over the live rows (axis 1, for outputs with one row per
+    position); 1.0/0.0 for integer outputs."""
+    got, want = np.asarray(got), np.asarray(want)
+    if rows is not None and want.ndim >= 2 and want.shape[1] == rows[1]:
+        got, want = got[:, rows[0]], want[:, rows[0]]
+    if np.issubdtype(want.dtype, np.integer):
+        return 1.0 if np.array_equal(got.astype(np.int64), want.astype(np.int64)) else 0.0
+    return cosine(got, want)
+
+
+def image_prompt_inputs(model_dir: Path, prompt: str, image: Path, size: int) -> dict[str, Any]:
+    """Processor inputs for ``image`` (square-resized to ``size`` px) then ``prompt``, in one
+    user turn: what the image check feeds both Hugging Face and the nets."""
+    from common.models.loading import load_processor
+    from common.vision_export import vl_prompt_inputs
+    from common.vl_preprocess import geometry, prepare_frames
+
+    processor = load_processor(model_dir)
+    geo = geometry(processor, size)
+    frames = prepare_frames([image], geo, processor)
+    return vl_prompt_inputs(processor, prompt, frames, geo, "image")
+
+
+def image_prompt_check(
+    run: PieceRunner, model: Any, adapter: Any, inputs: dict[str, Any], dims: PieceDims,
+    count: int,
+) -> dict[str, Any]:  # fmt: skip
+    """VL models: ``count`` greedy tokens of an image prompt through the nets (prefill with
+    the float vision tower's embeddings spliced in and HF's 3-row M-RoPE positions, then the
+    KV-cache decode loop), against Hugging Face ``generate`` on the same processor inputs."""
+    vision = multimodal_prompt(adapter, inputs)
+    logits: list[np.ndarray] = []
+    tokens = greedy_decode(run, dims, vision, count, logits)
+    expected, ref_logits = reference_multimodal(model, inputs, count)
+    matched = first_mismatch(tokens, expected)
+    # Logits agree step by step while the inputs are the same: up to the first divergence.
+    steps = zip(logits[: matched + 1], ref_logits[: matched + 1], strict=False)
+    return {
+        "image_tokens": len(vision.rows),
+        "prompt_tokens": len(vision.token_ids),
+        "greedy_tokens": tokens,
+        "reference_tokens": expected,
+        "greedy_match_tokens": matched,
+        "logits_cos_min": min(cosine(a, b) for a, b in steps),
+    }
+
+
+def first_mismatch(tokens: list[int], expected: list[int]) -> int:
+    """How many leading tokens agree (``len(expected)`` when all do)."""
+    return next(
+        (i for i, (a, b) in enumerate(zip(tokens, expected, strict=False)) if a != b),
+        len(expected),
+    )
