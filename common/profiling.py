@@ -3,10 +3,7 @@
 Each linear's input and output feed a :class:`~common.observers.TensorObserver` from a
 forward hook, so memory is the observers' fixed state, whatever the number of tokens (the
 mllm profiler stored every activation). Linears that read the same tensor (q/k/v,
-gate/up) share one computation of the input statistics. The statistics are folded by one
-background thread (numpy releases the GIL) while the forward pass goes on, in submission
-order, so the results are the same as folding inline; a byte budget on the tensors waiting
-for it keeps memory bounded.
+gate/up) share one computation of the input statistics.
 
 *Sequential* mode never builds the whole model: the module tree is created on the meta
 device and each part's weights are read lazily from the safetensors shards just before
@@ -28,9 +25,7 @@ import json
 import math
 import re
 import struct
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +40,6 @@ from common.models import ModelAdapter, get_adapter, iter_linears
 from common.observers import TensorObserver
 
 PROFILE_FORMAT = "edgeforge-profile-v1"
-#: Bytes of activations that may wait for the statistics thread before a hook blocks.
-PENDING_BYTES = 128 * 2**20
 SIDES = ("input", "output")
 _SIZE_UNITS = {
     "": 1,
@@ -99,30 +92,6 @@ class ActivationProfiler:
         }
         self._last_input: torch.Tensor | None = None
         self._last_stats: TensorObserver | None = None
-        self._worker: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[Future[None], int]] = deque()
-        self._pending_bytes = 0
-
-    def _submit(self, job: Callable[[], None], tensor: torch.Tensor | None = None) -> None:
-        """Queue ``job`` on the statistics thread (FIFO: a shared input's statistics are
-        complete before the linears reading it merge them); block while more than
-        :data:`PENDING_BYTES` of activations wait."""
-        assert self._worker is not None, "hooks run only inside attached()"
-        size = tensor.numel() * tensor.element_size() if tensor is not None else 0
-        self._pending.append((self._worker.submit(job), size))
-        self._pending_bytes += size
-        while self._pending and (self._pending[0][0].done() or self._pending_bytes > PENDING_BYTES):
-            future, done_size = self._pending.popleft()
-            future.result()  # re-raises a failed fold here, in the forward pass
-            self._pending_bytes -= done_size
-
-    def flush(self) -> None:
-        """Wait until every queued statistic is folded (before weights a job may still read,
-        such as a bias, are released)."""
-        while self._pending:
-            future, _ = self._pending.popleft()
-            future.result()
-        self._pending_bytes = 0
 
     def _hook(self, name: str):
         obs = self.observers[name]
@@ -130,32 +99,24 @@ class ActivationProfiler:
         def hook(module: nn.Linear, args: tuple[Any, ...], output: torch.Tensor) -> None:
             x = args[0]
             if x is not self._last_input:  # q/k/v and gate/up read one tensor: observe once
-                shared = self._last_stats = TensorObserver()
+                self._last_stats = TensorObserver()
+                self._last_stats.update(x)
                 self._last_input = x
-                self._submit(functools.partial(shared.update, x), x)
-            self._submit(functools.partial(obs.input.merge, self._last_stats))
+            obs.input.merge(self._last_stats)
             y = output[0] if isinstance(output, tuple) else output
-            bias = module.bias if self.no_bias else None
-            self._submit(functools.partial(obs.output.update, y, subtract=bias), y)
+            obs.output.update(y, subtract=module.bias if self.no_bias else None)
 
         return hook
 
     @contextmanager
     def attached(self) -> Iterator[ActivationProfiler]:
-        """Hooks on every linear for the duration of the block; on leaving it every queued
-        statistic has been folded."""
+        """Hooks on every linear for the duration of the block."""
         handles = [lin.register_forward_hook(self._hook(name)) for name, _, lin in self.linears]
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="observers")
         try:
             yield self
-            self.flush()
         finally:
             for handle in handles:
                 handle.remove()
-            self._worker.shutdown(wait=True, cancel_futures=True)
-            self._worker = None
-            self._pending.clear()
-            self._pending_bytes = 0
             self._last_input = self._last_stats = None
 
     def results(self) -> dict[str, dict[str, Any]]:
@@ -416,7 +377,6 @@ def profile_sequential(
                 )[0]
                 bar.update(windows.shape[1])
             hidden = out
-            profiler.flush()
             _release(layer.module)
         norm, head = adapter.final_norm(), adapter.lm_head()
         _materialize(norm, adapter.name_of("final_norm"), weights, alias)
