@@ -219,6 +219,19 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """One line naming a tensor the model needs that the checkpoint lacks or shapes wrongly
+    (``from_pretrained(..., output_loading_info=True)``'s report): otherwise transformers
+    would leave it randomly initialised without a word."""
+    for kind, what in (("missing_keys", "lacks"), ("mismatched_keys", "has wrongly shaped")):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise EdgeforgeError(
+                f"{path}: the checkpoint {what} {len(keys)} tensor(s) the model needs "
+                f"(e.g. {keys[0]}); its weights do not match config.json"
+            )
+
+
 def load_model(
     model_dir: Path, dtype: torch.dtype = torch.float32, *, attn_implementation: str | None = None
 ) -> Any:
@@ -243,13 +256,7 @@ def load_model(
         raise EdgeforgeError(
             f"{checked.path}: transformers could not load it: {_first_line(exc)}"
         ) from None
-    for kind, what in (("missing_keys", "lacks"), ("mismatched_keys", "has wrongly shaped")):
-        keys = sorted(str(k) for k in info.get(kind) or ())
-        if keys:
-            raise EdgeforgeError(
-                f"{checked.path}: the checkpoint {what} {len(keys)} tensor(s) the model needs "
-                f"(e.g. {keys[0]}); its weights do not match config.json"
-            )
+    check_loading_info(checked.path, info)
     model.eval()
     get_adapter(model)  # the structure the stages rely on is there, or one line says why
     return model

@@ -122,7 +122,7 @@ def load_qwen_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> Any:
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.auto.auto_factory import add_generation_mixin_to_remote_model
 
-    from common.models.loading import _first_line, check_model_dir
+    from common.models.loading import _first_line, check_loading_info, check_model_dir
 
     checked = check_model_dir(model_dir)
     if checked.model_type != QwenAdapter.model_type:
@@ -157,13 +157,7 @@ def load_qwen_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> Any:
         raise EdgeforgeError(
             f"{checked.path}: the remote code could not load it: {_first_line(exc)}"
         ) from None
-    for kind, what in (("missing_keys", "lacks"), ("mismatched_keys", "has wrongly shaped")):
-        keys = sorted(str(k) for k in info.get(kind) or ())
-        if keys:
-            raise EdgeforgeError(
-                f"{checked.path}: the checkpoint {what} {len(keys)} tensor(s) the model needs "
-                f"(e.g. {keys[0]}); its weights do not match config.json"
-            )
+    check_loading_info(checked.path, info)
     with torch.no_grad():
         _restore_non_persistent_buffers(model)
     type(model)._supports_default_dynamic_cache = classmethod(_tuple_cache_only)
