@@ -106,6 +106,12 @@ def piece_dims(adapter: ModelAdapter, seq_len: int) -> PieceDims:
             f"SEQ_LEN={seq_len} exceeds the model's rotary range "
             f"(config max_position_embeddings={max_positions}); use SEQ_LEN<={max_positions}"
         )
+    return dims_of(adapter, seq_len)
+
+
+def dims_of(adapter: ModelAdapter, seq_len: int) -> PieceDims:
+    """``adapter``'s piece dims at ``seq_len``, unchecked: the caller has validated
+    ``seq_len`` against its model's own limit (:func:`piece_dims` does for HF models)."""
     return PieceDims(
         seq_len=seq_len,
         hidden_size=adapter.hidden_size,

@@ -38,6 +38,7 @@ from common.piece_export import (
     PenaltySampleHead,
     Piece,
     PieceDims,
+    dims_of,
     export_modules,
 )
 from common.records import atomic_path, dumps_json, sha256_file
@@ -244,15 +245,7 @@ def qwen1_dims(adapter: QwenAdapter, seq_len: int | None = None) -> PieceDims:
             f"SEQ_LEN={seq_len} is outside 2..{limit} (config seq_length={limit}: past it "
             "Qwen1 switches on dynamic NTK and logn attention, which fixed pieces cannot follow)"
         )
-    return PieceDims(
-        seq_len=seq_len,
-        hidden_size=adapter.hidden_size,
-        num_heads=adapter.num_heads,
-        num_kv_heads=adapter.num_kv_heads,
-        head_dim=adapter.head_dim,
-        num_layers=adapter.num_layers,
-        vocab_size=adapter.vocab_size,
-    )
+    return dims_of(adapter, seq_len)
 
 
 class QwenBlockPiece(nn.Module):
