@@ -7,34 +7,45 @@ which read one tensor, or two processes, can share work), ``result()`` reads the
 and a fixed-size state.
 
 Percentiles use a histogram over the *bit patterns* of float32 values: the top 16 bits of
-a float (sign, 8 exponent bits, 7 mantissa bits) are monotone in its value, so
-``bincount(bits >> 16)`` is an exact histogram with bins of relative width ≤ 2^-7 —
-128 bins per factor of two, everywhere, with no range to know in advance. Reporting the
-bin's midpoint is off by at most 0.4 % of the value, a one-pass, scale-free alternative to
-the "histogram refined over two passes" the issue allows, at about the cost of one copy
-of the tensor. Magnitudes below ``2^MIN_EXPONENT`` (≈ 2.3e-10, zero included) share the
-lowest bin and those above ``2^MAX_EXPONENT`` the highest; the result is always clamped
-into the exact observed ``[min, max]``.
+a float (sign, 8 exponent bits, 7 mantissa bits) are monotone in its magnitude, so they
+index an exact histogram with bins of relative width ≤ 2^-7 — 128 bins per factor of two,
+everywhere, with no range to know in advance. Reporting the bin's midpoint is off by at
+most 0.4 % of the value, a one-pass, scale-free alternative to the "histogram refined over
+two passes" the issue allows. Magnitudes below ``2^MIN_EXPONENT`` (≈ 2.3e-10, zero
+included) share the lowest bin and those above ``2^MAX_EXPONENT`` the highest; the result
+is always clamped into the exact observed ``[min, max]``.
 
-Cost matters as much as memory (the target is profiling within 1.3 × plain inference), so
-an update reads each value a handful of times, all on a zero-copy numpy view of the tensor:
-the bin index is the high half of each float read through a strided ``uint16`` view (no
-shift, no copy) counted by ``numpy.bincount``; per-channel max and min are two outer
-reductions, the sum a pairwise reduction and the sum of squares one BLAS dot. Numpy on
-purpose: each torch reduction is an OpenMP parallel region that waits for its slowest
-thread, which on a loaded machine cost ~8 ms of spinning per call — more than the matmul
-it observes — while these single-threaded kernels take 0.1–2 ns per value.
+Cost matters as much as memory (the target is profiling within 1.3 × plain inference),
+and the 99.9th percentiles only ever look at the top 0.1 %. So a histogram counts every
+value for its first ``TAIL_WARMUP`` values, then sets a *floor* — the bin above which at
+least ``TAIL_SAFETY`` × the needed 0.1 % of the values seen so far lie — and from then on
+counts only values at or above it, plus the number of values below it. Bins at and above
+the floor stay exact, so the percentile is the same bin as a full count gives as long as
+the tail still holds the 0.1 %; the floor only ever rises. If the data shifts so far
+downwards that the tail no longer reaches the percentile,
+:meth:`LogHistogram.percentile` says so instead of guessing (``exact=True`` counts every
+value).
+
+An update reads each value once, in the compiled kernel of :mod:`common.stream_kernels`
+(per-channel max/min, float64 sum and sum of squares, tail counts: ~0.45 ns a value on
+one core), over row blocks that two worker threads share while the forward pass waits
+for the hook.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import sys
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from common.errors import EdgeforgeError
+from common.stream_kernels import block_statistics
 
 #: Mantissa bits kept per bin: 2^7 = 128 bins per factor of two (≤ 0.4 % error).
 MANTISSA_BITS = 7
@@ -45,11 +56,19 @@ MAX_EXPONENT = 32
 _LOW = (127 + MIN_EXPONENT) << MANTISSA_BITS
 _HIGH = (127 + MAX_EXPONENT) << MANTISSA_BITS
 NUM_BINS = _HIGH - _LOW
-_HALF = 1 << 15  # sign bit of the top 16 bits
-#: Which ``uint16`` of a float32 holds its top 16 bits (sign, exponent, 7 mantissa bits).
-_HIGH_WORD = 1 if sys.byteorder == "little" else 0
-#: Values histogrammed per ``bincount`` call.
-_CHUNK = 1 << 20
+#: Values per row block of an observer update: the unit the worker threads share, and
+#: the grouping of the float64 sums (fixed, so results do not depend on the core count).
+_BLOCK = 1 << 18
+#: Threads that share the row blocks of one update (bounded by the CPUs we may use).
+_MAX_WORKERS = 2
+#: The tail kept above the floor holds at least this many times the values a 99.9th
+#: percentile needs (the floor sits near the 99th percentile).
+TAIL_SAFETY = 10
+#: The fraction whose percentile the profile reports (the seed's ``top_0_1``).
+TOP_FRACTION = 0.001
+#: Values counted in full before the floor may rise: a sample of several windows (or,
+#: for an LM head, dozens of tokens), not just the attention-sink rows of the first.
+TAIL_WARMUP = 1 << 21
 
 
 def seed_rank(count: int, fraction: float) -> int:
@@ -67,65 +86,140 @@ def exact_percentile(values: torch.Tensor, fraction: float) -> float:
     return float(torch.kthvalue(flat, seed_rank(flat.numel(), fraction) + 1).values)
 
 
+def _bin_edge(index: int) -> np.float32:
+    """Lower edge of magnitude bin ``index`` (0 = the lowest bin kept), a float32."""
+    return np.uint32((index + _LOW) << 16).view(np.float32)
+
+
 def _bin_centre(index: int) -> float:
-    """Midpoint of magnitude bin ``index`` (0 = the lowest bin kept)."""
-    bits = torch.tensor([(index + _LOW) << 16, (index + _LOW + 1) << 16], dtype=torch.int32)
-    low, high = bits.view(torch.float32).tolist()
-    return (low + high) / 2
+    """Midpoint of magnitude bin ``index``."""
+    return (float(_bin_edge(index)) + float(_bin_edge(index + 1))) / 2
 
 
 class LogHistogram:
-    """Signed histogram of float32 values with bins of constant relative width."""
+    """Signed histogram of float32 values with bins of constant relative width.
 
-    def __init__(self) -> None:
-        # [0:NUM_BINS]: negative values by magnitude; [NUM_BINS:]: positive values and zeros.
+    ``counts[:NUM_BINS]`` hold negative values by magnitude bin, ``counts[NUM_BINS:]``
+    positive values and zeros. Only bins at or above ``floor`` (a magnitude bin) are
+    complete; ``total`` counts every value (see the module docstring).
+    """
+
+    def __init__(self, *, exact: bool = False) -> None:
         self.counts = torch.zeros(2 * NUM_BINS, dtype=torch.int64)
+        self.total = 0
+        self.floor = 0
+        self.exact = exact
+        self._checked_at = 0  # total at the last raise_floor check
 
     def update(self, values: torch.Tensor) -> None:
         self.update_numpy(values.detach().float().contiguous().view(-1).cpu().numpy())
 
     def update_numpy(self, flat: np.ndarray) -> None:
-        """Fold in a contiguous 1-D float32 array (the observer's zero-copy fast path)."""
-        # Top 16 bits = sign << 15 | magnitude bin: positives first, then negatives.
-        top = flat.view(np.uint16)[_HIGH_WORD::2]
-        # bincount casts its input to int64 first: in chunks, that copy stays small and
-        # cache-resident instead of a fresh 200 MB buffer for an LM head's logits.
-        full = np.bincount(top[:_CHUNK], minlength=2 * _HALF)
-        for start in range(_CHUNK, top.size, _CHUNK):
-            full += np.bincount(top[start : start + _CHUNK], minlength=2 * _HALF)
-        counts = self.counts.numpy()  # shares memory
-        for part, offset in ((full[_HALF:], 0), (full[:_HALF], NUM_BINS)):
-            kept = counts[offset : offset + NUM_BINS]
-            kept += part[_LOW:_HIGH]
-            kept[0] += part[:_LOW].sum()
-            kept[-1] += part[_HIGH:].sum()
+        """Fold in a contiguous 1-D float32 array."""
+        self.add([_scan(flat.reshape(1, -1), self.floor_top()).counts], flat.size)
+        self.raise_floor()
+
+    def floor_top(self) -> int:
+        """The top-16-bit magnitude from which values are counted (0: all of them)."""
+        return self.floor + _LOW if self.floor > 0 else 0
+
+    def add(self, counts: list[np.ndarray], seen: int) -> None:
+        """Fold in bin counts taken at :meth:`floor_top` from ``seen`` values, leaving the
+        floor where it is: an observer moves it once per tensor, so it never rests on the
+        first rows of a window alone (an LM head's first tokens)."""
+        self.total += seen
+        mine = self.counts.numpy()  # shares memory
+        for part in counts:
+            mine += part
+
+    def _tails(self) -> tuple[np.ndarray, np.ndarray]:
+        """Values at or above each magnitude bin: (of ``|x|``, of the positive values)."""
+        neg, pos = self.counts.numpy()[:NUM_BINS], self.counts.numpy()[NUM_BINS:]
+        return np.cumsum((neg + pos)[::-1])[::-1], np.cumsum(pos[::-1])[::-1]
+
+    def raise_floor(self) -> None:
+        """Move the floor up to the highest bin whose positive tail (a subset of the
+        magnitude tail) still holds ``TAIL_SAFETY`` × the values the percentile needs.
+
+        Checked each time the count has doubled: a stationary stream's floor barely moves
+        after the warm-up, and the check costs two cumulative sums over every bin."""
+        if self.exact or self.total < max(TAIL_WARMUP, 2 * self._checked_at):
+            return
+        self._checked_at = self.total
+        need = TAIL_SAFETY * (self.total - seed_rank(self.total, TOP_FRACTION))
+        _, positive = self._tails()
+        enough = np.flatnonzero(positive[self.floor :] >= need)
+        if enough.size:
+            self.floor += int(enough[-1])
 
     def merge(self, other: LogHistogram) -> None:
+        """Both histograms are complete at or above the higher floor."""
         self.counts += other.counts
+        self.total += other.total
+        self.floor = max(self.floor, other.floor)
 
     @property
     def count(self) -> int:
-        return int(self.counts.sum())
+        return self.total
 
     def percentile(self, fraction: float, *, signed: bool) -> float:
         """The value at :func:`seed_rank` of the signed values or of their magnitudes."""
-        total = self.count
-        if total == 0:
+        if self.total == 0:
             raise EdgeforgeError("percentile of an empty histogram: no values were observed")
-        neg, pos = self.counts[:NUM_BINS], self.counts[NUM_BINS:]
-        rank = seed_rank(total, fraction)
-        if not signed:
-            return _bin_centre(_bin_of_rank(pos + neg, rank))
-        negatives = int(neg.sum())
-        if rank < negatives:  # ascending order runs through the negatives largest-first
-            return -_bin_centre(_bin_of_rank(neg, negatives - 1 - rank))
-        return _bin_centre(_bin_of_rank(pos, rank - negatives))
+        above = self.total - 1 - seed_rank(self.total, fraction)  # values ranked above it
+        magnitude, positive = self._tails()
+        tail = positive if signed else magnitude
+        if tail[self.floor] > above:  # in the exact part: the highest bin whose tail holds it
+            return _bin_centre(int(np.flatnonzero(tail > above)[-1]))
+        if signed and self.floor == 0:  # fewer positives than that: among the negatives
+            negatives = self.counts.numpy()[:NUM_BINS]
+            rank = above - int(positive[0])  # from the top, i.e. by ascending magnitude
+            return -_bin_centre(int(np.searchsorted(np.cumsum(negatives), rank, side="right")))
+        raise EdgeforgeError(
+            f"percentile: only {int(tail[self.floor])} of {self.total} values lie above the "
+            f"histogram's floor {float(_bin_edge(self.floor)):.4g}, fewer than the {above + 1} the "
+            f"{100 * (1 - fraction):g}th percentile needs — the activations got much smaller "
+            "during profiling; profile again with --exact-percentiles"
+        )
 
 
-def _bin_of_rank(counts: torch.Tensor, rank: int) -> int:
-    """Index of the bin holding the ``rank``-th (0-based, ascending) counted value."""
-    cumulative = torch.cumsum(counts, 0)
-    return int(torch.searchsorted(cumulative, torch.tensor(rank), right=True))
+@dataclass
+class _Scan:
+    """What one row block contributes to an update."""
+
+    counts: np.ndarray  # histogram bins (int64, 2 × NUM_BINS)
+    channel_max: np.ndarray
+    channel_min: np.ndarray
+    total: float
+    total_sq: float
+
+
+def _scan(rows: np.ndarray, floor_top: int) -> _Scan:
+    """Run the one-pass kernel over ``rows`` (float32 ``[R, C]``) into fresh state."""
+    counts = np.zeros(2 * NUM_BINS, np.int64)
+    channel_max = np.full(rows.shape[1], -np.inf, np.float32)
+    channel_min = np.full(rows.shape[1], np.inf, np.float32)
+    total, total_sq = block_statistics(
+        np.ascontiguousarray(rows, np.float32), _LOW, _HIGH, floor_top, counts,
+        channel_max, channel_min,
+    )  # fmt: skip
+    return _Scan(counts, channel_max, channel_min, total, total_sq)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor | None:
+    """Workers for the row blocks of one update. A hook runs while the forward pass waits
+    for it, so the cores that ran the matmul are idle; the kernel releases the GIL, and
+    two workers share the blocks on two cores."""
+    workers = min(_MAX_WORKERS, len(os.sched_getaffinity(0)))
+    return ThreadPoolExecutor(workers, thread_name_prefix="observer") if workers > 1 else None
+
+
+def _map_blocks(fn: Callable[[np.ndarray], _Scan], blocks: list[np.ndarray]) -> list[_Scan]:
+    pool = _pool()
+    if pool is None or len(blocks) < 2:
+        return [fn(block) for block in blocks]
+    return list(pool.map(fn, blocks))
 
 
 class TensorObserver:
@@ -136,14 +230,14 @@ class TensorObserver:
     the 99.9th percentile of the signed values and of ``|x|``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, exact: bool = False) -> None:
         self.count = 0
         self.minimum = math.inf
         self.maximum = -math.inf
         self.total = 0.0
         self.total_sq = 0.0
         self.channel_absmax: torch.Tensor | None = None
-        self.histogram = LogHistogram()
+        self.histogram = LogHistogram(exact=exact)
 
     def update(self, tensor: torch.Tensor, *, subtract: torch.Tensor | None = None) -> None:
         """Fold in ``tensor`` (``− subtract``, broadcast over the last dimension: a linear's
@@ -154,17 +248,22 @@ class TensorObserver:
         rows = x.numpy().reshape(-1, x.shape[-1] if x.ndim > 1 else x.numel())
         if subtract is not None:
             rows = rows - subtract.detach().float().cpu().numpy()
-        flat = rows.reshape(-1)
-        high, low = rows.max(axis=0), rows.min(axis=0)  # per channel
+        step = max(1, _BLOCK // rows.shape[1])
+        blocks = [rows[start : start + step] for start in range(0, rows.shape[0], step)]
+        floor_top = self.histogram.floor_top()
+        scans = _map_blocks(lambda block: _scan(block, floor_top), blocks)
+        self.histogram.add([scan.counts for scan in scans], rows.size)
+        self.histogram.raise_floor()
+        high = np.maximum.reduce([scan.channel_max for scan in scans])
+        low = np.minimum.reduce([scan.channel_min for scan in scans])
         self._fold(
-            count=flat.size,
+            count=rows.size,
             minimum=float(low.min()),
             maximum=float(high.max()),
-            total=float(flat.sum()),  # numpy pairwise float32 sum: ~1e-7 relative
-            total_sq=float(np.dot(flat, flat)),  # BLAS blocked sums: ~1e-7 relative
-            channel_absmax=torch.from_numpy(np.maximum(np.abs(low), high)),
+            total=sum(scan.total for scan in scans),  # in block order: deterministic
+            total_sq=sum(scan.total_sq for scan in scans),
+            channel_absmax=torch.from_numpy(np.maximum(-low, high)),
         )
-        self.histogram.update_numpy(flat)
 
     def _fold(
         self,

@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     prof.add_argument("--image-size", type=int, default=224, help="square image side (px)")
     prof.add_argument(
+        "--exact-percentiles",
+        type=_bool,
+        default=False,
+        help="count every value into the p99.9 histograms, not only their tails (slower)",
+    )
+    prof.add_argument(
         "--config-file", type=Path, default=None, help="mllm QNN convertor config (profile_config)"
     )
     sim = sub.add_parser("simulate", help="fake-quant W8A8 variants + threshold sweep")
@@ -138,6 +144,7 @@ def main() -> int:
             online_down=args.online_down,
             images=args.images,
             image_size=args.image_size,
+            exact_percentiles=args.exact_percentiles,
         )
         settings.check()
         run_profile(

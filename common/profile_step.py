@@ -42,6 +42,7 @@ class ProfileSettings:
     online_down: bool = False
     images: str | None = None  # folder of calibration images (vision-language models)
     image_size: int = 224  # square side the images are resized to (patch·merge multiple)
+    exact_percentiles: bool = False  # count every value, not only the histograms' tails
 
     def check(self) -> None:
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -133,7 +134,11 @@ def collect(model_dir: Path, settings: ProfileSettings, windows: torch.Tensor) -
 
     if settings.sequential:
         return profile_sequential(
-            model_dir, windows, no_bias=settings.no_bias, max_memory=settings.max_memory
+            model_dir,
+            windows,
+            no_bias=settings.no_bias,
+            max_memory=settings.max_memory,
+            exact=settings.exact_percentiles,
         ), None
     from common.models.loading import check_model_dir
     from common.simulate import transformed_model
@@ -148,7 +153,11 @@ def collect(model_dir: Path, settings: ProfileSettings, windows: torch.Tensor) -
     vision_inputs = vision_calibration(model_dir, settings)
     with transformed_model(model_dir, settings.transforms) as (model, rotation):
         profiler = profile_model(
-            model, windows, no_bias=settings.no_bias, vision_inputs=vision_inputs
+            model,
+            windows,
+            no_bias=settings.no_bias,
+            vision_inputs=vision_inputs,
+            exact=settings.exact_percentiles,
         )
         return profiler, rotation
 

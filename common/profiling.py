@@ -27,7 +27,7 @@ import re
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +67,8 @@ class LinearObservers:
 
     role: str
     has_bias: bool
-    input: TensorObserver = field(default_factory=TensorObserver)
-    output: TensorObserver = field(default_factory=TensorObserver)
+    input: TensorObserver
+    output: TensorObserver
 
 
 class ActivationProfiler:
@@ -76,33 +76,52 @@ class ActivationProfiler:
     ``include_vision``, which needs image calibration inputs to reach them).
 
     ``no_bias`` observes ``y − b`` for linears with a bias (mllm's default): the bias is
-    added in float after dequantization, so only ``Wx`` is quantized.
+    added in float after dequantization, so only ``Wx`` is quantized. ``exact`` counts
+    every value into the percentile histograms instead of only their tails (slower; see
+    :mod:`common.observers`).
     """
 
     def __init__(
-        self, adapter: ModelAdapter, *, no_bias: bool = True, include_vision: bool = False
+        self,
+        adapter: ModelAdapter,
+        *,
+        no_bias: bool = True,
+        include_vision: bool = False,
+        exact: bool = False,
     ) -> None:
         self.no_bias = no_bias
         self.linears = list(
             iter_linears(adapter, include_lm_head=True, include_vision=include_vision)
         )
         self.observers = {
-            name: LinearObservers(role=role, has_bias=lin.bias is not None)
+            name: LinearObservers(
+                role=role,
+                has_bias=lin.bias is not None,
+                input=TensorObserver(exact=exact),
+                output=TensorObserver(exact=exact),
+            )
             for name, role, lin in self.linears
         }
         self._last_input: torch.Tensor | None = None
-        self._last_stats: TensorObserver | None = None
+        self._last_observer: TensorObserver | None = None
 
     def _hook(self, name: str):
         obs = self.observers[name]
 
         def hook(module: nn.Linear, args: tuple[Any, ...], output: torch.Tensor) -> None:
             x = args[0]
-            if x is not self._last_input:  # q/k/v and gate/up read one tensor: observe once
-                self._last_stats = TensorObserver()
-                self._last_stats.update(x)
-                self._last_input = x
-            obs.input.merge(self._last_stats)
+            if x is not self._last_input:
+                obs.input.update(x)
+                self._last_input, self._last_observer = x, obs.input
+            elif obs.input is not self._last_observer:
+                # q/k/v and gate/up read one tensor: from the first call on, they share the
+                # observer of the first of them, so the tensor is observed once.
+                if obs.input.count:
+                    raise EdgeforgeError(
+                        f"profiling: {name} read another linear's input after having its "
+                        "own; the model's call order changed between forward passes"
+                    )
+                obs.input = self._last_observer
             y = output[0] if isinstance(output, tuple) else output
             obs.output.update(y, subtract=module.bias if self.no_bias else None)
 
@@ -117,7 +136,7 @@ class ActivationProfiler:
         finally:
             for handle in handles:
                 handle.remove()
-            self._last_input = self._last_stats = None
+            self._last_input = self._last_observer = None
 
     def results(self) -> dict[str, dict[str, Any]]:
         """``{name: {"role", "input": stats, "output": stats}}`` in forward order."""
@@ -127,18 +146,18 @@ class ActivationProfiler:
                 raise EdgeforgeError(
                     f"profiling: {name} never ran; the calibration inputs do not reach it"
                 )
-            out[name] = {
-                "role": obs.role,
-                "has_bias": obs.has_bias,
-                "input": obs.input.result(),
-                "output": obs.output.result(),
-            }
+            try:
+                sides = {side: getattr(obs, side).result() for side in SIDES}
+            except EdgeforgeError as exc:
+                raise EdgeforgeError(f"profiling: {name}: {exc}") from None
+            out[name] = {"role": obs.role, "has_bias": obs.has_bias, **sides}
         return out
 
     def channel_absmax(self) -> dict[str, torch.Tensor]:
-        """Per-channel abs-max of every tensor, keyed ``<linear>.<side>``."""
+        """Per-channel abs-max of every tensor, keyed ``<linear>.<side>`` (copies: linears
+        reading one input share its observer, and safetensors stores no shared memory)."""
         return {
-            f"{name}.{side}": getattr(obs, side).channel_absmax.contiguous()
+            f"{name}.{side}": getattr(obs, side).channel_absmax.clone()
             for name, obs in self.observers.items()
             for side in SIDES
         }
@@ -154,6 +173,7 @@ def profile_model(
     *,
     no_bias: bool = True,
     vision_inputs: Sequence[Mapping[str, Any]] = (),
+    exact: bool = False,
 ) -> ActivationProfiler:
     """Run every window (batch 1) through the whole model with the observers attached.
 
@@ -162,7 +182,7 @@ def profile_model(
     never reaches them.
     """
     profiler = ActivationProfiler(
-        get_adapter(model), no_bias=no_bias, include_vision=bool(vision_inputs)
+        get_adapter(model), no_bias=no_bias, include_vision=bool(vision_inputs), exact=exact
     )
     vision_tokens = sum(int(inputs["input_ids"].numel()) for inputs in vision_inputs)
     with profiler.attached(), torch.inference_mode():
@@ -316,6 +336,7 @@ def profile_sequential(
     *,
     no_bias: bool = True,
     max_memory: int | None = None,
+    exact: bool = False,
 ) -> ActivationProfiler:
     """Profile one part at a time from a safetensors checkpoint (see the module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -343,7 +364,7 @@ def profile_sequential(
     # A tied LM head is stored once, as the embedding.
     head_key = f"{adapter.lm_head_path}.weight"
     alias = {} if head_key in weights.where else {head_key: f"{embed_name}.weight"}
-    profiler = ActivationProfiler(adapter, no_bias=no_bias)
+    profiler = ActivationProfiler(adapter, no_bias=no_bias, exact=exact)
     total = windows.numel()
     with profiler.attached(), torch.inference_mode():
         embed = adapter.embed_tokens()

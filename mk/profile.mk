@@ -1,6 +1,7 @@
 # Activation profiling, W8A8 simulation and the profiling benchmark (issue 4).
 # Knobs: NUM_SAMPLES, SEQ_LEN, SEED, SEQUENTIAL=1, MAX_MEMORY=4GB, ROTATE=hadamard|orthogonal,
-# R_PATH=file, ONLINE_DOWN=1, CONFIG=<mllm QNN config>, IMAGES=<folder>, IMAGE_SIZE (profile); T, CLIP_ALL, THRESHOLDS (simulate);
+# R_PATH=file, ONLINE_DOWN=1, CONFIG=<mllm QNN config>, IMAGES=<folder>, IMAGE_SIZE,
+# EXACT_PERCENTILES=1 (profile); T, CLIP_ALL, THRESHOLDS (simulate);
 # PROFILE=<profile.json>, THRESHOLDS, NUM_WINDOWS (sweep).
 PROFILE_ARGS = $(if $(NUM_SAMPLES),--num-samples $(NUM_SAMPLES)) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) \
 	$(if $(SEED),--seed $(SEED)) $(if $(CORPUS),--corpus $(CORPUS))
@@ -11,7 +12,8 @@ profile: venv ## streaming activation profile: build/<MODEL>/profile/{profile.js
 		$(if $(SEQUENTIAL),--sequential $(SEQUENTIAL)) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY)) \
 		$(if $(ROTATE),--rotate $(ROTATE)) $(if $(R_PATH),--r-path $(R_PATH)) \
 		$(if $(ONLINE_DOWN),--online-down $(ONLINE_DOWN)) $(if $(CONFIG),--config-file $(CONFIG)) \
-		$(if $(IMAGES),--images $(IMAGES)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
+		$(if $(IMAGES),--images $(IMAGES)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) \
+		$(if $(EXACT_PERCENTILES),--exact-percentiles $(EXACT_PERCENTILES))
 
 simulate: venv ## W8A8 variants + threshold sweep: build/<MODEL>/simulate/{report.json,shadow_layers.json}
 	$(PY) -m common.profile_cli simulate $(MODEL_ARGS) $(PROFILE_ARGS) \
