@@ -24,8 +24,10 @@ The residual stream and its RMSNorms stay float (fp16 on HTP; :func:`float_nodes
 Presets: ``w8a16`` (default; int8 weights, 16-bit activations), ``w8a8`` (8-bit
 activations except the attention scores/probabilities, which lose all resolution in 8
 bits next to a −1e4 mask: measured cos 0.93 → 0.999; the P·V product feeding o_proj
-keeps a calibrated encoding), ``w4a16`` (int4 per-channel weights on
-:mod:`common.int8`'s 4-bit grid).
+keeps a calibrated encoding; and the down_proj inputs, 16-bit — the ``w8a8_best`` plan of
+``make simulate``: the attention sink drives them to ~3000 against a bulk of ~1, and at
+8 bits 12 of SmolLM2's 61 pieces fell below cos 0.99), ``w4a16`` (int4 per-channel
+weights on :mod:`common.int8`'s 4-bit grid).
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ class Preset:
     weight_bits: int
     act_bits: int
     score_bits: int
+    down_input_bits: int  # the down_proj inputs (the MLP's attention-sink outliers)
 
 
 PRESETS: dict[str, Preset] = {
-    "w8a16": Preset("w8a16", 8, 16, 16),
-    "w8a8": Preset("w8a8", 8, 8, 16),
-    "w4a16": Preset("w4a16", 4, 16, 16),
+    "w8a16": Preset("w8a16", 8, 16, 16, 16),
+    "w8a8": Preset("w8a8", 8, 8, 16, 16),
+    "w4a16": Preset("w4a16", 4, 16, 16, 16),
 }
 DEFAULT_PRESET = "w8a16"
 
@@ -212,7 +215,8 @@ def plan_encodings(
     (its ``T`` rule) makes a *shadow* one — outliers too far beyond p99.9 for an 8-bit
     grid — stays float, the way mllm computes shadow outliers in float; so does a 16-bit
     tensor beyond :data:`FLOAT_RATIO_16`. Every other tensor gets the preset's width over
-    its abs-max (16-bit ones with :data:`HEADROOM_16`). With ``clip_all`` (no ``T``) the
+    its abs-max (16-bit ones with :data:`HEADROOM_16`) — down_proj inputs (profile role
+    ``down``) the preset's ``down_input_bits``. With ``clip_all`` (no ``T``) the
     plan has no shadow tensors. A linear the ``.mllm`` keeps in float (the LM head) is
     still quantized in its QNN piece, at the preset width.
     """
@@ -222,7 +226,8 @@ def plan_encodings(
         for side in ("input", "output"):
             st = stats[name][side]
             absmax = float(st["absmax"])
-            bits: int | None = preset.act_bits
+            down_input = side == "input" and stats[name].get("role") == "down"
+            bits: int | None = preset.down_input_bits if down_input else preset.act_bits
             if entry[side].get("shadow") or (
                 bits == 16 and absmax > FLOAT_RATIO_16 * float(st["abs_p999"])
             ):

@@ -216,12 +216,18 @@ def test_plan_encodings_float_for_shadow_and_extreme_tensors() -> None:
             "input": {"absmax": 2.0 * ratio, "abs_p999": 1.0},
             "output": {"absmax": 3.0, "abs_p999": 1.0},
         },
+        "down": {
+            "role": "down",
+            "input": {"absmax": 5.0, "abs_p999": 1.0},
+            "output": {"absmax": 3.0, "abs_p999": 1.0},
+        },
     }
     plan = {
         "tensors": {
             "a": {"input": {"shadow": False}, "output": {}},
             "b": {"input": {"shadow": True}, "output": {}},
             "c": {"input": {}, "output": {}},
+            "down": {"input": {}, "output": {}},
         }
     }
     got = qdq.plan_encodings(plan, stats, qdq.preset_by_name("w8a8"))
@@ -229,6 +235,8 @@ def test_plan_encodings_float_for_shadow_and_extreme_tensors() -> None:
         "a": (qdq.Encoding(4.0, 8), qdq.Encoding(2.0, 8)),
         "b": (qdq.Encoding(9.0, None), qdq.Encoding(3.0, 8)),
         "c": (qdq.Encoding(2.0 * ratio, 8), qdq.Encoding(3.0, 8)),
+        # w8a8's down_proj input is 16-bit (with the 16-bit headroom); its output 8-bit.
+        "down": (qdq.Encoding(10.0, 16), qdq.Encoding(3.0, 8)),
     }
     assert qdq.float_linears(got) == {"b"}
     wide = qdq.plan_encodings(plan, stats, qdq.preset_by_name("w8a16"))
