@@ -27,19 +27,13 @@ downwards that the tail no longer reaches the percentile,
 value).
 
 An update reads each value once, in the compiled kernel of :mod:`common.stream_kernels`
-(per-channel max/min, float64 sum and sum of squares, tail counts: ~0.45 ns a value on
-one core), over row blocks that two worker threads share while the forward pass waits
-for the hook.
+(per-channel max/min, float64 sum and sum of squares, tail counts: ~0.45 ns a value),
+which writes straight into the observer's state: one call, no allocation per update.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,11 +50,6 @@ MAX_EXPONENT = 32
 _LOW = (127 + MIN_EXPONENT) << MANTISSA_BITS
 _HIGH = (127 + MAX_EXPONENT) << MANTISSA_BITS
 NUM_BINS = _HIGH - _LOW
-#: Values per row block of an observer update: the unit the worker threads share, and
-#: the grouping of the float64 sums (fixed, so results do not depend on the core count).
-_BLOCK = 1 << 18
-#: Threads that share the row blocks of one update (bounded by the CPUs we may use).
-_MAX_WORKERS = 2
 #: The tail kept above the floor holds at least this many times the values a 99.9th
 #: percentile needs (the floor sits near the 99th percentile).
 TAIL_SAFETY = 10
@@ -116,21 +105,26 @@ class LogHistogram:
 
     def update_numpy(self, flat: np.ndarray) -> None:
         """Fold in a contiguous 1-D float32 array."""
-        self.add([_scan(flat.reshape(1, -1), self.floor_top()).counts], flat.size)
+        row = flat.reshape(1, -1)
+        high = np.full(row.shape[1], -np.inf, np.float32)
+        low = np.full(row.shape[1], np.inf, np.float32)
+        block_statistics(row, _LOW, _HIGH, self.floor_top(), self.bins(), high, low)
+        self.seen(flat.size)
         self.raise_floor()
 
     def floor_top(self) -> int:
         """The top-16-bit magnitude from which values are counted (0: all of them)."""
         return self.floor + _LOW if self.floor > 0 else 0
 
-    def add(self, counts: list[np.ndarray], seen: int) -> None:
-        """Fold in bin counts taken at :meth:`floor_top` from ``seen`` values, leaving the
-        floor where it is: an observer moves it once per tensor, so it never rests on the
-        first rows of a window alone (an LM head's first tokens)."""
-        self.total += seen
-        mine = self.counts.numpy()  # shares memory
-        for part in counts:
-            mine += part
+    def bins(self) -> np.ndarray:
+        """The counts as a numpy array sharing memory, for the kernel to count into."""
+        return self.counts.numpy()
+
+    def seen(self, values: int) -> None:
+        """Record that ``values`` more values were offered (counted or below the floor).
+        The floor moves separately, once per tensor (:meth:`raise_floor`), so it never
+        rests on the first rows of a window alone (an LM head's first tokens)."""
+        self.total += values
 
     def _tails(self) -> tuple[np.ndarray, np.ndarray]:
         """Values at or above each magnitude bin: (of ``|x|``, of the positive values)."""
@@ -183,45 +177,6 @@ class LogHistogram:
         )
 
 
-@dataclass
-class _Scan:
-    """What one row block contributes to an update."""
-
-    counts: np.ndarray  # histogram bins (int64, 2 × NUM_BINS)
-    channel_max: np.ndarray
-    channel_min: np.ndarray
-    total: float
-    total_sq: float
-
-
-def _scan(rows: np.ndarray, floor_top: int) -> _Scan:
-    """Run the one-pass kernel over ``rows`` (float32 ``[R, C]``) into fresh state."""
-    counts = np.zeros(2 * NUM_BINS, np.int64)
-    channel_max = np.full(rows.shape[1], -np.inf, np.float32)
-    channel_min = np.full(rows.shape[1], np.inf, np.float32)
-    total, total_sq = block_statistics(
-        np.ascontiguousarray(rows, np.float32), _LOW, _HIGH, floor_top, counts,
-        channel_max, channel_min,
-    )  # fmt: skip
-    return _Scan(counts, channel_max, channel_min, total, total_sq)
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor | None:
-    """Workers for the row blocks of one update. A hook runs while the forward pass waits
-    for it, so the cores that ran the matmul are idle; the kernel releases the GIL, and
-    two workers share the blocks on two cores."""
-    workers = min(_MAX_WORKERS, len(os.sched_getaffinity(0)))
-    return ThreadPoolExecutor(workers, thread_name_prefix="observer") if workers > 1 else None
-
-
-def _map_blocks(fn: Callable[[np.ndarray], _Scan], blocks: list[np.ndarray]) -> list[_Scan]:
-    pool = _pool()
-    if pool is None or len(blocks) < 2:
-        return [fn(block) for block in blocks]
-    return list(pool.map(fn, blocks))
-
-
 class TensorObserver:
     """Per-tensor statistics of one activation stream (the input or output of a linear).
 
@@ -232,74 +187,67 @@ class TensorObserver:
 
     def __init__(self, *, exact: bool = False) -> None:
         self.count = 0
-        self.minimum = math.inf
-        self.maximum = -math.inf
         self.total = 0.0
         self.total_sq = 0.0
-        self.channel_absmax: torch.Tensor | None = None
+        self.channel_max: np.ndarray | None = None  # float32 per channel, running
+        self.channel_min: np.ndarray | None = None
         self.histogram = LogHistogram(exact=exact)
+
+    @property
+    def maximum(self) -> float:
+        return -math.inf if self.channel_max is None else float(self.channel_max.max())
+
+    @property
+    def minimum(self) -> float:
+        return math.inf if self.channel_min is None else float(self.channel_min.min())
+
+    @property
+    def channel_absmax(self) -> torch.Tensor | None:
+        """Per-channel abs-max of everything observed (a fresh tensor)."""
+        if self.channel_max is None or self.channel_min is None:
+            return None
+        return torch.from_numpy(np.maximum(-self.channel_min, self.channel_max))
+
+    def _channels(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The running per-channel extremes, created on first use."""
+        if self.channel_max is None or self.channel_min is None:
+            self.channel_max = np.full(count, -np.inf, np.float32)
+            self.channel_min = np.full(count, np.inf, np.float32)
+        elif self.channel_max.size != count:
+            raise EdgeforgeError(
+                f"observer: channel count changed from {self.channel_max.size} to {count}; "
+                "one observer must watch one tensor"
+            )
+        return self.channel_max, self.channel_min
 
     def update(self, tensor: torch.Tensor, *, subtract: torch.Tensor | None = None) -> None:
         """Fold in ``tensor`` (``− subtract``, broadcast over the last dimension: a linear's
-        bias, so ``no_bias`` costs no extra parallel torch op)."""
+        bias, so ``no_bias`` costs no extra parallel torch op) in one kernel call, straight
+        into this observer's state: nothing is allocated per update."""
         x = tensor.detach().float().contiguous().cpu()
         if x.numel() == 0:
             return
         rows = x.numpy().reshape(-1, x.shape[-1] if x.ndim > 1 else x.numel())
         if subtract is not None:
             rows = rows - subtract.detach().float().cpu().numpy()
-        step = max(1, _BLOCK // rows.shape[1])
-        blocks = [rows[start : start + step] for start in range(0, rows.shape[0], step)]
-        floor_top = self.histogram.floor_top()
-        scans = _map_blocks(lambda block: _scan(block, floor_top), blocks)
-        self.histogram.add([scan.counts for scan in scans], rows.size)
-        self.histogram.raise_floor()
-        high = np.maximum.reduce([scan.channel_max for scan in scans])
-        low = np.minimum.reduce([scan.channel_min for scan in scans])
-        self._fold(
-            count=rows.size,
-            minimum=float(low.min()),
-            maximum=float(high.max()),
-            total=sum(scan.total for scan in scans),  # in block order: deterministic
-            total_sq=sum(scan.total_sq for scan in scans),
-            channel_absmax=torch.from_numpy(np.maximum(-low, high)),
+        high, low = self._channels(rows.shape[1])
+        total, total_sq = block_statistics(
+            rows, _LOW, _HIGH, self.histogram.floor_top(), self.histogram.bins(), high, low
         )
-
-    def _fold(
-        self,
-        *,
-        count: int,
-        minimum: float,
-        maximum: float,
-        total: float,
-        total_sq: float,
-        channel_absmax: torch.Tensor | None,
-    ) -> None:
-        if channel_absmax is not None:
-            if self.channel_absmax is None:
-                self.channel_absmax = channel_absmax.clone()
-            elif self.channel_absmax.shape != channel_absmax.shape:
-                raise EdgeforgeError(
-                    f"observer: channel count changed from {self.channel_absmax.numel()} to "
-                    f"{channel_absmax.numel()}; one observer must watch one tensor"
-                )
-            else:
-                torch.maximum(self.channel_absmax, channel_absmax, out=self.channel_absmax)
-        self.count += count
-        self.minimum = min(self.minimum, minimum)
-        self.maximum = max(self.maximum, maximum)
+        self.histogram.seen(rows.size)
+        self.histogram.raise_floor()
+        self.count += rows.size
         self.total += total
         self.total_sq += total_sq
 
     def merge(self, other: TensorObserver) -> None:
-        self._fold(
-            count=other.count,
-            minimum=other.minimum,
-            maximum=other.maximum,
-            total=other.total,
-            total_sq=other.total_sq,
-            channel_absmax=other.channel_absmax,
-        )
+        if other.channel_max is not None and other.channel_min is not None:
+            high, low = self._channels(other.channel_max.size)
+            np.maximum(high, other.channel_max, out=high)
+            np.minimum(low, other.channel_min, out=low)
+        self.count += other.count
+        self.total += other.total
+        self.total_sq += other.total_sq
         self.histogram.merge(other.histogram)
 
     def _clamped(self, value: float, low: float, high: float) -> float:

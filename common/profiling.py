@@ -154,10 +154,11 @@ class ActivationProfiler:
         return out
 
     def channel_absmax(self) -> dict[str, torch.Tensor]:
-        """Per-channel abs-max of every tensor, keyed ``<linear>.<side>`` (copies: linears
-        reading one input share its observer, and safetensors stores no shared memory)."""
+        """Per-channel abs-max of every tensor, keyed ``<linear>.<side>`` (a fresh tensor
+        each: linears reading one input share its observer, and safetensors stores no
+        shared memory)."""
         return {
-            f"{name}.{side}": getattr(obs, side).channel_absmax.clone()
+            f"{name}.{side}": getattr(obs, side).channel_absmax
             for name, obs in self.observers.items()
             for side in SIDES
         }

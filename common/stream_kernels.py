@@ -3,12 +3,11 @@
 Profiling observes ~300 k activation values per token of SmolLM2 and must stay within
 1.3 × plain inference. Composed numpy passes (``|x|``, per-channel max, a boolean-mask
 compaction of the tail, ``bincount``, two dots) cost ~2 ns a value: each pass re-reads
-the block, the compaction and ``bincount`` are slow per element, and most of them hold
-the GIL. This kernel reads every row once, while it sits in L1: a vectorised loop for the
-per-channel max and min and the float64 sum and sum of squares, then a loop that
-counts the row's values at or above the histogram floor into their bins (a branch taken
-for ~1 % of the values after the warm-up). It releases the GIL, so the observer's worker
-threads run it on both cores while the forward pass waits for the hook.
+the tensor and is a Python call of its own, and the compaction and ``bincount`` are slow
+per element. This kernel reads every row once, while it sits in L1: a vectorised loop for the
+per-channel max and min and the float64 sum and sum of squares, then a loop that counts
+the row's values at or above the histogram floor into their bins (a branch taken for
+~1 % of the values after the warm-up): ~0.45 ns a value.
 
 Compiled on first use and cached beside this file (``cache=True``).
 """
@@ -19,7 +18,7 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "nsz", "contract"})
+@numba.njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
 def block_statistics(
     rows: np.ndarray,
     low_top: int,

@@ -94,25 +94,6 @@ def test_empty_and_mismatched_inputs_are_clean_errors() -> None:
         obs.update(torch.zeros(2, 5))
 
 
-def test_row_blocks_do_not_change_the_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An update is scanned in row blocks (shared by worker threads); the histogram, the
-    extremes and the per-channel abs-max must not depend on the blocking, and the float64
-    sums only in their last bits."""
-    x = _heavy_tailed(6)
-    whole = TensorObserver()
-    whole.update(x)
-    monkeypatch.setattr(observers, "_BLOCK", 999)  # uneven blocks of 15 rows, a short last one
-    blocked = TensorObserver()
-    blocked.update(x)
-    assert torch.equal(blocked.histogram.counts, whole.histogram.counts)
-    assert torch.equal(blocked.channel_absmax, whole.channel_absmax)
-    got, want = blocked.result(), whole.result()
-    for key in ("count", "min", "max", "absmax", "p999", "abs_p999"):
-        assert got[key] == want[key]
-    assert got["mean"] == pytest.approx(want["mean"], rel=1e-12, abs=1e-15)
-    assert got["std"] == pytest.approx(want["std"], rel=1e-12)
-
-
 def test_histogram_bins_are_the_float32_top_bits() -> None:
     """The kernel's bins against an independent count: numpy's bincount over the top 16
     bits of each value (sign, exponent, 7 mantissa bits), clamped to the kept range."""
