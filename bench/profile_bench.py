@@ -32,11 +32,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-#: The random model: 10 layers of width 2048 / 5632, untied 32k vocab ≈ 2.5 GiB fp32.
+#: The random model: 16 layers of width 2048 / 5632, untied 32k vocab ≈ 3.5 GiB fp32. Deeper
+#: than the issue's 2 GB floor on purpose: a profiling process holds ~0.8 GiB before any weight
+#: (torch, transformers, numba; ``import_rss_bytes``), so at 2.5 GiB "below half" measured
+#: that fixed cost against a 0.1 GiB margin, not how the peak scales (one layer at a time).
 BIG_DIMS = {
     "hidden_size": 2048,
     "intermediate_size": 5632,
-    "num_hidden_layers": 10,
+    "num_hidden_layers": 16,
     "num_attention_heads": 16,
     "num_key_value_heads": 16,
     "vocab_size": 32000,
@@ -95,11 +98,19 @@ def _interleaved(model_dir: str, windows) -> dict:
     return out
 
 
+def _rss_bytes() -> int:
+    """This process's resident set now (``VmRSS``), in bytes."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+
 def _child(mode: str, model_dir: str, num_samples: int, seq_len: int) -> dict:
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401  (counted below)
 
     from common.profiling import profile_sequential
 
+    import_rss = _rss_bytes()  # the fixed cost every profiling process pays before weights
     load_before = os.getloadavg()
     if mode == "sequential-random":
         gen = torch.Generator().manual_seed(0)
@@ -126,6 +137,7 @@ def _child(mode: str, model_dir: str, num_samples: int, seq_len: int) -> dict:
         "tokens": windows.numel(),
         **result,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "import_rss_bytes": import_rss,
         "loadavg_1_5_15_before": load_before,
         "loadavg_1_5_15_after": os.getloadavg(),
     }
@@ -219,7 +231,7 @@ def main() -> None:
         run["rss_budget_bytes"] = budget
         run["rss_within_budget"] = run["peak_rss_bytes"] <= budget
     whole["time_within_1_3x"] = whole["profile"]["median_window_ratio"] <= TIME_GATE
-    big = write_random_model(args.build_dir / "bench" / "random-qwen2-2.5g")
+    big = write_random_model(args.build_dir / "bench" / "random-qwen2-3.5g")
     big_bytes = weight_bytes(big)
     big_run = _measure("sequential-random", big, args.big_samples, args.big_seq_len)
     big_run["weights_bytes"] = big_bytes

@@ -52,7 +52,10 @@ class Preset:
     weight_bits: int
     act_bits: int
     score_bits: int
-    down_input_bits: int  # the down_proj inputs (the MLP's attention-sink outliers)
+    #: down_proj's input and output: the input holds the MLP's attention-sink outliers; the
+    #: output goes along because HTP's MatMul reads and writes one activation width (and it
+    #: feeds the float residual Add, so its width costs nothing downstream).
+    down_bits: int
 
 
 PRESETS: dict[str, Preset] = {
@@ -216,7 +219,7 @@ def plan_encodings(
     grid — stays float, the way mllm computes shadow outliers in float; so does a 16-bit
     tensor beyond :data:`FLOAT_RATIO_16`. Every other tensor gets the preset's width over
     its abs-max (16-bit ones with :data:`HEADROOM_16`) — down_proj inputs (profile role
-    ``down``) the preset's ``down_input_bits``. With ``clip_all`` (no ``T``) the
+    ``down``) and outputs the preset's ``down_bits``. With ``clip_all`` (no ``T``) the
     plan has no shadow tensors. A linear the ``.mllm`` keeps in float (the LM head) is
     still quantized in its QNN piece, at the preset width.
     """
@@ -226,8 +229,8 @@ def plan_encodings(
         for side in ("input", "output"):
             st = stats[name][side]
             absmax = float(st["absmax"])
-            down_input = side == "input" and stats[name].get("role") == "down"
-            bits: int | None = preset.down_input_bits if down_input else preset.act_bits
+            down = stats[name].get("role") == "down"
+            bits: int | None = preset.down_bits if down else preset.act_bits
             if entry[side].get("shadow") or (
                 bits == 16 and absmax > FLOAT_RATIO_16 * float(st["abs_p999"])
             ):

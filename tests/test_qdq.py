@@ -76,13 +76,18 @@ def layer(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def _quantize(layer: dict, preset: str) -> tuple[Path, dict]:
+    """Quantize block_0 with the preset's widths, as plan_encodings gives them."""
     dest = layer["dir"] / f"block_0.{preset}.onnx"
-    bits = qdq.preset_by_name(preset).act_bits
+    widths = qdq.preset_by_name(preset)
+
+    def bits(name: str) -> int:
+        return widths.down_bits if name.endswith("down_proj") else widths.act_bits
+
     sites = qdq.quantize_piece(
         layer["static"],
         dest,
         encodings={
-            n: (qdq.Encoding(i, bits), qdq.Encoding(o, bits))
+            n: (qdq.Encoding(i, bits(n)), qdq.Encoding(o, bits(n)))
             for n, (i, o) in layer["ranges"].items()
         },
         weights=layer["weights"],
@@ -149,7 +154,10 @@ def test_w8a8_keeps_attention_scores_in_16_bits(layer: dict) -> None:
         if tensor in params:
             assert params[tensor][1].dtype == np.uint16, tensor
     for name, site in sites.items():  # o_proj's input encoding comes from P·V (calibrated)
-        if not name.endswith("o_proj"):
+        if name.endswith("down_proj"):  # mixed precision: reads and writes 16 bits
+            assert params[site.input][1].dtype == np.uint16, name
+            assert params[site.output][1].dtype == np.uint16, name
+        elif not name.endswith("o_proj"):
             assert params[site.input][1].dtype == np.uint8, name
     assert _cos(path, layer) > 0.99
 
@@ -235,8 +243,8 @@ def test_plan_encodings_float_for_shadow_and_extreme_tensors() -> None:
         "a": (qdq.Encoding(4.0, 8), qdq.Encoding(2.0, 8)),
         "b": (qdq.Encoding(9.0, None), qdq.Encoding(3.0, 8)),
         "c": (qdq.Encoding(2.0 * ratio, 8), qdq.Encoding(3.0, 8)),
-        # w8a8's down_proj input is 16-bit (with the 16-bit headroom); its output 8-bit.
-        "down": (qdq.Encoding(10.0, 16), qdq.Encoding(3.0, 8)),
+        # w8a8's down_proj reads and writes 16 bits (with the 16-bit headroom).
+        "down": (qdq.Encoding(10.0, 16), qdq.Encoding(6.0, 16)),
     }
     assert qdq.float_linears(got) == {"b"}
     wide = qdq.plan_encodings(plan, stats, qdq.preset_by_name("w8a16"))

@@ -44,6 +44,8 @@ TARGET = "qnn"
 DEFAULT_PREFILL_LEN = 32
 DEFAULT_KV_LEN = 64
 DEFAULT_CALIB_WINDOWS = 16
+#: Held-out windows of PREFILL_LEN tokens chained through the prefill binaries end to end.
+DEFAULT_E2E_WINDOWS = 8
 #: Gates per preset: worst per-piece cosine vs float, end-to-end top-1 agreement.
 GATES: dict[str, dict[str, float]] = {
     "w8a16": {"layer_cos": 0.999, "top1": 0.95},
@@ -70,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefill-len", type=int, default=None, help="tokens of the prefill graph")
     p.add_argument("--kv-len", type=int, default=None, help="KV cache rows of the decode graph")
     p.add_argument("--calib-windows", type=int, default=None)
+    p.add_argument("--e2e-windows", type=int, default=None, help="held-out windows end to end")
     p.add_argument("--vtcm-mb", type=int, default=None)
     p.add_argument("--opt-mode", type=int, default=None)
     p.add_argument("--t", type=float, default=None, help="t01m_clip_threshold (no clip_all)")
@@ -93,6 +96,7 @@ def settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, An
         "prefill_len": pick("prefill_len", DEFAULT_PREFILL_LEN),
         "kv_len": pick("kv_len", DEFAULT_KV_LEN),
         "calib_windows": pick("calib_windows", DEFAULT_CALIB_WINDOWS),
+        "e2e_windows": pick("e2e_windows", DEFAULT_E2E_WINDOWS),
         "vtcm_mb": pick("vtcm_mb", qnn_ep.DEFAULT_VTCM_MB),
         "opt_mode": pick("opt_mode", qnn_ep.DEFAULT_OPT_MODE),
         "t01m_clip_threshold": pick("t", None),
@@ -100,7 +104,7 @@ def settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, An
     }
     if not out["socs"]:
         raise EdgeforgeError("SOCS: empty; name at least one SoC")
-    for key in ("prefill_len", "kv_len", "calib_windows", "vtcm_mb"):
+    for key in ("prefill_len", "kv_len", "calib_windows", "e2e_windows", "vtcm_mb"):
         if not isinstance(out[key], int) or out[key] < 1:
             raise EdgeforgeError(f"{key.upper()}: expected a positive integer, got {out[key]!r}")
     if out["kv_len"] <= out["prefill_len"]:
@@ -221,7 +225,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_dir)
     lengths = (opts["prefill_len"], opts["kv_len"])
     window = lengths[0] + 1  # the prompt and the token the decode graph is checked on
-    golden_ids = eval_windows(EVAL_CORPUS, tokenizer, 1, window)[0].tolist()
+    held_out = eval_windows(EVAL_CORPUS, tokenizer, opts["e2e_windows"], window).tolist()
+    golden_ids = held_out[0]
+    e2e_ids = [ids[: lengths[0]] for ids in held_out]
     calib_ids = sample_windows(CALIB_CORPUS, tokenizer, opts["calib_windows"], window, 0)
     calib_ids = [w.tolist() for w in calib_ids]
 
@@ -257,7 +263,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             pe.onnx_runner(float_dir), adapter, golden_ids, calib_ids, lengths
         )
         encodings = qdq.plan_encodings(plan, stats, preset)
-        rows, hidden = pipeline.build_all(
+        rows, hiddens = pipeline.build_all(
             adapter,
             float_dir,
             work,
@@ -268,8 +274,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             socs,
             opts["vtcm_mb"],
             opts["opt_mode"],
+            e2e_ids,
         )
-        e2e = pipeline.end_to_end(adapter, hidden, golden_ids[: lengths[0]])
+        e2e = pipeline.end_to_end(adapter, hiddens, e2e_ids)
         write_json_atomic(
             tmp / "qnn_scales.json",
             {

@@ -174,10 +174,10 @@ def build_piece(
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
     opt_mode: int,
-    chain_input: Feeds | None = None,
-) -> tuple[dict[str, Any], list[np.ndarray] | None]:
-    """QDQ, compile for each SoC, verify on the emulator; returns the report row and, with
-    ``chain_input``, the QNN outputs on it."""
+    chain_inputs: Sequence[Feeds] = (),
+) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
+    """QDQ, compile for each SoC, verify on the emulator; returns the report row and the
+    QNN outputs on each of ``chain_inputs``."""
     weights = piece_linears(adapter, name)
     static = qdq.static_float_model(float_dir / f"{name}.onnx", work_dir / f"{name}.static.onnx")
     qdq_path = work_dir / f"{name}.{preset.name}.onnx"
@@ -218,8 +218,7 @@ def build_piece(
         cpu_qdq_cos_vs_float=_worst_cos(cpu_out, float_out),
         all_nodes_on_qnn=True,
     )
-    chained = session.run(None, chain_input) if chain_input is not None else None
-    return row, chained
+    return row, [session.run(None, feeds) for feeds in chain_inputs]
 
 
 def build_all(
@@ -233,8 +232,10 @@ def build_all(
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
     opt_mode: int,
-) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Every piece's report row, and the last hidden state of the QNN prefill chain."""
+    chain_ids: Sequence[Sequence[int]],
+) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Every piece's report row, and the last hidden state of the QNN prefill chain for
+    each window of ``chain_ids`` (``PREFILL_LEN`` tokens each, embedded on the host)."""
     common = dict(
         adapter=adapter,
         encodings=encodings,
@@ -245,30 +246,39 @@ def build_all(
         opt_mode=opt_mode,
     )
     rows: list[dict[str, Any]] = []
-    hidden = golden.inputs["block_0"]["input_states"]
+    with torch.no_grad():
+        embed = adapter.embed_tokens()
+        hiddens = [embed(torch.tensor([list(ids)])).numpy() for ids in chain_ids]
     names = [f"block_{i}" for i in range(adapter.num_layers)]
     names += [f"block_cache_{i}" for i in range(adapter.num_layers)] + ["lm_head"]
     for name in tqdm(names, desc=f"qnn {preset.name}"):
-        chain = None
+        chain: list[Feeds] = []
         if name.startswith("block_") and not name.startswith("block_cache"):
-            chain = {**golden.inputs[name], "input_states": hidden}
-        row, chained = build_piece(name, float_dir, work_dir, out_dir, chain_input=chain, **common)
-        if chained is not None:
-            hidden = chained[0]
+            # Same length, no padding: every window shares the golden positions and mask.
+            chain = [{**golden.inputs[name], "input_states": h} for h in hiddens]
+        row, chained = build_piece(name, float_dir, work_dir, out_dir, chain_inputs=chain, **common)
+        if chained:
+            hiddens = [outs[0] for outs in chained]
         rows.append(row)
-    return rows, hidden
+    return rows, hiddens
 
 
-def end_to_end(adapter: ModelAdapter, hidden: np.ndarray, ids: Sequence[int]) -> dict[str, Any]:
+def end_to_end(
+    adapter: ModelAdapter, hiddens: Sequence[np.ndarray], windows: Sequence[Sequence[int]]
+) -> dict[str, Any]:
     """Final norm + LM head (float, host) on the QNN chain's hidden states vs the FP32
-    model's logits on the same window: cosine over all logits and top-1 agreement."""
-    length = len(ids)
+    model's logits on the same windows: cosine over all logits and top-1 agreement over
+    every token (one window of 32 tokens would measure top-1 in steps of 3 %)."""
+    got, want = [], []
     with torch.no_grad():
-        h = torch.from_numpy(np.asarray(hidden[:, :length], np.float32))
-        got = adapter.lm_head()(adapter.final_norm()(h))[0].numpy()
-        want = adapter.model(torch.tensor([list(ids)])).logits[0].float().numpy()
+        for hidden, ids in zip(hiddens, windows, strict=True):
+            h = torch.from_numpy(np.asarray(hidden[:, : len(ids)], np.float32))
+            got.append(adapter.lm_head()(adapter.final_norm()(h))[0].numpy())
+            want.append(adapter.model(torch.tensor([list(ids)])).logits[0].float().numpy())
+    got_all, want_all = np.concatenate(got), np.concatenate(want)
     return {
-        "cos": pe.cosine(got, want),
-        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
-        "tokens": length,
+        "cos": pe.cosine(got_all, want_all),
+        "top1_agreement": float((got_all.argmax(-1) == want_all.argmax(-1)).mean()),
+        "tokens": len(got_all),
+        "windows": len(windows),
     }

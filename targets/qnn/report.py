@@ -79,7 +79,8 @@ def render(report: dict[str, Any]) -> str:
     ]
     lines += [
         "",
-        f"End to end (prefill chain on HTP, float LM head on host, {e2e['tokens']} tokens): "
+        f"End to end (prefill chain on HTP, float LM head on host, {e2e['tokens']} tokens "
+        f"in {e2e['windows']} held-out windows): "
         f"logit cosine {e2e['cos']:.6f}, top-1 agreement {e2e['top1_agreement']:.4f}.",
         "",
         f"model.int8.mllm re-read vs fake-quant model: max |Δlogit| {mllm['max_abs_diff']:.3g}.",

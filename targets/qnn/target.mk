@@ -1,5 +1,5 @@
 # QNN (Qualcomm HTP): make qnn MODEL=<recipe> [SOCS=SM8650,SM8750] [PRESET=w8a16|w8a8|w4a16]
-#   [PREFILL_LEN=n] [KV_LEN=n] [PROFILE=profile.json] [USE_DOCKER=1]
+#   [PREFILL_LEN=n] [KV_LEN=n] [E2E_WINDOWS=n] [PROFILE=profile.json] [USE_DOCKER=1]
 # Reads build/<MODEL>/profile/profile.json (runs make profile first when it is missing) and,
 # when present, build/<MODEL>/simulate/shadow_layers.json (the T chosen by make simulate). Writes build/<MODEL>/qnn/: the mllm
 # int8 model and per-SoC QNN context binaries, verified on the x86 HTP emulator
@@ -12,10 +12,12 @@ SOCS      ?=
 PRESET    ?=
 PREFILL_LEN ?=
 KV_LEN    ?=
+E2E_WINDOWS ?=
 PROFILE   ?=
-QNN_VARS = $(foreach v,SOCS PRESET PREFILL_LEN KV_LEN PROFILE,$(if $($(v)),$(v)=$($(v))))
+QNN_VARS = $(foreach v,SOCS PRESET PREFILL_LEN KV_LEN E2E_WINDOWS PROFILE,$(if $($(v)),$(v)=$($(v))))
 QNN_ARGS = $(if $(SOCS),--socs $(SOCS)) $(if $(PRESET),--preset $(PRESET)) \
   $(if $(PREFILL_LEN),--prefill-len $(PREFILL_LEN)) $(if $(KV_LEN),--kv-len $(KV_LEN)) \
+  $(if $(E2E_WINDOWS),--e2e-windows $(E2E_WINDOWS)) \
   $(if $(PROFILE),--profile $(PROFILE))
 #: The profile make qnn reads: PROFILE=, else make profile's output (made on demand).
 QNN_PROFILE = $(or $(PROFILE),$(BUILD_DIR)/$(MODEL)/profile/profile.json)
