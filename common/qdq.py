@@ -226,11 +226,11 @@ def plan_encodings(
     out: dict[str, tuple[Encoding, Encoding]] = {}
     for name, entry in plan["tensors"].items():
         pair = []
+        width = preset.down_bits if stats[name].get("role") == "down" else preset.act_bits
         for side in ("input", "output"):
             st = stats[name][side]
             absmax = float(st["absmax"])
-            down = stats[name].get("role") == "down"
-            bits: int | None = preset.down_bits if down else preset.act_bits
+            bits: int | None = width
             if entry[side].get("shadow") or (
                 bits == 16 and absmax > FLOAT_RATIO_16 * float(st["abs_p999"])
             ):

@@ -415,16 +415,16 @@ def main(argv: list[str] | None = None) -> int:
         logits_gate = VENDOR_LOGITS_GATE[opts["mode"]]
         if min(step_cos) < logits_gate:
             failed.append(f"teacher-forced logits cos {min(step_cos):.6f} < {logits_gate}")
-        notes.append(
+        note = (
             f"Vendor route: greedy tokens are reported, not gated; the gate is per-piece cos "
             f">= {gate} and teacher-forced logits cos >= {logits_gate} against Hugging Face."
-            + (
+        )
+        if flip_margin is not None:
+            note += (
                 f" First flip at token {matched}: the float model's own logit margin between "
                 f"its token and the simulator's is {flip_margin:.4f}."
-                if flip_margin is not None
-                else ""
             )
-        )
+        notes.append(note)
 
     out = root / label
     others = sibling_reports(root, opts, dims.seq_len)
