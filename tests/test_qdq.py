@@ -272,6 +272,15 @@ def test_float_linear_keeps_float_weight(layer: dict) -> None:
     model = onnx.load(str(dest))
     matmul = next(n for n in model.graph.node if n.name == sites[down].matmul)
     assert matmul.input[1] in {i.name for i in model.graph.initializer}  # float weight
+    # ... and reads a float input: SwiGLU's Sigmoid/Mul chain back to gate and up runs in
+    # float, nothing on it is quantized.
+    static = onnx.load(str(layer["static"]))
+    interior = qdq.float_input_nodes(static, sites, [down])
+    ops = sorted(n.op_type for n in static.graph.node if n.name in interior)
+    assert ops == ["Mul", "Mul", "Sigmoid"]
+    outputs = {o for n in static.graph.node if n.name in interior for o in n.output}
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert not outputs & quantized
     assert _cos(dest, layer) > 0.995
 
 
