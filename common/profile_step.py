@@ -26,6 +26,24 @@ DEFAULT_SEQ_LEN = 512
 DEFAULT_SEED = 42
 
 
+def profile_dir_name(
+    rotate: str | None = None, *, r_path: bool = False, online_down: bool = False
+) -> str:
+    """The folder under ``build/<MODEL>/`` a profile of these transforms is written to:
+    ``profile`` for the checkpoint as stored, ``profile-hadamard`` (``-orthogonal``,
+    ``-r-path``) for a rotated one, ``…-online-down`` with the online Hadamard. Profiles
+    of differently transformed models describe different tensors, so one never
+    overwrites another (``make qnn`` reads the rotated one by default)."""
+    parts = ["profile"]
+    if r_path:
+        parts.append("r-path")
+    elif rotate:
+        parts.append(rotate)
+    if online_down:
+        parts.append("online-down")
+    return "-".join(parts)
+
+
 @dataclass(frozen=True)
 class ProfileSettings:
     """What ``make profile`` was asked for (recorded in the profile and the manifest)."""
@@ -63,6 +81,11 @@ class ProfileSettings:
                 "--sequential profiles the checkpoint as stored; rotation and online Hadamard "
                 "need the whole model — drop --sequential or the rotation options"
             )
+
+    @property
+    def dir_name(self) -> str:
+        """Output folder name (:func:`profile_dir_name`)."""
+        return profile_dir_name(self.rotate, r_path=bool(self.r_path), online_down=self.online_down)
 
     @property
     def transforms(self) -> dict[str, Any]:
@@ -165,7 +188,8 @@ def collect(model_dir: Path, settings: ProfileSettings, windows: torch.Tensor) -
 def run_profile(
     recipe: Recipe, model_dir: Path, settings: ProfileSettings, build_dir: Path | None = None
 ) -> Path:
-    """Profile ``model_dir`` and write ``build/<MODEL>/profile/``; returns the directory."""
+    """Profile ``model_dir`` and write ``build/<MODEL>/<settings.dir_name>/``; returns the
+    directory."""
     from safetensors.torch import save_file
 
     from common.profile_report import write_report
@@ -184,7 +208,7 @@ def run_profile(
         "tokens": windows.numel(),
     }
     doc = profile_document(stats, meta)
-    out_dir = model_build_dir(recipe, build_dir) / "profile"
+    out_dir = model_build_dir(recipe, build_dir) / settings.dir_name
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         write_json_atomic(tmp / "profile.json", doc)

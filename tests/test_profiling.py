@@ -15,7 +15,7 @@ from common.errors import EdgeforgeError
 from common.models import get_adapter, iter_linears
 from common.models.loading import load_model, load_tokenizer
 from common.observers import exact_percentile
-from common.profile_step import ProfileSettings, run_profile
+from common.profile_step import ProfileSettings, profile_dir_name, run_profile
 from common.profiling import (
     ActivationProfiler,
     load_profile,
@@ -271,3 +271,23 @@ def test_image_calibration_profiles_the_vision_linears(
                 load_recipe("tiny-qwen2"), model_dir, replace(settings, **changes), tmp_path / "x"
             )
         assert not (tmp_path / "x").exists()
+
+
+def test_each_transform_has_its_own_profile_folder() -> None:
+    """A rotated profile never overwrites the plain one (make qnn reads profile-hadamard)."""
+    names = {
+        profile_dir_name(),
+        profile_dir_name("hadamard"),
+        profile_dir_name("orthogonal"),
+        profile_dir_name(r_path=True),
+        profile_dir_name("hadamard", online_down=True),
+    }
+    assert names == {
+        "profile",
+        "profile-hadamard",
+        "profile-orthogonal",
+        "profile-r-path",
+        "profile-hadamard-online-down",
+    }
+    settings = ProfileSettings(corpus="c", rotate="hadamard")
+    assert settings.dir_name == "profile-hadamard"
