@@ -71,12 +71,15 @@ def fake_quantize(
     return q * s
 
 
-def weight_scale(weight: torch.Tensor, granularity: str = "per_channel") -> torch.Tensor:
-    """int8 scale of a ``[out, in]`` weight: one per output row, or one for the tensor."""
+def weight_scale(
+    weight: torch.Tensor, granularity: str = "per_channel", bits: int = 8
+) -> torch.Tensor:
+    """Scale of a ``[out, in]`` weight on the ``bits`` grid: one per output row, or one
+    for the tensor."""
     if granularity == "per_channel":
-        return symmetric_scale(weight.detach().abs().amax(dim=1, keepdim=True).float())
+        return symmetric_scale(weight.detach().abs().amax(dim=1, keepdim=True).float(), bits)
     if granularity == "per_tensor":
-        return symmetric_scale(weight.detach().abs().max().float())
+        return symmetric_scale(weight.detach().abs().max().float(), bits)
     raise EdgeforgeError(
         f"weight granularity: {granularity!r} is not one of {', '.join(WEIGHT_GRANULARITIES)}"
     )

@@ -10,9 +10,9 @@ profile's ranges are what ship. So:
   (tensor-quantization overrides with ``scale``/``zero_point``): a symmetric grid over
   ``absmax`` — ``absmax / qmax(bits)`` with the unsigned zero point at mid-range, which is
   the same grid as the signed symmetric one :mod:`common.int8` simulates;
-* integer weights are replaced after quantization by :func:`weight_levels` (symmetric per
-  output channel on :mod:`common.int8`'s grid), so the QDQ graph and the ``.mllm`` hold
-  the same int8 bytes;
+* integer weights are replaced after quantization by ours (:func:`replace_weights`):
+  symmetric per output channel on :mod:`common.int8`'s grid, rounded by GPTQ
+  (:mod:`common.sequential_gptq`) or to nearest (:func:`nearest_levels`);
 * each decomposed RMSNorm becomes one ``RMSNormalization`` node (:func:`fuse_rms_norms`);
 * the masked attention scores get an encoding that saturates the −1e4 mask instead of
   spending the grid on it (:func:`tighten_masked_scores`);
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from common.errors import EdgeforgeError
-from common.int8 import qmax, quantize, quantize_weight, symmetric_scale
+from common.int8 import qmax, quantize, symmetric_scale, weight_scale
 
 
 @dataclass(frozen=True)
@@ -412,28 +412,28 @@ class _Feeds:
         return dict(next(self._feeds, None) or {}) or None
 
 
-def weight_levels(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel levels ``[in, out]`` (int8 storage) and scales ``[out]``
-    of a float ``[out, in]`` weight, by :mod:`common.int8`'s grid: the int8 case is exactly
-    :func:`common.int8.quantize_weight` (what the ``.mllm`` stores), int4 the same rule on
-    the 4-bit grid."""
-    if bits == 8:
-        levels, scale = quantize_weight(weight, "per_channel")
-    else:
-        scale = symmetric_scale(weight.detach().abs().amax(dim=1, keepdim=True).float(), bits)
-        levels = quantize(weight.detach().float(), scale, bits)
-    q = levels.T.contiguous().numpy().astype(np.int8)
-    return q, scale.reshape(-1).numpy().astype(np.float32)
+#: ``name -> (levels [out, in] int8, scale [out, 1])``: the integer weights a piece ships.
+WeightLevels = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def nearest_levels(
+    weights: Mapping[str, torch.Tensor], bits: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Round-to-nearest :data:`WeightLevels` of float ``[out, in]`` weights on
+    :mod:`common.int8`'s symmetric per-output-channel grid (for int8 exactly
+    :func:`common.int8.quantize_weight`)."""
+    out = {}
+    for name, weight in weights.items():
+        scale = weight_scale(weight, "per_channel", bits)
+        out[name] = (quantize(weight.detach().float(), scale, bits), scale)
+    return out
 
 
 def replace_weights(
-    model: Any,
-    sites: Mapping[str, LinearSite],
-    weights: Mapping[str, torch.Tensor],
-    bits: int,
+    model: Any, sites: Mapping[str, LinearSite], levels: WeightLevels, bits: int
 ) -> None:
-    """Put :func:`weight_levels`' per-channel levels and scales into each linear's weight
-    DequantizeLinear (layout ``[in, out]``, axis 1; ONNX ``INT4`` for 4 bits)."""
+    """Put each linear's integer levels (transposed to ``[in, out]``, axis 1; ONNX ``INT4``
+    for 4 bits) and per-channel scales into its weight DequantizeLinear."""
     import ml_dtypes
     from onnx import numpy_helper
 
@@ -444,7 +444,8 @@ def replace_weights(
         dq = dq_by_output.get(matmuls[site.matmul].input[1])
         if dq is None or dq.input[0] not in inits:
             raise EdgeforgeError(f"{name}: quantizer left no weight DequantizeLinear")
-        q, scale = weight_levels(weights[name], bits)
+        q = levels[name][0].T.contiguous().numpy().astype(np.int8)
+        scale = levels[name][1].reshape(-1).numpy().astype(np.float32)
         if numpy_helper.to_array(inits[dq.input[0]]).shape != q.shape:
             raise EdgeforgeError(f"{name}: weight shape differs from the exported graph")
         dtype = ml_dtypes.int4 if bits == 4 else np.int8
@@ -590,12 +591,15 @@ def quantize_piece(
     weights: Mapping[str, torch.Tensor],
     calibration: Iterable[Mapping[str, np.ndarray]],
     preset: Preset,
+    levels: WeightLevels | None = None,
 ) -> dict[str, LinearSite]:
     """Write the QDQ model of ``float_model`` to ``dest`` (see the module docstring).
 
     ``encodings`` maps each linear to its ``(input, output)`` :class:`Encoding`
     (:func:`plan_encodings`); ``weights`` to its float ``[out, in]`` weight (as the
-    adapter holds it).
+    adapter holds it; it locates the linear in the graph); ``levels`` to the integer
+    weights to ship (e.g. GPTQ's, :mod:`common.sequential_gptq`) — by default
+    :func:`nearest_levels` of ``weights``.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize
@@ -622,7 +626,8 @@ def quantize_piece(
         quantize(model, str(tmp), config)
         qdq = onnx.load(str(tmp))
         quantized = {n: site for n, site in sites.items() if n not in floats}
-        replace_weights(qdq, quantized, weights, preset.weight_bits)
+        chosen = nearest_levels(weights, preset.weight_bits) if levels is None else levels
+        replace_weights(qdq, quantized, chosen, preset.weight_bits)
         tighten_masked_scores(qdq, model)
         onnx.save(qdq, str(tmp))
     return sites

@@ -1,7 +1,8 @@
 """``make qnn``: the mllm int8 model and QNN HTP context binaries, verified on the emulator.
 
-Reads the activation profile of ``make profile`` (``build/<MODEL>/profile/profile.json``;
-its transforms, e.g. a rotation, are applied to the model first) and, when ``make simulate``
+Reads the activation profile of ``make profile`` (by default the Hadamard-rotated one,
+``build/<MODEL>/profile-hadamard/profile.json``; ``--rotate none`` reads the plain
+``profile/``; its transforms are applied to the model first) and, when ``make simulate``
 has run, its ``shadow_layers.json`` (the chosen ``T``; ``--t`` overrides it). Writes
 ``build/<MODEL>/qnn/``:
 
@@ -46,6 +47,18 @@ DEFAULT_KV_LEN = 64
 DEFAULT_CALIB_WINDOWS = 16
 #: Held-out windows of PREFILL_LEN tokens chained through the prefill binaries end to end.
 DEFAULT_E2E_WINDOWS = 8
+#: The residual rotation of the profile read by default (``none``: the model as stored).
+#: Rotated by default because ``w8a8`` needs it: plain, SmolLM2's layers 12-19 carry
+#: outlier channels into the q/k/v and gate/up inputs (12 pieces below cos 0.99, top-1
+#: 0.69); rotated, every piece is >= 0.996.
+DEFAULT_ROTATE = "hadamard"
+ROTATIONS = ("hadamard", "orthogonal", "none")
+#: How integer weights are rounded: GPTQ (``common.sequential_gptq``) or to nearest.
+ROUNDINGS = ("gptq", "nearest")
+#: GPTQ calibration: windows x tokens (8192 tokens: H of a 1536-wide down_proj input is
+#: well conditioned from ~5x its width).
+DEFAULT_GPTQ_WINDOWS = 32
+DEFAULT_GPTQ_SEQ_LEN = 256
 #: Gates per preset: worst per-piece cosine vs float, end-to-end top-1 agreement.
 GATES: dict[str, dict[str, float]] = {
     "w8a16": {"layer_cos": 0.999, "top1": 0.95},
@@ -65,7 +78,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         type=Path,
         default=None,
-        help="profile JSON (default build/<MODEL>/profile/profile.json)",
+        help="profile JSON (default: make profile's for --rotate, "
+        "build/<MODEL>/profile-hadamard/profile.json)",
+    )
+    p.add_argument(
+        "--rotate",
+        default=None,
+        help="rotation of the default profile: hadamard (default), orthogonal or none",
     )
     p.add_argument("--socs", default=None, help="comma list, e.g. SM8650,SM8750")
     p.add_argument("--preset", default=None, help="w8a16 (default), w8a8 or w4a16")
@@ -73,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-len", type=int, default=None, help="KV cache rows of the decode graph")
     p.add_argument("--calib-windows", type=int, default=None)
     p.add_argument("--e2e-windows", type=int, default=None, help="held-out windows end to end")
+    p.add_argument("--rounding", default=None, help="weight rounding: gptq (default) or nearest")
+    p.add_argument("--gptq-windows", type=int, default=None, help="GPTQ calibration windows")
+    p.add_argument("--gptq-seq-len", type=int, default=None, help="tokens per GPTQ window")
     p.add_argument("--vtcm-mb", type=int, default=None)
     p.add_argument("--opt-mode", type=int, default=None)
     p.add_argument("--t", type=float, default=None, help="t01m_clip_threshold (no clip_all)")
@@ -93,10 +115,14 @@ def settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, An
     out = {
         "socs": [qnn_ep.soc_by_name(s.strip()).name for s in socs if s.strip()],
         "preset": qdq.preset_by_name(pick("preset", qdq.DEFAULT_PRESET)).name,
+        "rotate": pick("rotate", DEFAULT_ROTATE),
         "prefill_len": pick("prefill_len", DEFAULT_PREFILL_LEN),
         "kv_len": pick("kv_len", DEFAULT_KV_LEN),
         "calib_windows": pick("calib_windows", DEFAULT_CALIB_WINDOWS),
         "e2e_windows": pick("e2e_windows", DEFAULT_E2E_WINDOWS),
+        "rounding": pick("rounding", "gptq"),
+        "gptq_windows": pick("gptq_windows", DEFAULT_GPTQ_WINDOWS),
+        "gptq_seq_len": pick("gptq_seq_len", DEFAULT_GPTQ_SEQ_LEN),
         "vtcm_mb": pick("vtcm_mb", qnn_ep.DEFAULT_VTCM_MB),
         "opt_mode": pick("opt_mode", qnn_ep.DEFAULT_OPT_MODE),
         "t01m_clip_threshold": pick("t", None),
@@ -104,7 +130,21 @@ def settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, An
     }
     if not out["socs"]:
         raise EdgeforgeError("SOCS: empty; name at least one SoC")
-    for key in ("prefill_len", "kv_len", "calib_windows", "e2e_windows", "vtcm_mb"):
+    if out["rotate"] not in ROTATIONS:
+        raise EdgeforgeError(f"ROTATE: {out['rotate']!r} is unknown; known: {', '.join(ROTATIONS)}")
+    if out["rounding"] not in ROUNDINGS:
+        raise EdgeforgeError(
+            f"ROUNDING: {out['rounding']!r} is unknown; known: {', '.join(ROUNDINGS)}"
+        )
+    for key in (
+        "prefill_len",
+        "kv_len",
+        "calib_windows",
+        "e2e_windows",
+        "gptq_windows",
+        "gptq_seq_len",
+        "vtcm_mb",
+    ):
         if not isinstance(out[key], int) or out[key] < 1:
             raise EdgeforgeError(f"{key.upper()}: expected a positive integer, got {out[key]!r}")
     if out["kv_len"] <= out["prefill_len"]:
@@ -201,11 +241,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     from common import qdq, qnn_ep
     from common.data import CALIB_CORPUS, EVAL_CORPUS, eval_windows, sample_windows
     from common.model_build import build_model
-    from common.models import get_adapter
+    from common.models import get_adapter, iter_linears
     from common.models.loading import load_tokenizer
+    from common.profile_step import profile_dir_name
     from common.profiling import load_profile
     from common.quant_plan import PlanOptions, build_plan
     from common.recipes import load_recipe, model_build_dir
+    from common.sequential_gptq import sequential_gptq
     from common.simulate import transformed_model
 
     recipe = load_recipe(args.model)
@@ -214,7 +256,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     socs = [qnn_ep.soc_by_name(s) for s in opts["socs"]]
     preset = qdq.preset_by_name(opts["preset"])
     build_dir = model_build_dir(recipe, args.build_dir)
-    profile_path = args.profile or build_dir / "profile" / "profile.json"
+    rotate = None if opts["rotate"] == "none" else opts["rotate"]
+    profile_path = args.profile or build_dir / profile_dir_name(rotate) / "profile.json"
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     out_dir = build_dir / TARGET
     inputs = {"profile": profile_path, "model_config": model_dir / "config.json"}
@@ -230,9 +273,20 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     e2e_ids = [ids[: lengths[0]] for ids in held_out]
     calib_ids = sample_windows(CALIB_CORPUS, tokenizer, opts["calib_windows"], window, 0)
     calib_ids = [w.tolist() for w in calib_ids]
+    gptq_ids = None
+    if opts["rounding"] == "gptq":
+        gptq_ids = sample_windows(
+            CALIB_CORPUS, tokenizer, opts["gptq_windows"], opts["gptq_seq_len"], 0
+        )
 
     profile = load_profile(profile_path)
     transforms = check_profile(profile, recipe.name, profile_path)
+    rotated = (transforms.get("rotation") or {}).get("mode") or "none"
+    if args.rotate is not None and args.profile is not None and rotated != args.rotate:
+        raise EdgeforgeError(
+            f"{profile_path}: ROTATE={args.rotate} but this profile's rotation is {rotated}; "
+            "give one of PROFILE= or ROTATE="
+        )
     stats = profile["edgeforge"]["stats"]
     plan = f32_plan(
         build_plan(
@@ -263,6 +317,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             pe.onnx_runner(float_dir), adapter, golden_ids, calib_ids, lengths
         )
         encodings = qdq.plan_encodings(plan, stats, preset)
+        levels = (
+            sequential_gptq(adapter, gptq_ids, preset.weight_bits)
+            if gptq_ids is not None
+            else qdq.nearest_levels(
+                {n: m.weight for n, _r, m in iter_linears(adapter)}, preset.weight_bits
+            )
+        )
         rows, hiddens = pipeline.build_all(
             adapter,
             float_dir,
@@ -270,6 +331,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             tmp,
             golden,
             encodings,
+            levels,
             preset,
             socs,
             opts["vtcm_mb"],
@@ -307,6 +369,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         report = {
             "model": recipe.name,
             "preset": preset.name,
+            "rounding": opts["rounding"],
             "prefill_len": lengths[0],
             "kv_len": lengths[1],
             "soc_model": first["soc_model"],

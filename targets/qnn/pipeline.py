@@ -169,6 +169,7 @@ def build_piece(
     *,
     adapter: ModelAdapter,
     encodings: dict[str, tuple[qdq.Encoding, qdq.Encoding]],
+    levels: qdq.WeightLevels,
     golden: Golden,
     preset: qdq.Preset,
     socs: Sequence[qnn_ep.Soc],
@@ -176,8 +177,8 @@ def build_piece(
     opt_mode: int,
     chain_inputs: Sequence[Feeds] = (),
 ) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
-    """QDQ, compile for each SoC, verify on the emulator; returns the report row and the
-    QNN outputs on each of ``chain_inputs``."""
+    """QDQ (with ``levels`` as the integer weights), compile for each SoC, verify on the
+    emulator; returns the report row and the QNN outputs on each of ``chain_inputs``."""
     weights = piece_linears(adapter, name)
     static = qdq.static_float_model(float_dir / f"{name}.onnx", work_dir / f"{name}.static.onnx")
     qdq_path = work_dir / f"{name}.{preset.name}.onnx"
@@ -188,6 +189,7 @@ def build_piece(
         weights=weights,
         calibration=golden.calibration[name],
         preset=preset,
+        levels={n: levels[n] for n in weights},
     )
     feeds = golden.inputs[name]
     float_out = golden.outputs[name] or _cpu_run(float_dir / f"{name}.onnx", feeds)
@@ -228,6 +230,7 @@ def build_all(
     out_dir: Path,
     golden: Golden,
     encodings: dict[str, tuple[qdq.Encoding, qdq.Encoding]],
+    levels: qdq.WeightLevels,
     preset: qdq.Preset,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
@@ -239,6 +242,7 @@ def build_all(
     common = dict(
         adapter=adapter,
         encodings=encodings,
+        levels=levels,
         golden=golden,
         preset=preset,
         socs=socs,

@@ -53,8 +53,8 @@ def render(report: dict[str, Any]) -> str:
     e2e, mllm = report["end_to_end"], report["mllm_int8"]
     failures = gate_failures(report)
     lines = [
-        f"# QNN HTP: {report['model']} ({report['preset']}, "
-        f"PREFILL_LEN={report['prefill_len']}, KV_LEN={report['kv_len']})",
+        f"# QNN HTP: {report['model']} ({report['preset']}, {report['rounding']} weight "
+        f"rounding, PREFILL_LEN={report['prefill_len']}, KV_LEN={report['kv_len']})",
         "",
         f"QNN SDK {report['qnn_version']} (onnxruntime-qnn "
         f"{report['versions']['onnxruntime-qnn']}); SoCs: "

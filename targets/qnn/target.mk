@@ -1,10 +1,13 @@
 # QNN (Qualcomm HTP): make qnn MODEL=<recipe> [SOCS=SM8650,SM8750] [PRESET=w8a16|w8a8|w4a16]
-#   [PREFILL_LEN=n] [KV_LEN=n] [E2E_WINDOWS=n] [PROFILE=profile.json] [USE_DOCKER=1]
-# Reads build/<MODEL>/profile/profile.json (runs make profile first when it is missing) and,
-# when present, build/<MODEL>/simulate/shadow_layers.json (the T chosen by make simulate). Writes build/<MODEL>/qnn/: the mllm
-# int8 model and per-SoC QNN context binaries, verified on the x86 HTP emulator
-# (targets/qnn/README.md). onnxruntime-qnn comes from targets/qnn/requirements.txt,
-# installed into the shared venv once (stamp keyed on that file's hash).
+#   [ROTATE=hadamard|orthogonal|none] [ROUNDING=gptq|nearest] [PREFILL_LEN=n] [KV_LEN=n]
+#   [E2E_WINDOWS=n] [PROFILE=profile.json] [USE_DOCKER=1]
+# Reads make profile's output for ROTATE (default hadamard: build/<MODEL>/profile-hadamard/
+# profile.json; made on demand when missing) and, when present,
+# build/<MODEL>/simulate/shadow_layers.json (the T chosen by make simulate). Writes
+# build/<MODEL>/qnn/: the mllm int8 model and per-SoC QNN context binaries, verified on the
+# x86 HTP emulator (targets/qnn/README.md). onnxruntime-qnn comes from
+# targets/qnn/requirements.txt, installed into the shared venv once (stamp keyed on that
+# file's hash).
 QNN_REQ   := targets/qnn/requirements.txt
 QNN_HASH  := $(shell sha256sum $(QNN_REQ) | cut -c1-16)
 QNN_STAMP := $(VENV)/.edgeforge-qnn-$(QNN_HASH)
@@ -14,13 +17,18 @@ PREFILL_LEN ?=
 KV_LEN    ?=
 E2E_WINDOWS ?=
 PROFILE   ?=
-QNN_VARS = $(foreach v,SOCS PRESET PREFILL_LEN KV_LEN E2E_WINDOWS PROFILE,$(if $($(v)),$(v)=$($(v))))
+ROUNDING  ?=
+QNN_VARS = $(foreach v,SOCS PRESET PREFILL_LEN KV_LEN E2E_WINDOWS PROFILE ROTATE ROUNDING,$(if $($(v)),$(v)=$($(v))))
 QNN_ARGS = $(if $(SOCS),--socs $(SOCS)) $(if $(PRESET),--preset $(PRESET)) \
+  $(if $(ROTATE),--rotate $(ROTATE)) $(if $(ROUNDING),--rounding $(ROUNDING)) \
   $(if $(PREFILL_LEN),--prefill-len $(PREFILL_LEN)) $(if $(KV_LEN),--kv-len $(KV_LEN)) \
   $(if $(E2E_WINDOWS),--e2e-windows $(E2E_WINDOWS)) \
   $(if $(PROFILE),--profile $(PROFILE))
-#: The profile make qnn reads: PROFILE=, else make profile's output (made on demand).
-QNN_PROFILE = $(or $(PROFILE),$(BUILD_DIR)/$(MODEL)/profile/profile.json)
+#: The rotation of the profile make qnn reads by default (empty: none), and that profile:
+#: PROFILE=, else make profile's output for it (made on demand).
+QNN_ROTATE = $(if $(filter none,$(ROTATE)),,$(or $(ROTATE),hadamard))
+QNN_PROFILE_DIR = profile$(if $(QNN_ROTATE),-$(QNN_ROTATE))
+QNN_PROFILE = $(or $(PROFILE),$(BUILD_DIR)/$(MODEL)/$(QNN_PROFILE_DIR)/profile.json)
 .PHONY: qnn qnn-venv qnn-rotated-fp32
 
 qnn-venv: $(QNN_STAMP) ## install onnxruntime-qnn (pinned) into the venv
@@ -31,8 +39,9 @@ $(QNN_STAMP): $(QNN_REQ) $(STAMP)
 	$(PY) -c "import onnxruntime_qnn"
 	@touch $@
 
-$(BUILD_DIR)/$(MODEL)/profile/profile.json:
-	$(MAKE) profile MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH))
+$(BUILD_DIR)/$(MODEL)/$(QNN_PROFILE_DIR)/profile.json:
+	$(MAKE) profile MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) ROTATE=$(QNN_ROTATE) \
+		$(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH))
 
 qnn: venv qnn-venv $(QNN_PROFILE) ## QNN HTP: model.int8.mllm + context binaries per SoC, checked on the HTP emulator
 ifeq ($(USE_DOCKER),1)

@@ -22,8 +22,7 @@ from common import qnn_ep
 from common.errors import EdgeforgeError
 from common.mllm_format import read_mllm
 from common.models import get_adapter, iter_linears
-from common.models.loading import load_model
-from common.simulate import apply_plan
+from common.simulate import apply_plan, transformed_model
 from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
 
 SCRIPT = REPO_ROOT / "targets" / "qnn" / "build.py"
@@ -117,6 +116,8 @@ def tiny_profile(session_build: Path, tiny_qwen2_dir: Path) -> Path:
             "8",
             "--seq-len",
             "64",
+            "--rotate",
+            "hadamard",
         ],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -125,7 +126,7 @@ def tiny_profile(session_build: Path, tiny_qwen2_dir: Path) -> Path:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return session_build / "tiny-qwen2" / "profile" / "profile.json"
+    return session_build / "tiny-qwen2" / "profile-hadamard" / "profile.json"  # make qnn's
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +149,7 @@ def tiny_run(session_build: Path, tiny_profile: Path) -> Path:
 def test_tiny_report_and_binaries(tiny_run: Path) -> None:
     report = json.loads((tiny_run / "report.json").read_text())
     assert (report["soc_model"], report["htp_arch"], report["qnn_version"]) == (57, 75, "2.51.0")
+    assert report["rounding"] == "gptq"
     names = [row["name"] for row in report["layers"]]
     assert names == ["block_0", "block_1", "block_cache_0", "block_cache_1", "lm_head"]
     for row in report["layers"]:
@@ -169,7 +171,9 @@ def test_tiny_report_and_binaries(tiny_run: Path) -> None:
 def test_int8_mllm_tensor_list_and_logits(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     stored = read_mllm(tiny_run / "model.int8.mllm")
     plan = json.loads((tiny_run / "quant_plan.json").read_text())
-    adapter = get_adapter(load_model(tiny_qwen2_dir))
+    assert plan["transforms"]["rotation"]["mode"] == "hadamard"  # make qnn's default profile
+    with transformed_model(tiny_qwen2_dir, plan["transforms"]) as (model, _):
+        adapter = get_adapter(model)  # the model as the plan assumes it: rotated
     for name, role, linear in iter_linears(adapter):
         if role == "lm_head":
             assert stored["lm_head.weight"][0] == 0  # F32
@@ -187,7 +191,8 @@ def test_int8_mllm_tensor_list_and_logits(tiny_run: Path, tiny_qwen2_dir: Path) 
         want = adapter.model(ids).logits
     for h in handles:
         h.remove()
-    fresh = get_adapter(load_model(tiny_qwen2_dir))
+    with transformed_model(tiny_qwen2_dir, plan["transforms"]) as (model, _):
+        fresh = get_adapter(model)
     with torch.no_grad():
         for p in fresh.model.parameters():
             p.mul_(0.0)  # nothing of the float model may survive: all comes from the file
@@ -202,6 +207,8 @@ def test_int8_mllm_tensor_list_and_logits(tiny_run: Path, tiny_qwen2_dir: Path) 
     [
         (("--socs", "SM8650,SM9999"), ("SoC 'SM9999' is not supported", "SM8650 (57/v75)")),
         (("--preset", "w3a3"), ("precision preset 'w3a3' is unknown", "w8a16, w8a8, w4a16")),
+        (("--rounding", "stochastic"), ("ROUNDING: 'stochastic' is unknown", "gptq, nearest")),
+        (("--rotate", "givens"), ("ROTATE: 'givens' is unknown", "hadamard, orthogonal, none")),
     ],
 )
 def test_bad_options(
@@ -232,3 +239,13 @@ def test_shadow_layers_from_another_model(
     decision.write_text(json.dumps({"model": "smollm2-135m", "t01m_clip_threshold": 8.0}))
     result = run_target(build_dir, "--model", "tiny-qwen2", "--profile", str(tiny_profile))
     assert_clean_error(result, str(decision), "made for model 'smollm2-135m'")
+
+
+def test_rotation_disagreeing_with_the_profile(session_build: Path, tiny_profile: Path) -> None:
+    """ROTATE= picks the default profile; with an explicit PROFILE= it must agree."""
+    result = run_target(
+        session_build, "--model", "tiny-qwen2", "--profile", str(tiny_profile), "--rotate", "none"
+    )
+    assert_clean_error(
+        result, str(tiny_profile), "ROTATE=none but this profile's rotation is hadamard"
+    )
