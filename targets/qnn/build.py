@@ -281,11 +281,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
     profile = load_profile(profile_path)
     transforms = check_profile(profile, recipe.name, profile_path)
-    rotated = (transforms.get("rotation") or {}).get("mode") or "none"
-    if args.rotate is not None and args.profile is not None and rotated != args.rotate:
+    rotation = transforms.get("rotation")
+    rotated = "none" if not rotation else rotation.get("mode", f"R_PATH {rotation.get('path')}")
+    if (args.profile is None or args.rotate is not None) and rotated != opts["rotate"]:
         raise EdgeforgeError(
-            f"{profile_path}: ROTATE={args.rotate} but this profile's rotation is {rotated}; "
-            "give one of PROFILE= or ROTATE="
+            f"{profile_path}: ROTATE={opts['rotate']} but this profile's rotation is "
+            f"{rotated}; give a profile of that rotation (make profile ROTATE=<mode> writes "
+            "build/<MODEL>/profile-<mode>/) or drop ROTATE="
         )
     stats = profile["edgeforge"]["stats"]
     plan = f32_plan(
