@@ -7,7 +7,7 @@ PROFILE_ARGS = $(if $(NUM_SAMPLES),--num-samples $(NUM_SAMPLES)) $(if $(SEQ_LEN)
 	$(if $(SEED),--seed $(SEED)) $(if $(CORPUS),--corpus $(CORPUS))
 .PHONY: profile simulate sweep bench
 
-profile: venv ## streaming activation profile: build/<MODEL>/profile/{profile.json,report.md}
+profile: venv ## streaming activation profile: build/<MODEL>/profile[-<ROTATE>]/{profile.json,report.md}
 	$(PY) -m common.profile_cli profile $(MODEL_ARGS) $(PROFILE_ARGS) \
 		$(if $(SEQUENTIAL),--sequential $(SEQUENTIAL)) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY)) \
 		$(if $(ROTATE),--rotate $(ROTATE)) $(if $(R_PATH),--r-path $(R_PATH)) \

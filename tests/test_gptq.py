@@ -85,6 +85,8 @@ def test_sequential_gptq_on_tiny_model(tiny_qwen2_dir: Path) -> None:
     before = {n: m.weight.detach().clone() for n, _r, m in iter_linears(adapter)}
     levels = sequential_gptq(adapter, calib, 8, progress=False)
     assert set(levels) == set(before)
+    again = sequential_gptq(adapter, calib, 8, progress=False)  # same inputs, same bytes
+    assert all(torch.equal(again[n][0], levels[n][0]) for n in levels)
     for name, _role, linear in iter_linears(adapter):
         assert torch.equal(linear.weight, before[name]), name
     with torch.no_grad():

@@ -186,9 +186,10 @@ def test_sweep_reads_an_existing_profile(tmp_path: Path, tiny_qwen2_dir: Path) -
     settings = ProfileSettings(
         corpus=str(CALIB_CORPUS), num_samples=2, seq_len=32, rotate="hadamard", online_down=True
     )
-    run_profile(load_recipe("tiny-qwen2"), tiny_qwen2_dir, settings, build)
+    profiled = run_profile(load_recipe("tiny-qwen2"), tiny_qwen2_dir, settings, build)
+    assert profiled.name == "profile-hadamard-online-down"  # not the plain profile's folder
     args = ("sweep", "--model", "tiny-qwen2", "--build-dir", str(build), "--num-windows", "2",
-            "--seq-len", "32")  # fmt: skip
+            "--seq-len", "32", "--profile", str(profiled / "profile.json"))  # fmt: skip
     result = run_profile_cli(*args, "--thresholds", "2,1e7")
     assert result.returncode == 0, result.stderr
     out = build / "tiny-qwen2" / "sweep"

@@ -279,6 +279,12 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             CALIB_CORPUS, tokenizer, opts["gptq_windows"], opts["gptq_seq_len"], 0
         )
 
+    if args.profile is None and not profile_path.is_file():
+        raise EdgeforgeError(
+            f"{profile_path}: profile not found; run make profile MODEL={recipe.name}"
+            + (f" ROTATE={rotate}" if rotate else "")
+            + " (make qnn does it for you)"
+        )
     profile = load_profile(profile_path)
     transforms = check_profile(profile, recipe.name, profile_path)
     rotation = transforms.get("rotation")

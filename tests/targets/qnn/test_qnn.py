@@ -249,3 +249,13 @@ def test_rotation_disagreeing_with_the_profile(session_build: Path, tiny_profile
     assert_clean_error(
         result, str(tiny_profile), "ROTATE=none but this profile's rotation is hadamard"
     )
+
+
+def test_missing_default_profile_names_the_rotation(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    build_dir = tmp_path / "build"
+    (build_dir / "tiny-qwen2").mkdir(parents=True)
+    (build_dir / "tiny-qwen2" / "model").symlink_to(tiny_qwen2_dir)
+    result = run_target(build_dir, "--model", "tiny-qwen2")
+    assert_clean_error(
+        result, "profile-hadamard/profile.json: profile not found", "ROTATE=hadamard"
+    )
