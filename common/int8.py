@@ -86,11 +86,12 @@ def weight_scale(
 
 
 def quantize_weight(
-    weight: torch.Tensor, granularity: str = "per_channel"
+    weight: torch.Tensor, granularity: str = "per_channel", bits: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(int8 levels [out, in], float32 scale)``; the scale has shape ``[out, 1]`` or ``[]``."""
-    scale = weight_scale(weight, granularity)
-    return quantize(weight.detach().float(), scale, 8), scale
+    """``(levels [out, in], float32 scale)`` on the ``bits`` grid (int8 storage for 4 and 8
+    bits); the scale has shape ``[out, 1]`` or ``[]``."""
+    scale = weight_scale(weight, granularity, bits)
+    return quantize(weight.detach().float(), scale, bits), scale
 
 
 def quantize_bias(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from common.errors import EdgeforgeError
-from common.int8 import qmax, quantize, symmetric_scale, weight_scale
+from common.int8 import qmax, quantize_weight, symmetric_scale
 
 
 @dataclass(frozen=True)
@@ -420,13 +420,8 @@ def nearest_levels(
     weights: Mapping[str, torch.Tensor], bits: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Round-to-nearest :data:`WeightLevels` of float ``[out, in]`` weights on
-    :mod:`common.int8`'s symmetric per-output-channel grid (for int8 exactly
-    :func:`common.int8.quantize_weight`)."""
-    out = {}
-    for name, weight in weights.items():
-        scale = weight_scale(weight, "per_channel", bits)
-        out[name] = (quantize(weight.detach().float(), scale, bits), scale)
-    return out
+    :mod:`common.int8`'s symmetric per-output-channel grid."""
+    return {name: quantize_weight(w, "per_channel", bits) for name, w in weights.items()}
 
 
 def replace_weights(

@@ -34,6 +34,7 @@ import pipeline  # noqa: E402
 import report as rep  # noqa: E402
 
 from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.hadamard import ROTATE_MODES  # noqa: E402
 from common.records import (  # noqa: E402
     atomic_path,
     build_manifest,
@@ -52,7 +53,7 @@ DEFAULT_E2E_WINDOWS = 8
 #: outlier channels into the q/k/v and gate/up inputs (12 pieces below cos 0.99, top-1
 #: 0.69); rotated, every piece is >= 0.996.
 DEFAULT_ROTATE = "hadamard"
-ROTATIONS = ("hadamard", "orthogonal", "none")
+ROTATIONS = (*ROTATE_MODES, "none")
 #: How integer weights are rounded: GPTQ (``common.sequential_gptq``) or to nearest.
 ROUNDINGS = ("gptq", "nearest")
 #: GPTQ calibration: windows x tokens (8192 tokens: H of a 1536-wide down_proj input is
