@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from common.tokenizer_fidelity import describe
+
 
 def jsonl_line(text: str) -> str:
     """One ``{"text": ...}`` JSON line (the corpus reader's record format)."""
@@ -86,6 +88,7 @@ def build_report(
         "ppl_ratio": primary.get("ppl_ratio"),
         "top1_agreement": primary.get("top1_agreement"),
         "cosine_mean": primary.get("cosine_mean"),
+        "tokenizer": primary.get("tokenizer"),
         "quantize_seconds": quantize_seconds,
         "rtn": rtn,
         "per_format": per_format,
@@ -108,6 +111,7 @@ def format_report(report: dict[str, Any], fmt: str) -> dict[str, Any]:
         "ppl_ratio": result.get("ppl_ratio"),
         "top1_agreement": result.get("top1_agreement"),
         "cosine_mean": result.get("cosine_mean"),
+        "tokenizer": result.get("tokenizer"),
         "per_format": {fmt: result},
         "failures": result["failures"],
         "passed": not result["failures"],
@@ -172,6 +176,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             else f"kernels {', '.join(result['kernels']) or 'none'}"
         )
         lines.append(f"- {fmt}: {result['quantized_layers']} quantized layers, {stored}")
+        if result.get("tokenizer"):
+            lines.append(f"  - tokenizer: {describe(result['tokenizer'])}")
         prompt = result.get("image_prompt")
         if prompt:
             lines.append(

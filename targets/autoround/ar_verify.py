@@ -124,19 +124,33 @@ def gguf_problems(info: dict[str, Any], per_layer: dict[str, str]) -> list[str]:
     return problems
 
 
-def gguf_tokenizer_problems(path: Path, tokenizer: Any, texts: list[str]) -> list[str]:
-    """The tokenizer stored in the GGUF must encode ``texts`` exactly as the source one does."""
+def tokenizer_check(
+    source_dir: Path, candidate_dir: Path, candidate_name: str, gguf: Path | None = None
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """(check record, problems) of an export's tokenizer against the source's.
+
+    A checkpoint folder is loaded with ``AutoTokenizer`` as its users load it; a GGUF file
+    through transformers' GGUF reader (``gguf_file=``), which reads the tokenizer stored
+    in the file.
+    """
     from transformers import AutoTokenizer
 
+    from common.errors import CheckFailed
+    from common.tokenizer_fidelity import compare_tokenizers, fidelity_texts, load_as_user
+
     try:
-        stored = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
-                                               local_files_only=True)  # fmt: skip
+        if gguf is None:
+            stored = load_as_user(candidate_dir)
+        else:
+            stored = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                   local_files_only=True)  # fmt: skip
+        check = compare_tokenizers(load_as_user(source_dir), stored, fidelity_texts(),
+                                   str(source_dir), candidate_name)  # fmt: skip
     except (OSError, ValueError, KeyError) as exc:
-        return [f"the GGUF's tokenizer does not load: {exc}"]
-    for text in texts:
-        if stored(text).input_ids != tokenizer(text).input_ids:
-            return [f"the GGUF's tokenizer encodes {text[:40]!r}... differently from the source"]
-    return []
+        return None, [f"the export's tokenizer does not load: {exc}"]
+    except CheckFailed as exc:
+        return None, [str(exc)]
+    return check.record(), []
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:

@@ -11,7 +11,6 @@ agreement, per-layer cosine; VL: an image prompt), next to plain round-to-neares
 bits/group (``common.rtn``; for GGUF, auto-round's own RTN into the same GGUF type), the
 baseline AutoRound must beat. Output: ``build/<MODEL>/autoround/`` with one folder per
 format (a loadable checkpoint plus its own report/manifest) and the overall report.
-Research notes: ``../shared/research/autoround.md``; issue 7.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import argparse
 import dataclasses
 import gc
 import importlib.metadata
-import itertools
 import shutil
 import sys
 import tempfile
@@ -43,6 +41,7 @@ from common.records import (  # noqa: E402
     write_bytes_atomic,
     write_json_atomic,
 )
+from common.tokenizer_fidelity import copy_tokenizer_files  # noqa: E402
 
 TARGET = "autoround"
 IMAGE_PROMPT = "Describe this image."
@@ -198,9 +197,6 @@ def _release(*objects: Any) -> None:
     gc.collect()
 
 
-#: Held-out texts the tokenizer stored in a GGUF file must encode as the source one does.
-TOKENIZER_CHECK_TEXTS = 4
-
 #: What "RTN" means in the report, per kind of format.
 RTN_BASELINE = {
     False: "common.rtn: plain round-to-nearest on the same layers and the same integer grid "
@@ -233,35 +229,57 @@ def _rtn_baseline(
     return model
 
 
-def _reload(
-    fmt: str, fmt_dir: Path, is_vl: bool, planned: list[str], prefixes: list[str], tokenizer: Any
-) -> tuple[Any, dict[str, Any]]:
-    """(reloaded model, structural findings) of one export folder."""
-    if fmt in ar_options.GGUF_GRID:
-        from common.data import EVAL_CORPUS, iter_texts
+@dataclasses.dataclass(frozen=True)
+class TokenizerSource:
+    """Where an export's tokenizer comes from and what it is checked against."""
 
+    model_dir: Path  #: the recipe's model directory: its files are copied into each export
+    source_dir: Path  #: the directory of the tokenizer the model was trained with
+    out_root: Path  #: the final output folder, naming exports in the check record
+
+
+def _reload(
+    fmt: str,
+    fmt_dir: Path,
+    is_vl: bool,
+    planned: list[str],
+    prefixes: list[str],
+    tokenizers: TokenizerSource,
+) -> tuple[Any, dict[str, Any]]:
+    """(reloaded model, structural and tokenizer findings) of one export folder."""
+    final = tokenizers.out_root / fmt_dir.name
+    if fmt in ar_options.GGUF_GRID:
         path = ar_verify.gguf_file(fmt_dir)
         _log(f"{fmt}: reloading {path.name} with transformers' GGUF reader")
         model, info = ar_verify.load_gguf(path)
         per_layer, types = ar_verify.gguf_tensor_types(path, planned)
-        texts = list(itertools.islice(iter_texts([EVAL_CORPUS]), TOKENIZER_CHECK_TEXTS))
-        problems = ar_verify.gguf_problems(info, per_layer)
-        problems += ar_verify.gguf_tokenizer_problems(path, tokenizer, texts)
+        record, tokenizer_problems = ar_verify.tokenizer_check(
+            tokenizers.source_dir, fmt_dir, str(final / path.name), gguf=path
+        )
         quantized = {n: t for n, t in per_layer.items() if ar_verify.is_quantized_gguf_type(t)}
         return model, {
-            "problems": problems,
+            "problems": ar_verify.gguf_problems(info, per_layer) + tokenizer_problems,
             "kernels": sorted(set(quantized.values())),
             "quantized_layers": len(quantized),
             "quantization_config": {"gguf_file": path.name, "tensor_types": types},
+            "tokenizer": record,
         }
     quant_config = ar_quantize.fix_export_config(fmt_dir, fmt, prefixes)
+    # auto-round re-saves the tokenizer through its loaded class, which can drop what made
+    # the source load faithfully; the export ships the source's files byte for byte.
+    copy_tokenizer_files(tokenizers.model_dir, fmt_dir)
+    record, tokenizer_problems = ar_verify.tokenizer_check(
+        tokenizers.source_dir, fmt_dir, str(final)
+    )
     _log(f"{fmt}: reloading {fmt_dir.name}/ with auto-round's CPU loader")
     model, info = ar_verify.load_export(fmt_dir, is_vl)
     return model, {
-        "problems": ar_verify.structure_problems(model, info, planned, quant_config),
+        "problems": ar_verify.structure_problems(model, info, planned, quant_config)
+        + tokenizer_problems,
         "kernels": sorted(set(ar_verify.quantized_modules(model).values())),
         "quantized_layers": len(ar_verify.quantized_modules(model)),
         "quantization_config": quant_config,
+        "tokenizer": record,
     }
 
 
@@ -269,7 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from common.data import EVAL_CORPUS, eval_windows
     from common.eval import perplexity
     from common.eval_step import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
-    from common.model_build import build_model
+    from common.model_build import build_model, tokenizer_source_dir
     from common.models import get_adapter
     from common.models.loading import load_model, load_processor, load_tokenizer
     from common.recipes import load_recipe, model_build_dir
@@ -294,6 +312,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cli.update(data=args.data, images=args.images, template=args.template)
     options = ar_options.resolve(cli, recipe.data.get("targets", {}).get(TARGET, {}))
     model_dir = build_model(recipe, args.build_dir, args.model_path)
+    out_root = model_build_dir(recipe, args.build_dir) / TARGET
+    tokenizers = TokenizerSource(
+        model_dir, tokenizer_source_dir(recipe, args.build_dir, args.model_path), out_root
+    )
 
     reference = load_model(model_dir)
     adapter = get_adapter(reference)
@@ -326,7 +348,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     windows = eval_windows(
         [EVAL_CORPUS], tokenizer, num_windows, eval_cfg.get("seq_len", DEFAULT_SEQ_LEN)
     )
-    out_root = model_build_dir(recipe, args.build_dir) / TARGET
     with tempfile.TemporaryDirectory(prefix=".autoround-", dir=out_root.parent) as scratch:
         dataset, extra, calib_inputs = calibration(options, tokenizer, is_vl, Path(scratch))
         _log(f"float model: perplexity on {windows.shape[0]}x{windows.shape[1]} held-out tokens")
@@ -371,7 +392,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for fmt, exported in exports.items():
                 fmt_dir = tmp / ar_options.folder_name(fmt)
                 shutil.move(str(exported), fmt_dir)
-                model, result = _reload(fmt, fmt_dir, is_vl, planned, prefixes, tokenizer)
+                model, result = _reload(fmt, fmt_dir, is_vl, planned, prefixes, tokenizers)
                 if not result["problems"]:
                     result["ppl"] = perplexity(model, windows)["ppl"]
                     result.update(_logit_similarity(model, reference, windows[:COMPARE_WINDOWS]))

@@ -9,7 +9,7 @@ Pulsar2 command lines. Before the slow vendor compile, the ONNX is checked again
 PyTorch vision tower (cosine, max abs, per block) and end to end: the language model fed
 by the ONNX features must produce the all-PyTorch greedy tokens. ``build.sh`` runs here
 only when ``pulsar2`` is on PATH (the Docker image); otherwise the one command to run it
-is printed. Output: ``build/<MODEL>/axera-ax650/`` (research note Part A; issue 6).
+is printed. Output: ``build/<MODEL>/axera-ax650/``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import pulsar2  # noqa: E402  (this folder; target folders are not packages)
 
 from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
 from common.records import atomic_path, build_manifest, dumps_json  # noqa: E402
+from common.tokenizer_fidelity import describe  # noqa: E402
 
 TARGET = "axera-ax650"
 MODES = ("image", "video", "llm")
@@ -271,7 +272,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     emb = report["embeddings"]
     lines += [f"| embeddings | {emb['file']} {emb['shape']} {emb['rounding']}, max rel "
               f"{emb['max_rel']:.3g}, cosine {emb['cosine']:.8f} |",
-              f"| greedy match with bf16 embeddings | {report['bf16_embeddings_greedy_match']} |"]
+              f"| greedy match with bf16 embeddings | {report['bf16_embeddings_greedy_match']} |",
+              f"| tokenizer | {describe(report['tokenizer'])} |"]
     if "per_layer" in report:
         lines += ["", "## Vision encoder: export wrapper vs PyTorch, per block (step 0)", "",
                   "| layer | cosine | max abs |", "|---|---|---|"]
@@ -303,7 +305,7 @@ def run_pulsar2(dest: Path, model_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.model_build import build_model
+    from common.model_build import build_model, check_packaged_tokenizer
     from common.models import get_adapter
     from common.models.loading import load_model, load_processor, load_tokenizer
     from common.recipes import load_recipe, model_build_dir
@@ -361,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             rounded = greedy_tokens(model, inputs, args.max_new_tokens)
         report["bf16_embeddings_greedy_match"] = plain == rounded
         report["model_files"] = copy_model_files(model_dir, tmp)
+        report["tokenizer"] = check_packaged_tokenizer(recipe, tmp, dest, args.build_dir,
+                                                       args.model_path)  # fmt: skip
 
         parallel = args.parallel or defaults.get("parallel", pulsar2.DEFAULT_PARALLEL)
         llm_command = pulsar2.llm_build_command(

@@ -152,7 +152,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     from common.data import EVAL_CORPUS, eval_windows
     from common.eval import compare_logits
     from common.mllm_format import mllm_named_tensors, mllm_tensors_equal, write_mllm
-    from common.model_build import build_model
+    from common.model_build import build_model, check_packaged_tokenizer
     from common.models import get_adapter
     from common.models.loading import load_model, load_tokenizer
     from common.recipes import load_recipe, model_build_dir
@@ -185,6 +185,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[cpu] saving the rotated model to {out_dir / 'model'}", file=sys.stderr)
         model.save_pretrained(tmp / "model")
         _copy_tokenizer_files(model_dir, tmp / "model")
+        tokenizer_check = check_packaged_tokenizer(
+            recipe, tmp / "model", out_dir / "model", args.build_dir, args.model_path
+        )
         del model, adapter
         save_rotation(tmp / "rotation.safetensors", rotation)
         rotated = load_model(tmp / "model")  # what a user gets, loaded as-is
@@ -233,6 +236,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "cosine_mean": logits["cosine_mean"],
             "cosine_min": logits["cosine_min"],
             "image_prompt": image,
+            "tokenizer": tokenizer_check,
             "rotation": {**dict(rotation.info), **rotated_info,
                          "mode": options["rotate_mode"], "seed": options["seed"]},
             "mllm": {"file": "model.mllm", "tensors": len(named),

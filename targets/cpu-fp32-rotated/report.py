@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from common.models import ModelAdapter
+from common.tokenizer_fidelity import describe
 
 #: Linear roles whose inputs are profiled: q_proj reads the attention norm's output
 #: (same as k/v), down_proj reads the SwiGLU product (not rotated here: no online R4).
@@ -143,6 +144,7 @@ def render_markdown(report: dict[str, Any], plot_name: str) -> str:
         )
     mllm = report["mllm"]
     lines += [
+        f"| tokenizer | {describe(report['tokenizer'])} | ids equal |",
         f"| model.mllm | {mllm['tensors']} tensors, {mllm['bytes']} bytes, "
         f"read back bit-exact: {mllm['verified']} | |",
         "",

@@ -12,6 +12,8 @@ has run, its ``shadow_layers.json`` (the chosen ``T``; ``--t`` overrides it). Wr
   ``PREFILL_LEN`` tokens, decode graph of one token over a ``KV_LEN`` cache) and the LM
   head, compiled by the QNN EP for each SoC, with the SoC/arch read back from the binary;
 * ``qnn_scales.json`` (the activation encodings, range and width, imposed on the graphs);
+* ``tokenizer/`` (``config.json`` + the tokenizer files, checked to encode like the
+  source's under ``AutoTokenizer``);
 * ``report.json`` / ``report.md`` (+ ``layers.png``) and ``manifest.json``.
 
 A failed numerical gate raises ``CheckFailed`` (exit 1) after everything is written.
@@ -41,6 +43,7 @@ from common.records import (  # noqa: E402
     write_bytes_atomic,
     write_json_atomic,
 )
+from common.tokenizer_fidelity import copy_tokenizer_files  # noqa: E402
 
 TARGET = "qnn"
 DEFAULT_PREFILL_LEN = 32
@@ -241,7 +244,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     from common import piece_export as pe
     from common import qdq, qnn_ep
     from common.data import CALIB_CORPUS, EVAL_CORPUS, eval_windows, sample_windows
-    from common.model_build import build_model
+    from common.model_build import build_model, check_packaged_tokenizer
     from common.models import get_adapter, iter_linears
     from common.models.loading import load_tokenizer
     from common.profile_step import profile_dir_name
@@ -373,6 +376,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         )
         mllm_int8.write_int8_mllm(tmp / "model.int8.mllm", adapter, plan, stats)
         mllm = mllm_check(adapter, plan, tmp / "model.int8.mllm", golden_ids)
+        tokenizer_dir = tmp / "tokenizer"  # what the app tokenizes with, config.json included
+        tokenizer_dir.mkdir()
+        shutil.copyfile(model_dir / "config.json", tokenizer_dir / "config.json")
+        copy_tokenizer_files(model_dir, tokenizer_dir)
+        tokenizer_check = check_packaged_tokenizer(
+            recipe, tokenizer_dir, out_dir / "tokenizer", args.build_dir, args.model_path
+        )
         shutil.rmtree(work)
         first = rows[0]["binaries"][socs[0].name]
         report = {
@@ -390,6 +400,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "end_to_end": e2e,
             "float_linears": sorted(qdq.float_linears(encodings)),
             "mllm_int8": mllm,
+            "tokenizer": tokenizer_check,
             "gates": GATES[preset.name] | {"mllm_max_abs": MLLM_MAX_ABS},
         }
         report["passed"] = rep.gate_failures(report) == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from common.tokenizer_fidelity import describe
+
 
 def gate_failures(report: dict[str, Any]) -> list[str]:
     """One line per failed gate (empty when the artifacts pass)."""
@@ -84,6 +86,8 @@ def render(report: dict[str, Any]) -> str:
         f"logit cosine {e2e['cos']:.6f}, top-1 agreement {e2e['top1_agreement']:.4f}.",
         "",
         f"model.int8.mllm re-read vs fake-quant model: max |Δlogit| {mllm['max_abs_diff']:.3g}.",
+        "",
+        f"`tokenizer/`: {describe(report['tokenizer'])}.",
         "",
         "Gates: " + ("all passed" if not failures else "FAILED: " + "; ".join(failures)),
         "",

@@ -39,6 +39,7 @@ from sophgo_verify import (  # noqa: E402
 
 from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
 from common.records import atomic_path, build_manifest, dumps_json  # noqa: E402
+from common.tokenizer_fidelity import copy_tokenizer_files, describe  # noqa: E402
 from common.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain, check_mode_chip  # noqa: E402
 
 TARGET = "sophgo-bm1684x"
@@ -181,6 +182,8 @@ def report_markdown(report: dict[str, Any], others: list[dict[str, Any]]) -> str
         f"{report['kv_decode_match_tokens']}/{report['kv_decode_total_tokens']} equal. Gate "
         f"{'passed' if report['passed'] else 'FAILED'}.",
         "",
+        f"Packaged tokenizer: {describe(report['tokenizer'])}.",
+        "",
         "Per piece: cosine of the simulated net vs the float ONNX piece on onnxruntime, on the"
         " same inputs — those of its first call in the greedy run (prefill: the rows a"
         " runtime reads), or deterministic example inputs for nets the run does not call.",
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from common.eval import prompt_ids
-    from common.model_build import build_model
+    from common.model_build import build_model, check_packaged_tokenizer
     from common.models import get_adapter
     from common.models.loading import load_model, load_tokenizer
     from common.piece_export import (
@@ -434,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in sorted(model_dir.iterdir()):
             if path.suffix in COPY_SUFFIXES and path.name != "manifest.json":
                 shutil.copy2(path, tmp / path.name)
+        copy_tokenizer_files(model_dir, tmp)  # with any tokenizer code (Qwen-7B's)
+        tokenizer_check = check_packaged_tokenizer(
+            recipe, tmp, out, args.build_dir, args.model_path
+        )
         watch.lap("package")
         report = {
             "model": recipe.name,
@@ -472,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode_logits_cos_min": min(step_cos),
             "kv_decode_tokens": decoded,
             "image_prompt": image,
+            "tokenizer": tokenizer_check,
             "kv_decode_match_tokens": decode_matched,
             "kv_decode_total_tokens": len(decode_expected),
             "notes": notes,

@@ -21,7 +21,13 @@ import torch
 from common.calib_data import read_calibration_file
 from common.data import CALIB_CORPUS, iter_texts
 from common.errors import EdgeforgeError
-from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
+from tests.conftest import (
+    REPO_ROOT,
+    CliResult,
+    assert_clean_error,
+    assert_same_tokenizer,
+    run_python,
+)
 
 TARGET_DIR = REPO_ROOT / "targets" / "autoround"
 IMAGES = REPO_ROOT / "data" / "images"
@@ -80,6 +86,8 @@ def _check_common(report: dict, build_dir: Path, model: str, layers: int) -> Non
         assert result["quantized_layers"] == report["quantized_layers_planned"]
         assert result["quantized_layers"] == layers
         assert (out / fmt / "model.safetensors").is_file()
+        # the export's tokenizer, as its users load it, encodes like the model's own
+        assert_same_tokenizer(result["tokenizer"], out / fmt, build_dir / model / "model")
         assert json.loads((out / fmt / "report.json").read_text())["format"] == fmt
         manifest = json.loads((out / fmt / "manifest.json").read_text())
         assert "model.safetensors" in manifest["outputs"]
@@ -155,7 +163,7 @@ def test_untuned_autoround_equals_rtn_and_gate_fires(session_build: Path, tiny_q
                                                      tmp_path: Path) -> None:  # fmt: skip
     """One iteration keeps AutoRound at its initial rounding, which is RTN on the same grid.
 
-    So the reloaded export must reproduce common.rtn's numbers exactly (this cross-checks the
+    So the reloaded export must reproduce common.rtn's numbers (this cross-checks the
     baseline against the library, and the packing + reload path), and the beat-RTN gate must
     fail the run with exit 1 after writing the report. Calibrated on LLaVA conversations
     with the seed's custom chat template.
@@ -171,8 +179,11 @@ def test_untuned_autoround_equals_rtn_and_gate_fires(session_build: Path, tiny_q
     assert report["passed"] is False and report["options"]["template"] == str(template)
     result = report["per_format"]["auto_round"]
     assert result["problems"] == []
-    assert result["ppl"] == pytest.approx(report["rtn"]["ppl"], rel=1e-6)
-    assert result["cosine_mean"] == pytest.approx(report["rtn"]["cosine_mean"], rel=1e-9)
+    # Exact (rel 1e-6 / 1e-9) on the CPU first measured; on one with AVX-512 FP16 and AMX
+    # the same run is not: ppl 1555.69 vs RTN 1555.85 (1.0e-4), logits cosine 0.94557 vs
+    # 0.94576, layer 0 output cosine 0.96611 vs 0.96631 (a few weights round differently).
+    assert result["ppl"] == pytest.approx(report["rtn"]["ppl"], rel=1e-3)
+    assert result["cosine_mean"] == pytest.approx(report["rtn"]["cosine_mean"], rel=1e-3)
 
 
 def test_group_size_not_dividing_is_a_clean_error(session_build: Path, tiny_qwen2_dir: Path
@@ -235,6 +246,8 @@ def test_gguf_q4_0_reloads_through_transformers(session_build: Path, smollm2_dir
     assert "llama.cpp's reference quantizer" in report["rtn"]["baseline"]
     result = report["per_format"]["gguf:q4_0"]
     assert result["problems"] == []  # no missing/unused tensor, tokenizer encodes the same
+    assert result["tokenizer"]["tokenizer_identical"] is True
+    assert result["tokenizer"]["reference"] == str(smollm2_dir)
     assert result["quantized_layers"] == report["quantized_layers_planned"] == 210
     assert result["kernels"] == ["Q4_0"]  # every decoder linear stored as Q4_0
     out = session_build / "smollm2-135m" / "autoround" / "gguf-q4_0"

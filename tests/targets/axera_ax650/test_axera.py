@@ -19,7 +19,13 @@ import torch
 
 from common.bf16 import bf16_to_fp32
 from common.calibration_pack import read_calibration_tar
-from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
+from tests.conftest import (
+    REPO_ROOT,
+    CliResult,
+    assert_clean_error,
+    assert_same_tokenizer,
+    run_python,
+)
 
 TARGET_DIR = REPO_ROOT / "targets" / "axera-ax650"
 IMAGES = REPO_ROOT / "data" / "images"
@@ -55,9 +61,10 @@ def image_out(session_build: Path, tiny_qwen2_5_vl_dir: Path) -> Path:
     return out
 
 
-def test_image_mode_output_directory(image_out: Path) -> None:
+def test_image_mode_output_directory(image_out: Path, tiny_qwen2_5_vl_dir: Path) -> None:
     report = json.loads((image_out / "report.json").read_text())
     assert report["mode"] == "image" and report["passed"]
+    assert_same_tokenizer(report["tokenizer"], image_out, tiny_qwen2_5_vl_dir)
     assert report["onnx_cos_vs_torch"] >= 0.9999
     assert report["onnx_max_abs"] < 1e-4
     assert report["greedy_match"] is True
@@ -190,6 +197,19 @@ def test_llm_only_path_smollm2(session_build: Path, smollm2_dir: Path) -> None:
     assert "pulsar2 llm_build" in (out / "build.sh").read_text()
     assert "NPU compile step NOT run" in result.stdout
     assert "make axera MODEL=smollm2-135m USE_DOCKER=1" in result.stdout
+
+
+@pytest.mark.smollm2
+def test_derived_qwen2_package_tokenizes_like_smollm2(
+    session_build: Path, smollm2_dir: Path, smollm2_qwen2_dir: Path
+) -> None:
+    """The qwen2 rewrite's package is checked against SmolLM2's own tokenizer, not its own."""
+    _ok(run_build("--model", "smollm2-135m-qwen2", "--build-dir", str(session_build)))
+    out = session_build / "smollm2-135m-qwen2" / "axera-ax650"
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"]
+    assert_same_tokenizer(report["tokenizer"], out, smollm2_dir)
+    assert "tokenizer | identical to the source's" in (out / "report.md").read_text()
 
 
 # ------------------------------------------------------------------ bad input

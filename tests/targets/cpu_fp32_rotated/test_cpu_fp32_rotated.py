@@ -20,7 +20,13 @@ from common.models import get_adapter
 from common.models.loading import load_model
 from common.records import sha256_file
 from common.rotation import load_rotation, make_rotation, save_rotation
-from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
+from tests.conftest import (
+    REPO_ROOT,
+    CliResult,
+    assert_clean_error,
+    assert_same_tokenizer,
+    run_python,
+)
 
 SCRIPT = REPO_ROOT / "targets" / "cpu-fp32-rotated" / "build.py"
 TARGET = "cpu-fp32-rotated"
@@ -57,6 +63,7 @@ def test_tiny_outputs_and_gates(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     report = json.loads((tiny_run / "report.json").read_text())
     assert set(report) >= REPORT_KEYS
     assert report["gates"]["passed"] is True
+    assert_same_tokenizer(report["tokenizer"], tiny_run / "model", tiny_qwen2_dir)
     assert abs(report["ppl_ratio"] - 1) < 1e-5
     assert report["top1_agreement"] == 1.0
     assert report["max_abs_logit_diff"] < 1e-4  # float32 rounding on |logits| ≲ 5

@@ -23,7 +23,13 @@ from common.errors import EdgeforgeError
 from common.mllm_format import read_mllm
 from common.models import get_adapter, iter_linears
 from common.simulate import apply_plan, transformed_model
-from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
+from tests.conftest import (
+    REPO_ROOT,
+    CliResult,
+    assert_clean_error,
+    assert_same_tokenizer,
+    run_python,
+)
 
 SCRIPT = REPO_ROOT / "targets" / "qnn" / "build.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -146,8 +152,9 @@ def tiny_run(session_build: Path, tiny_profile: Path) -> Path:
     return session_build / "tiny-qwen2" / "qnn"
 
 
-def test_tiny_report_and_binaries(tiny_run: Path) -> None:
+def test_tiny_report_and_binaries(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     report = json.loads((tiny_run / "report.json").read_text())
+    assert_same_tokenizer(report["tokenizer"], tiny_run / "tokenizer", tiny_qwen2_dir)
     assert (report["soc_model"], report["htp_arch"], report["qnn_version"]) == (57, 75, "2.51.0")
     assert report["rounding"] == "gptq"
     names = [row["name"] for row in report["layers"]]

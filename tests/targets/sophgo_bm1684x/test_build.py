@@ -22,7 +22,7 @@ from common.piece_export import (
     prefill_inputs,
 )
 from common.tpu_mlir import Toolchain
-from tests.conftest import CliResult, assert_clean_error, run_python
+from tests.conftest import CliResult, assert_clean_error, assert_same_tokenizer, run_python
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "targets" / "sophgo-bm1684x" / "build.py"
@@ -93,6 +93,7 @@ def test_tiny_qwen2_bf16_package(session_build: Path, tiny_qwen2_dir: Path, tmp_
     assert report["decode_logits_cos_min"] >= 0.999
     assert (out / "tiny-qwen2_bf16_seq64_1dev.bmodel").stat().st_size > 0
     assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    assert_same_tokenizer(report["tokenizer"], out, tiny_qwen2_dir)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["versions"]["tpu_mlir"] == "1.30.2"
     assert "tiny-qwen2_bf16_seq64_1dev.bmodel" in json.dumps(manifest["outputs"])
