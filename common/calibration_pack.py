@@ -1,9 +1,10 @@
 """Calibration archives for vendor PTQ tools: one sample per file inside a ``.tar``.
 
-Pulsar2 (AXERA) reads a calibration set as a tar/zip of per-sample files (research note
-A.3): ``calibration_format: Image`` files are decoded with OpenCV and normalised by the
-compiler with the config's mean/std; ``Numpy`` files are fed as stored. Samples here are the
-uint8 pictures of :mod:`common.vl_preprocess` (one temporal step each).
+Pulsar2 (AXERA) reads a calibration set as a tar/zip of per-sample files (its build
+config's ``calibration_dataset``): ``calibration_format: Image`` files are decoded with
+OpenCV and normalised by the compiler with the config's mean/std; ``Numpy`` files are fed
+as stored. Samples here are the uint8 pictures of :mod:`common.vl_preprocess` (one
+temporal step each).
 
 Image samples are written as PNG, not the vendor's JPEG: calibration statistics should see
 the exact pixels the model will see, and PNG is lossless. OpenCV decodes files as BGR, so

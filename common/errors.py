@@ -1,6 +1,6 @@
 """Errors a user can act on, and the one place that turns them into exit codes.
 
-The project's convention (DESIGN.md): bad input exits 2 with one line naming the file,
+The project's convention: bad input exits 2 with one line naming the file,
 field or option; a failed numerical check exits 1. Library code raises these; CLI entry
 points wrap their body in :func:`run_cli` so users never see a traceback for their own
 mistakes.

@@ -1,7 +1,7 @@
 """Symmetric integer quantization as pure functions: the math every exporter and the
 simulator share, so the fake-quant model and an exported artifact round identically.
 
-Conventions (mllm's, see research/mllm-spec.md §c): symmetric, zero-point 0, scale =
+Conventions (those of mllm's QNN convertor): symmetric, zero-point 0, scale =
 ``max(range, 1e-5) / (2^(bits−1) − 1)``, round half to even (``torch.round``), saturate
 to ``[−2^(bits−1), 2^(bits−1) − 1]`` when a tensor is *clipped*. A *no-clip* (shadow)
 tensor keeps the values beyond its range: on the device they saturate and the CPU shadow

@@ -1,6 +1,6 @@
 """The mllm ``.mllm`` model file, version 1 (what mllm's ``converter.py`` writes).
 
-Layout (little-endian, packed; see research/mllm-spec.md (e))::
+Layout (little-endian, packed)::
 
     int32  magic = 20012
     uint64 index_size                       # bytes of the index region that follows

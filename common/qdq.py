@@ -1,8 +1,8 @@
 """Float ONNX piece → QDQ ONNX for QNN HTP, with OUR scales and OUR integer weights.
 
 onnxruntime's QNN quantization recipe (``get_qnn_qdq_config`` + ``quantize``) decides
-where Q/DQ pairs go, which ops need 16-bit ``Convert`` nodes, and the layouts HTP accepts
-(research/qnn-ort.md §4). Left alone it would also pick every scale from its own
+where Q/DQ pairs go, which ops need 16-bit ``Convert`` nodes, and the layouts HTP
+accepts. Left alone it would also pick every scale from its own
 calibration and round the weights its own way; the whole point of the plan is that the
 profile's ranges are what ship. So:
 

@@ -3,7 +3,7 @@ the read-back of what a compiled context binary was built for.
 
 The ``onnxruntime-qnn`` wheel ships Qualcomm's x86-64 ``libQnnHtp.so``: on this host it
 *emulates* the Hexagon NPU, and it finalizes graphs into context binaries for a chosen
-SoC. Every way of getting it wrong is silent (research/qnn-ort.md §3): passing
+SoC. Every way of getting it wrong is silent: passing
 ``providers=["QNNExecutionProvider"]`` gives a CPU session, a failed EP creation retries on
 CPU, and ``get_providers()`` lists QNN even when every node runs on CPU. So sessions here
 are built only one way — the plugin library registered, the EP attached per device,

@@ -3,7 +3,7 @@
 NPU compilers need one fixed graph: no ``cu_seqlens``-driven varlen attention, no
 ``grid_thw`` arithmetic, no Python loops over images. For one square input size all of
 that depends only on the size, so it is computed once here and frozen into the graph
-(AXERA ``modeling_qwen2_5_vl_export.py``; research note A.2): the 2-D rotary cos/sin table,
+(as AXERA's ``modeling_qwen2_5_vl_export.py`` does): the 2-D rotary cos/sin table,
 Qwen2.5-VL's window index and its inverse, and the full-attention and window-attention
 masks as additive biases for an explicit ``softmax(QKᵀ/√d + bias)·V``. The graph takes one
 temporal step as an NCHW float tensor ``(1, 3, gh·gw, T·p·p)`` named ``hidden_states``

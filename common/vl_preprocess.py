@@ -7,7 +7,7 @@ first layer and calibration can read ordinary image files. This module keeps eve
 Hugging Face does *except* rescale/normalise (same resize kernel, same temporal padding,
 same patch order, computed by the processor itself) and re-lays each temporal step out as
 an HWC image of height ``gh·gw`` (patches in merge order), width ``T·p·p`` and 3 channels
-(AXERA ``model_convert/preprocess.py``; the research note's A.1). The inverse functions
+(as AXERA's ``model_convert/preprocess.py`` does). The inverse functions
 (normalise, re-flatten, NCHW) exist so a test can prove the layout is lossless against the
 processor's own ``pixel_values``.
 

@@ -1,4 +1,4 @@
-# Activation profiling, W8A8 simulation and the profiling benchmark (issue 4).
+# Activation profiling, W8A8 simulation and the profiling benchmark.
 # Knobs: NUM_SAMPLES, SEQ_LEN, SEED, SEQUENTIAL=1, MAX_MEMORY=4GB, ROTATE=hadamard|orthogonal,
 # R_PATH=file, ONLINE_DOWN=1, CONFIG=<mllm QNN config>, IMAGES=<folder>, IMAGE_SIZE,
 # EXACT_PERCENTILES=1 (profile); T, CLIP_ALL, THRESHOLDS (simulate);

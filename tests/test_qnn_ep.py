@@ -10,7 +10,7 @@ from common.errors import EdgeforgeError
 
 
 def test_soc_table_matches_qnn_enum() -> None:
-    # QnnTypes.h socModel values and Hexagon arches (research/qnn-ort.md §5)
+    # QnnTypes.h socModel values and Hexagon arches
     want = {"SM8550": (43, 73), "SM8650": (57, 75), "SM8750": (69, 79), "SM8850": (87, 81)}
     got = {n: (s.soc_model, s.htp_arch) for n, s in qnn_ep.SOC_TABLE.items()}
     assert got == want

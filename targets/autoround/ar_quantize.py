@@ -5,14 +5,14 @@ off the network, and repairs one export defect before anything is verified:
 
 * ``auto_gptq`` exports carry no ``block_name_to_quantize``. For a vision-language model the
   loader then also converts the float vision tower into empty quantized layers (NaN logits on
-  image prompts, research note §6.5); it is written from the blocks that were quantized.
+  image prompts); it is written from the blocks that were quantized.
 
 GGUF export goes through the llama.cpp converter auto-round bundles; whether it can convert
 the model with the installed ``gguf`` package is checked before tuning
 (:func:`check_gguf_support`), and its auto-update (a download from GitHub) is kept off.
 
 Model-free RTN (which writes block names transformers 5 no longer uses) and torch.compile
-(20x slower on CPU) are switched off; see ``../shared/research/autoround.md``.
+(20x slower on CPU) are switched off.
 """
 
 from __future__ import annotations

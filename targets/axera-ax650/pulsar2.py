@@ -2,7 +2,7 @@
 
 Pure functions of the shapes and options (no model, no I/O), so the exact files a user
 hands to the vendor compiler are unit-tested here, where the compiler cannot run.
-Field-by-field meaning: research note A.3 (vision config) and A.4 (``llm_build``).
+Field names and meanings are Pulsar2's own: the vision build config and ``llm_build``'s options.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The mllm NPU runtime's int8 ``.mllm`` (research/mllm-spec.md (c.3), (e.1)), and the
+"""The mllm NPU runtime's int8 ``.mllm`` (mllm's QNN convertor's layout), and the
 fake-quant model rebuilt from that file alone.
 
 Per quantized linear ``L`` of the plan: ``L.weight`` int8 ``[in, out]`` (transposed, as
