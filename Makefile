@@ -47,8 +47,9 @@ eval: venv ## held-out perplexity + canary prompt: build/<MODEL>/eval/report.jso
 test: venv ## the test suite through tox: lint, unit + integration tests, one env per target
 	$(VENV)/bin/tox
 
-lint: venv ## ruff over the whole tree
+lint: venv ## ruff over the whole tree: lint rules and formatting (make format fixes the latter)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format: venv ## rewrite the tree with ruff's formatter and import sorting
 	$(VENV)/bin/ruff check --fix --select I .

@@ -16,7 +16,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
     parser.add_argument("--build-dir", type=Path, default=None, help="default: build/")
     parser.add_argument(
-        "--model-path", type=Path, default=None,
+        "--model-path",
+        type=Path,
+        default=None,
         help="Hugging Face directory of a hub checkpoint (MODEL_PATH=)",
     )
 

@@ -71,9 +71,7 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     gguf_path = Path(gguf_path)
     kwargs = {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, dtype=torch.float32, **kwargs
-    )
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     config_dict = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config_dict.pop(key, None)

@@ -107,8 +107,10 @@ def _jacobsthal(q: int) -> np.ndarray:
     elements, chi = _field(q)
     p = _prime_power(q)[0]  # type: ignore[index]
     return np.array(
-        [[chi[tuple((x - y) % p for x, y in zip(a, b, strict=True))] for b in elements]
-         for a in elements],
+        [
+            [chi[tuple((x - y) % p for x, y in zip(a, b, strict=True))] for b in elements]
+            for a in elements
+        ],
         dtype=np.int64,
     )
 

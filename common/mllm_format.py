@@ -106,8 +106,9 @@ def encode_mllm(
         pad = (-offset) % array.itemsize if alignment == "element" else 0
         offset += pad
         code = DTYPE_CODES[array.dtype.name]
-        index.append(struct.pack("<i", len(name)) + name + struct.pack("<QQi", array.nbytes,
-                                                                      offset, code))
+        index.append(
+            struct.pack("<i", len(name)) + name + struct.pack("<QQi", array.nbytes, offset, code)
+        )
         layout.append((pad, array))
         offset += array.nbytes
     yield struct.pack("<iQ", MAGIC, index_size) + b"".join(index)
@@ -183,9 +184,7 @@ def read_mllm(path: Path) -> dict[str, tuple[int, np.ndarray]]:
     return out
 
 
-def mllm_tensors_equal(
-    path: Path, expected: Mapping[str, torch.Tensor | np.ndarray]
-) -> list[str]:
+def mllm_tensors_equal(path: Path, expected: Mapping[str, torch.Tensor | np.ndarray]) -> list[str]:
     """Names whose stored bytes differ from ``expected`` (or are missing/extra): empty when
     the file holds exactly these tensors, bit for bit."""
     stored = read_mllm(path)

@@ -85,9 +85,7 @@ def _check_same_function(reference_dir: Path, candidate_dir: Path) -> float:
     from common.models.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(reference_dir)
-    windows = eval_windows(
-        [EVAL_CORPUS], tokenizer, _DERIVED_CHECK_WINDOWS, _DERIVED_CHECK_SEQ_LEN
-    )
+    windows = eval_windows([EVAL_CORPUS], tokenizer, _DERIVED_CHECK_WINDOWS, _DERIVED_CHECK_SEQ_LEN)
     reference = load_model(reference_dir)
     candidate = load_model(candidate_dir)
     worst = 0.0

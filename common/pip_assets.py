@@ -32,8 +32,15 @@ def ensure_package(requirement: str, log_path: Path) -> None:
     if _installed_version(name) == version:
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-           requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--disable-pip-version-check",
+        requirement,
+    ]
     with open(log_path, "w") as log:
         result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0 or _installed_version(name) != version:

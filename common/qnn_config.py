@@ -96,8 +96,7 @@ def validate_qnn_config(data: Any, source: str) -> None:
             model_config.get("random_rotate") or "R_path" in model_config
         ):
             raise EdgeforgeError(
-                f"{where}.online_rotation: true needs a rotation: set random_rotate: true or "
-                "R_path"
+                f"{where}.online_rotation: true needs a rotation: set random_rotate: true or R_path"
             )
     if any(data[s]["model_config"].get("online_rotation") for s in SECTIONS):
         if data["profile_config"]["no_bias"] is not True:

@@ -250,8 +250,7 @@ def _norm_scale(norm: nn.Module, name: str) -> torch.Tensor:
     which only the vision tower has and this module does not rotate)."""
     if getattr(norm, "bias", None) is not None:
         raise EdgeforgeError(
-            f"{name}: {type(norm).__name__} has a bias; only RMSNorm language models can be "
-            "rotated"
+            f"{name}: {type(norm).__name__} has a bias; only RMSNorm language models can be rotated"
         )
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor):
@@ -349,4 +348,3 @@ def rotation_for(
         check_rotation(rotation, adapter, f"R_path={r_path}")
         return rotation
     return make_rotation(adapter.hidden_size, adapter.head_dim, adapter.num_layers, mode, seed)
-

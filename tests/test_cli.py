@@ -43,8 +43,13 @@ def test_recipe_with_extra_field(tmp_path: Path) -> None:
 def test_model_dir_missing(tmp_path: Path) -> None:
     build = tmp_path / "build"
     result = run_cli(
-        "eval", "--model", "qwen2.5-1.5b", "--model-path", str(tmp_path / "nowhere"),
-        "--build-dir", str(build),
+        "eval",
+        "--model",
+        "qwen2.5-1.5b",
+        "--model-path",
+        str(tmp_path / "nowhere"),
+        "--build-dir",
+        str(build),
     )
     assert_clean_error(result, "nowhere", "config.json")
     assert _leftovers(build) == []

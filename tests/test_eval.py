@@ -118,8 +118,9 @@ def test_compare_logits_scores_both_models_like_perplexity(
         layer = get_adapter(perturbed).layers()[0]
         layer.linears["down"].weight.mul_(3.0)
     result = compare_logits(perturbed, model, windows)
-    alone, reference = perplexity(perturbed, windows, progress=False), perplexity(
-        model, windows, progress=False
+    alone, reference = (
+        perplexity(perturbed, windows, progress=False),
+        perplexity(model, windows, progress=False),
     )
     assert result["ppl"] == pytest.approx(alone["ppl"], rel=1e-12)
     assert result["ppl_reference"] == pytest.approx(reference["ppl"], rel=1e-12)

@@ -60,9 +60,7 @@ def test_qwen2_version_has_same_perplexity(
     assert manifest["checks"]["max_abs_logit_diff_vs_source"] <= 1e-4
     result = run_cli("eval", "--model", "smollm2-135m-qwen2", "--build-dir", str(session_build))
     assert result.returncode == 0, result.stderr
-    report = json.loads(
-        (session_build / "smollm2-135m-qwen2" / "eval" / "report.json").read_text()
-    )
+    report = json.loads((session_build / "smollm2-135m-qwen2" / "eval" / "report.json").read_text())
     assert abs(report["ppl"] - smollm2_report["ppl"]) / smollm2_report["ppl"] <= PPL_RTOL
     assert "Paris" in report["generation"]["output"]
 

@@ -54,22 +54,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
     p.add_argument("--build-dir", type=Path, default=None)
     p.add_argument("--model-path", type=Path, default=None, help="local HF checkpoint dir")
-    p.add_argument("--mode", choices=MODES, default=None,
-                   help="image (default for VL models), video, llm (default for text models)")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="image (default for VL models), video, llm (default for text models)",
+    )
     p.add_argument("--image-size", type=int, default=None, help="square side, px (448)")
     p.add_argument("--video-size", type=int, default=None, help="square side, px (308)")
-    p.add_argument("--calib-dir", type=Path, default=DEFAULT_IMAGES,
-                   help="images (image mode) or the frames of one clip (video mode)")
+    p.add_argument(
+        "--calib-dir",
+        type=Path,
+        default=DEFAULT_IMAGES,
+        help="images (image mode) or the frames of one clip (video mode)",
+    )
     p.add_argument("--calib-format", choices=("image", "npy"), default="image")
     p.add_argument("--prompt", default=None, help="text of the end-to-end check prompt")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--prefill-len", type=int, default=None)
     p.add_argument("--kv-cache-len", type=int, default=None)
     p.add_argument("--parallel", type=int, default=None)
-    p.add_argument("--hidden-state-type", choices=("bf16", "fp16", "fp32"),
-                   default=pulsar2.DEFAULT_HIDDEN_STATE_TYPE)
-    p.add_argument("--bf16-truncate", action="store_true",
-                   help="truncate embeddings to bf16 like AXERA's fp32_to_bf16 (default: RNE)")
+    p.add_argument(
+        "--hidden-state-type",
+        choices=("bf16", "fp16", "fp32"),
+        default=pulsar2.DEFAULT_HIDDEN_STATE_TYPE,
+    )
+    p.add_argument(
+        "--bf16-truncate",
+        action="store_true",
+        help="truncate embeddings to bf16 like AXERA's fp32_to_bf16 (default: RNE)",
+    )
     p.add_argument("--out", type=Path, default=None, help="default build/<MODEL>/axera-ax650")
     return p.parse_args(argv)  # fmt: skip
 
@@ -174,7 +188,7 @@ def text_inputs(tokenizer: Any, prompt: str) -> dict[str, Any]:
     from common.eval import prompt_ids
 
     ids = prompt_ids(tokenizer, prompt)
-    return {"input_ids": ids, "attention_mask":  ids.new_ones(ids.shape)}
+    return {"input_ids": ids, "attention_mask": ids.new_ones(ids.shape)}
 
 
 def check_lengths(prompt_tokens: int, visual: int, prefill: int, kv: int, source: str) -> None:
@@ -225,8 +239,9 @@ def build_vision(
     flat, _ = vp.hf_patches(processor, frames, geo, mode, normalize=True)
     end_to_end = ve.similarity(onnx_out, ve.torch_vision_features(adapter, flat, grid_thw))
     first = slice(0, geo.patches)
-    per_layer = ve.per_block_similarity(adapter, wrapper, flat[first],
-                                        grid_thw.new_tensor([[1, geo.grid, geo.grid]]), nchw[:1])
+    per_layer = ve.per_block_similarity(
+        adapter, wrapper, flat[first], grid_thw.new_tensor([[1, geo.grid, geo.grid]]), nchw[:1]
+    )
 
     mean, std = vp.normalization(processor, mode)
     config = pulsar2.vision_config(
@@ -264,24 +279,42 @@ def build_vision(
 
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: the gates first, then the per-layer table."""
-    lines = [f"# AXERA AX650 build: {report['model']} ({report['mode']})", "",
-             f"**Result: {'PASS' if report['passed'] else 'FAIL'}**", "", "| | |", "|---|---|"]
+    lines = [
+        f"# AXERA AX650 build: {report['model']} ({report['mode']})",
+        "",
+        f"**Result: {'PASS' if report['passed'] else 'FAIL'}**",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
     keys = ("mode", "size", "visual_tokens", "prompt_tokens", "prefill_len", "kv_cache_len",
             "onnx_cos_vs_torch", "onnx_max_abs", "greedy_match", "npu_compile")  # fmt: skip
     lines += [f"| {k} | {report[k]} |" for k in keys if k in report]
     emb = report["embeddings"]
-    lines += [f"| embeddings | {emb['file']} {emb['shape']} {emb['rounding']}, max rel "
-              f"{emb['max_rel']:.3g}, cosine {emb['cosine']:.8f} |",
-              f"| greedy match with bf16 embeddings | {report['bf16_embeddings_greedy_match']} |",
-              f"| tokenizer | {describe(report['tokenizer'])} |"]
+    lines += [
+        f"| embeddings | {emb['file']} {emb['shape']} {emb['rounding']}, max rel "
+        f"{emb['max_rel']:.3g}, cosine {emb['cosine']:.8f} |",
+        f"| greedy match with bf16 embeddings | {report['bf16_embeddings_greedy_match']} |",
+        f"| tokenizer | {describe(report['tokenizer'])} |",
+    ]
     if "per_layer" in report:
-        lines += ["", "## Vision encoder: export wrapper vs PyTorch, per block (step 0)", "",
-                  "| layer | cosine | max abs |", "|---|---|---|"]
-        lines += [f"| {r['layer']} | {r['cosine']:.8f} | {r['max_abs']:.3g} |"
-                  for r in report["per_layer"]]
-        lines += ["", f"End to end (ONNX Runtime vs PyTorch tower, all steps): cosine "
-                  f"{report['onnx_cos_vs_torch']:.8f}, max abs {report['onnx_max_abs']:.3g}; "
-                  f"prompt logits cosine {report['prompt_logits']['cosine']:.8f}."]
+        lines += [
+            "",
+            "## Vision encoder: export wrapper vs PyTorch, per block (step 0)",
+            "",
+            "| layer | cosine | max abs |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r['layer']} | {r['cosine']:.8f} | {r['max_abs']:.3g} |"
+            for r in report["per_layer"]
+        ]
+        lines += [
+            "",
+            f"End to end (ONNX Runtime vs PyTorch tower, all steps): cosine "
+            f"{report['onnx_cos_vs_torch']:.8f}, max abs {report['onnx_max_abs']:.3g}; "
+            f"prompt logits cosine {report['prompt_logits']['cosine']:.8f}.",
+        ]
     if report["notes"]:
         lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
     lines += ["", "## NPU compile", "", "```", report["build_command"], "```"]
@@ -294,8 +327,14 @@ def run_pulsar2(dest: Path, model_dir: Path) -> str:
     logs.mkdir(exist_ok=True)
     log = logs / "pulsar2.log"
     with open(log, "w") as fh:
-        proc = subprocess.run(["bash", "build.sh"], cwd=dest, stdout=fh, stderr=subprocess.STDOUT,
-                              env={**os.environ, "MODEL_DIR": str(model_dir)}, check=False)
+        proc = subprocess.run(
+            ["bash", "build.sh"],
+            cwd=dest,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MODEL_DIR": str(model_dir)},
+            check=False,
+        )
     if proc.returncode:
         kept = dest.parent.parent / f"{TARGET}.pulsar2-failed.log"
         shutil.copyfile(log, kept)
@@ -350,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         prompt_tokens = int(inputs["input_ids"].shape[1])
         explicit = args.prefill_len or defaults.get("prefill_len")
         prefill = explicit or pulsar2.default_prefill_len(prompt_tokens, mode == "llm")
-        source = "--prefill-len" if args.prefill_len else (
-            f"{recipe.path}: targets.{TARGET}.prefill_len" if explicit else "prefill_len")
+        source = (
+            "--prefill-len"
+            if args.prefill_len
+            else (f"{recipe.path}: targets.{TARGET}.prefill_len" if explicit else "prefill_len")
+        )
         check_lengths(prompt_tokens, report["visual_tokens"], prefill, kv, source)
         report.update(prompt_tokens=prompt_tokens, prefill_len=prefill, kv_cache_len=kv)
 
@@ -376,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "build.sh").write_text(script)
         (tmp / "build.sh").chmod(0o755)
         run_here = f"make axera MODEL={recipe.name} USE_DOCKER=1" + (
-            f" MODE={mode}" if mode != "image" and adapter.is_vision_language else "")
+            f" MODE={mode}" if mode != "image" and adapter.is_vision_language else ""
+        )
         report["build_command"] = run_here
 
         gates = {"embeddings_bf16": report["embeddings"]["passed"]}
@@ -399,17 +442,23 @@ def main(argv: list[str] | None = None) -> int:
                                   outputs=tmp, recipe=recipe.data, options=options,
                                   toolchains=toolchains)  # fmt: skip
         if mode != "llm":
-            manifest["inputs"]["calibration"] = {"path": str(args.calib_dir),
-                                                 "files": report["calibration"]["samples"]}
+            manifest["inputs"]["calibration"] = {
+                "path": str(args.calib_dir),
+                "files": report["calibration"]["samples"],
+            }
         (tmp / "manifest.json").write_text(dumps_json(manifest))
     for note in notes:
         _log(f"note: {note}")
-    summary = (f"{mode}: prompt {prompt_tokens} tokens ({report['visual_tokens']} visual) ≤ "
-               f"prefill_len {prefill}; embeddings bf16 max rel "
-               f"{report['embeddings']['max_rel']:.3g}")
+    summary = (
+        f"{mode}: prompt {prompt_tokens} tokens ({report['visual_tokens']} visual) ≤ "
+        f"prefill_len {prefill}; embeddings bf16 max rel "
+        f"{report['embeddings']['max_rel']:.3g}"
+    )
     if mode != "llm":
-        summary += (f"; ONNX vs torch cosine {report['onnx_cos_vs_torch']:.8f}, max abs "
-                    f"{report['onnx_max_abs']:.3g}; greedy match {report['greedy_match']}")
+        summary += (
+            f"; ONNX vs torch cosine {report['onnx_cos_vs_torch']:.8f}, max abs "
+            f"{report['onnx_max_abs']:.3g}; greedy match {report['greedy_match']}"
+        )
     _log(summary)
     _log(f"wrote {dest}")
     if not report["passed"]:

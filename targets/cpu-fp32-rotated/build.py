@@ -57,14 +57,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-path", type=Path, default=None, help="local HF checkpoint dir")
     p.add_argument("--rotate-mode", default=None, help="hadamard (default) or orthogonal")
     p.add_argument("--seed", default=None, help="seed of a fresh rotation (default 0)")
-    p.add_argument("--r-path", type=Path, default=None,
-                   help="rotation file: edgeforge safetensors or mllm torch pickle")
-    p.add_argument("--config", type=Path, default=None,
-                   help="mllm QNN convertor config (its export_config.model_config)")
+    p.add_argument(
+        "--r-path",
+        type=Path,
+        default=None,
+        help="rotation file: edgeforge safetensors or mllm torch pickle",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="mllm QNN convertor config (its export_config.model_config)",
+    )
     p.add_argument("--seq-len", type=int, default=None, help="eval window length")
     p.add_argument("--num-windows", type=int, default=None, help="eval windows")
-    p.add_argument("--stats-windows", type=int, default=DEFAULT_STATS_WINDOWS,
-                   help="windows traced for the outlier statistics")
+    p.add_argument(
+        "--stats-windows",
+        type=int,
+        default=DEFAULT_STATS_WINDOWS,
+        help="windows traced for the outlier statistics",
+    )
     return p.parse_args(argv)
 
 
@@ -107,8 +119,10 @@ def rotation_options(args: argparse.Namespace, recipe_defaults: dict[str, Any]) 
                 f"R_PATH={args.r_path} contradicts {where}.random_rotate: true; give one"
             )
         for key in settings.unknown_keys:
-            print(f"[cpu] warning: {where}.{key} is not a key the mllm convertor reads",
-                  file=sys.stderr)
+            print(
+                f"[cpu] warning: {where}.{key} is not a key the mllm convertor reads",
+                file=sys.stderr,
+            )
         options.update(config=args.config, save_rotation=settings.save_rotation)
         if settings.r_path is not None:
             options["r_path"] = settings.r_path
@@ -117,8 +131,10 @@ def rotation_options(args: argparse.Namespace, recipe_defaults: dict[str, Any]) 
 
 def _copy_tokenizer_files(src: Path, dest: Path) -> None:
     for path in sorted(src.iterdir()):
-        if path.is_file() and path.name not in COPY_EXCLUDE and not path.name.endswith(
-            (*WEIGHT_SUFFIXES, ".index.json")
+        if (
+            path.is_file()
+            and path.name not in COPY_EXCLUDE
+            and not path.name.endswith((*WEIGHT_SUFFIXES, ".index.json"))
         ):
             shutil.copy2(path, dest / path.name)
 
@@ -131,8 +147,9 @@ def _image_check(reference: Any, rotated: Any, model_dir: Path) -> dict[str, Any
     from common.models.loading import load_processor
 
     processor = load_processor(model_dir)
-    messages = [{"role": "user", "content": [{"type": "image"},
-                                             {"type": "text", "text": IMAGE_PROMPT}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": IMAGE_PROMPT}]}
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     with Image.open(IMAGE) as image:
         inputs = processor(text=[text], images=[image.convert("RGB")], return_tensors="pt")
@@ -245,8 +262,12 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "per_layer": per_layer,
             "gates": {"ppl_ratio_tol": PPL_RATIO_TOL, "top1_min": TOP1_MIN, "passed": passed},
         }  # fmt: skip
-        rep.plot_outliers(tmp / "outliers.png", before["ratios"], after["ratios"],
-                          f"{recipe.name}: activation outliers before/after rotation")
+        rep.plot_outliers(
+            tmp / "outliers.png",
+            before["ratios"],
+            after["ratios"],
+            f"{recipe.name}: activation outliers before/after rotation",
+        )
         write_json_atomic(tmp / "report.json", report)
         write_bytes_atomic(tmp / "report.md", rep.render_markdown(report, "outliers.png").encode())
         inputs = {"model_config": model_dir / "config.json", "corpus": EVAL_CORPUS}

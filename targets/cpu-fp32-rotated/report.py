@@ -81,12 +81,14 @@ def per_layer_similarity(
     for h, h_rot in zip(original, rotated, strict=True):
         want = h @ r
         cosine = torch.nn.functional.cosine_similarity(h_rot, want, dim=-1)
-        rows.append({
-            "hidden_cosine_mean": cosine.mean().item(),
-            "hidden_cosine_min": cosine.min().item(),
-            "hidden_max_abs_diff": (h_rot - want).abs().max().item(),
-            "hidden_max_abs": want.abs().max().item(),
-        })
+        rows.append(
+            {
+                "hidden_cosine_mean": cosine.mean().item(),
+                "hidden_cosine_min": cosine.min().item(),
+                "hidden_max_abs_diff": (h_rot - want).abs().max().item(),
+                "hidden_max_abs": want.abs().max().item(),
+            }
+        )
     return rows
 
 

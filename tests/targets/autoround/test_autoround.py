@@ -269,11 +269,18 @@ def test_gguf_structure_check_catches_unquantized_and_missing_layers(tmp_path: P
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(1)
     weight = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
-    writer.add_tensor("blk.0.attn_q.weight", raw_dtype=gguf.GGMLQuantizationType.Q4_0,
-                      tensor=gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q4_0))
+    writer.add_tensor(
+        "blk.0.attn_q.weight",
+        raw_dtype=gguf.GGMLQuantizationType.Q4_0,
+        tensor=gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q4_0),
+    )
     writer.add_tensor("blk.0.attn_k.weight", weight)  # left float: must be reported
-    for write in (writer.write_header_to_file, writer.write_kv_data_to_file,
-                  writer.write_tensors_to_file, writer.close):
+    for write in (
+        writer.write_header_to_file,
+        writer.write_kv_data_to_file,
+        writer.write_tensors_to_file,
+        writer.close,
+    ):
         write()  # fmt: skip
     planned = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
     per_layer, types = ar_verify.gguf_tensor_types(path, planned)

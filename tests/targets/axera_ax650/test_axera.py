@@ -236,16 +236,33 @@ def _main_error(*args: str) -> str:
 def test_bad_sizes(session_build: Path, tiny_qwen2_5_vl_dir: Path) -> None:
     common = ("--model", "tiny-qwen2.5-vl", "--build-dir", str(session_build))
     assert "--image-size: 20 px is smaller than one merge window" in _main_error(
-        *common, "--image-size", "20")
+        *common, "--image-size", "20"
+    )
     assert "--image-size: 448×448 px is outside the model processor's pixel budget" in (
-        _main_error(*common, "--image-size", "448"))
+        _main_error(*common, "--image-size", "448")
+    )
 
 
 def test_rounded_size_is_reported(session_build: Path, tiny_qwen2_5_vl_dir: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     out = session_build / "axera-rounded"
-    assert build.main(["--model", "tiny-qwen2.5-vl", "--build-dir", str(session_build),
-                       "--image-size", "60", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    assert (
+        build.main(
+            [
+                "--model",
+                "tiny-qwen2.5-vl",
+                "--build-dir",
+                str(session_build),
+                "--image-size",
+                "60",
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "60 is not a multiple of 28; rounded to 56" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["size"] == 56 and any("rounded to 56" in n for n in report["notes"])
@@ -269,7 +286,8 @@ def test_calibration_folder_errors(session_build: Path, tmp_path: Path,
 
     Image.new("RGB", (20, 20)).save(tiny / "x.png")
     assert "x.png: 20×20 px is smaller than one merge window" in _main_error(
-        *common, "--calib-dir", str(tiny))
+        *common, "--calib-dir", str(tiny)
+    )
     assert not (tmp_path / "never").exists()  # nothing half-written
 
 
