@@ -5,9 +5,9 @@ ids come from however the *user* loads the tokenizer, not from our helpers. tran
 5.x picks the tokenizer class from ``config.json``'s ``model_type``, and some classes
 rebuild the pipeline in code instead of reading ``tokenizer.json``: ``Qwen2Tokenizer``
 always installs Qwen's pre-tokenizer regex and an NFC normalizer. SmolLM2's GPT-2-style
-tokenizer copied byte for byte into a ``qwen2`` directory therefore encoded the first
-3,000 characters of ``common/int8.py`` as 1,007 tokens instead of 997 (``'Ċ', 'Ċ'`` became
-``'ĊĊ'`` at token 35), and the same weights lost ~8 % perplexity on held-out English.
+tokenizer copied byte for byte into a ``qwen2`` directory therefore encoded 3,000
+characters of this repository's Python (the int8 module, as it then was) as 1,007 tokens
+instead of 997 (``'Ċ', 'Ċ'`` became ``'ĊĊ'`` at token 35), and the same weights lost ~8 % perplexity on held-out English.
 
 So each written directory is loaded with plain ``AutoTokenizer.from_pretrained`` and
 compared with its source on a varied text set (prose, indented code, runs of spaces and
