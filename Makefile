@@ -36,13 +36,13 @@ $(STAMP): requirements.txt
 	@touch $@
 
 list: venv ## list the model recipes
-	@$(PY) -m common.cli list
+	@$(PY) -m common.steps.cli list
 
 model: venv ## build or resolve the model directory: build/<MODEL>/model
-	$(PY) -m common.cli model $(MODEL_ARGS)
+	$(PY) -m common.steps.cli model $(MODEL_ARGS)
 
 eval: venv ## held-out perplexity + canary prompt: build/<MODEL>/eval/report.json
-	$(PY) -m common.cli eval $(MODEL_ARGS)
+	$(PY) -m common.steps.cli eval $(MODEL_ARGS)
 
 test: venv ## the test suite through tox: lint, unit + integration tests, one env per target
 	$(VENV)/bin/tox

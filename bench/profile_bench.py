@@ -56,9 +56,9 @@ def _interleaved(model_dir: str, windows) -> dict:
     """Plain and profiled forward of every window, alternating which goes first."""
     import torch
 
+    from common.analysis.profiling import ActivationProfiler
     from common.models import get_adapter
     from common.models.loading import load_model
-    from common.profiling import ActivationProfiler
 
     model = load_model(Path(model_dir))
     profiler = ActivationProfiler(get_adapter(model))
@@ -109,7 +109,7 @@ def _child(mode: str, model_dir: str, num_samples: int, seq_len: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401  (counted below)
 
-    from common.profiling import profile_sequential
+    from common.analysis.profiling import profile_sequential
 
     import_rss = _rss_bytes()  # the fixed cost every profiling process pays before weights
     load_before = os.getloadavg()
@@ -117,7 +117,7 @@ def _child(mode: str, model_dir: str, num_samples: int, seq_len: int) -> dict:
         gen = torch.Generator().manual_seed(0)
         windows = torch.randint(0, BIG_DIMS["vocab_size"], (num_samples, seq_len), generator=gen)
     else:
-        from common.data import CALIB_CORPUS, sample_windows
+        from common.inputs.data import CALIB_CORPUS, sample_windows
         from common.models.loading import load_tokenizer
 
         windows = sample_windows([CALIB_CORPUS], load_tokenizer(model_dir), num_samples, seq_len, 0)
@@ -217,9 +217,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(args.child, args.model_dir, args.num_samples, args.seq_len)))
         return
-    from common.model_build import build_model
-    from common.recipes import load_recipe
-    from common.records import write_json_atomic
+    from common.core.recipes import load_recipe
+    from common.core.records import write_json_atomic
+    from common.steps.model_build import build_model
 
     small = build_model(load_recipe("smollm2-135m"), args.build_dir, None)
     small_bytes = weight_bytes(small)

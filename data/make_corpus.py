@@ -47,8 +47,8 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 import zstandard
 
-from common.errors import CheckFailed, EdgeforgeError, run_cli
-from common.records import write_bytes_atomic, write_json_atomic
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli
+from common.core.records import write_bytes_atomic, write_json_atomic
 
 #: Where the corpus goes by default: ``data/web-bible`` beside this script.
 DEFAULT_OUT = Path(__file__).resolve().parent / "web-bible"

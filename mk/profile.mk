@@ -8,7 +8,7 @@ PROFILE_ARGS = $(if $(NUM_SAMPLES),--num-samples $(NUM_SAMPLES)) $(if $(SEQ_LEN)
 .PHONY: profile simulate sweep bench
 
 profile: venv ## streaming activation profile: build/<MODEL>/profile[-<ROTATE>]/{profile.json,report.md}
-	$(PY) -m common.profile_cli profile $(MODEL_ARGS) $(PROFILE_ARGS) \
+	$(PY) -m common.steps.profile_cli profile $(MODEL_ARGS) $(PROFILE_ARGS) \
 		$(if $(SEQUENTIAL),--sequential $(SEQUENTIAL)) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY)) \
 		$(if $(ROTATE),--rotate $(ROTATE)) $(if $(R_PATH),--r-path $(R_PATH)) \
 		$(if $(ONLINE_DOWN),--online-down $(ONLINE_DOWN)) $(if $(CONFIG),--config-file $(CONFIG)) \
@@ -16,13 +16,13 @@ profile: venv ## streaming activation profile: build/<MODEL>/profile[-<ROTATE>]/
 		$(if $(EXACT_PERCENTILES),--exact-percentiles $(EXACT_PERCENTILES))
 
 simulate: venv ## W8A8 variants + threshold sweep: build/<MODEL>/simulate/{report.json,shadow_layers.json}
-	$(PY) -m common.profile_cli simulate $(MODEL_ARGS) $(PROFILE_ARGS) \
+	$(PY) -m common.steps.profile_cli simulate $(MODEL_ARGS) $(PROFILE_ARGS) \
 		$(if $(T),--t $(T)) $(if $(CLIP_ALL),--clip-all $(CLIP_ALL)) \
 		$(if $(ROTATE),--rotate $(ROTATE)) $(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) \
 		$(if $(NUM_WINDOWS),--num-windows $(NUM_WINDOWS))
 
 sweep: venv ## threshold sweep on an existing profile: build/<MODEL>/sweep/{report.json,shadow_layers.json}
-	$(PY) -m common.profile_cli sweep $(MODEL_ARGS) $(if $(PROFILE),--profile $(PROFILE)) \
+	$(PY) -m common.steps.profile_cli sweep $(MODEL_ARGS) $(if $(PROFILE),--profile $(PROFILE)) \
 		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) $(if $(NUM_WINDOWS),--num-windows $(NUM_WINDOWS)) \
 		$(if $(SEQ_LEN),--seq-len $(SEQ_LEN))
 

@@ -1,6 +1,6 @@
 """Shared fixtures: one build directory per test session, models built through the CLI.
 
-Models are built exactly as a user builds them (``python -m common.cli model``), once per
+Models are built exactly as a user builds them (``python -m common.steps.cli model``), once per
 session, so the integration tests exercise the real loading and conversion code.
 """
 
@@ -31,7 +31,7 @@ class CliResult:
 def run_python(*argv: str, env: dict[str, str] | None = None) -> CliResult:
     """Run ``python <argv>`` from the repo root, offline, and capture everything.
 
-    Every suite drives its entry point (``-m common.cli``, a target's ``build.py``) through
+    Every suite drives its entry point (``-m common.steps.cli``, a target's ``build.py``) through
     this, exactly as ``make`` does; ``env`` replaces the environment when given.
     """
     base = os.environ if env is None else env
@@ -48,9 +48,9 @@ def run_python(*argv: str, env: dict[str, str] | None = None) -> CliResult:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
-    """Run ``python -m common.cli`` (the Makefile's model/eval steps)."""
+    """Run ``python -m common.steps.cli`` (the Makefile's model/eval steps)."""
     extra = {**os.environ, **env} if env else None
-    return run_python("-m", "common.cli", *args, env=extra)
+    return run_python("-m", "common.steps.cli", *args, env=extra)
 
 
 def assert_clean_error(result: CliResult, *fragments: str, code: int = 2) -> None:
@@ -110,7 +110,7 @@ def assert_same_tokenizer(record: dict, package_dir: Path, source_dir: Path) -> 
     """
     from transformers import AutoTokenizer
 
-    from common.tokenizer_fidelity import CONVERSATION, FIDELITY_TEXTS
+    from common.models.tokenizer_fidelity import CONVERSATION, FIDELITY_TEXTS
 
     assert record["tokenizer_identical"] is True, record
     assert record["texts"] >= len(FIDELITY_TEXTS) and record["tokens"] > 0, record

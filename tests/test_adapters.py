@@ -1,6 +1,6 @@
 """Model adapters and checkpoint loading, on tiny seeded models of every supported family.
 
-The Qwen families are the project's tiny checkpoints (``common.tiny_models``: real
+The Qwen families are the project's tiny checkpoints (``common.models.tiny_models``: real
 transformers classes, saved to disk and loaded back through ``load_model``); llama, which
 the builder does not make, is built in memory with ``head_dim`` != ``hidden / heads`` so
 an adapter that guesses the head width fails. Expected shapes are computed here from each
@@ -30,8 +30,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from common.data import CALIB_CORPUS, iter_texts
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
+from common.inputs.data import CALIB_CORPUS, iter_texts
 from common.models import (
     DECODER_ROLES,
     SUPPORTED_MODEL_TYPES,
@@ -49,7 +49,7 @@ from common.models.loading import (
     load_processor,
     load_tokenizer,
 )
-from common.tiny_models import build_tiny_model
+from common.models.tiny_models import build_tiny_model
 
 ALL_TYPES = ("llama", "qwen2", "qwen2_vl", "qwen2_5_vl")
 TINY_TYPES = ("qwen2", "qwen2_vl", "qwen2_5_vl")

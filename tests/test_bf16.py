@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.bf16 import bf16_to_fp32, fp32_to_bf16_rne, fp32_to_bf16_truncate, write_bf16_table
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
+from common.quant.bf16 import (
+    bf16_to_fp32,
+    fp32_to_bf16_rne,
+    fp32_to_bf16_truncate,
+    write_bf16_table,
+)
 
 
 def _torch_bf16_words(values: np.ndarray) -> np.ndarray:

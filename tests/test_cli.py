@@ -1,6 +1,6 @@
 """Bad input through the user's entry point: one error line, non-zero exit, no output left.
 
-Each case runs ``python -m common.cli`` as ``make`` does and checks that the step left
+Each case runs ``python -m common.steps.cli`` as ``make`` does and checks that the step left
 nothing in build/ (no report, no half-written model directory, no temp directories).
 """
 

@@ -20,7 +20,8 @@ import zstandard
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from common.data import (
+from common.core.errors import EdgeforgeError
+from common.inputs.data import (
     CALIB_CORPUS,
     CORPUS_DIR,
     EVAL_CORPUS,
@@ -30,7 +31,6 @@ from common.data import (
     iter_texts,
     sample_windows,
 )
-from common.errors import EdgeforgeError
 from data import make_corpus
 
 EOS = "<|endoftext|>"

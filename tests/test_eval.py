@@ -1,6 +1,6 @@
 """Evaluation numbers checked against the same quantities computed by hand.
 
-The models are the project's tiny Qwen2 and Qwen2-VL checkpoints (``common.tiny_models``,
+The models are the project's tiny Qwen2 and Qwen2-VL checkpoints (``common.models.tiny_models``,
 with their real byte-level BPE tokenizer and ChatML template). The references are written
 out independently of the code under test: full-batch float64 log-softmax for perplexity,
 batched cosine/argmax for logit agreement, a plain argmax loop for greedy decoding.
@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.data import CALIB_CORPUS, iter_texts
-from common.errors import EdgeforgeError
-from common.eval import compare_logits, greedy_generate, perplexity, prompt_ids
+from common.analysis.eval import compare_logits, greedy_generate, perplexity, prompt_ids
+from common.core.errors import EdgeforgeError
+from common.inputs.data import CALIB_CORPUS, iter_texts
 from common.models import get_adapter
 from common.models.loading import load_model, load_tokenizer
-from common.tiny_models import build_tiny_model
+from common.models.tiny_models import build_tiny_model
 
 PROMPT = "What is the capital of France?"
 CHATML_PROMPT = (

@@ -1,5 +1,6 @@
-"""GPTQ rounding (common/gptq.py, common/sequential_gptq.py) against round-to-nearest:
-same grid, smaller output error on correlated inputs, exact RTN when inputs are white."""
+"""GPTQ rounding (common/quant/gptq.py, common/backends/sequential_gptq.py) against
+round-to-nearest: same grid, smaller output error on correlated inputs, exact RTN when
+inputs are white."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.errors import EdgeforgeError
-from common.gptq import HessianObserver, gptq_levels
-from common.int8 import dequantize, quantize, quantize_weight, weight_scale
+from common.backends.sequential_gptq import sequential_gptq
+from common.core.errors import EdgeforgeError
 from common.models import get_adapter, iter_linears
 from common.models.loading import load_model
-from common.sequential_gptq import sequential_gptq
+from common.quant.gptq import HessianObserver, gptq_levels
+from common.quant.int8 import dequantize, quantize, quantize_weight, weight_scale
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.errors import EdgeforgeError
-from common.hadamard import (
+from common.core.errors import EdgeforgeError
+from common.quant.hadamard import (
     hadamard_factorization,
     hadamard_matrix,
     random_hadamard,

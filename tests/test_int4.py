@@ -1,11 +1,11 @@
-"""4-bit symmetric grid of common.int8: levels in [-8, 7], stored as int8, and the same
+"""4-bit symmetric grid of common.quant.int8: levels in [-8, 7], stored as int8, and the same
 rounding/saturation rules as int8 (what QNN w4a16 weights are built from)."""
 
 import pytest
 import torch
 
-from common.errors import EdgeforgeError
-from common.int8 import dequantize, fake_quantize, qmax, quantize, symmetric_scale
+from common.core.errors import EdgeforgeError
+from common.quant.int8 import dequantize, fake_quantize, qmax, quantize, symmetric_scale
 
 
 def test_qmax_int4_and_unknown_width():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import int8
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
+from common.quant import int8
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import EdgeforgeError
-from common.mllm_format import (
+from common.core.errors import EdgeforgeError
+from common.export.mllm_format import (
     encode_mllm,
     mllm_tensors_equal,
     read_mllm,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.records import hash_tree
+from common.core.records import hash_tree
 from tests.conftest import run_cli
 
 

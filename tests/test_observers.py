@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from common import observers
-from common.errors import EdgeforgeError
-from common.observers import LogHistogram, TensorObserver, exact_percentile, seed_rank
+from common.analysis import observers
+from common.analysis.observers import LogHistogram, TensorObserver, exact_percentile, seed_rank
+from common.core.errors import EdgeforgeError
 
 
 def _heavy_tailed(seed: int, n: int = 40_000, channels: int = 64) -> torch.Tensor:

@@ -17,11 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import EdgeforgeError
-from common.eval import prompt_ids
-from common.models import get_adapter
-from common.models.loading import load_model, load_processor, load_tokenizer
-from common.piece_export import (
+from common.analysis.eval import prompt_ids
+from common.core.errors import EdgeforgeError
+from common.export.piece_export import (
     MASK_BLOCKED,
     PieceDims,
     cosine,
@@ -40,6 +38,8 @@ from common.piece_export import (
     reference_multimodal,
     rotary_table,
 )
+from common.models import get_adapter
+from common.models.loading import load_model, load_processor, load_tokenizer
 
 #: Cosine every float piece must reach against the HF model (fp32 both sides).
 COS_MIN = 0.99999
@@ -265,8 +265,8 @@ def _image_inputs(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def _video_inputs(model_dir: Path) -> dict[str, torch.Tensor]:
     """Processor inputs for a 4-frame 56 px clip (2 temporal steps x 2x2 merged tokens)."""
-    from common.vision_export import vl_prompt_inputs
-    from common.vl_preprocess import geometry
+    from common.export.vision_export import vl_prompt_inputs
+    from common.inputs.vl_preprocess import geometry
 
     processor = load_processor(model_dir)
     pixels = np.arange(56 * 56 * 3)

@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.data import CALIB_CORPUS, sample_windows
-from common.errors import EdgeforgeError
-from common.models import get_adapter, iter_linears
-from common.models.loading import load_model, load_tokenizer
-from common.observers import exact_percentile
-from common.profile_step import ProfileSettings, profile_dir_name, run_profile
-from common.profiling import (
+from common.analysis.observers import exact_percentile
+from common.analysis.profiling import (
     ActivationProfiler,
     load_profile,
     parse_memory,
@@ -24,12 +19,17 @@ from common.profiling import (
     profile_model,
     profile_sequential,
 )
-from common.recipes import load_recipe
+from common.core.errors import EdgeforgeError
+from common.core.recipes import load_recipe
+from common.inputs.data import CALIB_CORPUS, sample_windows
+from common.models import get_adapter, iter_linears
+from common.models.loading import load_model, load_tokenizer
+from common.steps.profile_step import ProfileSettings, profile_dir_name, run_profile
 from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
 
 
 def run_profile_cli(*args: str) -> CliResult:
-    return run_python("-m", "common.profile_cli", *args)
+    return run_python("-m", "common.steps.profile_cli", *args)
 
 
 def _windows(model_dir: Path, n: int, seq_len: int) -> torch.Tensor:
@@ -203,7 +203,7 @@ def test_sequential_equals_whole_model_smollm2(smollm2_dir: Path) -> None:
 
 
 def test_qnn_config_file_profiles_the_rotated_model(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
-    from common.rotation import load_rotation
+    from common.quant.rotation import load_rotation
 
     model_config = {
         "model_type": "qwen2",

@@ -1,4 +1,4 @@
-"""QDQ conversion (common/qdq.py) on a tiny-qwen2 decoder layer, on onnxruntime CPU:
+"""QDQ conversion (common/backends/qdq.py) on a tiny-qwen2 decoder layer, on onnxruntime CPU:
 the profile's scales and our int8 weights must be what the QDQ graph holds."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from common import piece_export as pe
-from common import qdq
-from common.errors import EdgeforgeError
-from common.int8 import quantize, quantize_weight, symmetric_scale
+from common.backends import qdq
+from common.core.errors import EdgeforgeError
+from common.export import piece_export as pe
 from common.models import get_adapter, iter_linears
 from common.models.loading import load_model
+from common.quant.int8 import quantize, quantize_weight, symmetric_scale
 
 SEQ = 8
 
@@ -187,7 +187,7 @@ def test_w4a16_holds_our_int4_levels_and_is_coarser(layer: dict) -> None:
         dq = _weight_dq(model, site)
         weight = layer["weights"][name]
         scale = symmetric_scale(weight.abs().amax(dim=1, keepdim=True), 4)
-        levels = quantize(weight, scale, 4)  # common.int8 on the 4-bit grid
+        levels = quantize(weight, scale, 4)  # common.quant.int8 on the 4-bit grid
         assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
         stored = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int8)
         np.testing.assert_array_equal(stored, levels.T.numpy())

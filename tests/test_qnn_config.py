@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from common.errors import EdgeforgeError
-from common.qnn_config import load_qnn_config, rotation_settings, validate_qnn_config
+from common.backends.qnn_config import load_qnn_config, rotation_settings, validate_qnn_config
+from common.core.errors import EdgeforgeError
 
 #: mllm's config/qwen1.5-1.8b.json as the spec describes it.
 QWEN15_EXAMPLE: dict[str, Any] = {

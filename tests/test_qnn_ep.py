@@ -1,12 +1,12 @@
-"""The SoC table and provider options of common/qnn_ep.py (no QNN wheel needed; the
+"""The SoC table and provider options of common/backends/qnn_ep.py (no QNN wheel needed; the
 emulator tests are in tests/targets/qnn/)."""
 
 from __future__ import annotations
 
 import pytest
 
-from common import qnn_ep
-from common.errors import EdgeforgeError
+from common.backends import qnn_ep
+from common.core.errors import EdgeforgeError
 
 
 def test_soc_table_matches_qnn_enum() -> None:

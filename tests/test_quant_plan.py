@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import EdgeforgeError
-from common.profiling import profile_document
-from common.quant_plan import (
+from common.analysis.profiling import profile_document
+from common.analysis.quant_plan import (
     PLAN_FORMAT,
     PlanOptions,
     build_plan,
@@ -17,7 +16,13 @@ from common.quant_plan import (
     load_plan,
     npu_precision_map,
 )
-from common.threshold_sweep import candidate_plans, check_thresholds, run_sweep, shadow_decision
+from common.analysis.threshold_sweep import (
+    candidate_plans,
+    check_thresholds,
+    run_sweep,
+    shadow_decision,
+)
+from common.core.errors import EdgeforgeError
 
 
 def _side(absmax: float, p999: float) -> dict[str, float]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import EdgeforgeError
-from common.recipes import (
+from common.core.errors import EdgeforgeError
+from common.core.recipes import (
     RECIPE_DIR,
     known_recipes,
     load_recipe,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.records import (
+from common.core.records import (
     atomic_path,
     build_manifest,
     dumps_json,

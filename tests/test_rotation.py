@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
 from common.models import ModelAdapter, get_adapter
 from common.models.loading import load_model, load_processor
-from common.rotation import (
+from common.quant.rotation import (
     Rotation,
     block_diagonal,
     check_rotation,

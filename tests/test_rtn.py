@@ -1,4 +1,4 @@
-"""common.rtn: the round-to-nearest grid, checked against hand-computed values and invariants."""
+"""common.quant.rtn: the round-to-nearest grid, against hand-computed values and invariants."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.errors import EdgeforgeError
-from common.rtn import apply_rtn, fake_quantize, quantize_groups
+from common.core.errors import EdgeforgeError
+from common.quant.rtn import apply_rtn, fake_quantize, quantize_groups
 
 
 def test_symmetric_grid_by_hand() -> None:

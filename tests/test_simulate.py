@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.data import CALIB_CORPUS, sample_windows
-from common.errors import EdgeforgeError
-from common.eval import perplexity
-from common.int8 import dequantize, fake_quantize, quantize_weight, shadow_input_correction
+from common.analysis.eval import perplexity
+from common.analysis.profiling import profile_document, profile_model
+from common.analysis.quant_plan import PlanOptions, build_plan
+from common.analysis.simulate import apply_plan, evaluate, simulate_plan, transformed_model
+from common.core.errors import EdgeforgeError
+from common.core.recipes import load_recipe
+from common.inputs.data import CALIB_CORPUS, sample_windows
 from common.models import get_adapter
 from common.models.loading import load_model, load_tokenizer
-from common.profile_step import ProfileSettings, run_profile
-from common.profiling import profile_document, profile_model
-from common.quant_plan import PlanOptions, build_plan
-from common.recipes import load_recipe
-from common.simulate import apply_plan, evaluate, simulate_plan, transformed_model
+from common.quant.int8 import dequantize, fake_quantize, quantize_weight, shadow_input_correction
+from common.steps.profile_step import ProfileSettings, run_profile
 from tests.conftest import assert_clean_error
 from tests.test_profiling import run_profile_cli
 

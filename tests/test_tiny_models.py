@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common.errors import EdgeforgeError
-from common.records import hash_tree
-from common.tiny_models import (
+from common.core.errors import EdgeforgeError
+from common.core.records import hash_tree
+from common.models.tiny_models import (
     QWEN_ADDED_TOKENS,
     TINY_SPECS,
     VL_MAX_PIXELS,
@@ -38,7 +38,7 @@ PROMPT = "What is the capital of France?"
 
 #: The corpus the builder trains its tokenizer on, as Python source, so a subprocess
 #: rebuild reads exactly the texts this process reads. It is the project's calibration
-#: corpus (what `make model` uses) once common/data.py provides it; until then, the
+#: corpus (what `make model` uses) once common/inputs/data.py provides it; until then, the
 #: licence texts every Debian system ships.
 CORPUS_SOURCE = textwrap.dedent(
     """
@@ -46,7 +46,7 @@ CORPUS_SOURCE = textwrap.dedent(
 
     def corpus():
         try:
-            from common.data import CALIB_CORPUS, iter_texts
+            from common.inputs.data import CALIB_CORPUS, iter_texts
         except ImportError:
             for path in sorted(Path("/usr/share/common-licenses").iterdir()):
                 if path.is_file():
@@ -123,7 +123,7 @@ def test_rebuild_in_fresh_process_is_byte_identical(built: dict[str, Path], tmp_
     out = tmp_path / "again"
     script = CORPUS_SOURCE + textwrap.dedent(
         f"""
-        from common.tiny_models import build_tiny_model
+        from common.models.tiny_models import build_tiny_model
         build_tiny_model("qwen2_5_vl", {str(out)!r}, seed={SEED}, corpus=corpus())
         """
     )

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.errors import CheckFailed, EdgeforgeError
-from common.tokenizer_fidelity import (
+from common.core.errors import CheckFailed, EdgeforgeError
+from common.models.tokenizer_fidelity import (
     CONVERSATION,
     FIDELITY_TEXTS,
     KEEP_JSON_KEY,
@@ -178,7 +178,7 @@ def test_smollm2_directories_tokenize_identically(
 def test_smollm2_plain_transformers_perplexity_agrees(
     smollm2_dir: Path, smollm2_qwen2_dir: Path
 ) -> None:
-    from common.data import EVAL_CORPUS, iter_texts
+    from common.inputs.data import EVAL_CORPUS, iter_texts
 
     held_out = next(iter(iter_texts([EVAL_CORPUS])))[:3000]
     for text in (CODE_TEXT, held_out):

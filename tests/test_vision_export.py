@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import vision_export as ve
-from common import vl_preprocess as vp
+from common.export import vision_export as ve
+from common.inputs import vl_preprocess as vp
 from common.models import get_adapter
 from common.models.loading import load_model, load_processor
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import vl_preprocess as vp
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
+from common.inputs import vl_preprocess as vp
 from common.models.loading import load_processor
 
 IMAGES = Path(__file__).resolve().parent.parent / "data" / "images"

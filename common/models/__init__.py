@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
 from common.models.base import (
     DECODER_ROLES,
     Block,

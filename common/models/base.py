@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
 
 #: The roles of a llama-style decoder layer's linears, in forward order.
 DECODER_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")

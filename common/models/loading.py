@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
 from common.models import adapter_class, get_adapter
 
 SAFE_WEIGHTS_NAME = "model.safetensors"

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
 from common.models.base import BlockSpec, ModelAdapter
 
 QWEN_DECODER_SPEC = BlockSpec(

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
 from common.models.base import BlockSpec, ModelAdapter
 from common.models.llama import LLAMA_DECODER_SPEC
 

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import EdgeforgeError
-from common.rtn import SUPPORTED_BITS, check_group_size
+from common.core.errors import EdgeforgeError
+from common.quant.rtn import SUPPORTED_BITS, check_group_size
 
 #: Export formats this step produces and reloads, with the bit widths each can store.
 #: AWQ's GEMM layout packs 4-bit codes only; GPTQ and AutoRound's own layout take 2/3/4/8;

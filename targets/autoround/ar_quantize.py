@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
 
 #: Variables that keep every Hugging Face library (and auto-round's GGUF helper) off the net.
 OFFLINE_ENV = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from common.tokenizer_fidelity import describe
+from common.models.tokenizer_fidelity import describe
 
 
 def jsonl_line(text: str) -> str:

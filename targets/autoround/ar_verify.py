@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
 
 #: Leftover tensors a GPTQ checkpoint may carry: with ``desc_act`` off, ``g_idx`` is the
 #: identity grouping and the kernels rebuild it.
@@ -135,8 +135,8 @@ def tokenizer_check(
     """
     from transformers import AutoTokenizer
 
-    from common.errors import CheckFailed
-    from common.tokenizer_fidelity import compare_tokenizers, fidelity_texts, load_as_user
+    from common.core.errors import CheckFailed
+    from common.models.tokenizer_fidelity import compare_tokenizers, fidelity_texts, load_as_user
 
     try:
         if gguf is None:

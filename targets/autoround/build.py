@@ -8,7 +8,7 @@ Every requested format is reloaded from disk with auto-round's CPU loader (a GGU
 transformers' GGUF reader), its quantized layer set is checked against the plan, and it is
 compared with the float model on the held-out corpus (perplexity ratio, logits cosine, top-1
 agreement, per-layer cosine; VL: an image prompt), next to plain round-to-nearest at the same
-bits/group (``common.rtn``; for GGUF, auto-round's own RTN into the same GGUF type), the
+bits/group (``common.quant.rtn``; for GGUF, auto-round's own RTN into the same GGUF type), the
 baseline AutoRound must beat. Output: ``build/<MODEL>/autoround/`` with one folder per
 format (a loadable checkpoint plus its own report/manifest) and the overall report.
 """
@@ -34,14 +34,14 @@ import ar_quantize  # noqa: E402
 import ar_report  # noqa: E402
 import ar_verify  # noqa: E402
 
-from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
-from common.records import (  # noqa: E402
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.core.records import (  # noqa: E402
     atomic_path,
     build_manifest,
     write_bytes_atomic,
     write_json_atomic,
 )
-from common.tokenizer_fidelity import copy_tokenizer_files  # noqa: E402
+from common.models.tokenizer_fidelity import copy_tokenizer_files  # noqa: E402
 
 TARGET = "autoround"
 IMAGE_PROMPT = "Describe this image."
@@ -131,8 +131,8 @@ def calibration(
     options: ar_options.Options, tokenizer: Any, is_vl: bool, scratch: Path
 ) -> tuple[Any, dict[str, Any], dict[str, Path]]:
     """(AutoRound ``dataset``, VL-only extra kwargs, manifest inputs) for the run."""
-    from common.calib_data import read_calibration_file
-    from common.data import CALIB_CORPUS, sample_windows
+    from common.inputs.calib_data import read_calibration_file
+    from common.inputs.data import CALIB_CORPUS, sample_windows
 
     extra: dict[str, Any] = {}
     if options.template is not None:
@@ -186,7 +186,7 @@ SIMILARITY_KEYS = ("cosine_mean", "cosine_min", "top1_agreement", "max_abs_diff"
 
 
 def _logit_similarity(model: Any, reference: Any, windows: Any) -> dict[str, Any]:
-    from common.eval import compare_logits
+    from common.analysis.eval import compare_logits
 
     result = compare_logits(model, reference, windows)
     return {key: result[key] for key in SIMILARITY_KEYS}
@@ -199,7 +199,7 @@ def _release(*objects: Any) -> None:
 
 #: What "RTN" means in the report, per kind of format.
 RTN_BASELINE = {
-    False: "common.rtn: plain round-to-nearest on the same layers and the same integer grid "
+    False: "common.quant.rtn: plain round-to-nearest on the same layers and the same integer grid "
     "AutoRound stores (signed-extreme symmetric / min-max asymmetric, fp16 scales)",
     True: "auto-round with iters=0 and disable_opt_rtn (no calibration, no importance "
     "matrix) exported to the same GGUF type with the same per-tensor types and reloaded the "
@@ -214,7 +214,7 @@ def _rtn_baseline(
 ) -> Any:
     """The RTN model at the run's setting (see :data:`RTN_BASELINE`)."""
     from common.models.loading import load_model
-    from common.rtn import apply_rtn
+    from common.quant.rtn import apply_rtn
 
     if ar_options.is_gguf(options):
         rtn_options = dataclasses.replace(options, iters=0)
@@ -284,13 +284,13 @@ def _reload(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from common.data import EVAL_CORPUS, eval_windows
-    from common.eval import perplexity
-    from common.eval_step import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
-    from common.model_build import build_model, tokenizer_source_dir
+    from common.analysis.eval import perplexity
+    from common.core.recipes import load_recipe, model_build_dir
+    from common.inputs.data import EVAL_CORPUS, eval_windows
     from common.models import get_adapter
     from common.models.loading import load_model, load_processor, load_tokenizer
-    from common.recipes import load_recipe, model_build_dir
+    from common.steps.eval_step import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
+    from common.steps.model_build import build_model, tokenizer_source_dir
 
     toolchains = _require_autoround()
     recipe = load_recipe(args.model)
@@ -333,7 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     processor = load_processor(model_dir) if is_vl else None
     image = None
     if is_vl:
-        from common.vl_preprocess import list_frames
+        from common.inputs.vl_preprocess import list_frames
 
         image = list_frames(options.images or DEFAULT_IMAGES, "image prompt folder")[0]
 
@@ -367,7 +367,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 extra={**extra, **more},
             )
 
-        baseline = options.formats[0] if ar_options.is_gguf(options) else "common.rtn"
+        baseline = options.formats[0] if ar_options.is_gguf(options) else "common.quant.rtn"
         _log(
             f"RTN baseline ({baseline}): W{options.bits} g{options.group_size} on "
             f"{len(planned)} layers"

@@ -30,9 +30,9 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 import pulsar2  # noqa: E402  (this folder; target folders are not packages)
 
-from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
-from common.records import atomic_path, build_manifest, dumps_json  # noqa: E402
-from common.tokenizer_fidelity import describe  # noqa: E402
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.core.records import atomic_path, build_manifest, dumps_json  # noqa: E402
+from common.models.tokenizer_fidelity import describe  # noqa: E402
 
 TARGET = "axera-ax650"
 MODES = ("image", "video", "llm")
@@ -119,7 +119,7 @@ def choose_size(
     processor would resize to a different grid); the built-in default is lowered to the
     largest fitting multiple of 28 instead, and the note says so.
     """
-    from common.vl_preprocess import round_size
+    from common.inputs.vl_preprocess import round_size
 
     image_processor = processor.image_processor
     factor = int(image_processor.patch_size) * int(image_processor.merge_size)
@@ -158,7 +158,7 @@ def bf16_embeddings(adapter: Any, truncate: bool) -> Iterator[None]:
     import numpy as np
     import torch
 
-    from common.bf16 import bf16_to_fp32, fp32_to_bf16_rne, fp32_to_bf16_truncate
+    from common.quant.bf16 import bf16_to_fp32, fp32_to_bf16_rne, fp32_to_bf16_truncate
 
     convert = fp32_to_bf16_truncate if truncate else fp32_to_bf16_rne
 
@@ -174,7 +174,7 @@ def bf16_embeddings(adapter: Any, truncate: bool) -> Iterator[None]:
 
 
 def write_embeddings(adapter: Any, dest: Path, truncate: bool) -> dict[str, Any]:
-    from common.bf16 import write_bf16_table
+    from common.quant.bf16 import write_bf16_table
 
     table = adapter.embed_tokens().weight.detach().float().numpy()
     stats = write_bf16_table(table, dest / EMBED_FILE, truncate=truncate)
@@ -185,7 +185,7 @@ def write_embeddings(adapter: Any, dest: Path, truncate: bool) -> dict[str, Any]
 
 
 def text_inputs(tokenizer: Any, prompt: str) -> dict[str, Any]:
-    from common.eval import prompt_ids
+    from common.analysis.eval import prompt_ids
 
     ids = prompt_ids(tokenizer, prompt)
     return {"input_ids": ids, "attention_mask": ids.new_ones(ids.shape)}
@@ -207,9 +207,9 @@ def build_vision(
     dest: Path, defaults: dict[str, int], notes: list[str],
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:  # fmt: skip
     """Vision ONNX + calibration + config + checks; returns (report part, inputs, command)."""
-    from common import vision_export as ve
-    from common import vl_preprocess as vp
-    from common.calibration_pack import FORMATS, write_calibration_tar
+    from common.export import vision_export as ve
+    from common.export.calibration_pack import FORMATS, write_calibration_tar
+    from common.inputs import vl_preprocess as vp
 
     option = f"--{mode}-size"
     size = choose_size(getattr(args, f"{mode}_size") or defaults.get(f"{mode}_size"), option,
@@ -344,10 +344,10 @@ def run_pulsar2(dest: Path, model_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.model_build import build_model, check_packaged_tokenizer
+    from common.core.recipes import load_recipe, model_build_dir
     from common.models import get_adapter
     from common.models.loading import load_model, load_processor, load_tokenizer
-    from common.recipes import load_recipe, model_build_dir
+    from common.steps.model_build import build_model, check_packaged_tokenizer
 
     args = parse_args(argv)
     for name in ("max_new_tokens", "prefill_len", "kv_cache_len", "parallel", "image_size",
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         report.update(prompt_tokens=prompt_tokens, prefill_len=prefill, kv_cache_len=kv)
 
         report["embeddings"] = write_embeddings(adapter, tmp, args.bf16_truncate)
-        from common.vision_export import greedy_tokens
+        from common.export.vision_export import greedy_tokens
 
         plain = greedy_tokens(model, inputs, args.max_new_tokens)
         with bf16_embeddings(adapter, args.bf16_truncate):

@@ -2,7 +2,7 @@
 
 Steps: resolve the model (``make model``), choose the rotation (seeded random Hadamard or
 orthogonal, a rotation file ``R_PATH``, or a mllm QNN convertor ``CONFIG``), rotate the
-language model through the adapters (common/rotation.py), save it as a Hugging Face
+language model through the adapters (common/quant/rotation.py), save it as a Hugging Face
 directory, reload that directory the way a user would, and compare it with the original on
 the held-out corpus (perplexity, logits, per-layer residual stream; VL models also on an
 image prompt). ``model.mllm`` (FP32, mllm v1) is written from the reloaded weights and read
@@ -25,15 +25,15 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 import report as rep  # noqa: E402  (this folder; target folders are not packages)
 
-from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
-from common.hadamard import ROTATE_MODES  # noqa: E402
-from common.records import (  # noqa: E402
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.core.records import (  # noqa: E402
     atomic_path,
     build_manifest,
     sha256_file,
     write_bytes_atomic,
     write_json_atomic,
 )
+from common.quant.hadamard import ROTATE_MODES  # noqa: E402
 
 TARGET = "cpu-fp32-rotated"
 #: Gates: the rotated model must score the held-out corpus like the original.
@@ -88,7 +88,7 @@ def _positive(value: int | None, option: str) -> None:
 def rotation_options(args: argparse.Namespace, recipe_defaults: dict[str, Any]) -> dict[str, Any]:
     """Mode, seed, rotation file and save path from the options, the recipe's
     ``targets["cpu-fp32-rotated"]`` and a QNN config, checked before any slow work."""
-    from common.qnn_config import load_qnn_config, rotation_settings
+    from common.backends.qnn_config import load_qnn_config, rotation_settings
 
     mode = args.rotate_mode or recipe_defaults.get("rotate_mode", "hadamard")
     if mode not in ROTATE_MODES:
@@ -166,14 +166,14 @@ def _image_check(reference: Any, rotated: Any, model_dir: Path) -> dict[str, Any
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    from common.data import EVAL_CORPUS, eval_windows
-    from common.eval import compare_logits
-    from common.mllm_format import mllm_named_tensors, mllm_tensors_equal, write_mllm
-    from common.model_build import build_model, check_packaged_tokenizer
+    from common.analysis.eval import compare_logits
+    from common.core.recipes import load_recipe, model_build_dir
+    from common.export.mllm_format import mllm_named_tensors, mllm_tensors_equal, write_mllm
+    from common.inputs.data import EVAL_CORPUS, eval_windows
     from common.models import get_adapter
     from common.models.loading import load_model, load_tokenizer
-    from common.recipes import load_recipe, model_build_dir
-    from common.rotation import rotate_model, rotation_for, save_rotation
+    from common.quant.rotation import rotate_model, rotation_for, save_rotation
+    from common.steps.model_build import build_model, check_packaged_tokenizer
 
     for value, option in ((args.seq_len, "SEQ_LEN"), (args.num_windows, "EVAL_WINDOWS"),
                           (args.stats_windows, "STATS_WINDOWS")):  # fmt: skip

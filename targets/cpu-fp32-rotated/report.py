@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.models import ModelAdapter
-from common.tokenizer_fidelity import describe
+from common.models.tokenizer_fidelity import describe
 
 #: Linear roles whose inputs are profiled: q_proj reads the attention norm's output
 #: (same as k/v), down_proj reads the SwiGLU product (not rotated here: no online R4).

@@ -35,15 +35,15 @@ import mllm_int8  # noqa: E402  (this folder; target folders are not packages)
 import pipeline  # noqa: E402
 import report as rep  # noqa: E402
 
-from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
-from common.hadamard import ROTATE_MODES  # noqa: E402
-from common.records import (  # noqa: E402
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.core.records import (  # noqa: E402
     atomic_path,
     build_manifest,
     write_bytes_atomic,
     write_json_atomic,
 )
-from common.tokenizer_fidelity import copy_tokenizer_files  # noqa: E402
+from common.models.tokenizer_fidelity import copy_tokenizer_files  # noqa: E402
+from common.quant.hadamard import ROTATE_MODES  # noqa: E402
 
 TARGET = "qnn"
 DEFAULT_PREFILL_LEN = 32
@@ -57,7 +57,7 @@ DEFAULT_E2E_WINDOWS = 8
 #: 0.69); rotated, every piece is >= 0.996.
 DEFAULT_ROTATE = "hadamard"
 ROTATIONS = (*ROTATE_MODES, "none")
-#: How integer weights are rounded: GPTQ (``common.sequential_gptq``) or to nearest.
+#: How integer weights are rounded: GPTQ (``common.backends.sequential_gptq``) or to nearest.
 ROUNDINGS = ("gptq", "nearest")
 #: GPTQ calibration: windows x tokens (8192 tokens: H of a 1536-wide down_proj input is
 #: well conditioned from ~5x its width).
@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
     """CLI options over the recipe's ``targets.qnn`` over the script defaults, checked."""
-    from common import qdq, qnn_ep
+    from common.backends import qdq, qnn_ep
 
     def pick(key: str, fallback: Any) -> Any:
         value = getattr(args, key)
@@ -205,8 +205,8 @@ def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
     recomputed from it, so the file and the fake-quant model use the same grid."""
     import numpy as np
 
-    from common.int8 import qmax
-    from common.quant_plan import bits_of
+    from common.analysis.quant_plan import bits_of
+    from common.quant.int8 import qmax
 
     for entry in plan["tensors"].values():
         for side in ("input", "output"):
@@ -224,7 +224,7 @@ def mllm_check(adapter: Any, plan: dict[str, Any], path: Path, ids: list[int]) -
     """
     import torch
 
-    from common.simulate import apply_plan
+    from common.analysis.simulate import apply_plan
 
     batch = torch.tensor([ids])
     handles = apply_plan(adapter, plan)
@@ -241,18 +241,18 @@ def mllm_check(adapter: Any, plan: dict[str, Any], path: Path, ids: list[int]) -
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    from common import piece_export as pe
-    from common import qdq, qnn_ep
-    from common.data import CALIB_CORPUS, EVAL_CORPUS, eval_windows, sample_windows
-    from common.model_build import build_model, check_packaged_tokenizer
+    from common.analysis.profiling import load_profile
+    from common.analysis.quant_plan import PlanOptions, build_plan
+    from common.analysis.simulate import transformed_model
+    from common.backends import qdq, qnn_ep
+    from common.backends.sequential_gptq import sequential_gptq
+    from common.core.recipes import load_recipe, model_build_dir
+    from common.export import piece_export as pe
+    from common.inputs.data import CALIB_CORPUS, EVAL_CORPUS, eval_windows, sample_windows
     from common.models import get_adapter, iter_linears
     from common.models.loading import load_tokenizer
-    from common.profile_step import profile_dir_name
-    from common.profiling import load_profile
-    from common.quant_plan import PlanOptions, build_plan
-    from common.recipes import load_recipe, model_build_dir
-    from common.sequential_gptq import sequential_gptq
-    from common.simulate import transformed_model
+    from common.steps.model_build import build_model, check_packaged_tokenizer
+    from common.steps.profile_step import profile_dir_name
 
     recipe = load_recipe(args.model)
     opts = settings(args, (recipe.data.get("targets") or {}).get(TARGET, {}))

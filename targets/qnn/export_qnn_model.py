@@ -18,9 +18,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.errors import EdgeforgeError, run_cli  # noqa: E402
-from common.qnn_config import load_qnn_config  # noqa: E402
-from common.recipes import load_recipe, model_build_dir  # noqa: E402
+from common.backends.qnn_config import load_qnn_config  # noqa: E402
+from common.core.errors import EdgeforgeError, run_cli  # noqa: E402
+from common.core.recipes import load_recipe, model_build_dir  # noqa: E402
 
 
 def main() -> int:

@@ -1,5 +1,5 @@
 """mllm's ``get_distribution.py --config_file``: profile activations as the config's
-``profile_config`` says (thin wrapper over ``common.profile_cli profile --config-file``).
+``profile_config`` says (thin wrapper over ``common.steps.profile_cli profile --config-file``).
 
 ``--model`` names the edgeforge recipe (architecture, tokenizer, model build); the
 config's ``model_name`` is the checkpoint directory, resolved against the config file.
@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import profile_cli  # noqa: E402
+from common.steps import profile_cli  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     ]
     if args.build_dir:
         sys.argv += ["--build-dir", args.build_dir]
-    from common.errors import run_cli
+    from common.core.errors import run_cli
 
     run_cli(profile_cli.main)
 

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from common.errors import EdgeforgeError
-from common.int8 import fake_quantize, qmax, quantize_bias, quantize_weight
-from common.mllm_format import mllm_named_tensors, read_mllm, write_mllm
+from common.analysis.quant_plan import bits_of
+from common.core.errors import EdgeforgeError
+from common.export.mllm_format import mllm_named_tensors, read_mllm, write_mllm
 from common.models import ModelAdapter, iter_linears
-from common.quant_plan import bits_of
+from common.quant.int8 import fake_quantize, qmax, quantize_bias, quantize_weight
 
 
 def _scalar(value: float) -> np.ndarray:

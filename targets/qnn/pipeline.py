@@ -1,6 +1,6 @@
 """Per-piece QDQ → EPContext → emulator verification, and the end-to-end chain.
 
-Every decoder layer is exported twice by :mod:`common.piece_export` (prefill ``block_i``
+Every decoder layer is exported twice by :mod:`common.export.piece_export` (prefill ``block_i``
 of ``PREFILL_LEN`` = ``P`` tokens; decode ``block_cache_i`` of one token over a static
 ``KV_LEN``-row KV cache; finite −1e4 masks), plus ``lm_head``. Golden inputs are captured
 by running the float pieces on onnxruntime CPU over one held-out window of ``P + 1``
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import piece_export as pe
-from common import qdq, qnn_ep
+from common.backends import qdq, qnn_ep
+from common.export import piece_export as pe
 from common.models import ModelAdapter, iter_linears
 
 Feeds = dict[str, np.ndarray]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.tokenizer_fidelity import describe
+from common.models.tokenizer_fidelity import describe
 
 
 def gate_failures(report: dict[str, Any]) -> list[str]:

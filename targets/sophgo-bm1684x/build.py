@@ -1,7 +1,7 @@
 """``make sophgo``: a llama/qwen2 checkpoint → one BM1684X bmodel, verified on the simulator.
 
 Two routes build the bmodel. ``onnx`` (default): the model is cut into static ONNX pieces
-(``common.piece_export``), each compiled by TPU-MLIR (``model_transform`` checked against
+(``common.export.piece_export``), each compiled by TPU-MLIR (``model_transform`` checked against
 onnxruntime, ``model_deploy`` checked tpu-vs-top MLIR), up to one compile per core at once,
 and combined into ``<model>_<mode>_seq<S>_1dev.bmodel``. ``llm_convert``: the vendor's
 one-shot converter builds the bmodel straight from a half-precision copy of the checkpoint.
@@ -37,10 +37,10 @@ from sophgo_verify import (  # noqa: E402
     prefill_greedy,
 )
 
-from common.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
-from common.records import atomic_path, build_manifest, dumps_json  # noqa: E402
-from common.tokenizer_fidelity import copy_tokenizer_files, describe  # noqa: E402
-from common.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain, check_mode_chip  # noqa: E402
+from common.backends.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain, check_mode_chip  # noqa: E402
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.core.records import atomic_path, build_manifest, dumps_json  # noqa: E402
+from common.models.tokenizer_fidelity import copy_tokenizer_files, describe  # noqa: E402
 
 TARGET = "sophgo-bm1684x"
 #: Recipe keys read from ``targets["sophgo-bm1684x"]`` (CLI options override them).
@@ -253,11 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from common.eval import prompt_ids
-    from common.model_build import build_model, check_packaged_tokenizer
-    from common.models import get_adapter
-    from common.models.loading import load_model, load_tokenizer
-    from common.piece_export import (
+    from common.analysis.eval import prompt_ids
+    from common.backends.tpu_mlir import (
+        Simulator,
+        combine,
+        compile_pieces,
+        fused_norm_reference,
+        run_llm_convert,
+        save_half_checkpoint,
+    )
+    from common.core.recipes import load_recipe, model_build_dir
+    from common.export.piece_export import (
         compare_runners,
         cosine,
         export_pieces,
@@ -266,15 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         reference_greedy,
         reference_logits,
     )
-    from common.recipes import load_recipe, model_build_dir
-    from common.tpu_mlir import (
-        Simulator,
-        combine,
-        compile_pieces,
-        fused_norm_reference,
-        run_llm_convert,
-        save_half_checkpoint,
-    )
+    from common.models import get_adapter
+    from common.models.loading import load_model, load_tokenizer
+    from common.steps.model_build import build_model, check_packaged_tokenizer
 
     args = parse_args(argv)
     recipe = load_recipe(args.model)

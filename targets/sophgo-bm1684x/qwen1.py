@@ -11,7 +11,7 @@ applied to a copy of the user's directory, with ``config.json``'s ``seq_length``
 file and, per patch, the first hunk that does not match, before anything is written.
 
 The pieces then wrap the *patched* model's own blocks (``transformer.h.N``), so the graph is
-the checkpoint's code, not a re-implementation; they keep ``common.piece_export``'s names
+the checkpoint's code, not a re-implementation; they keep ``common.export.piece_export``'s names
 and signatures, so its host loop, runners and checks serve Qwen1 unchanged. Weights are
 linked, not copied (a 7B checkpoint is 15 GB).
 """
@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import EdgeforgeError
-from common.models.qwen import QwenAdapter, load_qwen_model, load_qwen_tokenizer
-from common.piece_export import (
+from common.core.errors import EdgeforgeError
+from common.core.records import atomic_path, dumps_json, sha256_file
+from common.export.piece_export import (
     EmbeddingPiece,
     GreedyHead,
     LmHeadPiece,
@@ -41,7 +41,7 @@ from common.piece_export import (
     dims_of,
     export_modules,
 )
-from common.records import atomic_path, dumps_json, sha256_file
+from common.models.qwen import QwenAdapter, load_qwen_model, load_qwen_tokenizer
 
 PATCH_DIR = Path(__file__).resolve().parent / "patches"
 #: One patch per known upstream revision of ``modeling_qwen.py``; the first that fits wins.
@@ -333,7 +333,7 @@ def export_qwen1_pieces(
     progress: bool = True,
 ) -> list[Piece]:
     """Export the patched model's pieces to ``out_dir/<name>.onnx`` (float32 model), with
-    :func:`common.piece_export.piece_signatures`' names and shapes."""
+    :func:`common.export.piece_export.piece_signatures`' names and shapes."""
     if adapter.embed_tokens().weight.dtype != torch.float32:
         raise EdgeforgeError("qwen1 export: load the model in float32")
     return export_modules(iter_qwen1_pieces(adapter), qwen1_dims(adapter), out_dir, only, progress)

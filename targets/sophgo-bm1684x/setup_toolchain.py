@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from common.errors import EdgeforgeError, run_cli  # noqa: E402
-from common.tpu_mlir import Toolchain  # noqa: E402
+from common.backends.tpu_mlir import Toolchain  # noqa: E402
+from common.core.errors import EdgeforgeError, run_cli  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "requirements-tpu-mlir.txt"

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from common.piece_export import (
+from common.export.piece_export import (
     MASK_BLOCKED,
     PieceDims,
     PieceRunner,
@@ -120,9 +120,9 @@ def agreement(got: np.ndarray, want: np.ndarray, rows: tuple[np.ndarray, int] | 
 def image_prompt_inputs(model_dir: Path, prompt: str, image: Path, size: int) -> dict[str, Any]:
     """Processor inputs for ``image`` (square-resized to ``size`` px) then ``prompt``, in one
     user turn: what the image check feeds both Hugging Face and the nets."""
+    from common.export.vision_export import vl_prompt_inputs
+    from common.inputs.vl_preprocess import geometry, prepare_frames
     from common.models.loading import load_processor
-    from common.vision_export import vl_prompt_inputs
-    from common.vl_preprocess import geometry, prepare_frames
 
     processor = load_processor(model_dir)
     geo = geometry(processor, size)

@@ -1,7 +1,7 @@
 # SOPHGO BM1684X (TPU-MLIR): make sophgo-toolchain [LLM_CONVERT=1] [PYTHON310=/path/to/python3.10] [USE_DOCKER=1]
 # tpu-mlir is cp310-only and pins numpy 1.24 / protobuf 3.20, so it lives in its own venv
 # (SOPHGO_VENV, git-ignored) built from targets/sophgo-bm1684x/requirements-tpu-mlir.txt;
-# the project's .venv drives its tools as subprocesses (common/tpu_mlir.py).
+# the project's .venv drives its tools as subprocesses (common/backends/tpu_mlir.py).
 # LLM_CONVERT=1 builds the second venv ROUTE=llm_convert needs (SOPHGO_LLM_VENV: torch 2.1,
 # GNU parallel; requirements-llm-convert.txt).
 SOPHGO_VENV ?= .venv-tpu-mlir

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.calib_data import read_calibration_file
-from common.data import CALIB_CORPUS, iter_texts
-from common.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError
+from common.inputs.calib_data import read_calibration_file
+from common.inputs.data import CALIB_CORPUS, iter_texts
 from tests.conftest import (
     REPO_ROOT,
     CliResult,
@@ -163,7 +163,7 @@ def test_untuned_autoround_equals_rtn_and_gate_fires(session_build: Path, tiny_q
                                                      tmp_path: Path) -> None:  # fmt: skip
     """One iteration keeps AutoRound at its initial rounding, which is RTN on the same grid.
 
-    So the reloaded export must reproduce common.rtn's numbers (this cross-checks the
+    So the reloaded export must reproduce common.quant.rtn's numbers (this cross-checks the
     baseline against the library, and the packing + reload path), and the beat-RTN gate must
     fail the run with exit 1 after writing the report. Calibrated on LLaVA conversations
     with the seed's custom chat template.

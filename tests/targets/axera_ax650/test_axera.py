@@ -17,8 +17,8 @@ import onnx
 import pytest
 import torch
 
-from common.bf16 import bf16_to_fp32
-from common.calibration_pack import read_calibration_tar
+from common.export.calibration_pack import read_calibration_tar
+from common.quant.bf16 import bf16_to_fp32
 from tests.conftest import (
     REPO_ROOT,
     CliResult,
@@ -118,7 +118,7 @@ def test_pulsar2_config_and_calibration(image_out: Path, tiny_qwen2_5_vl_dir: Pa
     }  # fmt: skip
     assert config["npu_mode"] == "NPU3" and config["model_type"] == "ONNX"
     # Calibration samples are exactly the uint8 pictures (as OpenCV will decode them).
-    from common import vl_preprocess as vp
+    from common.inputs import vl_preprocess as vp
     from common.models.loading import load_processor
 
     processor = load_processor(tiny_qwen2_5_vl_dir)
@@ -225,7 +225,7 @@ def test_prompt_longer_than_prefill(session_build: Path, tiny_qwen2_5_vl_dir: Pa
 
 def _main_error(*args: str) -> str:
     """In-process run (no interpreter start-up) that must fail with a user error."""
-    from common.errors import EdgeforgeError
+    from common.core.errors import EdgeforgeError
 
     with pytest.raises(EdgeforgeError) as info:
         build.main(list(args))

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.errors import CheckFailed
-from common.mllm_format import read_mllm
+from common.core.errors import CheckFailed
+from common.core.records import sha256_file
+from common.export.mllm_format import read_mllm
 from common.models import get_adapter
 from common.models.loading import load_model
-from common.records import sha256_file
-from common.rotation import load_rotation, make_rotation, save_rotation
+from common.quant.rotation import load_rotation, make_rotation, save_rotation
 from tests.conftest import (
     REPO_ROOT,
     CliResult,
@@ -245,9 +245,9 @@ def test_failed_gate_raises_after_writing_report(
     tmp_path: Path, tiny_qwen2_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A rotation that breaks the model (o_proj perturbed) must fail the gate, exit 1."""
-    import common.rotation
+    import common.quant.rotation
 
-    real = common.rotation.rotate_model
+    real = common.quant.rotation.rotate_model
 
     def broken(adapter, rotation):  # type: ignore[no-untyped-def]
         info = real(adapter, rotation)
@@ -255,7 +255,7 @@ def test_failed_gate_raises_after_writing_report(
             adapter.layers()[0].linears["o"].weight.mul_(3.0)
         return info
 
-    monkeypatch.setattr(common.rotation, "rotate_model", broken)
+    monkeypatch.setattr(common.quant.rotation, "rotate_model", broken)
     spec = importlib.util.spec_from_file_location("cpu_target_build", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]

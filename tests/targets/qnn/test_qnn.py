@@ -18,11 +18,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from common import qnn_ep
-from common.errors import EdgeforgeError
-from common.mllm_format import read_mllm
+from common.analysis.simulate import apply_plan, transformed_model
+from common.backends import qnn_ep
+from common.core.errors import EdgeforgeError
+from common.export.mllm_format import read_mllm
 from common.models import get_adapter, iter_linears
-from common.simulate import apply_plan, transformed_model
 from tests.conftest import (
     REPO_ROOT,
     CliResult,
@@ -112,7 +112,7 @@ def tiny_profile(session_build: Path, tiny_qwen2_dir: Path) -> Path:
         [
             sys.executable,
             "-m",
-            "common.profile_cli",
+            "common.steps.profile_cli",
             "profile",
             "--model",
             "tiny-qwen2",

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.eval import prompt_ids
-from common.models import get_adapter
-from common.models.loading import load_model, load_tokenizer
-from common.piece_export import (
+from common.analysis.eval import prompt_ids
+from common.backends.tpu_mlir import Toolchain
+from common.export.piece_export import (
     MASK_BLOCKED,
     export_pieces,
     greedy_decode,
@@ -21,7 +20,8 @@ from common.piece_export import (
     piece_dims,
     prefill_inputs,
 )
-from common.tpu_mlir import Toolchain
+from common.models import get_adapter
+from common.models.loading import load_model, load_tokenizer
 from tests.conftest import CliResult, assert_clean_error, assert_same_tokenizer, run_python
 
 REPO = Path(__file__).resolve().parents[3]

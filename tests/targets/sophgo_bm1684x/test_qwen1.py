@@ -24,15 +24,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import EdgeforgeError
-from common.models.qwen import QwenAdapter, load_qwen_model
-from common.piece_export import (
+from common.core.errors import EdgeforgeError
+from common.export.piece_export import (
     cosine,
     greedy_decode,
     onnx_runner,
     reference_greedy,
     reference_logits,
 )
+from common.models.qwen import QwenAdapter, load_qwen_model
 
 REPO = Path(__file__).resolve().parents[3]
 FIXTURE = REPO / "tests" / "fixtures" / "qwen1"
@@ -241,7 +241,7 @@ def test_llm_convert_route_is_refused(guide_dir: Path) -> None:
 
 
 def test_recipe_needs_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from common.recipes import load_recipe, resolve_model_dir
+    from common.core.recipes import load_recipe, resolve_model_dir
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     recipe = load_recipe("qwen-7b")
@@ -253,7 +253,7 @@ def test_recipe_needs_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_onnx_pieces_reproduce_unpatched_hf(qwen1_dir: Path, tmp_path: Path) -> None:
     """ONNX pieces of the patched model, chained by the shared host loop on onnxruntime,
     against the unpatched remote code: same greedy tokens, same logits at every step."""
-    from common.eval import prompt_ids
+    from common.analysis.eval import prompt_ids
 
     # the two calls `make sophgo` makes: the unpatched reference, then the patched export
     reference, tokenizer, dims = qwen1.load_reference(qwen1_dir, SEQ_LEN, "onnx")

@@ -12,12 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import EdgeforgeError
-from common.models import get_adapter
-from common.models.loading import load_model
-from common.piece_export import example_inputs, export_pieces, onnx_runner, piece_signatures
-from common.piece_export import piece_dims as dims_of
-from common.tpu_mlir import (
+from common.backends.tpu_mlir import (
     Toolchain,
     deploy_args,
     fused_norm_reference,
@@ -25,6 +20,11 @@ from common.tpu_mlir import (
     parse_compares,
     shapes_arg,
 )
+from common.core.errors import EdgeforgeError
+from common.export.piece_export import example_inputs, export_pieces, onnx_runner, piece_signatures
+from common.export.piece_export import piece_dims as dims_of
+from common.models import get_adapter
+from common.models.loading import load_model
 
 REPO = Path(__file__).resolve().parents[3]
 VENV = REPO / ".venv-tpu-mlir"

@@ -1,0 +1,208 @@
+"""Model-quality numbers every stage reports: perplexity, logit agreement, a greedy answer.
+
+All three work on any causal LM that maps ``input_ids`` to ``.logits`` (text or VL, fp32
+or half). They score fixed windows one at a time (batch 1) so memory stays bounded by one
+window's logits, and they stream: nothing keeps the logits of more than one window.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from common.core.errors import EdgeforgeError
+
+
+def _device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        raise EdgeforgeError(f"{type(model).__name__} has no parameters to evaluate") from None
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    return getattr(embedding, "num_embeddings", None)
+
+
+def check_windows(
+    windows: torch.Tensor, model: nn.Module, *, min_len: int = 1, what: str = "windows"
+) -> torch.Tensor:
+    """Validate token windows ``[n, seq_len]`` against the model; return them as int64.
+
+    Out-of-range ids would otherwise surface as an index error deep inside the embedding.
+    """
+    if not isinstance(windows, torch.Tensor):
+        raise EdgeforgeError(f"{what}: expected a torch.Tensor, got {type(windows).__name__}")
+    if windows.dtype.is_floating_point or windows.dtype.is_complex or windows.dtype == torch.bool:
+        raise EdgeforgeError(f"{what}: expected integer token ids, got dtype {windows.dtype}")
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < min_len:
+        raise EdgeforgeError(
+            f"{what}: expected shape [n >= 1, seq_len >= {min_len}], got {list(windows.shape)}"
+        )
+    vocab = _vocab_size(model)
+    low, high = int(windows.min()), int(windows.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise EdgeforgeError(
+            f"{what}: token ids span [{low}, {high}] but the model's vocabulary is "
+            f"[0, {vocab}); they were made with a different tokenizer"
+        )
+    return windows.long()
+
+
+def _logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``[seq_len, vocab]`` of one window (half-precision models upcast)."""
+    out = model(input_ids=window.to(_device(model))[None], use_cache=False)
+    return out.logits[0].float()
+
+
+def _window_nll_sum(logits: torch.Tensor, window: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood of one window (float64 sum: exact for long
+    windows)."""
+    targets = window[1:].to(logits.device)
+    return F.cross_entropy(logits[:-1].float(), targets, reduction="none").double().sum().item()
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, *, progress: bool = True) -> dict[str, Any]:
+    """Perplexity over fixed windows, each scored on its own (no context carried over).
+
+    Every window predicts its tokens 1..seq_len-1 from the ones before, so ``tokens`` is
+    ``n * (seq_len - 1)``; ``nll`` is the mean negative log-likelihood in nats and
+    ``ppl = exp(nll)``. Fixed windows make two models (or a model before and after a
+    transform) comparable token for token.
+    """
+    windows = check_windows(windows, model, min_len=2)
+    total = 0.0
+    with torch.inference_mode():
+        for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
+            total += _window_nll_sum(_logits(model, window), window)
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    nll = total / tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens}
+
+
+def compare_logits(
+    model: nn.Module, reference: nn.Module, windows: torch.Tensor, *, progress: bool = False
+) -> dict[str, Any]:
+    """How closely ``model``'s logits follow ``reference``'s, over every position.
+
+    Per token: cosine similarity of the two logit rows (float64, so identical models give
+    exactly 1) and whether their argmax agrees; overall the largest absolute difference.
+    ``tokens`` is the number of positions compared (``n * seq_len``). From the same forward
+    passes it also scores both models as :func:`perplexity` does (``ppl``,
+    ``ppl_reference``, ``nll``, ``nll_reference``, over ``ppl_tokens``), so a before/after
+    check costs two passes per window, not four.
+    """
+    windows = check_windows(windows, model, min_len=2)
+    check_windows(windows, reference, min_len=2)
+    cosine_sum, cosine_min, agree, max_abs, count = 0.0, math.inf, 0, 0.0, 0
+    nll_sum, nll_sum_reference = 0.0, 0.0
+    with torch.inference_mode():
+        for window in tqdm(windows, desc="compare logits", unit="window", disable=not progress):
+            got = _logits(model, window).double()
+            want = _logits(reference, window).double().to(got.device)
+            if got.shape != want.shape:
+                raise EdgeforgeError(
+                    f"compare_logits: logits of shape {list(got.shape)} vs reference "
+                    f"{list(want.shape)}; the two models have different vocabularies"
+                )
+            nll_sum += _window_nll_sum(got, window)
+            nll_sum_reference += _window_nll_sum(want, window)
+            cosine = F.cosine_similarity(got, want, dim=-1)
+            cosine_sum += cosine.sum().item()
+            cosine_min = min(cosine_min, cosine.min().item())
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum().item())
+            max_abs = max(max_abs, (got - want).abs().max().item())
+            count += got.shape[0]
+    ppl_tokens = windows.shape[0] * (windows.shape[1] - 1)
+    nll, nll_reference = nll_sum / ppl_tokens, nll_sum_reference / ppl_tokens
+    return {
+        "cosine_mean": cosine_sum / count,
+        "cosine_min": cosine_min,
+        "top1_agreement": agree / count,
+        "max_abs_diff": max_abs,
+        "tokens": count,
+        "nll": nll,
+        "nll_reference": nll_reference,
+        "ppl": math.exp(nll),
+        "ppl_reference": math.exp(nll_reference),
+        "ppl_tokens": ppl_tokens,
+    }
+
+
+def _text_tokenizer(tokenizer: Any) -> Any:
+    """A VL processor carries its tokenizer; everything here needs only the tokenizer."""
+    from transformers import ProcessorMixin
+
+    return tokenizer.tokenizer if isinstance(tokenizer, ProcessorMixin) else tokenizer
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
+    """Token ids ``[1, len]`` for ``prompt`` as a single user turn.
+
+    With a chat template the prompt becomes a user message plus the assistant header (the
+    template adds any BOS itself); without one, the raw text with the tokenizer's usual
+    special tokens.
+    """
+    tokenizer = _text_tokenizer(tokenizer)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    else:
+        encoded = tokenizer(prompt, return_tensors="pt")
+    ids = encoded["input_ids"]
+    if ids.numel() == 0:
+        raise EdgeforgeError("greedy_generate: the prompt tokenizes to nothing; pass some text")
+    return ids
+
+
+def greedy_generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    """The model's greedy answer to ``prompt``: only the new text, special tokens removed.
+
+    Greedy means the argmax of the model's own logits at every step, stopping at EOS. The
+    checkpoint's ``generation_config.json`` may ask for sampling or a repetition penalty;
+    those are set aside for this call so the answer is a deterministic function of the
+    weights (what a canary check needs).
+    """
+    from transformers import GenerationConfig
+
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise EdgeforgeError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    text_tokenizer = _text_tokenizer(tokenizer)
+    ids = prompt_ids(text_tokenizer, prompt)
+    check_windows(ids, model, what="prompt token ids")
+    saved = getattr(model, "generation_config", None)
+    eos = getattr(saved, "eos_token_id", None)
+    if eos is None:
+        eos = text_tokenizer.eos_token_id
+    pad = getattr(saved, "pad_token_id", None)
+    if pad is None:
+        pad = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else eos
+    if isinstance(pad, list):
+        pad = pad[0]
+    greedy = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=getattr(saved, "bos_token_id", None),
+    )
+    ids = ids.to(_device(model))
+    model.generation_config = greedy  # generate() fills unset options from this
+    try:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=greedy
+            )
+    finally:
+        model.generation_config = saved
+    return text_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

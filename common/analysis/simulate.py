@@ -1,0 +1,155 @@
+"""Fake-quant simulation of a quant plan, scored by the foundation's evaluation.
+
+The model is first transformed as the plan's ``transforms`` say (residual rotation through
+:mod:`common.quant.rotation`, online Hadamard on down_proj inputs), then every planned weight is
+rounded to its int8 grid in place and every planned activation is rounded (and saturated
+when ``clip``) by hooks, with :mod:`common.quant.int8`'s functions — the same ones exporters
+use. A no-clip (shadow) tensor keeps its out-of-range values on the grid, which is exactly
+what device int8 plus the CPU shadow correction computes
+(:func:`common.quant.int8.shadow_input_correction`, tested there).
+
+Scores: held-out perplexity (:func:`common.analysis.eval.perplexity`), top-1 agreement of every
+position's argmax with the FP32 model's, and last-token accuracy (the argmax at position
+−2 predicts the window's last token, mllm's LAMBADA-style metric) — all from one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from common.analysis.quant_plan import bits_of
+from common.core.errors import EdgeforgeError
+from common.models import ModelAdapter, get_adapter, iter_linears
+from common.quant.int8 import fake_quantize, quantize_bias, weight_scale
+
+
+@contextmanager
+def transformed_model(
+    model_dir: Path, transforms: dict[str, Any]
+) -> Iterator[tuple[nn.Module, Any]]:
+    """A freshly loaded model with the plan's transforms applied (function unchanged), and
+    the :class:`~common.quant.rotation.Rotation` used (None without rotation), to be saved."""
+    from common.models.loading import load_model
+    from common.quant.online_hadamard import apply_online_hadamard
+
+    model = load_model(model_dir)
+    adapter = get_adapter(model)
+    handles: list[RemovableHandle] = []
+    rotation = transforms.get("rotation")
+    rot = None
+    if rotation:
+        from common.quant.rotation import rotate_model, rotation_for
+
+        r_path = rotation.get("path")
+        rot = rotation_for(
+            adapter,
+            mode=rotation.get("mode", "hadamard"),
+            seed=int(rotation.get("seed", 0)),
+            r_path=Path(r_path) if r_path else None,
+        )
+        rotate_model(adapter, rot)
+    if transforms.get("online_hadamard"):
+        _, handles = apply_online_hadamard(adapter)
+    try:
+        yield model, rot
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _activation_hook(entry: dict[str, Any]):
+    bits, scale, clip = bits_of(entry), entry["scale"], entry["clip"]
+    return lambda x: fake_quantize(x, scale, bits, clip=clip)
+
+
+def apply_plan(adapter: ModelAdapter, plan: dict[str, Any]) -> list[RemovableHandle]:
+    """Fake-quantize ``adapter``'s model in place as ``plan`` says; returns the hooks.
+
+    Raises when the plan and the model disagree (a linear missing from the plan).
+    """
+    handles: list[RemovableHandle] = []
+    tensors = plan["tensors"]
+    for name, _role, linear in iter_linears(adapter):
+        if name not in tensors:
+            raise EdgeforgeError(
+                f"quant plan {plan.get('name')!r} has no entry for {name}; it was made for "
+                "another model"
+            )
+        entry = tensors[name]
+        with torch.no_grad():
+            if entry["weight"]["dtype"] == "int8":
+                scale = weight_scale(linear.weight, entry["weight"]["granularity"])
+                linear.weight.copy_(fake_quantize(linear.weight, scale))
+            if entry["bias"] == "int32" and linear.bias is not None:
+                q, s = quantize_bias(linear.bias)
+                linear.bias.copy_(q.float() * s)
+        if entry["input"]["dtype"] != "float32":
+            quant_in = _activation_hook(entry["input"])
+            handles.append(
+                linear.register_forward_pre_hook(lambda _m, args, f=quant_in: (f(args[0]),))
+            )
+        if entry["output"]["dtype"] != "float32":
+            quant_out = _activation_hook(entry["output"])
+
+            def out_hook(module: nn.Linear, _args: Any, y: torch.Tensor, f=quant_out) -> Any:
+                if module.bias is None:
+                    return f(y)
+                return f(y - module.bias) + module.bias  # bias added in float after dequant
+
+            handles.append(linear.register_forward_hook(out_hook))
+    return handles
+
+
+def evaluate(
+    model: nn.Module, windows: torch.Tensor, reference_argmax: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Perplexity, top-1 agreement with ``reference_argmax`` and last-token accuracy.
+
+    The argmax of every window's logits is captured by a hook during the perplexity pass,
+    so the model runs once. Returns the argmax too (the FP32 run's becomes the reference).
+    """
+    from common.analysis.eval import perplexity
+
+    argmaxes: list[torch.Tensor] = []
+
+    def capture(_m: nn.Module, _a: Any, out: Any) -> None:
+        argmaxes.append(out.logits[0].argmax(-1))
+
+    handle = model.register_forward_hook(capture)
+    try:
+        scores = perplexity(model, windows, progress=False)
+    finally:
+        handle.remove()
+    argmax = torch.stack(argmaxes)
+    result: dict[str, Any] = {
+        "ppl": scores["ppl"],
+        "nll": scores["nll"],
+        "tokens": scores["tokens"],
+        "last_token_accuracy": float((argmax[:, -2] == windows[:, -1]).double().mean()),
+    }
+    if reference_argmax is not None:
+        result["top1_agreement"] = float((argmax == reference_argmax).double().mean())
+    return result | {"argmax": argmax}
+
+
+def simulate_plan(
+    model_dir: Path,
+    plan: dict[str, Any],
+    windows: torch.Tensor,
+    reference_argmax: torch.Tensor | None,
+) -> dict[str, Any]:
+    """Build the plan's fake-quant model and score it."""
+    with transformed_model(model_dir, plan.get("transforms", {})) as (model, _):
+        handles = apply_plan(get_adapter(model), plan)
+        try:
+            return evaluate(model, windows, reference_argmax)
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,0 +1,226 @@
+"""The mllm ``.mllm`` model file, version 1 (what mllm's ``converter.py`` writes).
+
+Layout (little-endian, packed)::
+
+    int32  magic = 20012
+    uint64 index_size                       # bytes of the index region that follows
+    index: per tensor, back to back
+        int32  name_len; byte[name_len] name (ASCII, no terminator)
+        uint64 data_len; uint64 data_offset  # absolute; int32 dtype code
+    payloads: raw C-order little-endian bytes
+
+No shapes are stored: the C++ model code knows them. Readers follow ``data_offset`` only,
+so this writer pads each payload to a multiple of its element size (mllm v1's mmap path
+needs aligned offsets, else it falls back to a copy); ``alignment="none"`` reproduces
+``converter.py``'s packed layout byte for byte.
+
+Unlike ``converter.py`` nothing is cast silently (its ``or`` bug once wrote int8 weights as
+float, mllm issue #267): int8 stays I8, bool is stored as I8 0/1, and a dtype with no
+unambiguous v1 code (float64, bfloat16, int64, uint8) is an error asking for a cast.
+Non-ASCII names are rejected: ``converter.py`` wrote ``len(str)`` as the byte length.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.core.errors import EdgeforgeError
+from common.core.records import atomic_path
+from common.models import ModelAdapter
+
+MAGIC = 20012
+HEADER_SIZE = 12  # int32 magic + uint64 index_size
+
+#: mllm v1 ``DataType`` codes for the dtypes this writer stores natively.
+DTYPE_CODES: dict[str, int] = {"float32": 0, "float16": 1, "int8": 16, "int16": 17, "int32": 18}
+CODE_DTYPES: dict[int, np.dtype] = {code: np.dtype(name) for name, code in DTYPE_CODES.items()}
+
+Alignment = Literal["element", "none"]
+
+
+@dataclass(frozen=True)
+class MllmEntry:
+    """One index entry as read back: the tensor's name, dtype code, offset and size."""
+
+    name: str
+    dtype_code: int
+    offset: int
+    length: int
+
+
+def _as_array(name: str, tensor: torch.Tensor | np.ndarray) -> np.ndarray:
+    """C-order little-endian numpy array of ``tensor`` in a storable dtype (bool → int8)."""
+    if isinstance(tensor, torch.Tensor):
+        if tensor.dtype == torch.bfloat16:
+            raise EdgeforgeError(
+                f".mllm tensor {name!r}: bfloat16 has no v1 code; cast it to float32 first"
+            )
+        tensor = tensor.detach().cpu().numpy()
+    array = np.asarray(tensor)
+    if array.dtype == np.bool_:
+        array = array.astype(np.int8)
+    if array.dtype.name not in DTYPE_CODES:
+        raise EdgeforgeError(
+            f".mllm tensor {name!r}: dtype {array.dtype} has no unambiguous mllm v1 code; "
+            f"cast it to one of {', '.join(DTYPE_CODES)} (or bool) first"
+        )
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+
+
+def _encode_name(name: str, seen: set[str]) -> bytes:
+    if not isinstance(name, str) or not name:
+        raise EdgeforgeError(f".mllm tensor name {name!r}: must be a non-empty string")
+    if not name.isascii():
+        raise EdgeforgeError(
+            f".mllm tensor name {name!r}: non-ASCII names are not supported (mllm readers "
+            "take the name length in characters); rename the tensor"
+        )
+    if name in seen:
+        raise EdgeforgeError(
+            f".mllm tensor name {name!r} appears twice; readers would keep only the last one"
+        )
+    seen.add(name)
+    return name.encode("ascii")
+
+
+def encode_mllm(
+    tensors: Iterable[tuple[str, torch.Tensor | np.ndarray]], alignment: Alignment = "element"
+) -> Iterable[bytes]:
+    """The file's bytes, in chunks (header + index, then padding and payloads in order)."""
+    if alignment not in ("element", "none"):
+        raise EdgeforgeError(f".mllm alignment: {alignment!r} is not 'element' or 'none'")
+    seen: set[str] = set()
+    items = [(_encode_name(name, seen), _as_array(name, t)) for name, t in tensors]
+    index_size = sum(24 + len(name) for name, _ in items)
+    offset = HEADER_SIZE + index_size
+    index, layout = [], []
+    for name, array in items:
+        pad = (-offset) % array.itemsize if alignment == "element" else 0
+        offset += pad
+        code = DTYPE_CODES[array.dtype.name]
+        index.append(
+            struct.pack("<i", len(name)) + name + struct.pack("<QQi", array.nbytes, offset, code)
+        )
+        layout.append((pad, array))
+        offset += array.nbytes
+    yield struct.pack("<iQ", MAGIC, index_size) + b"".join(index)
+    for pad, array in layout:
+        yield b"\0" * pad + array.tobytes()
+
+
+def write_mllm(
+    dest: Path,
+    tensors: Iterable[tuple[str, torch.Tensor | np.ndarray]],
+    alignment: Alignment = "element",
+) -> None:
+    """Write a v1 ``.mllm`` file atomically from ``(name, tensor)`` pairs, in that order."""
+    with atomic_path(Path(dest)) as tmp, tmp.open("wb") as fh:
+        for chunk in encode_mllm(tensors, alignment):
+            fh.write(chunk)
+
+
+def read_mllm_index(path: Path) -> list[MllmEntry]:
+    """The index of a v1 ``.mllm`` file, each entry checked to lie inside the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        header = fh.read(HEADER_SIZE)
+        if len(header) < HEADER_SIZE:
+            raise EdgeforgeError(f"{path}: too short for a .mllm header ({size} bytes)")
+        magic, index_size = struct.unpack("<iQ", header)
+        if magic != MAGIC:
+            raise EdgeforgeError(f"{path}: magic {magic} is not {MAGIC}; not a v1 .mllm file")
+        if HEADER_SIZE + index_size > size:
+            raise EdgeforgeError(f"{path}: index of {index_size} bytes runs past the file end")
+        raw = fh.read(index_size)
+    entries, pos = [], 0
+    while pos < index_size:
+        if pos + 4 > index_size:
+            raise EdgeforgeError(f"{path}: index entry at byte {HEADER_SIZE + pos} is truncated")
+        (name_len,) = struct.unpack_from("<i", raw, pos)
+        end = pos + 4 + name_len + 20
+        if name_len <= 0 or end > index_size:
+            raise EdgeforgeError(f"{path}: index entry at byte {HEADER_SIZE + pos} is corrupt")
+        name = raw[pos + 4 : pos + 4 + name_len].decode("ascii", errors="replace")
+        length, offset, code = struct.unpack_from("<QQi", raw, pos + 4 + name_len)
+        if offset < HEADER_SIZE + index_size or offset + length > size:
+            raise EdgeforgeError(
+                f"{path}: tensor {name!r} bytes [{offset}, {offset + length}) lie outside the "
+                f"payload region [{HEADER_SIZE + index_size}, {size})"
+            )
+        entries.append(MllmEntry(name, code, offset, length))
+        pos = end
+    return entries
+
+
+def read_mllm(path: Path) -> dict[str, tuple[int, np.ndarray]]:
+    """Every tensor of a v1 ``.mllm`` file as ``name → (dtype code, 1-D array)``.
+
+    Codes this module writes decode to their numpy dtype; any other code (quantized block
+    formats) comes back as raw ``uint8`` bytes.
+    """
+    path = Path(path)
+    out: dict[str, tuple[int, np.ndarray]] = {}
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for entry in read_mllm_index(path):
+        raw = np.array(data[entry.offset : entry.offset + entry.length])
+        dtype = CODE_DTYPES.get(entry.dtype_code)
+        if dtype is not None:
+            if entry.length % dtype.itemsize:
+                raise EdgeforgeError(
+                    f"{path}: tensor {entry.name!r} has {entry.length} bytes, not a multiple "
+                    f"of its {dtype} element size"
+                )
+            raw = raw.view(dtype.newbyteorder("<"))
+        out[entry.name] = (entry.dtype_code, raw)
+    return out
+
+
+def mllm_tensors_equal(path: Path, expected: Mapping[str, torch.Tensor | np.ndarray]) -> list[str]:
+    """Names whose stored bytes differ from ``expected`` (or are missing/extra): empty when
+    the file holds exactly these tensors, bit for bit."""
+    stored = read_mllm(path)
+    problems = sorted(set(stored) ^ set(expected))
+    for name in sorted(set(stored) & set(expected)):
+        want = _as_array(name, expected[name])
+        code, got = stored[name]
+        if code != DTYPE_CODES[want.dtype.name] or got.tobytes() != want.tobytes():
+            problems.append(name)
+    return problems
+
+
+def mllm_named_tensors(adapter: ModelAdapter) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter of the model under the name mllm's C++ loaders look up.
+
+    mllm's model code uses the released checkpoints' state-dict names: the language model
+    under ``model.`` (``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``,
+    ``model.norm.weight``), ``lm_head.weight``, and a VL vision tower under ``visual.``.
+    transformers 5 nests those differently (``model.language_model.*``, ``model.visual.*``),
+    so names are rebuilt from the adapter's parts. Layout is HF's ``[out, in]``, as
+    ``converter.py`` writes a state dict. Fails if any parameter would be left out.
+    """
+    parts: list[tuple[str, nn.Module]] = [("model", adapter.language_model())]
+    vision = adapter.vision_tower()
+    if vision is not None:
+        parts.append(("visual", vision))
+    named: list[tuple[str, torch.Tensor]] = []
+    for prefix, module in parts:
+        named += [(f"{prefix}.{name}", p.detach()) for name, p in module.named_parameters()]
+    head = adapter.lm_head()
+    named += [(f"lm_head.{name}", p.detach()) for name, p in head.named_parameters()]
+    covered = {id(p) for _, m in [*parts, ("lm_head", head)] for p in m.parameters()}
+    missing = [n for n, p in adapter.model.named_parameters() if id(p) not in covered]
+    if missing:
+        raise EdgeforgeError(
+            f"{type(adapter.model).__name__}: parameters outside the language model, vision "
+            f"tower and LM head have no mllm name: {', '.join(missing[:5])}"
+        )
+    return named

@@ -1,0 +1,793 @@
+"""Static-shape ONNX pieces of a decoder LM, and the host loop that chains them.
+
+NPU compilers for LLMs (TPU-MLIR, QNN, Pulsar2) take fixed-shape graphs, so a model is cut
+into pieces the runtime chains itself: ``embedding`` ``[1,S]`` and ``embedding_cache``
+``[1,1]``; per layer a prefill ``block_i`` and a one-token decode ``block_cache_i`` with a
+sequence-major KV cache ``[1,S,KVH,D]``; ``lm_head`` (final norm + projection, ``[1,H]``);
+and the ``greedy_head`` / ``penalty_sample_head`` token pickers. The wrappers here are built
+from the adapter's live modules (norms, linears, MLP, rotary table), with the attention
+written out explicitly: HF attention keeps ``[B,H,S,D]`` and a cache object, neither of which
+fixes the KV layout a runtime can bind as persistent buffers.
+
+Positions and masks are inputs, not graph logic, so one set of graphs serves every prompt
+length up to ``S``; :func:`prefill_inputs` / :func:`decode_inputs` build them the way the
+vendor runtimes do, and :func:`greedy_decode` runs the whole protocol against any
+:class:`PieceRunner` (onnxruntime here, a chip simulator in a target), which is what makes
+"the compiled pieces generate the same tokens as the float model" a testable claim.
+
+The Qwen2-VL family's language model exports the same pieces with M-RoPE: positions are
+``[3,1,S]`` (temporal, height, width rows) and each ``mrope_section`` of the rotary dims
+turns with its own row. Blocks take embeddings, so a runtime splices the vision tower's
+output over the placeholder rows; :class:`MultimodalPrompt` carries those rows and the
+3-row positions HF's rope index lays out, and decode positions then run behind the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.core.errors import EdgeforgeError
+from common.core.records import atomic_path
+from common.models.base import DecoderLayer, ModelAdapter
+
+#: Additive mask value for blocked positions: finite and exactly representable in bf16,
+#: so the same mask works for float and bf16 I/O (the vendors use -10000 too).
+MASK_BLOCKED = -10000.0
+#: Opset of the legacy TorchScript exporter that TPU-MLIR and QNN accept (the dynamo
+#: exporter forces opset 18 and external data, which TPU-MLIR rejects).
+ONNX_OPSET = 17
+#: Candidates the sampling head keeps (the LLM-TPU contract: probabilities over the top 50).
+SAMPLE_TOP_K = 50
+#: The sampling head never filters below this many candidates, whatever ``top_p`` says.
+SAMPLE_MIN_KEEP = 5
+#: Model families whose decoder layer is llama's (pre-norm, SwiGLU). The VL ones (their
+#: language model) rotate with M-RoPE: 3-row position ids, one per (temporal, height, width).
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen2_vl", "qwen2_5_vl")
+#: Position-id rows of an M-RoPE model.
+MROPE_ROWS = 3
+
+
+@dataclass(frozen=True)
+class PieceDims:
+    """The shapes every piece agrees on; ``seq_len`` is the static context ``S``.
+
+    ``mrope_section`` is set for M-RoPE models (Qwen2-VL family): positions are then
+    ``[3,1,L]`` and section ``i`` of the rotary half-dim turns with row ``i``.
+    """
+
+    seq_len: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_layers: int
+    vocab_size: int
+    mrope_section: tuple[int, ...] | None = None
+
+    @property
+    def rope_rows(self) -> int:
+        """Rows of position ids the blocks take: 3 with M-RoPE, else 1."""
+        return 1 if self.mrope_section is None else MROPE_ROWS
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One exported graph: its name, kind (``block`` for ``block_3``), file, and input
+    names/shapes/dtypes in call order."""
+
+    name: str
+    kind: str
+    path: Path
+    inputs: tuple[tuple[str, tuple[int, ...], str], ...]
+    outputs: tuple[str, ...]
+
+
+def piece_dims(adapter: ModelAdapter, seq_len: int) -> PieceDims:
+    """The dims of ``adapter``'s text model at context ``seq_len``, checked against the
+    rotary range the checkpoint was trained for (positions past it are extrapolation)."""
+    if adapter.model_type not in SUPPORTED_TYPES:
+        raise EdgeforgeError(
+            f"piece export: model_type {adapter.model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_TYPES)}"
+        )
+    max_positions = int(getattr(adapter.text_config, "max_position_embeddings", 0) or 0)
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise EdgeforgeError(f"SEQ_LEN: expected an integer >= 2, got {seq_len!r}")
+    if max_positions and seq_len > max_positions:
+        raise EdgeforgeError(
+            f"SEQ_LEN={seq_len} exceeds the model's rotary range "
+            f"(config max_position_embeddings={max_positions}); use SEQ_LEN<={max_positions}"
+        )
+    return dims_of(adapter, seq_len)
+
+
+def dims_of(adapter: ModelAdapter, seq_len: int) -> PieceDims:
+    """``adapter``'s piece dims at ``seq_len``, unchecked: the caller has validated
+    ``seq_len`` against its model's own limit (:func:`piece_dims` does for HF models)."""
+    return PieceDims(
+        seq_len=seq_len,
+        hidden_size=adapter.hidden_size,
+        num_heads=adapter.num_heads,
+        num_kv_heads=adapter.num_kv_heads,
+        head_dim=adapter.head_dim,
+        num_layers=adapter.num_layers,
+        vocab_size=adapter.vocab_size,
+        mrope_section=adapter.mrope_section,
+    )
+
+
+def rotary_table(adapter: ModelAdapter, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` ``[S, D]`` for positions ``0..S-1`` from the model's own rotary module,
+    so rope variants (theta, scaling, attention factor) come out exactly as HF computes them."""
+    rotary = adapter.rotary_embedding()
+    probe = torch.zeros(1, seq_len, adapter.head_dim, dtype=torch.float32)
+    positions = torch.arange(seq_len, dtype=torch.long)[None]
+    with torch.no_grad():
+        cos, sin = rotary(probe, positions)
+    return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+
+def mrope_runs(section: Sequence[int], head_dim: int) -> list[tuple[int, int, int]]:
+    """``(row, start, stop)`` column runs of an M-RoPE cos/sin row: section ``i`` of each
+    rotary half takes its angles from position row ``i % 3`` (HF's
+    ``recomposition_frequencies``: split the half-dim by ``mrope_section``, then repeat the
+    half). Empty sections give no run."""
+    runs: list[tuple[int, int, int]] = []
+    for start in (0, head_dim // 2):
+        for i, width in enumerate(section):
+            if width:
+                runs.append((i % MROPE_ROWS, start, start + width))
+            start += width
+    return runs
+
+
+def gather_rope(
+    table: torch.Tensor, position_ids: torch.Tensor, section: Sequence[int] | None
+) -> torch.Tensor:
+    """Rotary rows ``[1, L, D]`` for ``position_ids`` from a 1-D table ``[S, D]``.
+
+    1-D RoPE indexes the table by ``[1, L]`` positions. M-RoPE gathers the table once per
+    row of ``[3, 1, L]`` positions and takes each column run from its row: the table entry
+    for position ``p`` is ``f(p · inv_freq[d])``, so this equals HF's per-row angles exactly
+    (Gather, Slice and Concat only — ops every NPU compiler lowers)."""
+    if section is None:
+        return table[position_ids]
+    rows = table[position_ids]  # [3, 1, L, D]
+    # D from the section, not table.shape: under the ONNX tracer a shape is a tensor.
+    runs = mrope_runs(section, 2 * sum(section))
+    return torch.cat([rows[r, :, :, a:b] for r, a, b in runs], dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Attention(nn.Module):
+    """Llama attention on sequence-major tensors ``[1, S, heads, D]`` with an additive mask.
+
+    Returns the attention output and this call's post-rope K and V (what the cache stores).
+    """
+
+    def __init__(self, layer: DecoderLayer, dims: PieceDims, cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__()
+        self.q_proj, self.k_proj = layer.linears["q"], layer.linears["k"]
+        self.v_proj, self.o_proj = layer.linears["v"], layer.linears["o"]
+        self.dims = dims
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def project(
+        self, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Roped Q ``[1,L,NH,D]`` and K, plain V ``[1,L,KVH,D]`` for ``L`` new tokens."""
+        d = self.dims
+        length = x.shape[1]
+        q = self.q_proj(x).view(1, length, d.num_heads, d.head_dim)
+        k = self.k_proj(x).view(1, length, d.num_kv_heads, d.head_dim)
+        v = self.v_proj(x).view(1, length, d.num_kv_heads, d.head_dim)
+        cos = gather_rope(self.cos, position_ids, d.mrope_section).unsqueeze(2)  # [1, L, 1, D]
+        sin = gather_rope(self.sin, position_ids, d.mrope_section).unsqueeze(2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Softmax attention of ``q`` over ``k``/``v`` (GQA groups share a KV head)."""
+        d = self.dims
+        group = d.num_heads // d.num_kv_heads
+        q = q.transpose(1, 2)  # [1, NH, L, D]
+        k = k.transpose(1, 2).repeat_interleave(group, dim=1)  # [1, NH, T, D]
+        v = v.transpose(1, 2).repeat_interleave(group, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d.head_dim) + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(1, q.shape[2], -1)
+        return self.o_proj(out)
+
+
+class BlockPiece(nn.Module):
+    """Prefill ``block_i``: ``[1,S,H]``, positions ``[1,S]`` (M-RoPE: ``[3,1,S]``), mask
+    ``[1,1,S,S]`` → hidden ``[1,S,H]``, ``past_k``/``past_v`` ``[1,S,KVH,D]``.
+
+    It takes embeddings, not ids, so a VL runtime splices vision-tower rows in between."""
+
+    def __init__(self, layer: DecoderLayer, dims: PieceDims, cos: torch.Tensor, sin: torch.Tensor):
+        super().__init__()
+        self.input_norm, self.post_norm = layer.input_norm, layer.post_attention_norm
+        self.mlp = layer.mlp
+        self.attn = _Attention(layer, dims, cos, sin)
+
+    def forward(
+        self, input_states: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.attn.project(self.input_norm(input_states), position_ids)
+        hidden = input_states + self.attn.attend(q, k, v, attention_mask)
+        hidden = hidden + self.mlp(self.post_norm(hidden))
+        return hidden, k, v
+
+
+class BlockCachePiece(BlockPiece):
+    """Decode ``block_cache_i``: one token ``[1,1,H]``, its position ``[1,1]`` (``[3,1,1]``), mask
+    ``[1,1,1,S+1]`` and the history ``[1,S,KVH,D]`` → hidden ``[1,1,H]`` and only the new
+    token's K/V ``[1,1,KVH,D]`` (the host writes them into its cache; no full-cache copy)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        input_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        history_k: torch.Tensor,
+        history_v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.attn.project(self.input_norm(input_states), position_ids)
+        keys = torch.cat([history_k, k], dim=1)
+        values = torch.cat([history_v, v], dim=1)
+        hidden = input_states + self.attn.attend(q, keys, values, attention_mask)
+        hidden = hidden + self.mlp(self.post_norm(hidden))
+        return hidden, k, v
+
+
+class EmbeddingPiece(nn.Module):
+    """Token ids (int32) → embeddings; the same module serves ``[1,S]`` and ``[1,1]``."""
+
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+class LmHeadPiece(nn.Module):
+    """Last hidden row ``[1,H]`` → final norm → logits ``[1,V]`` (float)."""
+
+    def __init__(self, norm: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.norm, self.head = norm, head
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden_states))
+
+
+class GreedyHead(nn.Module):
+    """Logits ``[1,V]`` → argmax token ``[1,1]`` (TopK 1: what the NPUs lower well)."""
+
+    def forward(self, m_logits: torch.Tensor) -> torch.Tensor:
+        _, token = torch.topk(m_logits.float(), 1)
+        return token
+
+
+class PenaltySampleHead(nn.Module):
+    """Repetition penalty, top-k 50, temperature and top-p over logits ``[1,V]``.
+
+    Inputs: ``m_logits [1,V]``, ``input_ids [1,S]`` (the tokens to penalise), ``top_p``,
+    ``temperature``, ``penalty`` (each ``[1]``). Outputs ``probs [1,50]`` and ``token [1,50]``;
+    the host draws from ``probs``. At least :data:`SAMPLE_MIN_KEEP` candidates survive top-p.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Float 0/1, not bool: TPU-MLIR's converter cannot take a constant operand of Or.
+        keep = torch.zeros(1, SAMPLE_TOP_K)
+        keep[0, :SAMPLE_MIN_KEEP] = 1.0
+        self.register_buffer("keep", keep, persistent=False)
+
+    def forward(
+        self,
+        m_logits: torch.Tensor,
+        input_ids: torch.Tensor,
+        top_p: torch.Tensor,
+        temperature: torch.Tensor,
+        penalty: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = input_ids.long()
+        seen = torch.gather(m_logits, 1, ids)
+        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+        logits = m_logits.scatter(1, ids, seen)
+        logits, token = torch.topk(logits.float(), SAMPLE_TOP_K)
+        logits = logits / temperature
+        cumulative = logits.softmax(dim=1).cumsum(dim=1)
+        keep = torch.maximum((cumulative < top_p).float(), self.keep)
+        filtered = logits * keep - 1000.0 * (1.0 - keep)  # exact: keep is 0 or 1
+        return filtered.softmax(dim=1), token
+
+
+def _spec(name: str, shape: tuple[int, ...], dtype: str) -> tuple[str, tuple[int, ...], str]:
+    return (name, shape, dtype)
+
+
+def piece_signatures(dims: PieceDims) -> dict[str, tuple[tuple, tuple[str, ...]]]:
+    """Input specs and output names of every piece kind (``block``/``block_cache`` per layer)."""
+    s, h, kvh, d = dims.seq_len, dims.hidden_size, dims.num_kv_heads, dims.head_dim
+    kv_out = ("hidden_states", "past_k", "past_v")
+    rows = (1,) if dims.mrope_section is None else (MROPE_ROWS, 1)
+    return {
+        "embedding": ((_spec("input_ids", (1, s), "int32"),), ("input_embed",)),
+        "embedding_cache": ((_spec("input_ids", (1, 1), "int32"),), ("input_embed",)),
+        "block": (
+            (
+                _spec("input_states", (1, s, h), "float32"),
+                _spec("position_ids", (*rows, s), "int32"),
+                _spec("attention_mask", (1, 1, s, s), "float32"),
+            ),
+            kv_out,
+        ),
+        "block_cache": (
+            (
+                _spec("input_states", (1, 1, h), "float32"),
+                _spec("position_ids", (*rows, 1), "int32"),
+                _spec("attention_mask", (1, 1, 1, s + 1), "float32"),
+                _spec("history_k", (1, s, kvh, d), "float32"),
+                _spec("history_v", (1, s, kvh, d), "float32"),
+            ),
+            kv_out,
+        ),
+        "lm_head": ((_spec("hidden_states", (1, h), "float32"),), ("m_logits",)),
+        "greedy_head": ((_spec("m_logits", (1, dims.vocab_size), "float32"),), ("token",)),
+        "penalty_sample_head": (
+            (
+                _spec("m_logits", (1, dims.vocab_size), "float32"),
+                _spec("input_ids", (1, s), "int32"),
+                _spec("top_p", (1,), "float32"),
+                _spec("temperature", (1,), "float32"),
+                _spec("penalty", (1,), "float32"),
+            ),
+            ("probs", "token"),
+        ),
+    }
+
+
+def example_inputs(
+    specs: Sequence[tuple[str, tuple[int, ...], str]], vocab_size: int, seed: int = 0
+) -> list[torch.Tensor]:
+    """Deterministic in-range tensors for ``specs`` (ids below the vocab, positions below S,
+    distinct per M-RoPE row, a causal mask), used to trace the export and as the compilers'
+    check sample; the values never reach the artifacts."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    for name, shape, _ in specs:
+        if name == "input_ids":
+            out.append(torch.randint(0, vocab_size, shape, generator=gen, dtype=torch.int32))
+        elif name == "position_ids":
+            steps = torch.arange(shape[-1], dtype=torch.int32)
+            rows = [steps // (r + 1) for r in range(math.prod(shape[:-1]))]
+            out.append(torch.stack(rows).reshape(shape))
+        elif name == "attention_mask":
+            rows, cols = shape[-2], shape[-1]
+            mask = torch.full((rows, cols), MASK_BLOCKED).triu(cols - rows + 1)
+            out.append(mask.reshape(shape))
+        elif name in ("top_p", "temperature", "penalty"):
+            out.append(torch.tensor({"top_p": [0.8], "temperature": [0.7], "penalty": [1.1]}[name]))
+        else:
+            out.append(torch.randn(shape, generator=gen, dtype=torch.float32))
+    return out
+
+
+def _export(module: nn.Module, dest: Path, specs: tuple, outputs: tuple[str, ...], vocab: int):
+    """Legacy TorchScript export at a fixed shape, written atomically."""
+    module = module.eval().requires_grad_(False)
+    args = tuple(example_inputs(specs, vocab))
+    with atomic_path(dest) as tmp, torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            str(tmp),
+            input_names=[name for name, _, _ in specs],
+            output_names=list(outputs),
+            opset_version=ONNX_OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def iter_pieces(adapter: ModelAdapter, dims: PieceDims) -> Iterator[tuple[str, str, nn.Module]]:
+    """``(piece name, piece kind, wrapper module)`` for every piece of the model, in the
+    order a runtime calls them."""
+    cos, sin = rotary_table(adapter, dims.seq_len)
+    embed = EmbeddingPiece(adapter.embed_tokens())
+    yield "embedding", "embedding", embed
+    yield "embedding_cache", "embedding_cache", embed
+    for layer in adapter.layers():
+        yield f"block_{layer.index}", "block", BlockPiece(layer, dims, cos, sin)
+        yield f"block_cache_{layer.index}", "block_cache", BlockCachePiece(layer, dims, cos, sin)
+    yield "lm_head", "lm_head", LmHeadPiece(adapter.final_norm(), adapter.lm_head())
+    yield "greedy_head", "greedy_head", GreedyHead()
+    yield "penalty_sample_head", "penalty_sample_head", PenaltySampleHead()
+
+
+def export_pieces(
+    adapter: ModelAdapter,
+    seq_len: int,
+    out_dir: Path,
+    only: Callable[[str], bool] | None = None,
+    progress: bool = True,
+) -> list[Piece]:
+    """Export every piece (or those ``only`` accepts) to ``out_dir/<name>.onnx``.
+
+    The model must be float32 (the export fixes dtypes into the graph). Returns the pieces
+    in call order with their signatures, which the compile step passes on as input shapes.
+    """
+    if adapter.embed_tokens().weight.dtype != torch.float32:
+        raise EdgeforgeError("piece export: load the model in float32 (load_model default)")
+    dims = piece_dims(adapter, seq_len)
+    return export_modules(iter_pieces(adapter, dims), dims, out_dir, only, progress)
+
+
+def export_modules(
+    modules: Iterable[tuple[str, str, nn.Module]],
+    dims: PieceDims,
+    out_dir: Path,
+    only: Callable[[str], bool] | None = None,
+    progress: bool = True,
+) -> list[Piece]:
+    """Export ``(name, kind, module)`` wrappers with :func:`piece_signatures` ``(dims)``'s
+    inputs and outputs for their kind: the one export loop for every family's pieces (a
+    family with its own wrappers, such as Qwen1's remote-code blocks, passes them here)."""
+    from tqdm import tqdm
+
+    signatures = piece_signatures(dims)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in modules if only is None or only(p[0])]
+    pieces: list[Piece] = []
+    for name, kind, module in tqdm(todo, desc="export pieces", disable=not progress):
+        specs, outputs = signatures[kind]
+        path = out_dir / f"{name}.onnx"
+        _export(module, path, specs, outputs, dims.vocab_size)
+        pieces.append(Piece(name, kind, path, specs, outputs))
+    return pieces
+
+
+# -- the host protocol ------------------------------------------------------------------
+
+
+class PieceRunner(Protocol):
+    """Runs one named piece on numpy inputs (keyed by input name); outputs in order."""
+
+    def __call__(self, name: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class MultimodalPrompt:
+    """A vision-language prompt as the pieces take it: token ids ``[L]`` (vision tokens are
+    placeholders), M-RoPE positions ``[3, L]``, and the vision tower's embeddings ``[N, H]``
+    for prompt rows ``rows`` ``[N]``, which replace the embedding piece's output there."""
+
+    token_ids: tuple[int, ...]
+    positions: np.ndarray
+    rows: np.ndarray
+    embeds: np.ndarray
+
+
+def multimodal_prompt(
+    adapter: ModelAdapter, inputs: Mapping[str, torch.Tensor]
+) -> MultimodalPrompt:
+    """The :class:`MultimodalPrompt` of one processor-encoded prompt (batch 1): positions
+    from the model's own rope index, embeddings from its own (float) vision tower, images
+    into the rows the processor typed 1 and videos into those typed 2, in order — what
+    Hugging Face scatters into its input embeddings."""
+    ids = inputs.get("input_ids")
+    if ids is None or ids.shape[0] != 1:
+        raise EdgeforgeError("multimodal prompt: expected processor inputs for one prompt")
+    positions, _ = adapter.rope_index(inputs)
+    types = np.asarray(inputs["mm_token_type_ids"][0])
+    tower = adapter.vision_tower()
+    rows: list[np.ndarray] = []
+    embeds: list[np.ndarray] = []
+    for kind, (pixels, grid) in enumerate(
+        (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")), 1
+    ):
+        if inputs.get(pixels) is None:
+            continue
+        with torch.no_grad():
+            features = tower(inputs[pixels], grid_thw=inputs[grid]).pooler_output
+        where = np.flatnonzero(types == kind)
+        if len(where) != features.shape[0]:
+            raise EdgeforgeError(
+                f"multimodal prompt: {len(where)} placeholder tokens for {pixels}, but the "
+                f"vision tower gave {features.shape[0]} embeddings"
+            )
+        rows.append(where)
+        embeds.append(features.float().numpy())
+    hidden = adapter.hidden_size
+    return MultimodalPrompt(
+        token_ids=tuple(int(t) for t in ids[0]),
+        positions=positions[:, 0].numpy().astype(np.int64),
+        rows=np.concatenate(rows) if rows else np.zeros(0, np.int64),
+        embeds=np.concatenate(embeds) if embeds else np.zeros((0, hidden), np.float32),
+    )
+
+
+def _position_ids(positions: np.ndarray, width: int, seq_len: int) -> np.ndarray:
+    """``[R, n]`` positions zero-padded to ``[1, width]`` (one row) or ``[3, 1, width]``,
+    checked against the rotary table the blocks carry (``S`` rows)."""
+    rows, length = positions.shape
+    if rows not in (1, MROPE_ROWS):
+        raise EdgeforgeError(f"position ids: expected 1 or {MROPE_ROWS} rows, got {rows}")
+    if length and not 0 <= positions.min() <= positions.max() < seq_len:
+        raise EdgeforgeError(
+            f"rotary positions {positions.min()}..{positions.max()} fall outside the "
+            f"0..{seq_len - 1} the pieces were exported for; use a larger SEQ_LEN"
+        )
+    out = np.zeros((rows, width), dtype=np.int32)
+    out[:, :length] = positions
+    return out if rows == 1 else out[:, None]
+
+
+def prefill_inputs(
+    token_ids: Sequence[int],
+    seq_len: int,
+    rope_rows: int = 1,
+    positions: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Padded ids, positions and causal mask for a prompt of ``L <= S`` tokens.
+
+    ``positions`` ``[rope_rows, L]`` are the rotary positions (default ``0..L-1`` in every
+    row; an M-RoPE prompt with images passes its 3-row layout). Rows past ``L`` are
+    padding: position 0 and fully blocked (their output is never read).
+    """
+    length = len(token_ids)
+    if not 1 <= length <= seq_len:
+        raise EdgeforgeError(f"prompt has {length} tokens; it must fit SEQ_LEN={seq_len}")
+    if positions is None:
+        positions = np.broadcast_to(np.arange(length), (rope_rows, length))
+    if np.shape(positions) != (rope_rows, length):
+        raise EdgeforgeError(
+            f"prompt positions have shape {np.shape(positions)}; expected ({rope_rows}, {length})"
+        )
+    ids = np.zeros((1, seq_len), dtype=np.int32)
+    ids[0, :length] = token_ids
+    mask = np.full((seq_len, seq_len), MASK_BLOCKED, dtype=np.float32)
+    mask[:length, :length] = np.where(np.tri(length, dtype=bool), 0.0, MASK_BLOCKED)
+    return {
+        "input_ids": ids,
+        "position_ids": _position_ids(np.asarray(positions), seq_len, seq_len),
+        "attention_mask": mask[None, None],
+    }
+
+
+def decode_inputs(
+    token_id: int,
+    position: int,
+    seq_len: int,
+    rope_rows: int = 1,
+    rope_position: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Inputs for the token at ``position`` (its K/V go to cache row ``position``): history
+    rows ``< position`` are visible, later rows are not yet written, the last column is the
+    token itself. Its rotary position is ``rope_position`` (default ``position``) in every
+    row: after an image, M-RoPE positions run behind the cache rows."""
+    if not 0 < position < seq_len:
+        raise EdgeforgeError(f"decode position {position} is outside SEQ_LEN={seq_len}")
+    mask = np.full((1, 1, 1, seq_len + 1), MASK_BLOCKED, dtype=np.float32)
+    mask[..., :position] = 0.0
+    mask[..., seq_len] = 0.0
+    rope = position if rope_position is None else rope_position
+    return {
+        "input_ids": np.array([[token_id]], dtype=np.int32),
+        "position_ids": _position_ids(np.full((rope_rows, 1), rope), 1, seq_len),
+        "attention_mask": mask,
+    }
+
+
+def greedy_decode(
+    run: PieceRunner,
+    dims: PieceDims,
+    prompt: Sequence[int] | MultimodalPrompt,
+    max_new_tokens: int,
+    logits: list[np.ndarray] | None = None,
+) -> list[int]:
+    """Greedy tokens from the pieces: prefill the prompt, then one ``block_cache`` pass per
+    new token with the KV cache kept on the host. Never stops early (no EOS), so the result
+    is comparable token for token with a reference run of the same length. With ``logits``,
+    each step's ``[V]`` logits are appended to it (a finer check than the tokens alone).
+
+    A :class:`MultimodalPrompt` brings its M-RoPE positions and vision embeddings (spliced
+    over the embedding piece's output); decode positions continue from its largest
+    position + 1, as Hugging Face's ``rope_deltas`` do."""
+    if isinstance(prompt, MultimodalPrompt):
+        if dims.mrope_section is None:
+            raise EdgeforgeError("a multimodal prompt needs an M-RoPE model's pieces")
+        token_ids, positions = list(prompt.token_ids), prompt.positions
+    else:
+        token_ids, positions = list(prompt), None
+    length = len(token_ids)
+    if length + max_new_tokens > dims.seq_len:
+        raise EdgeforgeError(
+            f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds SEQ_LEN={dims.seq_len}"
+        )
+    pre = prefill_inputs(token_ids, dims.seq_len, dims.rope_rows, positions)
+    rope_offset = 0 if positions is None else int(np.max(positions)) + 1 - length
+    (hidden,) = run("embedding", {"input_ids": pre["input_ids"]})
+    if isinstance(prompt, MultimodalPrompt) and len(prompt.rows):
+        hidden = np.array(hidden, dtype=np.float32)
+        hidden[0, prompt.rows] = prompt.embeds
+    cache_k: list[np.ndarray] = []
+    cache_v: list[np.ndarray] = []
+    for i in range(dims.num_layers):
+        hidden, k, v = run(
+            f"block_{i}",
+            {
+                "input_states": hidden,
+                "position_ids": pre["position_ids"],
+                "attention_mask": pre["attention_mask"],
+            },
+        )
+        cache_k.append(np.array(k, dtype=np.float32))
+        cache_v.append(np.array(v, dtype=np.float32))
+    token = _next_token(run, hidden[:, length - 1], logits)
+    return decode_steps(
+        run, dims, (cache_k, cache_v), token, length, max_new_tokens, rope_offset, logits
+    )
+
+
+def decode_steps(
+    run: PieceRunner,
+    dims: PieceDims,
+    cache: tuple[list[np.ndarray], list[np.ndarray]],
+    first_token: int,
+    start: int,
+    count: int,
+    rope_offset: int = 0,
+    logits: list[np.ndarray] | None = None,
+) -> list[int]:
+    """The runtime's decode loop: ``count`` greedy tokens starting with ``first_token`` at
+    position ``start``, one ``embedding_cache`` → ``block_cache_i`` → ``lm_head`` →
+    ``greedy_head`` pass per further token, each writing its own K/V row into ``cache``
+    (per-layer ``[1,S,KVH,D]`` K and V lists, updated in place). M-RoPE positions run
+    ``rope_offset`` ahead of the cache row, as after a multimodal prompt."""
+    cache_k, cache_v = cache
+    tokens = [first_token]
+    for position in range(start, start + count - 1):
+        step = decode_inputs(
+            tokens[-1], position, dims.seq_len, dims.rope_rows, position + rope_offset
+        )
+        (hidden,) = run("embedding_cache", {"input_ids": step["input_ids"]})
+        for i in range(dims.num_layers):
+            hidden, k, v = run(
+                f"block_cache_{i}",
+                {
+                    "input_states": hidden,
+                    "position_ids": step["position_ids"],
+                    "attention_mask": step["attention_mask"],
+                    "history_k": cache_k[i],
+                    "history_v": cache_v[i],
+                },
+            )
+            cache_k[i][:, position] = k[:, 0]
+            cache_v[i][:, position] = v[:, 0]
+        tokens.append(_next_token(run, hidden[:, 0], logits))
+    return tokens
+
+
+def _next_token(run: PieceRunner, last_hidden: np.ndarray, keep: list[np.ndarray] | None) -> int:
+    (logits,) = run("lm_head", {"hidden_states": np.asarray(last_hidden, dtype=np.float32)})
+    logits = np.asarray(logits, dtype=np.float32)
+    if keep is not None:
+        keep.append(logits.reshape(-1))
+    (token,) = run("greedy_head", {"m_logits": logits})
+    return int(np.asarray(token).reshape(-1)[0])
+
+
+def onnx_runner(onnx_dir: Path) -> PieceRunner:
+    """A :class:`PieceRunner` over ``onnx_dir/<name>.onnx`` with onnxruntime (CPU, one
+    thread: deterministic and polite on shared machines); sessions open on first use."""
+    import onnxruntime as ort
+
+    sessions: dict[str, ort.InferenceSession] = {}
+
+    def run(name: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if name not in sessions:
+            path = onnx_dir / f"{name}.onnx"
+            if not path.is_file():
+                raise EdgeforgeError(f"{path}: piece not exported")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            sessions[name] = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        return sessions[name].run(None, inputs)
+
+    return run
+
+
+def reference_greedy(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """Hugging Face greedy tokens for ``prompt`` ``[1, L]`` (the model's own forward with its
+    KV cache, argmax each step): the reference the pieces must reproduce. Exactly
+    ``max_new_tokens`` of them: EOS neither stops the run nor is suppressed, so every token is
+    the model's own argmax and a prompt whose answer ends early still checks the whole run."""
+    tokens: list[int] = []
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        while True:
+            tokens.append(int(out.logits[0, -1].argmax()))
+            if len(tokens) == max_new_tokens:
+                return tokens
+            step = torch.tensor([[tokens[-1]]], dtype=prompt.dtype)
+            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two tensors, flattened, in float64 (1.0 for two zero tensors)."""
+    x, y = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    norm = float(np.linalg.norm(x) * np.linalg.norm(y))
+    return 1.0 if norm == 0.0 and not x.any() and not y.any() else float(x @ y / norm)
+
+
+def compare_runners(
+    candidate: PieceRunner, reference: PieceRunner, pieces: Sequence[Piece], vocab_size: int
+) -> dict[str, float]:
+    """Per piece, the worst output agreement of ``candidate`` with ``reference`` on the same
+    deterministic inputs: cosine for float outputs, 1.0/0.0 (all equal or not) for integer
+    outputs such as token ids."""
+    scores: dict[str, float] = {}
+    for piece in pieces:
+        tensors = example_inputs(piece.inputs, vocab_size)
+        inputs = {spec[0]: t.numpy() for spec, t in zip(piece.inputs, tensors, strict=True)}
+        want, got = reference(piece.name, inputs), candidate(piece.name, inputs)
+        worst = 1.0
+        for ref_out, out in zip(want, got, strict=True):
+            if np.issubdtype(np.asarray(ref_out).dtype, np.integer):
+                same = np.array_equal(np.asarray(out).astype(np.int64), ref_out)
+                worst = min(worst, 1.0 if same else 0.0)
+            else:
+                worst = min(worst, cosine(out, ref_out))
+        scores[piece.name] = worst
+    return scores
+
+
+def reference_logits(model: nn.Module, prompt: torch.Tensor, tokens: Sequence[int]) -> np.ndarray:
+    """HF logits ``[n, V]`` that predicted each of ``tokens`` after ``prompt`` (one
+    teacher-forced forward pass): what :func:`greedy_decode`'s ``logits`` should equal."""
+    ids = torch.cat([prompt, torch.tensor([list(tokens)], dtype=prompt.dtype)], dim=1)
+    with torch.no_grad():
+        out = model(ids[:, :-1]).logits[0, prompt.shape[1] - 1 :]
+    return out.float().numpy()
+
+
+def reference_multimodal(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_tokens: int
+) -> tuple[list[int], np.ndarray]:
+    """Hugging Face ``generate`` on processor ``inputs`` (pixels included): exactly
+    ``max_new_tokens`` greedy tokens (EOS ignored, so the whole run is compared) and the raw
+    logits ``[n, V]`` that chose each — what :func:`greedy_decode` on the matching
+    :class:`MultimodalPrompt` must reproduce."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=config)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return tokens, torch.cat(out.logits).float().numpy()

@@ -1,0 +1,141 @@
+"""Symmetric integer quantization as pure functions: the math every exporter and the
+simulator share, so the fake-quant model and an exported artifact round identically.
+
+Conventions (those of mllm's QNN convertor): symmetric, zero-point 0, scale =
+``max(range, 1e-5) / (2^(bits−1) − 1)``, round half to even (``torch.round``), saturate
+to ``[−2^(bits−1), 2^(bits−1) − 1]`` when a tensor is *clipped*. A *no-clip* (shadow)
+tensor keeps the values beyond its range: on the device they saturate and the CPU shadow
+op recomputes what saturated (:func:`shadow_input_correction`), so the sum equals the
+unclamped grid value.
+
+One deliberate difference from the seed: activation ranges here are ``max |x|`` (and the
+99.9th percentile of ``|x|``), where mllm's profiler used the *signed* maximum, so a
+tensor whose large values are negative got a range that saturated them. The seed-compatible
+signed numbers are still written to the profile JSON (``ori``/``top_0_1``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.core.errors import EdgeforgeError
+
+#: Smallest range a scale is computed from (mllm's guard against all-zero tensors).
+MIN_RANGE = 1e-5
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+#: Storage dtype per bit width; int4 levels (``[-8, 7]``) are held in int8 and packed
+#: only by the file format that ships them (e.g. ONNX ``INT4`` for QNN ``w4a16``).
+_INT_DTYPES = {4: torch.int8, 8: torch.int8, 16: torch.int16, 32: torch.int32}
+
+
+def qmax(bits: int) -> int:
+    """Largest positive level of a signed ``bits``-bit integer (127 for int8, 7 for int4)."""
+    if bits not in _INT_DTYPES:
+        raise EdgeforgeError(f"bits: expected 4, 8, 16 or 32, got {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+def symmetric_scale(value_range: torch.Tensor | float, bits: int = 8) -> torch.Tensor:
+    """``max(range, 1e-5) / qmax(bits)``: the step of a symmetric grid covering ``range``."""
+    rng = torch.as_tensor(value_range, dtype=torch.float32)
+    return rng.clamp(min=MIN_RANGE) / qmax(bits)
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor | float, bits: int = 8, *, clip: bool = True
+) -> torch.Tensor:
+    """Integer levels ``round(x / scale)``; saturated to the ``bits`` range when ``clip``.
+
+    Returns the ``bits``-wide integer dtype when clipped; unclipped levels can exceed it,
+    so they come back as int64.
+    """
+    q = torch.round(x / torch.as_tensor(scale, dtype=x.dtype))
+    if clip:
+        return q.clamp_(-qmax(bits) - 1, qmax(bits)).to(_INT_DTYPES[bits])
+    return q.to(torch.int64)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Float values of integer levels ``q`` with step ``scale``."""
+    return q.to(torch.float32) * torch.as_tensor(scale, dtype=torch.float32)
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor | float, bits: int = 8, *, clip: bool = True
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in ``x``'s dtype, without materialising integers."""
+    s = torch.as_tensor(scale, dtype=x.dtype)
+    q = torch.round(x / s)
+    if clip:
+        q = q.clamp_(-qmax(bits) - 1, qmax(bits))
+    return q * s
+
+
+def weight_scale(
+    weight: torch.Tensor, granularity: str = "per_channel", bits: int = 8
+) -> torch.Tensor:
+    """Scale of a ``[out, in]`` weight on the ``bits`` grid: one per output row, or one
+    for the tensor."""
+    if granularity == "per_channel":
+        return symmetric_scale(weight.detach().abs().amax(dim=1, keepdim=True).float(), bits)
+    if granularity == "per_tensor":
+        return symmetric_scale(weight.detach().abs().max().float(), bits)
+    raise EdgeforgeError(
+        f"weight granularity: {granularity!r} is not one of {', '.join(WEIGHT_GRANULARITIES)}"
+    )
+
+
+def quantize_weight(
+    weight: torch.Tensor, granularity: str = "per_channel", bits: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(levels [out, in], float32 scale)`` on the ``bits`` grid (int8 storage for 4 and 8
+    bits); the scale has shape ``[out, 1]`` or ``[]``."""
+    scale = weight_scale(weight, granularity, bits)
+    return quantize(weight.detach().float(), scale, bits), scale
+
+
+def quantize_bias(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mllm's ``quant_bias``: int32 levels (within ±127) and the scale ``max|b| / 127``.
+
+    The alternative (``quant_bias=false``, required with rotation) keeps the bias in float
+    and adds it after dequantizing the output.
+    """
+    scale = symmetric_scale(bias.detach().abs().max().float())
+    return quantize(bias.detach().float(), scale, 8).to(torch.int32), scale
+
+
+def keeps_range(absmax: float, p999: float, threshold: float) -> bool:
+    """mllm's ``t01m_clip_threshold`` rule: a tensor is *clipped* (plain int8 over its full
+    range) when ``absmax < T · p99.9``; otherwise it is a no-clip (shadow) tensor whose
+    int8 range is the 99.9th percentile and whose outliers are recomputed in float."""
+    if not threshold > 0:
+        raise EdgeforgeError(f"t01m_clip_threshold (T): must be > 0, got {threshold!r}")
+    return absmax < threshold * p999
+
+
+def shadow_input_correction(
+    x: torch.Tensor,
+    input_scale: torch.Tensor | float,
+    weight_q: torch.Tensor,
+    w_scale: torch.Tensor,
+) -> torch.Tensor:
+    """What the device's saturated input levels lost, times the weight: the CPU shadow op.
+
+    With ``q = round(x / s)``, the device computes ``clamp(q) · s`` through the weight; this
+    returns ``(q − clamp(q)) · s`` through the same dequantized weight, so device result +
+    correction equals the unclipped grid value (mllm ``CPULinearINT8Shadow``, input side).
+    """
+    q = quantize(x.float(), input_scale, 8, clip=False)
+    lost = (q - q.clamp(-128, 127)).to(torch.float32) * torch.as_tensor(input_scale)
+    return lost @ dequantize(weight_q, w_scale).T
+
+
+def shadow_output_fix(
+    y_q: torch.Tensor, y_float: torch.Tensor, output_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """Dequantized output where every saturated int8 level is replaced by the float result
+    rounded to the same grid (mllm ``CPULinearINT8Shadow``, output side)."""
+    s = torch.as_tensor(output_scale, dtype=torch.float32)
+    saturated = (y_q <= -128) | (y_q >= 127)
+    exact = torch.round(y_float / s) * s
+    return torch.where(saturated, exact, dequantize(y_q, s))

@@ -1,0 +1,350 @@
+"""Rotate a model's residual stream without changing its function (QuaRot's R1 + R2).
+
+With every RMSNorm weight folded into the linears that read it, an RMSNorm commutes with
+any orthogonal ``R`` (``rms(hR) = rms(h)``), so the residual stream can be carried as
+``h·R`` instead of ``h``: embeddings and every linear writing into the stream (o_proj,
+down_proj, the VL merger's last linear) get ``R`` on their output side, every linear reading
+it (q/k/v/gate/up/lm_head) gets ``Rᵀ`` undone on its input side. Per layer, V is further
+rotated per head by ``R_v`` and un-rotated at o_proj's input. In exact arithmetic the
+model's logits do not change; in float32 they change by rounding only, which the target
+checks. The point is that the rotated activations have far smaller outliers, so static
+int8 quantization of them (the QNN target) loses much less.
+
+Everything here walks the model through :mod:`common.models` adapters. Each transformed
+weight is computed in float64 from the original and rounded to the model's dtype once.
+
+Rotation files: our own format is safetensors with float64 ``R`` ``[d, d]`` and
+``R_v.<layer>`` ``[hd, hd]``; the mllm QNN convertor's ``torch.save`` pickle
+(``{"R": ..., "R_v": [...]}``, often saved on a CUDA device) is read too, on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.core.errors import EdgeforgeError
+from common.core.records import atomic_path
+from common.models import ModelAdapter
+from common.quant.hadamard import random_rotation
+
+#: Largest ``max |R Rᵀ − I|`` accepted from a rotation file (float32-saved matrices pass).
+ORTHOGONALITY_TOL = 1e-5
+
+#: safetensors metadata key that marks a file as an edgeforge rotation file.
+ROTATION_FORMAT = "edgeforge-rotation-v1"
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """``R`` (hidden × hidden) and one ``R_v`` (head_dim × head_dim) per layer, float64.
+
+    ``info`` says where the matrices came from (mode and seed, or the file they were read
+    from); it goes into the manifest and the rotation file's metadata.
+    """
+
+    R: torch.Tensor
+    R_v: tuple[torch.Tensor, ...]
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.R.shape[0])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.R_v[0].shape[0]) if self.R_v else 0
+
+
+# --------------------------------------------------------------------------------------
+# Generating, checking, saving and loading rotations
+
+
+def make_rotation(
+    hidden_size: int, head_dim: int, num_layers: int, mode: str, seed: int
+) -> Rotation:
+    """A fresh seeded rotation: ``R`` from stream 0, ``R_v[l]`` from stream ``1 + l``."""
+
+    def draw(n: int, stream: int, what: str) -> torch.Tensor:
+        try:
+            return torch.from_numpy(random_rotation(n, mode, seed, stream))
+        except EdgeforgeError as exc:
+            raise EdgeforgeError(f"{what} {n}: {exc}") from None
+
+    r = draw(hidden_size, 0, "hidden_size")
+    r_v = tuple(draw(head_dim, 1 + layer, "head_dim") for layer in range(num_layers))
+    return Rotation(r, r_v, {"mode": mode, "seed": seed})
+
+
+def _check_orthogonal(matrix: torch.Tensor, what: str) -> None:
+    eye = torch.eye(matrix.shape[0], dtype=torch.float64)
+    err = (matrix @ matrix.T - eye).abs().max().item()
+    if not err <= ORTHOGONALITY_TOL:
+        raise EdgeforgeError(
+            f"{what} is not orthogonal (max |R Rᵀ − I| = {err:.3g} > {ORTHOGONALITY_TOL}); "
+            "it is not a rotation matrix"
+        )
+
+
+def check_rotation(rotation: Rotation, adapter: ModelAdapter, source: str) -> None:
+    """Fail, naming ``source``, unless ``rotation`` fits this model and is orthogonal."""
+    want_r = (adapter.hidden_size, adapter.hidden_size)
+    if tuple(rotation.R.shape) != want_r:
+        raise EdgeforgeError(
+            f"{source}: R has shape {list(rotation.R.shape)} but the model's hidden_size is "
+            f"{adapter.hidden_size} (expected {list(want_r)}); it was made for another model"
+        )
+    if len(rotation.R_v) != adapter.num_layers:
+        raise EdgeforgeError(
+            f"{source}: {len(rotation.R_v)} R_v matrices but the model has "
+            f"{adapter.num_layers} layers; it was made for another model"
+        )
+    want_v = (adapter.head_dim, adapter.head_dim)
+    for layer, r_v in enumerate(rotation.R_v):
+        if tuple(r_v.shape) != want_v:
+            raise EdgeforgeError(
+                f"{source}: R_v[{layer}] has shape {list(r_v.shape)} but the model's head_dim "
+                f"is {adapter.head_dim} (expected {list(want_v)}); it was made for another model"
+            )
+    _check_orthogonal(rotation.R, f"{source}: R")
+    for layer, r_v in enumerate(rotation.R_v):
+        _check_orthogonal(r_v, f"{source}: R_v[{layer}]")
+
+
+def save_rotation(path: Path, rotation: Rotation) -> None:
+    """Write ``R`` and ``R_v.<layer>`` as float64 safetensors (atomically, same bytes for
+    the same matrices)."""
+    from safetensors.torch import save_file
+
+    tensors = {"R": rotation.R.contiguous()}
+    tensors.update({f"R_v.{i}": r.contiguous() for i, r in enumerate(rotation.R_v)})
+    # One metadata key only: safetensors stores metadata as a hash map, so with several keys
+    # their order in the header (and the file's bytes) would vary from run to run.
+    metadata = {ROTATION_FORMAT: json.dumps(dict(rotation.info), sort_keys=True)}
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _as_matrix(value: Any, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] != value.shape[1]:
+        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise EdgeforgeError(f"{what} must be a square matrix, got {shape}")
+    if not value.dtype.is_floating_point:
+        raise EdgeforgeError(f"{what} must be floating point, got {value.dtype}")
+    return value.detach().to(device="cpu", dtype=torch.float64).contiguous()
+
+
+def _from_safetensors(path: Path) -> Rotation:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EdgeforgeError(f"{path}: not a rotation file ({exc})") from None
+    if "R" not in keys:
+        raise EdgeforgeError(
+            f"{path}: not a rotation file (no tensor 'R'; found {sorted(keys)[:5]})"
+        )
+    layers = sorted(int(k.split(".", 1)[1]) for k in keys if k.startswith("R_v."))
+    if layers != list(range(len(layers))) or keys != {"R", *(f"R_v.{i}" for i in layers)}:
+        raise EdgeforgeError(
+            f"{path}: not a rotation file (expected tensors R and R_v.0 … R_v.<L-1>, "
+            f"found {sorted(keys)})"
+        )
+    r = _as_matrix(tensors["R"], f"{path}: R")
+    r_v = tuple(_as_matrix(tensors[f"R_v.{i}"], f"{path}: R_v.{i}") for i in layers)
+    return Rotation(r, r_v, {"R_path": str(path), "format": "safetensors"})
+
+
+def _from_torch_pickle(path: Path) -> Rotation:
+    """The mllm convertor's ``torch.save({"R": R, "R_v": [..]})``, mapped to the CPU.
+
+    ``weights_only`` keeps the unpickler to tensors and containers, so a foreign file
+    cannot run code; ``R_vit`` / ``R_vs_vit`` (vision tower) are reported, not used.
+    """
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a foreign or corrupt pickle
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgeforgeError(f"{path}: not a rotation file (torch.load failed: {first})") from None
+    if not isinstance(data, dict) or "R" not in data or "R_v" not in data:
+        keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise EdgeforgeError(
+            f"{path}: not a rotation file (expected a dict with 'R' and 'R_v', got {keys})"
+        )
+    if not isinstance(data["R_v"], list | tuple) or not data["R_v"]:
+        raise EdgeforgeError(f"{path}: not a rotation file ('R_v' must be a non-empty list)")
+    r = _as_matrix(data["R"], f"{path}: R")
+    r_v = tuple(_as_matrix(m, f"{path}: R_v[{i}]") for i, m in enumerate(data["R_v"]))
+    ignored = sorted(k for k in data if k not in ("R", "R_v"))
+    return Rotation(
+        r, r_v, {"R_path": str(path), "format": "torch-pickle", "ignored_keys": ignored}
+    )
+
+
+def load_rotation(path: Path) -> Rotation:
+    """Read a rotation file: edgeforge safetensors or the mllm convertor's torch pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeforgeError(f"R_path={path}: file does not exist")
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    # safetensors: a u64 header length, then the JSON header's "{". Anything else that is
+    # a zip (torch >= 1.6) or starts with a pickle PROTO opcode goes to torch.load.
+    if len(head) == 9 and head[8:9] == b"{" and not zipfile.is_zipfile(path):
+        return _from_safetensors(path)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":
+        return _from_torch_pickle(path)
+    return _from_safetensors(path)
+
+
+# --------------------------------------------------------------------------------------
+# The math: pure functions on float64 tensors ([out, in] layout, as nn.Linear stores it)
+
+
+def fold_input_scale(weight: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``W · diag(γ)``: a norm's elementwise scale moved into the linear that reads it."""
+    return weight * gamma[None, :]
+
+
+def rotate_input(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``W · R``: the linear now reads ``x·R`` and computes what it computed on ``x``."""
+    return weight @ rotation
+
+
+def rotate_output(weight: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``Rᵀ · W``: the linear's output (and, as ``Rᵀ b``, its bias) becomes ``y·R``."""
+    return rotation.T @ weight
+
+
+def block_diagonal(block: torch.Tensor, count: int) -> torch.Tensor:
+    """``blockdiag(block × count)``: one head_dim rotation applied to every head."""
+    return torch.block_diag(*([block] * count))
+
+
+# --------------------------------------------------------------------------------------
+# Applying a rotation to a live model
+
+
+def _update(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Overwrite ``param`` in place with ``value`` rounded once to its own dtype."""
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def _f64(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(torch.float64)
+
+
+def _norm_scale(norm: nn.Module, name: str) -> torch.Tensor:
+    """The RMSNorm's weight, refusing norms with a bias (LayerNorm needs mean-centring,
+    which only the vision tower has and this module does not rotate)."""
+    if getattr(norm, "bias", None) is not None:
+        raise EdgeforgeError(
+            f"{name}: {type(norm).__name__} has a bias; only RMSNorm language models can be rotated"
+        )
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise EdgeforgeError(f"{name}: {type(norm).__name__} has no weight to fold")
+    return _f64(weight)
+
+
+def _reset_norm(norm: nn.Module) -> None:
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+
+
+def untie_word_embeddings(adapter: ModelAdapter) -> bool:
+    """Give the LM head its own copy of a tied embedding; True when it was tied.
+
+    The embedding is rotated on its output side and the LM head on its input side, with
+    different norms folded in, so they can no longer share one tensor. The config is
+    updated so ``save_pretrained`` writes both and ``from_pretrained`` does not re-tie.
+    """
+    if not adapter.tie_word_embeddings:
+        return False
+    head = adapter.lm_head()
+    head.weight = nn.Parameter(adapter.embed_tokens().weight.detach().clone())
+    for config in {id(c): c for c in (adapter.config, adapter.text_config)}.values():
+        config.tie_word_embeddings = False
+    return True
+
+
+def _read_side(linears: list[nn.Linear], gamma: torch.Tensor, r: torch.Tensor) -> None:
+    for linear in linears:
+        _update(linear.weight, rotate_input(fold_input_scale(_f64(linear.weight), gamma), r))
+
+
+def _write_side(linear: nn.Linear, r: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    """Rotate a stream-writing linear's output (``weight`` overrides its current weight)."""
+    _update(linear.weight, rotate_output(_f64(linear.weight) if weight is None else weight, r))
+    if linear.bias is not None:
+        _update(linear.bias, r.T @ _f64(linear.bias))
+
+
+def rotate_model(adapter: ModelAdapter, rotation: Rotation) -> dict[str, Any]:
+    """Untie, fold every RMSNorm into its readers (norm weights become 1) and rotate.
+
+    The vision tower of a VL model keeps its own basis; only the merger's last linear,
+    which writes image tokens into the language model's stream, is rotated by ``R``.
+    Returns what was done, for the report.
+    """
+    check_rotation(rotation, adapter, "rotation")
+    r = rotation.R
+    untied = untie_word_embeddings(adapter)
+    embed = adapter.embed_tokens()
+    _update(embed.weight, _f64(embed.weight) @ r)
+    for layer in adapter.layers():
+        lin = layer.linears
+        gamma_in = _norm_scale(layer.input_norm, f"{layer.name} input norm")
+        _read_side([lin["q"], lin["k"], lin["v"]], gamma_in, r)
+        _reset_norm(layer.input_norm)
+        # V per head by R_v (output rows of v_proj), undone on o_proj's input columns.
+        r_v = rotation.R_v[layer.index]
+        b_kv = block_diagonal(r_v, adapter.num_kv_heads)
+        b_q = block_diagonal(r_v, adapter.num_heads)
+        _update(lin["v"].weight, b_kv.T @ _f64(lin["v"].weight))
+        if lin["v"].bias is not None:
+            _update(lin["v"].bias, b_kv.T @ _f64(lin["v"].bias))
+        _write_side(lin["o"], r, weight=_f64(lin["o"].weight) @ b_q)
+        gamma_post = _norm_scale(layer.post_attention_norm, f"{layer.name} post-attention norm")
+        _read_side([lin["gate"], lin["up"]], gamma_post, r)
+        _reset_norm(layer.post_attention_norm)
+        _write_side(lin["down"], r)
+    final = adapter.final_norm()
+    _read_side([adapter.lm_head()], _norm_scale(final, "final norm"), r)
+    _reset_norm(final)
+    merger = adapter.vision_merger()
+    merger_name = None
+    if merger is not None:
+        _write_side(merger.linears["merger_fc2"], r)
+        merger_name = merger.linear_names["merger_fc2"]
+    return {
+        "untied_embeddings": untied,
+        "rotated_merger_output": merger_name,
+        "vision_tower_rotated": False,
+        "hidden_size": adapter.hidden_size,
+        "head_dim": adapter.head_dim,
+        "num_layers": adapter.num_layers,
+    }
+
+
+def rotation_for(
+    adapter: ModelAdapter, *, mode: str, seed: int, r_path: Path | None = None
+) -> Rotation:
+    """The rotation a build uses: read from ``r_path`` (checked against the model) or drawn
+    fresh from ``(mode, seed)``."""
+    if r_path is not None:
+        rotation = load_rotation(r_path)
+        check_rotation(rotation, adapter, f"R_path={r_path}")
+        return rotation
+    return make_rotation(adapter.hidden_size, adapter.head_dim, adapter.num_layers, mode, seed)

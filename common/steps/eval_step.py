@@ -1,0 +1,118 @@
+"""The ``make eval`` step: held-out perplexity and a canary prompt, written as a report.
+
+Perplexity uses fixed consecutive windows of the held-out corpus, so two checkpoints (or a
+checkpoint before and after a transform) are scored on exactly the same tokens. A recipe
+may name a prompt and an expected substring of the greedy answer: a real model that no
+longer answers "Paris" is broken however good its perplexity looks.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from common.core.errors import CheckFailed
+from common.core.recipes import Recipe, model_build_dir
+from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
+
+DEFAULT_SEQ_LEN = 512
+DEFAULT_NUM_WINDOWS = 16
+DEFAULT_MAX_NEW_TOKENS = 24
+
+
+def render_report(report: dict[str, Any]) -> tuple[str, str]:
+    """The report for people: (Markdown document, plain console table)."""
+    rows = [
+        ("model", report["model"]),
+        ("model_type", report["model_type"]),
+        ("corpus", report["corpus"]),
+        ("windows × seq_len", f"{report['num_windows']} × {report['seq_len']}"),
+        ("scored tokens", report["tokens"]),
+        ("perplexity", f"{report['ppl']:.4f}"),
+    ]
+    generation = report.get("generation")
+    if generation:
+        rows.append(("prompt", generation["prompt"]))
+        rows.append(("answer", generation["output"].replace("\n", " ")))
+        if generation.get("expect") is not None:
+            verdict = "pass" if generation["passed"] else "FAIL"
+            rows.append((f"contains {generation['expect']!r}", verdict))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"# Evaluation: {report['model']}", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    table = "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+    return "\n".join(lines) + "\n", table
+
+
+def run_eval(
+    recipe: Recipe,
+    model_dir: Path,
+    *,
+    corpus: Path,
+    build_dir: Path | None = None,
+    seq_len: int | None = None,
+    num_windows: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model_dir``; write ``build/<MODEL>/eval/{report.json,report.md,manifest.json}``.
+
+    Raises :class:`CheckFailed` (after writing the report) when the canary answer lacks
+    the recipe's expected text.
+    """
+    from common.analysis.eval import greedy_generate, perplexity
+    from common.inputs.data import eval_windows
+    from common.models.loading import load_model, load_tokenizer
+
+    defaults = recipe.eval_defaults
+    seq_len = seq_len or defaults.get("seq_len", DEFAULT_SEQ_LEN)
+    num_windows = num_windows or defaults.get("num_windows", DEFAULT_NUM_WINDOWS)
+    tokenizer = load_tokenizer(model_dir)
+    windows = eval_windows([corpus], tokenizer, num_windows, seq_len)
+    model = load_model(model_dir)
+    scores = perplexity(model, windows)
+    report: dict[str, Any] = {
+        "model": recipe.name,
+        "model_type": recipe.model_type,
+        "model_dir": str(model_dir),
+        "corpus": str(corpus),
+        "seq_len": seq_len,
+        "num_windows": num_windows,
+        "tokens": scores["tokens"],
+        "nll": scores["nll"],
+        "ppl": scores["ppl"],
+    }
+    prompt = defaults.get("prompt")
+    if prompt:
+        output = greedy_generate(
+            model, tokenizer, prompt, defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        )
+        expect = defaults.get("expect")
+        report["generation"] = {
+            "prompt": prompt,
+            "output": output,
+            "expect": expect,
+            "passed": None if expect is None else expect in output,
+        }
+    markdown, table = render_report(report)
+    out_dir = model_build_dir(recipe, build_dir) / "eval"
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        write_json_atomic(tmp / "report.json", report)
+        write_bytes_atomic(tmp / "report.md", markdown.encode())
+        manifest = build_manifest(
+            step="eval",
+            inputs={"corpus": corpus, "model_config": model_dir / "config.json"},
+            outputs=tmp,
+            recipe=recipe.data,
+            options={"seq_len": seq_len, "num_windows": num_windows},
+        )
+        write_json_atomic(tmp / "manifest.json", manifest)
+    print(table, file=sys.stdout)
+    print(f"[eval] wrote {out_dir / 'report.json'}", file=sys.stderr)
+    generation = report.get("generation")
+    if generation and generation["passed"] is False:
+        raise CheckFailed(
+            f"{recipe.name}: the answer to {prompt!r} does not contain {generation['expect']!r}: "
+            f"{generation['output']!r} (report: {out_dir / 'report.json'})"
+        )
+    return report

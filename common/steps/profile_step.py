@@ -1,0 +1,276 @@
+"""The ``make profile`` step: calibration windows → activation profile directory.
+
+Writes ``build/<MODEL>/profile/`` atomically: ``profile.json`` (seed-compatible keys plus
+``edgeforge`` statistics), ``channel_absmax.safetensors`` (per-channel abs-max of every
+linear input and output), the rotation used (when the model was rotated first, as the
+seed's ``online_rotation`` flow does), ``report.json``/``report.md`` with plots, and
+``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.core.errors import EdgeforgeError
+from common.core.recipes import Recipe, model_build_dir
+from common.core.records import atomic_path, build_manifest, write_json_atomic
+
+DEFAULT_NUM_SAMPLES = 128
+DEFAULT_SEQ_LEN = 512
+DEFAULT_SEED = 42
+
+
+def profile_dir_name(
+    rotate: str | None = None, *, r_path: bool = False, online_down: bool = False
+) -> str:
+    """The folder under ``build/<MODEL>/`` a profile of these transforms is written to:
+    ``profile`` for the checkpoint as stored, ``profile-hadamard`` (``-orthogonal``,
+    ``-r-path``) for a rotated one, ``…-online-down`` with the online Hadamard. Profiles
+    of differently transformed models describe different tensors, so one never
+    overwrites another (``make qnn`` reads the rotated one by default)."""
+    parts = ["profile"]
+    if r_path:
+        parts.append("r-path")
+    elif rotate:
+        parts.append(rotate)
+    if online_down:
+        parts.append("online-down")
+    return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What ``make profile`` was asked for (recorded in the profile and the manifest)."""
+
+    corpus: str
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    seq_len: int = DEFAULT_SEQ_LEN
+    seed: int = DEFAULT_SEED
+    no_bias: bool = True
+    sequential: bool = False
+    max_memory: int | None = None
+    rotate: str | None = None  # None, or a rotation mode (random_rotate)
+    r_path: str | None = None  # R_path: a rotation file to apply
+    online_down: bool = False
+    images: str | None = None  # folder of calibration images (vision-language models)
+    image_size: int = 224  # square side the images are resized to (patch·merge multiple)
+    exact_percentiles: bool = False  # count every value, not only the histograms' tails
+
+    def check(self) -> None:
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise EdgeforgeError(f"num_samples: must be an integer ≥ 1, got {self.num_samples!r}")
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise EdgeforgeError(f"seq_len: must be an integer ≥ 2, got {self.seq_len!r}")
+        if self.rotate and self.r_path:
+            raise EdgeforgeError(
+                "random_rotate and R_path are mutually exclusive: give one rotation source"
+            )
+        if self.sequential and self.images:
+            raise EdgeforgeError(
+                "--sequential profiles text models; --images needs the whole vision-language "
+                "model — drop one of them"
+            )
+        if self.sequential and (self.rotate or self.r_path or self.online_down):
+            raise EdgeforgeError(
+                "--sequential profiles the checkpoint as stored; rotation and online Hadamard "
+                "need the whole model — drop --sequential or the rotation options"
+            )
+
+    @property
+    def dir_name(self) -> str:
+        """Output folder name (:func:`profile_dir_name`)."""
+        return profile_dir_name(self.rotate, r_path=bool(self.r_path), online_down=self.online_down)
+
+    @property
+    def transforms(self) -> dict[str, Any]:
+        """The model transforms, in the quant plan's vocabulary."""
+        out: dict[str, Any] = {}
+        if self.rotate or self.r_path:
+            out["rotation"] = (
+                {"path": self.r_path} if self.r_path else {"mode": self.rotate, "seed": self.seed}
+            )
+        if self.online_down:
+            out["online_hadamard"] = True
+        return out
+
+
+def calibration_windows(model_dir: Path, settings: ProfileSettings) -> torch.Tensor:
+    """The seeded calibration sample; corpus and size errors name the option at fault."""
+    from common.inputs.data import corpus_files, sample_windows
+    from common.models.loading import load_tokenizer
+
+    try:
+        corpus_files([settings.corpus])
+    except EdgeforgeError as exc:
+        raise EdgeforgeError(f"dataset_path (--corpus): {exc}") from None
+    tokenizer = load_tokenizer(model_dir)
+    try:
+        return sample_windows(
+            [settings.corpus], tokenizer, settings.num_samples, settings.seq_len, settings.seed
+        )
+    except EdgeforgeError as exc:
+        raise EdgeforgeError(f"num_samples={settings.num_samples}: {exc}") from None
+
+
+#: The instruction paired with every calibration image.
+IMAGE_PROMPT = "Describe this image in detail."
+
+
+def vision_calibration(model_dir: Path, settings: ProfileSettings) -> list[dict[str, Any]]:
+    """One processor-encoded prompt per image of ``settings.images`` (sorted by name),
+    each square-resized to ``image_size`` (rounded to the patch·merge grid as the
+    processor would); none without ``--images``. Errors name the option."""
+    if not settings.images:
+        return []
+    from common.export.vision_export import vl_prompt_inputs
+    from common.inputs.vl_preprocess import geometry, list_frames, prepare_frames, round_size
+    from common.models.loading import check_model_dir, load_processor
+
+    if not check_model_dir(model_dir).is_vision_language:
+        raise EdgeforgeError(
+            f"--images: {model_dir} is a text model; image calibration needs a "
+            "vision-language model — drop --images"
+        )
+    processor = load_processor(model_dir)
+    image_processor = processor.image_processor
+    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+    size, note = round_size(settings.image_size, factor, "--image-size")
+    if note:
+        print(f"[profile] {note}", file=sys.stderr)
+    geo = geometry(processor, size)
+    return [
+        vl_prompt_inputs(processor, IMAGE_PROMPT, prepare_frames([path], geo, processor), geo,
+                         "image")
+        for path in list_frames(Path(settings.images), "--images")
+    ]  # fmt: skip
+
+
+def collect(model_dir: Path, settings: ProfileSettings, windows: torch.Tensor) -> Any:
+    """Run the profiler in the requested mode; returns (profiler, rotation or None)."""
+    from common.analysis.profiling import profile_model, profile_sequential
+
+    if settings.sequential:
+        return profile_sequential(
+            model_dir,
+            windows,
+            no_bias=settings.no_bias,
+            max_memory=settings.max_memory,
+            exact=settings.exact_percentiles,
+        ), None
+    from common.analysis.simulate import transformed_model
+    from common.models.loading import check_model_dir
+
+    if settings.max_memory is not None:
+        size = sum(f.stat().st_size for f in check_model_dir(model_dir).weight_files)
+        if size > settings.max_memory:
+            raise EdgeforgeError(
+                f"--max-memory: the model's weights alone are {size / 2**30:.2f} GiB, over the "
+                f"cap of {settings.max_memory / 2**30:.2f} GiB; add --sequential"
+            )
+    vision_inputs = vision_calibration(model_dir, settings)
+    with transformed_model(model_dir, settings.transforms) as (model, rotation):
+        profiler = profile_model(
+            model,
+            windows,
+            no_bias=settings.no_bias,
+            vision_inputs=vision_inputs,
+            exact=settings.exact_percentiles,
+        )
+        return profiler, rotation
+
+
+def run_profile(
+    recipe: Recipe, model_dir: Path, settings: ProfileSettings, build_dir: Path | None = None
+) -> Path:
+    """Profile ``model_dir`` and write ``build/<MODEL>/<settings.dir_name>/``; returns the
+    directory."""
+    from safetensors.torch import save_file
+
+    from common.analysis.profile_report import write_report
+    from common.analysis.profiling import profile_document
+
+    settings.check()
+    windows = calibration_windows(model_dir, settings)
+    start = time.perf_counter()
+    profiler, rotation = collect(model_dir, settings, windows)
+    seconds = time.perf_counter() - start
+    stats = profiler.results()
+    meta = {
+        "model": recipe.name,
+        "settings": asdict(settings),
+        "transforms": settings.transforms,
+        "tokens": windows.numel(),
+    }
+    doc = profile_document(stats, meta)
+    out_dir = model_build_dir(recipe, build_dir) / settings.dir_name
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        write_json_atomic(tmp / "profile.json", doc)
+        save_file(profiler.channel_absmax(), str(tmp / "channel_absmax.safetensors"))
+        if rotation is not None:
+            from common.quant.rotation import save_rotation
+
+            save_rotation(tmp / "rotation.safetensors", rotation)
+        write_report(tmp, doc, profiler.channel_absmax())
+        manifest = build_manifest(
+            step="profile",
+            inputs={"corpus": Path(settings.corpus), "model_config": model_dir / "config.json"},
+            outputs=tmp,
+            recipe=recipe.data,
+            options=asdict(settings),
+        )
+        write_json_atomic(tmp / "manifest.json", manifest)
+    rate = windows.numel() / seconds if seconds > 0 else float("inf")
+    print(
+        f"[profile] {windows.numel()} tokens in {seconds:.1f} s ({rate:.0f} tok/s); "
+        f"wrote {out_dir / 'profile.json'}",
+        file=sys.stderr,
+    )
+    return out_dir
+
+
+@dataclass(frozen=True)
+class QnnProfileRequest:
+    """A seed-000 config file's ``profile_config``, in our terms."""
+
+    settings: ProfileSettings
+    output_path: Path
+    save_rotation: Path | None
+    model_path: Path
+
+
+def from_qnn_config(path: Path, seq_len: int = DEFAULT_SEQ_LEN) -> QnnProfileRequest:
+    """Map mllm's ``profile_config`` (validated by :mod:`common.backends.qnn_config`) onto settings.
+
+    ``online_rotation`` with ``random_rotate`` draws a seeded Hadamard rotation (mllm's was
+    unseeded) and ``R_path`` applies a saved one; paths resolve against the config file.
+    """
+    from common.backends.qnn_config import load_qnn_config, rotation_settings
+
+    data = load_qnn_config(path)
+    section = data["profile_config"]
+    rotation = rotation_settings(data, path, "profile_config")
+    base = Path(path).resolve().parent
+    rotate = r_path = None
+    if rotation.online_rotation:
+        rotate = "hadamard" if rotation.random_rotate else None
+        r_path = str(rotation.r_path) if rotation.r_path else None
+    return QnnProfileRequest(
+        settings=ProfileSettings(
+            corpus=str(base / section["dataset_path"]),
+            num_samples=section["num_samples"],
+            seq_len=seq_len,
+            no_bias=section["no_bias"],
+            rotate=rotate,
+            r_path=r_path,
+        ),
+        output_path=base / section["output_path"],
+        save_rotation=rotation.save_rotation if rotate else None,
+        model_path=base / section["model_config"]["model_name"],
+    )
