@@ -124,3 +124,16 @@ def assert_same_tokenizer(record: dict, package_dir: Path, source_dir: Path) -> 
         assert packaged.apply_chat_template(list(CONVERSATION), tokenize=False) == chat
         assert packaged(chat).input_ids == source(chat).input_ids
     assert packaged.all_special_tokens == source.all_special_tokens
+
+
+def assert_gates(report: dict, names: set[str]) -> None:
+    """``report["gates"]`` is the shared list of gate records, ``names`` exactly, and
+    ``report["passed"]`` is their conjunction."""
+    gates = report["gates"]
+    assert isinstance(gates, list), gates
+    for record in gates:
+        assert {"name", "value", "op", "limit", "passed"} <= set(record), record
+        assert set(record) <= {"name", "value", "op", "limit", "passed", "detail"}, record
+        assert isinstance(record["passed"], bool), record
+    assert {g["name"] for g in gates} == names, gates
+    assert report["passed"] == all(g["passed"] for g in gates), gates

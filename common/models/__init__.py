@@ -1,9 +1,12 @@
 """Model adapters: the registry from ``config.model_type`` to the family's adapter.
 
 Stages never name a Hugging Face attribute path; they call :func:`get_adapter` and walk the
-model through it. A new family is one module in this package defining a
-:class:`~common.models.base.ModelAdapter` subclass, plus one entry in ``_ADAPTERS`` (and
-removing it from ``PLANNED_MODEL_TYPES``).
+model through it. A new family with the llama block layout is one module in this package
+defining a :class:`~common.models.base.ModelAdapter` subclass, plus one entry in
+``_ADAPTERS`` (and removing it from ``PLANNED_MODEL_TYPES``). A block that differs (extra
+norms, ``(1 + w)`` RMSNorm, scaled embeddings, soft-capping, sliding windows) also needs the
+static decoder, rotation and sequential profiling taught about it: CONTRIBUTING.md lists
+every file and which of them would otherwise compute wrong numbers without an error.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from common.analysis.threshold_sweep import (
     shadow_decision,
 )
 from common.core.errors import CheckFailed, EdgeforgeError
+from common.core.gates import Gate, failures, gate, markdown_table, records
 from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
 from common.steps.profile_step import ProfileSettings, calibration_windows
@@ -107,11 +108,7 @@ def render(report: dict[str, Any]) -> str:
         )
     lines += ["", "Cost of int8 linear outputs (ppl ratio with ÷ without):"]
     lines += [f"- {base}: ×{cost:.4f}" for base, cost in report["int8_output_cost"].items()]
-    lines += ["", "## Gates", ""]
-    lines += [
-        f"- {'PASS' if g['passed'] else 'FAIL'} {name}: {g['rule']}"
-        for name, g in report["gates"].items()
-    ]
+    lines += ["", "## Gates", "", *markdown_table(report["gates"])]
     return "\n".join(lines + render_sweep(report["sweep"], "rotated + online down_proj Hadamard"))
 
 
@@ -228,6 +225,7 @@ def run_simulate(
     for v in results.values():
         v["ppl_ratio"] = v["ppl"] / fp32_ppl
     ratios = {name: v["ppl_ratio"] for name, v in results.items()}
+    checks = gates(ratios)
     report = {
         "model": recipe.name,
         "ppl_ratio": ratios,
@@ -240,7 +238,8 @@ def run_simulate(
             base: results[f"{base}_int8_out"]["ppl_ratio"] / results[base]["ppl_ratio"]
             for base in ("w8a8_clip_all", "w8a8_rotated_online_down")
         },
-        "gates": gates(ratios),
+        "gates": records(checks),
+        "passed": all(g.passed for g in checks),
     }
     out_dir = model_build_dir(recipe, build_dir) / "simulate"
     with atomic_path(out_dir) as tmp:
@@ -265,7 +264,7 @@ def run_simulate(
             ),
         )
     print(render(report), file=sys.stdout)
-    failed = [g["rule"] for g in report["gates"].values() if not g["passed"]]
+    failed = failures(report["gates"])
     if failed:
         raise CheckFailed(
             f"{recipe.name}: {len(failed)} simulation gate(s) failed: {'; '.join(failed)} "
@@ -274,25 +273,19 @@ def run_simulate(
     return report
 
 
-def gates(ratio: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """The issue's acceptance gates on the ppl ratios to FP32, each with its rule."""
+def gates(ratio: dict[str, float]) -> list[Gate]:
+    """The plan table's acceptance gates on the perplexity ratios to FP32."""
 
-    def better(a: str, b: str) -> dict[str, Any]:
-        return {
-            "rule": f"{a} ({ratio[a]:.4f}) < {b} ({ratio[b]:.4f})",
-            "passed": ratio[a] < ratio[b],
-        }
+    def better(name: str, a: str, b: str) -> Gate:
+        return gate(name, ratio[a], "<", ratio[b], f"{a} vs {b}")
 
-    def at_most(a: str, limit: float) -> dict[str, Any]:
-        return {"rule": f"{a} ({ratio[a]:.4f}) <= {limit}", "passed": ratio[a] <= limit}
-
-    return {
-        "w8a16": at_most("w8a16", W8A16_GATE),
-        "shadow_beats_clip_all": better("w8a8_shadow", "w8a8_clip_all"),
-        "rotated_beats_clip_all": better("w8a8_rotated_clip_all", "w8a8_clip_all"),
-        "online_down_beats_rotated": better("w8a8_rotated_online_down", "w8a8_rotated_clip_all"),
-        "w8a8_best": at_most("w8a8_best", BEST_GATE),
-    }
+    return [
+        gate("w8a16", ratio["w8a16"], "<=", W8A16_GATE),
+        better("shadow_beats_clip_all", "w8a8_shadow", "w8a8_clip_all"),
+        better("rotated_beats_clip_all", "w8a8_rotated_clip_all", "w8a8_clip_all"),
+        better("online_down_beats_rotated", "w8a8_rotated_online_down", "w8a8_rotated_clip_all"),
+        gate("w8a8_best", ratio["w8a8_best"], "<=", BEST_GATE),
+    ]
 
 
 def parse_thresholds(values: Sequence[str]) -> tuple[float, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from common.core.gates import Gate, failures, gate, markdown_table, records
 from common.models.tokenizer_fidelity import describe
 
 
@@ -23,26 +24,24 @@ def _ratio(ppl: float | None, ppl_fp: float) -> float | None:
     return None if ppl is None else ppl / ppl_fp
 
 
-def format_failures(
+def format_gates(
     fmt: str, result: dict[str, Any], fp: dict[str, Any], rtn: dict[str, Any], options: Any
-) -> list[str]:
-    """Why ``fmt`` fails its gates (empty when it passes)."""
-    if result["problems"]:
-        return [f"{fmt}: reload is wrong: {p}" for p in result["problems"]]
-    failures = []
+) -> list[Gate]:
+    """``fmt``'s gates: a structurally exact reload, then (only when there is a model to
+    score) the perplexity ratio to float and beating RTN on the chosen measure(s)."""
+    problems = result["problems"]
+    checks = [gate(f"{fmt}.reload_problems", len(problems), "==", 0, "; ".join(problems) or None)]
+    if problems:
+        return checks
     ratio = result["ppl"] / fp["ppl"]
-    if ratio > options.max_ppl_ratio:
-        failures.append(f"{fmt}: perplexity ratio {ratio:.4f} > {options.max_ppl_ratio}")
-    if options.rtn_gate in ("both", "ppl") and result["ppl"] >= rtn["ppl"]:
-        failures.append(
-            f"{fmt}: perplexity {result['ppl']:.4f} does not beat RTN's {rtn['ppl']:.4f}"
+    checks.append(gate(f"{fmt}.ppl_ratio", ratio, "<=", options.max_ppl_ratio))
+    if options.rtn_gate in ("both", "ppl"):
+        checks.append(gate(f"{fmt}.ppl_below_rtn", result["ppl"], "<", rtn["ppl"]))
+    if options.rtn_gate in ("both", "cosine"):
+        checks.append(
+            gate(f"{fmt}.cosine_above_rtn", result["cosine_mean"], ">", rtn["cosine_mean"])
         )
-    if options.rtn_gate in ("both", "cosine") and result["cosine_mean"] <= rtn["cosine_mean"]:
-        failures.append(
-            f"{fmt}: logits cosine {result['cosine_mean']:.6f} is not above RTN's "
-            f"{rtn['cosine_mean']:.6f}"
-        )
-    return failures
+    return checks
 
 
 def build_report(
@@ -61,11 +60,13 @@ def build_report(
 ) -> dict[str, Any]:
     """The overall report; top-level AutoRound numbers are those of the first format."""
     ppl_fp, ppl_rtn = fp["ppl"], rtn["ppl"]
-    failures: list[str] = []
+    all_gates: list[dict[str, Any]] = []
     for fmt, result in per_format.items():
         result["ppl_ratio"] = _ratio(result.get("ppl"), ppl_fp)
-        result["failures"] = format_failures(fmt, result, fp, rtn, options)
-        failures += result["failures"]
+        checks = format_gates(fmt, result, fp, rtn, options)
+        result["gates"] = records(checks)
+        result["failures"] = failures(checks)
+        all_gates += result["gates"]
     primary = per_format[options.formats[0]]
     return {
         "model": recipe,
@@ -96,8 +97,9 @@ def build_report(
         "image_prompt": image_prompt,
         "max_ppl_ratio": options.max_ppl_ratio,
         "rtn_gate": options.rtn_gate,
-        "failures": failures,
-        "passed": not failures,
+        "gates": all_gates,
+        "failures": failures(all_gates),
+        "passed": all(g["passed"] for g in all_gates),
     }
 
 
@@ -113,6 +115,7 @@ def format_report(report: dict[str, Any], fmt: str) -> dict[str, Any]:
         "cosine_mean": result.get("cosine_mean"),
         "tokenizer": result.get("tokenizer"),
         "per_format": {fmt: result},
+        "gates": result["gates"],
         "failures": result["failures"],
         "passed": not result["failures"],
     }
@@ -185,6 +188,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{prompt['cosine_mean']:.6f}, top-1 {prompt['top1_agreement']:.4f}; answer "
                 f"{prompt['answer']!r} (float: {prompt['answer_fp']!r})"
             )
+    lines += ["", "## Gates", "", *markdown_table(report["gates"])]
     if report["failures"]:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
     return "\n".join(lines) + "\n"

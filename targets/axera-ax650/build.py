@@ -31,6 +31,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 import pulsar2  # noqa: E402  (this folder; target folders are not packages)
 
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.core.gates import failures, gate, markdown_table, records  # noqa: E402
 from common.core.records import atomic_path, build_manifest, dumps_json  # noqa: E402
 from common.models.tokenizer_fidelity import describe  # noqa: E402
 
@@ -284,6 +285,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"**Result: {'PASS' if report['passed'] else 'FAIL'}**",
         "",
+        *markdown_table(report["gates"]),
+        "",
         "| | |",
         "|---|---|",
     ]
@@ -422,12 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         report["build_command"] = run_here
 
-        gates = {"embeddings_bf16": report["embeddings"]["passed"]}
+        emb = report["embeddings"]
+        checks = [gate("embeddings_bf16_max_rel", emb["max_rel"], "<=", emb["max_rel_bound"])]
         if mode != "llm":
-            gates["onnx_cosine"] = report["onnx_cos_vs_torch"] >= COSINE_GATE
-            gates["greedy_match"] = report["greedy_match"]
-        report["gates"] = {"cosine_min": COSINE_GATE, **gates}
-        report["passed"] = all(gates.values())
+            checks += [
+                gate("onnx_cos_vs_torch", report["onnx_cos_vs_torch"], ">=", COSINE_GATE),
+                gate("greedy_match", report["greedy_match"], "==", True),
+            ]
+        report["gates"] = records(checks)
+        report["passed"] = all(g.passed for g in checks)
         toolchains = {}
         if shutil.which("pulsar2") and report["passed"]:
             _log("pulsar2 found: running build.sh (log: logs/pulsar2.log)")
@@ -462,8 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     _log(summary)
     _log(f"wrote {dest}")
     if not report["passed"]:
-        failed = ", ".join(k for k, v in gates.items() if not v)
-        raise CheckFailed(f"{dest}/report.json: gate(s) failed: {failed}")
+        raise CheckFailed(f"{dest}/report.json: gate(s) failed: {'; '.join(failures(checks))}")
     if report["npu_compile"] != "run":
         _log("NPU compile step NOT run (pulsar2 is not installed here). To run it: "
              + report["build_command"])  # fmt: skip

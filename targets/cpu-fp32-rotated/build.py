@@ -26,6 +26,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 import report as rep  # noqa: E402  (this folder; target folders are not packages)
 
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.core.gates import failures, gate, records  # noqa: E402
 from common.core.records import (  # noqa: E402
     atomic_path,
     build_manifest,
@@ -222,10 +223,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         image = (_image_check(reference, rotated, model_dir)
                  if rotated_adapter.is_vision_language else None)  # fmt: skip
         ppl_ratio = logits["ppl"] / logits["ppl_reference"]
-        top1_ok = logits["top1_agreement"] >= TOP1_MIN and (
-            image is None or image["top1_agreement"] >= TOP1_MIN
-        )
-        passed = abs(ppl_ratio - 1) <= PPL_RATIO_TOL and top1_ok
+        checks = [
+            gate("ppl_ratio", ppl_ratio, "within", (1 - PPL_RATIO_TOL, 1 + PPL_RATIO_TOL)),
+            gate("top1_agreement", logits["top1_agreement"], ">=", TOP1_MIN),
+        ]
+        if image is not None:
+            checks.append(gate("image_top1_agreement", image["top1_agreement"], ">=", TOP1_MIN))
+        passed = all(g.passed for g in checks)
         per_layer = [
             {
                 "layer": i,
@@ -260,7 +264,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                      "bytes": (tmp / "model.mllm").stat().st_size,
                      "sha256": sha256_file(tmp / "model.mllm"), "verified": True},
             "per_layer": per_layer,
-            "gates": {"ppl_ratio_tol": PPL_RATIO_TOL, "top1_min": TOP1_MIN, "passed": passed},
+            "gates": records(checks),
+            "passed": passed,
         }  # fmt: skip
         rep.plot_outliers(
             tmp / "outliers.png",
@@ -295,10 +300,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
           f"{report['max_abs_logit_diff']:.3g}", file=sys.stderr)  # fmt: skip
     if not passed:
         raise CheckFailed(
-            f"{recipe.name}: rotated model fails its gates (ppl ratio {ppl_ratio:.6f}, allowed "
-            f"1 ± {PPL_RATIO_TOL}; top-1 {report['top1_agreement']:.5f}"
-            + (f", image-prompt top-1 {image['top1_agreement']:.5f}" if image else "")
-            + f", needed ≥ {TOP1_MIN}); see {out_dir / 'report.md'}"
+            f"{recipe.name}: rotated model fails its gates: {'; '.join(failures(checks))}; "
+            f"see {out_dir / 'report.md'}"
         )
     return report
 

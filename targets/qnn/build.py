@@ -36,6 +36,7 @@ import pipeline  # noqa: E402
 import report as rep  # noqa: E402
 
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.core.gates import failures, records  # noqa: E402
 from common.core.records import (  # noqa: E402
     atomic_path,
     build_manifest,
@@ -401,9 +402,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "float_linears": sorted(qdq.float_linears(encodings)),
             "mllm_int8": mllm,
             "tokenizer": tokenizer_check,
-            "gates": GATES[preset.name] | {"mllm_max_abs": MLLM_MAX_ABS},
         }
-        report["passed"] = rep.gate_failures(report) == []
+        checks = rep.gates(report, GATES[preset.name], MLLM_MAX_ABS)
+        report["gates"] = records(checks)
+        report["passed"] = all(g.passed for g in checks)
         write_json_atomic(tmp / "report.json", report)
         rep.plot_layers(rows, tmp / "layers.png")
         write_bytes_atomic(tmp / "report.md", rep.render(report).encode())
@@ -421,9 +423,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     report = build(parse_args(argv))
-    failures = rep.gate_failures(report)
-    if failures:
-        raise CheckFailed("; ".join(failures))
+    failed = failures(report["gates"])
+    if failed:
+        raise CheckFailed("; ".join(failed))
     print(
         f"[qnn] {report['model']}: {len(report['layers'])} pieces all on QNN, worst cos "
         f"{min(r['cos_vs_float'] for r in report['layers']):.5f}, end-to-end top-1 "

@@ -5,29 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from common.core.gates import Gate, failures, gate, markdown_table
 from common.models.tokenizer_fidelity import describe
 
 
-def gate_failures(report: dict[str, Any]) -> list[str]:
-    """One line per failed gate (empty when the artifacts pass)."""
-    gates = report["gates"]
-    failures = [
-        f"{row['name']}: cos vs float {row['cos_vs_float']:.5f} < {gates['layer_cos']}"
-        for row in report["layers"]
-        if row["cos_vs_float"] < gates["layer_cos"]
-    ]
-    failures += [
-        f"{row['name']}: not all nodes on QNN"
-        for row in report["layers"]
-        if not row["all_nodes_on_qnn"]
-    ]
-    top1 = report["end_to_end"]["top1_agreement"]
-    if top1 < gates["top1"]:
-        failures.append(f"end-to-end top-1 agreement {top1:.3f} < {gates['top1']}")
+def gates(report: dict[str, Any], limits: dict[str, float], mllm_max_abs: float) -> list[Gate]:
+    """The build's gates: every piece's cosine vs float and all of it on QNN, end-to-end
+    top-1 agreement (where the preset sets a floor), the int8 .mllm against fake-quant."""
+    rows = report["layers"]
+    low = [r["name"] for r in rows if r["cos_vs_float"] < limits["layer_cos"]]
+    off = [r["name"] for r in rows if not r["all_nodes_on_qnn"]]
+    checks = [
+        gate("min_piece_cos_vs_float", min(r["cos_vs_float"] for r in rows), ">=",
+             limits["layer_cos"], f"below: {', '.join(low)}" if low else None),
+        gate("pieces_not_all_on_qnn", len(off), "==", 0, ", ".join(off) or None),
+    ]  # fmt: skip
+    if limits["top1"] > 0:
+        top1 = report["end_to_end"]["top1_agreement"]
+        checks.append(gate("end_to_end_top1_agreement", top1, ">=", limits["top1"]))
     diff = report["mllm_int8"]["max_abs_diff"]
-    if diff > gates["mllm_max_abs"]:
-        failures.append(f"model.int8.mllm logits differ from fake-quant by {diff:.3g}")
-    return failures
+    checks.append(gate("mllm_int8_max_abs_diff", diff, "<=", mllm_max_abs))
+    return checks
 
 
 def plot_layers(rows: list[dict[str, Any]], dest: Path) -> None:
@@ -53,7 +51,7 @@ def plot_layers(rows: list[dict[str, Any]], dest: Path) -> None:
 def render(report: dict[str, Any]) -> str:
     """report.md: settings, binaries, per-piece table, end to end, int8 .mllm check."""
     e2e, mllm = report["end_to_end"], report["mllm_int8"]
-    failures = gate_failures(report)
+    failed = failures(report["gates"])
     lines = [
         f"# QNN HTP: {report['model']} ({report['preset']}, {report['rounding']} weight "
         f"rounding, PREFILL_LEN={report['prefill_len']}, KV_LEN={report['kv_len']})",
@@ -89,7 +87,9 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"`tokenizer/`: {describe(report['tokenizer'])}.",
         "",
-        "Gates: " + ("all passed" if not failures else "FAILED: " + "; ".join(failures)),
+        *markdown_table(report["gates"]),
+        "",
+        "Gates: " + ("all passed" if not failed else "FAILED: " + "; ".join(failed)),
         "",
     ]
     return "\n".join(lines)

@@ -39,6 +39,7 @@ from sophgo_verify import (  # noqa: E402
 
 from common.backends.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain, check_mode_chip  # noqa: E402
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
+from common.core.gates import failures, gate, markdown_table, records  # noqa: E402
 from common.core.records import atomic_path, build_manifest, dumps_json  # noqa: E402
 from common.models.tokenizer_fidelity import copy_tokenizer_files, describe  # noqa: E402
 
@@ -183,6 +184,8 @@ def report_markdown(report: dict[str, Any], others: list[dict[str, Any]]) -> str
         f"{'passed' if report['passed'] else 'FAILED'}.",
         "",
         f"Packaged tokenizer: {describe(report['tokenizer'])}.",
+        "",
+        *markdown_table(report["gates"]),
         "",
         "Per piece: cosine of the simulated net vs the float ONNX piece on onnxruntime, on the"
         " same inputs — those of its first call in the greedy run (prefill: the rows a"
@@ -399,28 +402,31 @@ def main(argv: list[str] | None = None) -> int:
     decode_expected = expected[:decode_tokens]
     decode_matched = first_mismatch(decoded, decode_expected)
     step_cos = [cosine(a, b) for a, b in zip(step_logits, ref_logits, strict=True)]
-    gate = PIECE_GATE[opts["mode"]]
-    failed = [name for name, cos in scores.items() if cos < gate]
+    piece_floor = PIECE_GATE[opts["mode"]]
+    low = [name for name, cos in scores.items() if cos < piece_floor]
+    checks = [
+        gate("min_piece_cos", min(scores.values()), ">=", piece_floor,
+             f"below: {', '.join(low)}" if low else None),
+    ]  # fmt: skip
     greedy_gated = GREEDY_GATE[opts["mode"]] and opts["route"] == "onnx"
-    if greedy_gated and matched < len(expected):
-        failed.append(f"greedy prefill ({matched}/{len(expected)} tokens)")
-    if image and greedy_gated:
-        total = len(image["reference_tokens"])
-        if image["greedy_match_tokens"] < total:
-            failed.append(f"image prompt ({image['greedy_match_tokens']}/{total} tokens)")
-    if greedy_gated and decode_matched < len(decode_expected):
-        failed.append(f"greedy kv-cache decode ({decode_matched}/{len(decode_expected)} tokens)")
+    if greedy_gated:
+        checks.append(gate("greedy_prefill_match_tokens", matched, "==", len(expected)))
+        if image:
+            total = len(image["reference_tokens"])
+            checks.append(gate("image_greedy_match_tokens", image["greedy_match_tokens"], "==",
+                               total))  # fmt: skip
+        checks.append(gate("kv_decode_match_tokens", decode_matched, "==", len(decode_expected)))
     flip_margin = None
     if matched < len(expected):  # how close the float model itself was to the flipped token
         row = ref_logits[matched]
         flip_margin = float(row[expected[matched]] - row[prefill_tokens[matched]])
     if opts["route"] != "onnx":
         logits_gate = VENDOR_LOGITS_GATE[opts["mode"]]
-        if min(step_cos) < logits_gate:
-            failed.append(f"teacher-forced logits cos {min(step_cos):.6f} < {logits_gate}")
+        checks.append(gate("teacher_forced_logits_cos_min", min(step_cos), ">=", logits_gate))
         note = (
             f"Vendor route: greedy tokens are reported, not gated; the gate is per-piece cos "
-            f">= {gate} and teacher-forced logits cos >= {logits_gate} against Hugging Face."
+            f">= {piece_floor} and teacher-forced logits cos >= {logits_gate} against Hugging "
+            "Face."
         )
         if flip_margin is not None:
             note += (
@@ -468,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for piece in checked
             ],
-            "piece_gate": gate,
+            "piece_gate": piece_floor,
             "prompt": prompt,
             "greedy_tokens": prefill_tokens,
             "reference_tokens": expected,
@@ -484,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             "kv_decode_total_tokens": len(decode_expected),
             "notes": notes,
             "routes_compared": [other["route"] for other in others],
-            "passed": not failed,
+            "gates": records(checks),
+            "passed": all(g.passed for g in checks),
         }
         (tmp / "report.json").write_text(dumps_json(report))
         (tmp / "report.md").write_text(report_markdown(report, others))
@@ -499,8 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {out} (greedy {matched}/{len(expected)}, kv decode "
         f"{decode_matched}/{len(decode_expected)}, min piece cos {worst:.6f})"
     )
+    failed = failures(checks)
     if failed:
-        raise CheckFailed(f"{out}/report.md: below the {opts['mode']} gate: {', '.join(failed)}")
+        raise CheckFailed(f"{out}/report.md: below the {opts['mode']} gate: {'; '.join(failed)}")
     return 0
 
 

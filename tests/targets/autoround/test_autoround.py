@@ -25,6 +25,7 @@ from tests.conftest import (
     REPO_ROOT,
     CliResult,
     assert_clean_error,
+    assert_gates,
     assert_same_tokenizer,
     run_python,
 )
@@ -75,9 +76,21 @@ def _llava(path: Path, count: int) -> Path:
     return path
 
 
+def _gate_names(report: dict) -> set[str]:
+    """The gates a passing run reports: reload, ppl ratio and the RTN comparison(s)."""
+    rtn = {"both": ("ppl_below_rtn", "cosine_above_rtn"), "ppl": ("ppl_below_rtn",),
+           "cosine": ("cosine_above_rtn",)}[report["rtn_gate"]]  # fmt: skip
+    return {
+        f"{fmt}.{name}"
+        for fmt in report["per_format"]
+        for name in ("reload_problems", "ppl_ratio", *rtn)
+    }
+
+
 def _check_common(report: dict, build_dir: Path, model: str, layers: int) -> None:
     assert set(report) >= REPORT_KEYS
     assert report["passed"], report["failures"]
+    assert_gates(report, _gate_names(report))
     out = build_dir / model / "autoround"
     for name in ("report.json", "report.md", "manifest.json"):
         assert (out / name).is_file()
@@ -174,7 +187,7 @@ def test_untuned_autoround_equals_rtn_and_gate_fires(session_build: Path, tiny_q
                        str(_llava(tmp_path / "llava.json", 4)), "--images", str(IMAGES),
                        "--template", str(template), "--nsamples", "4", "--seqlen", "128",
                        "--iters", "1", "--rtn-gate", "cosine")  # fmt: skip
-    assert_clean_error(result, "auto_round: logits cosine", "is not above RTN's", code=1)
+    assert_clean_error(result, "auto_round.cosine_above_rtn: ", "(needs > ", code=1)
     report = _report(session_build, "tiny-qwen2-vl")
     assert report["passed"] is False and report["options"]["template"] == str(template)
     result = report["per_format"]["auto_round"]

@@ -23,6 +23,7 @@ from tests.conftest import (
     REPO_ROOT,
     CliResult,
     assert_clean_error,
+    assert_gates,
     assert_same_tokenizer,
     run_python,
 )
@@ -64,6 +65,7 @@ def image_out(session_build: Path, tiny_qwen2_5_vl_dir: Path) -> Path:
 def test_image_mode_output_directory(image_out: Path, tiny_qwen2_5_vl_dir: Path) -> None:
     report = json.loads((image_out / "report.json").read_text())
     assert report["mode"] == "image" and report["passed"]
+    assert_gates(report, {"embeddings_bf16_max_rel", "onnx_cos_vs_torch", "greedy_match"})
     assert_same_tokenizer(report["tokenizer"], image_out, tiny_qwen2_5_vl_dir)
     assert report["onnx_cos_vs_torch"] >= 0.9999
     assert report["onnx_max_abs"] < 1e-4
@@ -190,6 +192,7 @@ def test_llm_only_path_smollm2(session_build: Path, smollm2_dir: Path) -> None:
     out = session_build / "smollm2-135m" / "axera-ax650"
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "llm" and report["visual_tokens"] == 0 and report["passed"]
+    assert_gates(report, {"embeddings_bf16_max_rel"})
     assert report["onnx_cos_vs_torch"] is None and report["prefill_len"] == 128
     assert report["bf16_embeddings_greedy_match"] is True
     assert (out / pulsar2_embed_name()).stat().st_size == 49152 * 576 * 2

@@ -24,6 +24,7 @@ from tests.conftest import (
     REPO_ROOT,
     CliResult,
     assert_clean_error,
+    assert_gates,
     assert_same_tokenizer,
     run_python,
 )
@@ -62,7 +63,8 @@ def test_tiny_outputs_and_gates(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
         assert (tiny_run / name).is_file(), name
     report = json.loads((tiny_run / "report.json").read_text())
     assert set(report) >= REPORT_KEYS
-    assert report["gates"]["passed"] is True
+    assert report["passed"] is True
+    assert_gates(report, {"ppl_ratio", "top1_agreement"})
     assert_same_tokenizer(report["tokenizer"], tiny_run / "model", tiny_qwen2_dir)
     assert abs(report["ppl_ratio"] - 1) < 1e-5
     assert report["top1_agreement"] == 1.0
@@ -114,13 +116,14 @@ def test_other_seed_and_mode_differ(tmp_path: Path, tiny_qwen2_dir: Path) -> Non
     _ok(run_target(build, "--model", "tiny-qwen2", "--rotate-mode", "orthogonal", "--seed", "1",
                    "--num-windows", "2"))  # fmt: skip
     report = _report(build, "tiny-qwen2")
-    assert report["gates"]["passed"] and report["rotation"]["mode"] == "orthogonal"
+    assert report["passed"] and report["rotation"]["mode"] == "orthogonal"
 
 
 def test_vl_language_model_and_image_prompt(session_build: Path, tiny_qwen2_vl_dir: Path) -> None:
     _ok(run_target(session_build, "--model", "tiny-qwen2-vl"))
     report = _report(session_build, "tiny-qwen2-vl")
-    assert report["gates"]["passed"]
+    assert report["passed"]
+    assert_gates(report, {"ppl_ratio", "top1_agreement", "image_top1_agreement"})
     image = report["image_prompt"]
     assert image["tokens"] > 16 and image["top1_agreement"] == 1.0
     assert image["max_abs_diff"] < 1e-4
@@ -266,7 +269,7 @@ def test_failed_gate_raises_after_writing_report(
         module.main(["--model", "tiny-qwen2", "--build-dir", str(build), "--num-windows", "2"])
     assert exc.value.exit_code == 1
     report = _report(build, "tiny-qwen2")
-    assert report["gates"]["passed"] is False
+    assert report["passed"] is False
 
 
 # ----------------------------------------------------------------------- real model
@@ -278,7 +281,7 @@ def test_smollm2_end_to_end(session_build: Path, smollm2_dir: Path) -> None:
     _ok(run_target(session_build, "--model", "smollm2-135m", "--num-windows", "4",
                    "--seq-len", "256", "--stats-windows", "1"))  # fmt: skip
     report = _report(session_build, "smollm2-135m")
-    assert report["gates"]["passed"]
+    assert report["passed"]
     assert abs(report["ppl_ratio"] - 1) < 1e-3 and report["top1_agreement"] >= 0.999
     assert report["max_abs_logit_diff"] < 1e-3  # float32 rounding on |logits| ≲ 35
     assert report["rotation"]["untied_embeddings"] is True

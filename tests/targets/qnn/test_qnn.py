@@ -27,6 +27,7 @@ from tests.conftest import (
     REPO_ROOT,
     CliResult,
     assert_clean_error,
+    assert_gates,
     assert_same_tokenizer,
     run_python,
 )
@@ -155,6 +156,16 @@ def tiny_run(session_build: Path, tiny_profile: Path) -> Path:
 def test_tiny_report_and_binaries(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     report = json.loads((tiny_run / "report.json").read_text())
     assert_same_tokenizer(report["tokenizer"], tiny_run / "tokenizer", tiny_qwen2_dir)
+    assert_gates(
+        report,
+        {
+            "min_piece_cos_vs_float",
+            "pieces_not_all_on_qnn",
+            "end_to_end_top1_agreement",
+            "mllm_int8_max_abs_diff",
+        },
+    )
+    assert report["passed"] is True
     assert (report["soc_model"], report["htp_arch"], report["qnn_version"]) == (57, 75, "2.51.0")
     assert report["rounding"] == "gptq"
     names = [row["name"] for row in report["layers"]]

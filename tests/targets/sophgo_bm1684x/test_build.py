@@ -22,7 +22,13 @@ from common.export.piece_export import (
 )
 from common.models import get_adapter
 from common.models.loading import load_model, load_tokenizer
-from tests.conftest import CliResult, assert_clean_error, assert_same_tokenizer, run_python
+from tests.conftest import (
+    CliResult,
+    assert_clean_error,
+    assert_gates,
+    assert_same_tokenizer,
+    run_python,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "targets" / "sophgo-bm1684x" / "build.py"
@@ -94,6 +100,8 @@ def test_tiny_qwen2_bf16_package(session_build: Path, tiny_qwen2_dir: Path, tmp_
     assert (out / "tiny-qwen2_bf16_seq64_1dev.bmodel").stat().st_size > 0
     assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
     assert_same_tokenizer(report["tokenizer"], out, tiny_qwen2_dir)
+    assert_gates(report, {"min_piece_cos", "greedy_prefill_match_tokens", "kv_decode_match_tokens"})
+    assert report["passed"] is True
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["versions"]["tpu_mlir"] == "1.30.2"
     assert "tiny-qwen2_bf16_seq64_1dev.bmodel" in json.dumps(manifest["outputs"])
