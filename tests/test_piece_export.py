@@ -193,6 +193,18 @@ def test_bad_seq_len(tiny_qwen2_dir: Path) -> None:
         piece_dims(adapter, 1)
 
 
+def test_attention_the_pieces_do_not_implement_is_refused(tiny_qwen2_dir: Path) -> None:
+    """Sliding-window layers or soft-capping would export another function: refused."""
+    model = load_model(tiny_qwen2_dir)
+    model.config.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(EdgeforgeError, match="layer_types has 'sliding_attention' layers"):
+        piece_dims(get_adapter(model), 64)
+    model.config.layer_types = ["full_attention", "full_attention"]
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(EdgeforgeError, match=r"final_logit_softcapping is 30\.0; the exported"):
+        piece_dims(get_adapter(model), 64)
+
+
 @pytest.mark.parametrize("section", [None, (2, 3, 3)])
 def test_signatures_match_example_inputs(section: tuple[int, ...] | None) -> None:
     dims = PieceDims(16, 64, 4, 2, 16, 2, 1024, mrope_section=section)

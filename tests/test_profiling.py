@@ -44,6 +44,22 @@ def test_sequential_equals_whole_model_tiny(tiny_qwen2_dir: Path) -> None:
     assert len(whole) == 2 * 7 + 1  # every decoder linear and the LM head
 
 
+def test_sequential_refuses_sliding_window_layers(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    """One full causal mask per layer would profile a sliding-window layer wrongly."""
+    model_dir = tmp_path / "sliding"
+    model_dir.mkdir()
+    for path in tiny_qwen2_dir.iterdir():
+        (model_dir / path.name).symlink_to(path)
+    config = json.loads((tiny_qwen2_dir / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    config.pop("layer_types", None)  # derived again from the sliding-window settings
+    (model_dir / "config.json").unlink()
+    (model_dir / "config.json").write_text(json.dumps(config))
+    windows = _windows(tiny_qwen2_dir, 1, 32)
+    with pytest.raises(EdgeforgeError, match="'sliding_attention' layers; sequential profiling"):
+        profile_sequential(model_dir, windows)
+
+
 def test_hooks_match_exact_statistics(tiny_qwen2_dir: Path) -> None:
     """Observed q_proj input/output against tensors captured independently."""
     model = load_model(tiny_qwen2_dir)

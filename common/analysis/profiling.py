@@ -354,6 +354,12 @@ def profile_sequential(
             f"{model_dir}: sequential profiling supports text models; {adapter.model_type} "
             "is vision-language — drop --sequential"
         )
+    departures = adapter.attention_departures()
+    if departures:
+        raise EdgeforgeError(
+            f"{model_dir / 'config.json'}: {'; '.join(departures)}; sequential profiling "
+            "builds one full causal mask for every layer — drop --sequential (SEQUENTIAL=1)"
+        )
     need = sequential_plan_bytes(weights, adapter, windows)
     if max_memory is not None and need > max_memory:
         raise EdgeforgeError(

@@ -98,6 +98,12 @@ def piece_dims(adapter: ModelAdapter, seq_len: int) -> PieceDims:
             f"piece export: model_type {adapter.model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_TYPES)}"
         )
+    departures = adapter.attention_departures()
+    if departures:
+        raise EdgeforgeError(
+            f"piece export: the {adapter.model_type} config's {'; '.join(departures)}; the "
+            "exported decoder implements full causal attention without soft-capping only"
+        )
     max_positions = int(getattr(adapter.text_config, "max_position_embeddings", 0) or 0)
     if not isinstance(seq_len, int) or seq_len < 2:
         raise EdgeforgeError(f"SEQ_LEN: expected an integer >= 2, got {seq_len!r}")

@@ -293,6 +293,26 @@ class ModelAdapter:
     def rms_norm_eps(self) -> float:
         return float(self.text_config.rms_norm_eps)
 
+    def attention_departures(self) -> list[str]:
+        """How the text config departs from full causal attention without soft-capping.
+
+        The static decoder (ONNX pieces) and sequential profiling implement exactly that
+        attention. A config with sliding-window layers or logit soft-capping would get
+        another function from them without any error, so they refuse it with these lines
+        (empty: nothing departs). The Hugging Face forward, used everywhere else, is right.
+        """
+        config = self.text_config
+        problems = []
+        kinds = sorted({t for t in getattr(config, "layer_types", None) or []} - {"full_attention"})
+        if kinds:
+            problems.append(f"layer_types has {', '.join(map(repr, kinds))} layers")
+        elif getattr(config, "use_sliding_window", False):
+            problems.append("use_sliding_window is true")
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, key, None) is not None:
+                problems.append(f"{key} is {getattr(config, key)}")
+        return problems
+
     @property
     def tie_word_embeddings(self) -> bool:
         """Whether the LM head shares the embedding's weight *now* (what rotation must
