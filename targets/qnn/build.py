@@ -152,6 +152,10 @@ def settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, An
     ):
         if not isinstance(out[key], int) or out[key] < 1:
             raise EdgeforgeError(f"{key.upper()}: expected a positive integer, got {out[key]!r}")
+    if out["gptq_seq_len"] < 2:
+        raise EdgeforgeError(
+            f"GPTQ_SEQ_LEN: a GPTQ window needs at least 2 tokens, got {out['gptq_seq_len']}"
+        )
     if out["kv_len"] <= out["prefill_len"]:
         raise EdgeforgeError(
             f"KV_LEN: must exceed PREFILL_LEN ({out['prefill_len']}) so the decode graph has "

@@ -6,6 +6,7 @@ the whole target on tiny-qwen2 run the way make runs it, its outputs re-read her
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import torch
 from onnx import TensorProto, helper
 
 from common.analysis.simulate import apply_plan, transformed_model
-from common.backends import qnn_ep
+from common.backends import qdq, qnn_ep
 from common.core.errors import EdgeforgeError
 from common.export.mllm_format import read_mllm
 from common.models import get_adapter, iter_linears
@@ -227,12 +228,21 @@ def test_int8_mllm_tensor_list_and_logits(tiny_run: Path, tiny_qwen2_dir: Path) 
         (("--preset", "w3a3"), ("precision preset 'w3a3' is unknown", "w8a16, w8a8, w4a16")),
         (("--rounding", "stochastic"), ("ROUNDING: 'stochastic' is unknown", "gptq, nearest")),
         (("--rotate", "givens"), ("ROTATE: 'givens' is unknown", "hadamard, orthogonal, none")),
+        (("--gptq-seq-len", "1"), ("GPTQ_SEQ_LEN: a GPTQ window needs at least 2 tokens",)),
     ],
 )
 def test_bad_options(
     session_build: Path, args: tuple[str, ...], fragments: tuple[str, ...]
 ) -> None:
     assert_clean_error(run_target(session_build, "--model", "tiny-qwen2", *args), *fragments)
+
+
+def test_every_preset_has_gates() -> None:
+    """A preset without gates would fail with a KeyError after every piece was compiled."""
+    spec = importlib.util.spec_from_file_location("qnn_build", SCRIPT)
+    qnn_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qnn_build)
+    assert set(qnn_build.GATES) == set(qdq.PRESETS)
 
 
 def test_profile_from_another_model(
