@@ -314,3 +314,13 @@ def test_masked_scores_saturate_the_mask(layer: dict) -> None:
         assert m_lo == pytest.approx(lo - qdq.SOFTMAX_FLOOR, abs=2 * float(params[masked][0]))
         assert m_hi == pytest.approx(hi, abs=2 * float(params[masked][0]))
         assert float(params[masked][0]) < 1e-2  # the −1e4 mask alone would force ~0.15
+
+
+def test_preset_widths_without_htp_types_are_refused() -> None:
+    """Any width but these would silently get 8-bit types in the QDQ graph."""
+    with pytest.raises(EdgeforgeError, match=r"preset w6: weight_bits 6; .* \(4, 8\) only"):
+        qdq.Preset("w6", 6, 16, 16, 16)
+    with pytest.raises(EdgeforgeError, match=r"preset a12: act_bits 12; .* \(8, 16\) only"):
+        qdq.Preset("a12", 8, 12, 16, 16)
+    with pytest.raises(EdgeforgeError, match="down_bits 32"):
+        qdq.Preset("d32", 8, 16, 16, 32)

@@ -57,6 +57,25 @@ class Preset:
     #: feeds the float residual Add, so its width costs nothing downstream).
     down_bits: int
 
+    #: Widths the QDQ writer has HTP types for: others would fall back to 8 bits unnoticed.
+    WEIGHT_BITS = (4, 8)
+    ACTIVATION_BITS = (8, 16)
+
+    def __post_init__(self) -> None:
+        activations = {"act_bits": self.act_bits, "score_bits": self.score_bits,
+                       "down_bits": self.down_bits}  # fmt: skip
+        if self.weight_bits not in self.WEIGHT_BITS:
+            raise EdgeforgeError(
+                f"preset {self.name}: weight_bits {self.weight_bits}; the QDQ writer has HTP "
+                f"types for {self.WEIGHT_BITS} only"
+            )
+        for field, bits in activations.items():
+            if bits not in self.ACTIVATION_BITS:
+                raise EdgeforgeError(
+                    f"preset {self.name}: {field} {bits}; the QDQ writer has HTP types for "
+                    f"{self.ACTIVATION_BITS} only"
+                )
+
 
 PRESETS: dict[str, Preset] = {
     "w8a16": Preset("w8a16", 8, 16, 16, 16),

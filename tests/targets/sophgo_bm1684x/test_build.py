@@ -3,6 +3,7 @@ simulated nets (exercised here against onnxruntime, where the answer is known)."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from common.analysis.eval import prompt_ids
-from common.backends.tpu_mlir import Toolchain
+from common.backends.tpu_mlir import QUANTIZE, Toolchain
 from common.export.piece_export import (
     MASK_BLOCKED,
     export_pieces,
@@ -164,3 +165,12 @@ def test_scored_runner_scores_first_calls_on_live_rows(tiny_onnx) -> None:
     assert sophgo_verify.agreement(np.array([[3]]), np.array([[3]]), None) == 1.0
     assert sophgo_verify.agreement(np.array([[3]]), np.array([[4]]), None) == 0.0
     assert pre["attention_mask"][0, 0, 5, 5] == MASK_BLOCKED
+
+
+def test_every_mode_has_gates() -> None:
+    """A mode without gates would fail with a KeyError after the compile and simulation."""
+    spec = importlib.util.spec_from_file_location("sophgo_build", SCRIPT)
+    sophgo_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sophgo_build)
+    for table in ("PIECE_GATE", "GREEDY_GATE", "VENDOR_LOGITS_GATE"):
+        assert set(getattr(sophgo_build, table)) == set(QUANTIZE), table
