@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from common.models.tokenizer_fidelity import (
     check_tokenizer_dir,
     copy_tokenizer_files,
     tokenizer_file_names,
+    write_tokenizer_dir,
 )
 from tests.conftest import run_cli
 
@@ -33,14 +33,6 @@ CODE_TEXT = Path(__file__).read_text()[:3000]
 PPL_RTOL = 1e-4
 #: "first at token 12: 'ĊĠĠĠ' (id 472) vs 'Ċ' (id 198)"
 FIRST_TOKEN = re.compile(r"first at token \d+: '.+' \(id \d+\) vs '.+' \(id \d+\)")
-
-
-def _tokenizer_only_copy(model_dir: Path, dest: Path) -> Path:
-    """``config.json`` + tokenizer files of ``model_dir`` (no weights) in ``dest``."""
-    dest.mkdir()
-    shutil.copyfile(model_dir / "config.json", dest / "config.json")
-    copy_tokenizer_files(model_dir, dest)
-    return dest
 
 
 def _edit_json(path: Path, edit) -> None:
@@ -66,7 +58,7 @@ def test_tiny_model_records_an_identical_tokenizer(fixture: str, request) -> Non
 def test_changed_merge_names_the_first_differing_token(
     tiny_qwen2_dir: Path, tmp_path: Path
 ) -> None:
-    wrong = _tokenizer_only_copy(tiny_qwen2_dir, tmp_path / "wrong")
+    wrong = write_tokenizer_dir(tiny_qwen2_dir, tmp_path / "wrong")
     # Drop the first merge: every word that used it now splits into smaller pieces.
     _edit_json(wrong / "tokenizer.json", lambda t: t["model"]["merges"].pop(0))
     with pytest.raises(CheckFailed) as err:
@@ -79,20 +71,20 @@ def test_changed_merge_names_the_first_differing_token(
 def test_changed_chat_template_and_special_tokens_fail(
     tiny_qwen2_dir: Path, tmp_path: Path
 ) -> None:
-    template = _tokenizer_only_copy(tiny_qwen2_dir, tmp_path / "template")
+    template = write_tokenizer_dir(tiny_qwen2_dir, tmp_path / "template")
     path = template / "chat_template.jinja"
     path.write_text(path.read_text().replace("<|im_start|>", "<|im_start|> "))
     with pytest.raises(CheckFailed, match="the chat template differs"):
         check_tokenizer_dir(tiny_qwen2_dir, template)
 
-    special = _tokenizer_only_copy(tiny_qwen2_dir, tmp_path / "special")
+    special = write_tokenizer_dir(tiny_qwen2_dir, tmp_path / "special")
     _edit_json(special / "tokenizer_config.json", lambda c: c.update(pad_token="<|im_start|>"))
     with pytest.raises(CheckFailed, match=r"special tokens differ, first at 'pad_token'"):
         check_tokenizer_dir(tiny_qwen2_dir, special)
 
 
 def test_same_files_pass(tiny_qwen2_vl_dir: Path, tmp_path: Path) -> None:
-    same = _tokenizer_only_copy(tiny_qwen2_vl_dir, tmp_path / "same")
+    same = write_tokenizer_dir(tiny_qwen2_vl_dir, tmp_path / "same")
     record = check_tokenizer_dir(tiny_qwen2_vl_dir, same).record()
     assert record["tokenizer_identical"] is True and record["tokens"] > 1000
 
@@ -193,7 +185,7 @@ def test_qwen2_directory_without_the_key_is_caught(
     smollm2_dir: Path, smollm2_qwen2_dir: Path, tmp_path: Path
 ) -> None:
     """Without the key, transformers builds Qwen's pipeline: the check names the token."""
-    broken = _tokenizer_only_copy(smollm2_qwen2_dir, tmp_path / "broken")
+    broken = write_tokenizer_dir(smollm2_qwen2_dir, tmp_path / "broken")
     _edit_json(broken / "tokenizer_config.json", lambda c: c.pop(KEEP_JSON_KEY))
     with pytest.raises(CheckFailed) as err:
         check_tokenizer_dir(smollm2_dir, broken)

@@ -299,6 +299,19 @@ def copy_tokenizer_files(src_dir: Path, dest_dir: Path) -> list[str]:
     return names
 
 
+def write_tokenizer_dir(src_dir: Path, dest_dir: Path) -> Path:
+    """A new folder with ``src_dir``'s ``config.json`` and tokenizer files, no weights.
+
+    ``config.json`` comes along because ``AutoTokenizer`` picks the tokenizer class from its
+    ``model_type``: without it the folder would not load the way the model's does.
+    """
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir()
+    shutil.copyfile(Path(src_dir) / "config.json", dest_dir / "config.json")
+    copy_tokenizer_files(src_dir, dest_dir)
+    return dest_dir
+
+
 def keep_tokenizer_json(model_dir: Path) -> None:
     """Make ``AutoTokenizer`` read this directory's ``tokenizer.json`` as written.
 

@@ -43,7 +43,7 @@ from common.core.records import (  # noqa: E402
     write_bytes_atomic,
     write_json_atomic,
 )
-from common.models.tokenizer_fidelity import copy_tokenizer_files  # noqa: E402
+from common.models.tokenizer_fidelity import write_tokenizer_dir  # noqa: E402
 from common.quant.hadamard import ROTATE_MODES  # noqa: E402
 
 TARGET = "qnn"
@@ -381,10 +381,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         )
         mllm_int8.write_int8_mllm(tmp / "model.int8.mllm", adapter, plan, stats)
         mllm = mllm_check(adapter, plan, tmp / "model.int8.mllm", golden_ids)
-        tokenizer_dir = tmp / "tokenizer"  # what the app tokenizes with, config.json included
-        tokenizer_dir.mkdir()
-        shutil.copyfile(model_dir / "config.json", tokenizer_dir / "config.json")
-        copy_tokenizer_files(model_dir, tokenizer_dir)
+        tokenizer_dir = write_tokenizer_dir(model_dir, tmp / "tokenizer")  # what the app reads
         tokenizer_check = check_packaged_tokenizer(
             recipe, tokenizer_dir, out_dir / "tokenizer", args.build_dir, args.model_path
         )
