@@ -14,6 +14,14 @@ REQ_HASH  := $(shell sha256sum requirements.txt | cut -c1-16)
 STAMP     := $(VENV)/.edgeforge-requirements-$(REQ_HASH)
 MODEL_ARGS = --model $(MODEL) --build-dir $(BUILD_DIR) $(if $(MODEL_PATH),--model-path $(MODEL_PATH))
 
+# A target's options are declared once, in its build.py (common/core/options.py); its
+# target.mk lists their make variables as <T>_OPTIONS (a test checks the two agree). Each
+# set variable passes to the script as --<variable in lower case, _ as -> VALUE and into a
+# container as VAR=value.
+option_flag = $(subst _,-,$(subst A,a,$(subst B,b,$(subst C,c,$(subst D,d,$(subst E,e,$(subst F,f,$(subst G,g,$(subst H,h,$(subst I,i,$(subst J,j,$(subst K,k,$(subst L,l,$(subst M,m,$(subst N,n,$(subst O,o,$(subst P,p,$(subst Q,q,$(subst R,r,$(subst S,s,$(subst T,t,$(subst U,u,$(subst V,v,$(subst W,w,$(subst X,x,$(subst Y,y,$(subst Z,z,$(1))))))))))))))))))))))))))))
+option_args = $(strip $(foreach v,$(1),$(if $($(v)),--$(call option_flag,$(v)) $($(v)))))
+option_vars = $(strip $(foreach v,$(1),$(if $($(v)),$(v)=$($(v)))))
+
 # No step may reach a model hub: weights come from recipes, MODEL_PATH or the local cache.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -27,7 +35,11 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) MODEL_PATH=<hf dir> (see 'make list')"
 
-venv: $(STAMP) ## create or update .venv from requirements.txt
+# The venv finds this checkout through a .pth file, as `pip install -e .` would do: scripts
+# import `common` without editing sys.path, however they are started.
+venv: $(STAMP) ## create or update .venv from requirements.txt (and point it at this checkout)
+	@site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	  echo "$(CURDIR)" | cmp -s - "$$site/edgeforge.pth" || echo "$(CURDIR)" > "$$site/edgeforge.pth"
 
 $(STAMP): requirements.txt
 	@test -x $(PY) || $(PYTHON311) -m venv $(VENV)

@@ -29,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from common.core.paths import REPO_ROOT
 
 #: The random model: 16 layers of width 2048 / 5632, untied 32k vocab ≈ 3.55 GiB fp32. Deeper
 #: than the issue's 2 GB floor on purpose: a profiling process holds ~0.6 GiB of imports

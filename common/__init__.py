@@ -9,13 +9,15 @@ layers before it, never from one after it; ``tests/test_layers.py`` checks every
 * ``inputs``: corpora and held-out windows, calibration files, vision-language
   preprocessing.
 * ``models``: one adapter per architecture, loading, conversions, tiny models, tokenizer
-  fidelity.
-* ``quant``: the quantization math (int8/int4, bf16, RTN, GPTQ) and rotations (Hadamard,
-  QuaRot-style rotation of an adapter's model).
+  fidelity, and the static decoder (the torch modules each ONNX piece is exported from,
+  with what they support).
+* ``quant``: the quantization math (int8/int4, bf16, RTN, GPTQ), the named precision
+  schemes (QNN presets, SOPHGO modes, AutoRound's default: one type) and rotations
+  (Hadamard, QuaRot-style rotation of an adapter's model).
 * ``analysis``: observers and activation profiling, the quantization plan, threshold
   sweeps, fake-quant simulation, evaluation.
-* ``export``: ONNX pieces (the static decoder), the vision encoder export, ``.mllm`` files,
-  calibration archives.
+* ``export``: ONNX pieces of the static decoder and the host loop that runs them, the vision
+  encoder export, ``.mllm`` files, calibration archives.
 * ``backends``: one vendor toolchain driver each (QNN: EP sessions, QDQ, the mllm QNN
   config, GPTQ on exported pieces; SOPHGO: tpu-mlir).
 * ``steps``: the ``make`` steps shared by targets (model, eval, profile, simulate, sweep)

@@ -6,15 +6,56 @@ session, so the integration tests exercise the real loading and conversion code.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def import_target(folder: str, module: str = "build") -> ModuleType:
+    """``targets/<folder>/<module>.py``, imported as its build script sees it.
+
+    Target folders are not packages (their names have hyphens): a script finds its sibling
+    modules because Python puts the script's folder first on ``sys.path``. This does the same
+    for the duration of the import only. The module is registered as
+    ``targets.<folder>.<module>`` (imported once per process); the siblings it imported by
+    bare name are dropped from ``sys.modules`` again, so two targets' modules of one name
+    (``report``, ``build``) never stand in for each other. The module keeps its siblings.
+    """
+    name = f"targets.{folder}.{module}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = REPO_ROOT / "targets" / folder / f"{module}.py"
+    saved_path = list(sys.path)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None, path
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[name] = loaded
+        spec.loader.exec_module(loaded)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        sys.path[:] = saved_path
+        targets = REPO_ROOT / "targets"
+        for bare in [n for n, mod in sys.modules.items() if "." not in n and _in(mod, targets)]:
+            del sys.modules[bare]
+    return loaded
+
+
+def _in(module: ModuleType | None, folder: Path) -> bool:
+    """Whether ``module`` was loaded from a file under ``folder``."""
+    file = getattr(module, "__file__", None)
+    return file is not None and Path(file).resolve().is_relative_to(folder)
 
 
 @dataclass(frozen=True)
@@ -34,7 +75,7 @@ def run_python(*argv: str, env: dict[str, str] | None = None) -> CliResult:
     Every suite drives its entry point (``-m common.steps.cli``, a target's ``build.py``) through
     this, exactly as ``make`` does; ``env`` replaces the environment when given.
     """
-    base = os.environ if env is None else env
+    base = os.environ if env is None else env  # the venv's edgeforge.pth finds the checkout
     full_env = {**base, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, *argv],

@@ -20,26 +20,28 @@ import torch
 from common.analysis.eval import prompt_ids
 from common.core.errors import EdgeforgeError
 from common.export.piece_export import (
-    MASK_BLOCKED,
-    PieceDims,
     cosine,
     decode_inputs,
     example_inputs,
     export_pieces,
-    gather_rope,
     greedy_decode,
     multimodal_prompt,
     onnx_runner,
-    piece_dims,
     piece_signatures,
     prefill_inputs,
     reference_greedy,
     reference_logits,
     reference_multimodal,
-    rotary_table,
 )
 from common.models import get_adapter
 from common.models.loading import load_model, load_processor, load_tokenizer
+from common.models.static_decoder import (
+    MASK_BLOCKED,
+    PieceDims,
+    gather_rope,
+    piece_dims,
+    rotary_table,
+)
 
 #: Cosine every float piece must reach against the HF model (fp32 both sides).
 COS_MIN = 0.99999

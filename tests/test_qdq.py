@@ -3,6 +3,7 @@ the profile's scales and our int8 weights must be what the QDQ graph holds."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from common.export import piece_export as pe
 from common.models import get_adapter, iter_linears
 from common.models.loading import load_model
 from common.quant.int8 import quantize, quantize_weight, symmetric_scale
+from common.quant.schemes import SCHEMES, QuantScheme, Weights, float_activation_plan, int_bits
 
 SEQ = 8
 
@@ -31,6 +33,7 @@ def layer(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     static = qdq.static_float_model(out / "block_0.onnx", out / "block_0.static.onnx")
     ids = {id(m) for m in adapter.layers()[0].linears.values()}
     linears = {n: m for n, _r, m in iter_linears(adapter) if id(m) in ids}
+    roles = {n: r for n, r, m in iter_linears(adapter) if id(m) in ids}
     ranges: dict[str, list[float]] = {n: [0.0, 0.0] for n in linears}
     hooks = [
         m.register_forward_hook(
@@ -70,29 +73,37 @@ def layer(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         "dir": out,
         "static": static,
         "weights": weights,
+        "roles": roles,
         "ranges": {n: tuple(r) for n, r in ranges.items()},
         "feeds": feeds,
     }
 
 
+def _plan(layer: dict, preset: str, headroom: float = 1.0) -> qdq.QdqPlan:
+    """A plan for block_0: the preset's width per role over the measured ranges."""
+    scheme = qdq.preset_by_name(preset)
+    linears = {}
+    for name, (i, o) in layer["ranges"].items():
+        role = layer["roles"][name]
+        bits = int_bits(scheme.activation(role))
+        linears[name] = qdq.LinearPlan(
+            role,
+            scheme.weights,
+            qdq.Encoding.grid(i, bits, headroom),
+            qdq.Encoding.grid(o, bits, headroom),
+        )
+    return qdq.QdqPlan("block_0", scheme, {}, linears)
+
+
 def _quantize(layer: dict, preset: str) -> tuple[Path, dict]:
-    """Quantize block_0 with the preset's widths, as plan_encodings gives them."""
+    """Quantize block_0 with the preset's widths over the measured ranges."""
     dest = layer["dir"] / f"block_0.{preset}.onnx"
-    widths = qdq.preset_by_name(preset)
-
-    def bits(name: str) -> int:
-        return widths.down_bits if name.endswith("down_proj") else widths.act_bits
-
     sites = qdq.quantize_piece(
         layer["static"],
         dest,
-        encodings={
-            n: (qdq.Encoding(i, bits(n)), qdq.Encoding(o, bits(n)))
-            for n, (i, o) in layer["ranges"].items()
-        },
+        plan=_plan(layer, preset),
         weights=layer["weights"],
         calibration=layer["feeds"][:4],
-        preset=qdq.preset_by_name(preset),
     )
     return dest, sites
 
@@ -213,24 +224,26 @@ def test_rms_norms_fused_into_one_node(layer: dict) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_plan_encodings_float_for_shadow_and_extreme_tensors() -> None:
-    """A shadow (no-clip) tensor of the plan stays float; so does a 16-bit tensor whose
-    abs-max is beyond FLOAT_RATIO_16 x its p99.9; others take the preset's width."""
+def _stats(role: str, absmax: float, p999: float, out: float = 3.0, out_p999: float = 1.0) -> dict:
+    return {
+        "role": role,
+        "input": {"absmax": absmax, "abs_p999": p999},
+        "output": {"absmax": out, "abs_p999": out_p999},
+    }
+
+
+def test_qdq_plan_float_for_shadow_and_extreme_tensors() -> None:
+    """A shadow (no-clip) tensor of the .mllm plan stays float; so does a 16-bit tensor
+    whose abs-max is beyond FLOAT_RATIO_16 x its p99.9, and with either side the whole
+    linear; others take the scheme's width for their role."""
     ratio = qdq.FLOAT_RATIO_16
     stats = {
-        "a": {"input": {"absmax": 4.0, "abs_p999": 1.0}, "output": {"absmax": 2.0, "abs_p999": 1}},
-        "b": {"input": {"absmax": 9.0, "abs_p999": 1.0}, "output": {"absmax": 3.0, "abs_p999": 1}},
-        "c": {
-            "input": {"absmax": 2.0 * ratio, "abs_p999": 1.0},
-            "output": {"absmax": 3.0, "abs_p999": 1.0},
-        },
-        "down": {
-            "role": "down",
-            "input": {"absmax": 5.0, "abs_p999": 1.0},
-            "output": {"absmax": 3.0, "abs_p999": 1.0},
-        },
+        "a": _stats("q", 4.0, 1.0, 2.0),
+        "b": _stats("o", 9.0, 1.0),
+        "c": _stats("gate", 2.0 * ratio, 1.0),
+        "down": _stats("down", 5.0, 1.0),
     }
-    plan = {
+    mllm_plan = {
         "tensors": {
             "a": {"input": {"shadow": False}, "output": {}},
             "b": {"input": {"shadow": True}, "output": {}},
@@ -238,36 +251,94 @@ def test_plan_encodings_float_for_shadow_and_extreme_tensors() -> None:
             "down": {"input": {}, "output": {}},
         }
     }
-    got = qdq.plan_encodings(plan, stats, qdq.preset_by_name("w8a8"))
-    assert got == {
-        "a": (qdq.Encoding(4.0, 8), qdq.Encoding(2.0, 8)),
-        "b": (qdq.Encoding(9.0, None), qdq.Encoding(3.0, 8)),
-        "c": (qdq.Encoding(2.0 * ratio, 8), qdq.Encoding(3.0, 8)),
-        # w8a8's down_proj reads and writes 16 bits (with the 16-bit headroom).
-        "down": (qdq.Encoding(10.0, 16), qdq.Encoding(6.0, 16)),
+    got = qdq.qdq_plan(mllm_plan, stats, qdq.preset_by_name("w8a8"), name="t").linears
+    grid, kept = qdq.Encoding.grid, qdq.Encoding.kept_float
+    assert (got["a"].input, got["a"].output) == (grid(4.0, 8), grid(2.0, 8))
+    assert (got["b"].input, got["b"].output) == (kept(9.0, "shadow"), kept(3.0, "linear"))
+    assert got["b"].weight == Weights("float16")
+    assert (got["c"].input, got["c"].output) == (grid(2.0 * ratio, 8), grid(3.0, 8))
+    # w8a8's down_proj reads and writes 16 bits (with the 16-bit headroom).
+    assert (got["down"].input, got["down"].output) == (grid(5.0, 16, 2.0), grid(3.0, 16, 2.0))
+    assert got["down"].input.range == 10.0 and got["down"].input.zero_point == 32768
+    assert got["a"].weight == Weights("int8", rounding="gptq")
+    wide = qdq.qdq_plan(mllm_plan, stats, qdq.preset_by_name("w8a16"), name="t")
+    assert wide.linears["a"].input == grid(4.0, 16, qdq.HEADROOM_16)
+    assert wide.linears["c"].input == kept(2.0 * ratio, "ratio")
+    assert wide.float_linears() == {"b", "c"}
+
+
+def test_plan_to_encodings_to_plan_roundtrips_exactly() -> None:
+    """The written form (JSON) gives back the same plan, and the same JSON; every scale is
+    a float32 value, the one the Q/DQ initializer stores and the one the old writer
+    imposed (``symmetric_scale(abs-max x headroom)``), so regeneration is bit-exact."""
+    stats = {
+        "l.q": _stats("q", 0.1 + 0.2, 1 / 3, 1 / 7),
+        "l.down": _stats("down", 2946.0, 1.43, 129.001),
+        "l.tiny": _stats("up", 1e-7, 1e-8, 3e4),
+        "lm_head": _stats("lm_head", 41.7, 9.9, 1234.5678, 100.0),
     }
-    assert qdq.float_linears(got) == {"b"}
-    wide = qdq.plan_encodings(plan, stats, qdq.preset_by_name("w8a16"))
-    assert wide["a"] == (qdq.Encoding(8.0, 16), qdq.Encoding(4.0, 16))  # HEADROOM_16 = 2
-    assert qdq.float_linears(wide) == {"b", "c"}
+    mllm_plan = {
+        "tensors": {n: {"input": {}, "output": {}} for n in stats},
+        "transforms": {"rotation": {"mode": "hadamard", "seed": 0}},
+    }
+    mllm_plan["tensors"]["l.q"]["output"] = {"shadow": True}
+    for preset in qdq.PRESETS:
+        scheme = qdq.preset_by_name(preset).with_weights(rounding="nearest")
+        plan = qdq.qdq_plan(mllm_plan, stats, scheme, name="roundtrip")
+        doc = json.loads(json.dumps(plan.to_json()))
+        again = qdq.QdqPlan.from_json(doc)
+        assert again == plan and again.to_json() == doc, preset
+        for name, linear in again.linears.items():
+            for side, enc in (("input", linear.input), ("output", linear.output)):
+                if enc.bits is None:
+                    continue
+                headroom = qdq.HEADROOM_16 if enc.bits == 16 else 1.0
+                step = float(symmetric_scale(stats[name][side]["absmax"] * headroom, enc.bits))
+                assert enc.scale == float(np.float32(enc.scale)) == step
+                override = qdq.activation_override(enc)
+                assert override["scale"].dtype == np.float32
+                assert float(override["scale"]) == enc.scale
+                assert int(override["zero_point"]) == enc.zero_point
+    assert plan.linears["l.down"].is_float and plan.linears["lm_head"].input.bits == 16
+    tampered = json.loads(json.dumps(plan.to_json()))
+    tampered["tensors"]["lm_head"]["input"]["scale"] *= 1.0000001
+    with pytest.raises(EdgeforgeError, match="is not the symmetric grid over range"):
+        qdq.QdqPlan.from_json(tampered)
+    tampered = json.loads(json.dumps(plan.to_json()))
+    tampered["calibrated"]["bits"] = 8
+    with pytest.raises(EdgeforgeError, match="statements"):
+        qdq.QdqPlan.from_json(tampered)
+
+
+def test_load_qdq_plan_refuses_other_plans(tmp_path: Path) -> None:
+    """The .mllm's plan and a bmodel's are not the binaries' plan: one clear error each."""
+    path = tmp_path / "quant_plan.json"
+    path.write_text(json.dumps({"format": "edgeforge-quant-plan-v1", "tensors": {}}))
+    with pytest.raises(EdgeforgeError, match="not an edgeforge plan"):
+        qdq.load_qdq_plan(path)
+    bmodel = float_activation_plan(SCHEMES["w8bf16"], [("l", "q")], name="n", artifact="a")
+    path.write_text(json.dumps(bmodel))
+    with pytest.raises(EdgeforgeError, match="not a QNN binaries' quant plan"):
+        qdq.load_qdq_plan(path)
 
 
 def test_float_linear_keeps_float_weight(layer: dict) -> None:
     """A linear whose encoding is float is left out of quantization entirely."""
     dest = layer["dir"] / "block_0.float_down.onnx"
-    encodings = {
-        n: (qdq.Encoding(i * 2, 16), qdq.Encoding(o * 2, 16))
-        for n, (i, o) in layer["ranges"].items()
-    }
-    down = next(n for n in encodings if n.endswith("down_proj"))
-    encodings[down] = (qdq.Encoding(1.0, None), qdq.Encoding(1.0, None))
+    plan = _plan(layer, "w8a16", qdq.HEADROOM_16)
+    down = next(n for n in plan.linears if n.endswith("down_proj"))
+    plan.linears[down] = qdq.LinearPlan(
+        "down",
+        Weights("float16"),
+        qdq.Encoding.kept_float(1.0, "ratio"),
+        qdq.Encoding.kept_float(1.0, "linear"),
+    )
     sites = qdq.quantize_piece(
         layer["static"],
         dest,
-        encodings=encodings,
+        plan=plan,
         weights=layer["weights"],
         calibration=layer["feeds"][:4],
-        preset=qdq.preset_by_name("w8a16"),
     )
     model = onnx.load(str(dest))
     matmul = next(n for n in model.graph.node if n.name == sites[down].matmul)
@@ -316,11 +387,23 @@ def test_masked_scores_saturate_the_mask(layer: dict) -> None:
         assert float(params[masked][0]) < 1e-2  # the −1e4 mask alone would force ~0.15
 
 
-def test_preset_widths_without_htp_types_are_refused() -> None:
-    """Any width but these would silently get 8-bit types in the QDQ graph."""
-    with pytest.raises(EdgeforgeError, match=r"preset w6: weight_bits 6; .* \(4, 8\) only"):
-        qdq.Preset("w6", 6, 16, 16, 16)
-    with pytest.raises(EdgeforgeError, match=r"preset a12: act_bits 12; .* \(8, 16\) only"):
-        qdq.Preset("a12", 8, 12, 16, 16)
-    with pytest.raises(EdgeforgeError, match="down_bits 32"):
-        qdq.Preset("d32", 8, 16, 16, 32)
+def test_schemes_without_htp_types_are_refused() -> None:
+    """Any width but these would silently get 8-bit types in the QDQ graph; the other
+    schemes of the registry are another backend's."""
+    w8a16 = qdq.preset_by_name("w8a16")
+    with pytest.raises(EdgeforgeError, match=r"scheme w2: weights int2; .* int4, int8 only"):
+        qdq.check_htp(QuantScheme("w2", Weights("int2"), "int16"))
+    with pytest.raises(EdgeforgeError, match=r"scheme bf16: weights bfloat16"):
+        qdq.check_htp(QuantScheme("bf16", Weights("bfloat16"), "bfloat16"))
+    with pytest.raises(EdgeforgeError, match=r"scheme a: activations float16; .* int8, int16"):
+        qdq.check_htp(QuantScheme("a", w8a16.weights, "float16"))
+    with pytest.raises(EdgeforgeError, match=r"scheme d: down bfloat16"):
+        qdq.check_htp(QuantScheme("d", w8a16.weights, "int16", down="bfloat16"))
+    with pytest.raises(EdgeforgeError, match="symmetric per-channel weights only"):
+        qdq.check_htp(w8a16.with_weights(granularity="group", group_size=32))
+    with pytest.raises(EdgeforgeError, match="rounding autoround"):
+        qdq.check_htp(w8a16.with_weights(rounding="autoround"))
+    with pytest.raises(EdgeforgeError, match="the LM head piece is quantized"):
+        qdq.check_htp(QuantScheme("h", w8a16.weights, "int16", lm_head="float32"))
+    with pytest.raises(EdgeforgeError, match="precision preset 'w4bf16' is unknown"):
+        qdq.preset_by_name("w4bf16")

@@ -9,7 +9,10 @@ and the shadow layers (decoder layers whose down_proj input is a shadow tensor, 
 mllm runtime hard-coded in C++).
 
 A plan is a pure function of the profile (statistics of the model *as transformed*) and
-:class:`PlanOptions`.
+:class:`PlanOptions`. It describes the mllm ``.mllm`` artifact (``make qnn`` writes it as
+``model.int8.plan.json``); an artifact built differently gets its own plan, named by a
+:mod:`common.quant.schemes` scheme — the QNN context binaries' is
+:class:`common.backends.qdq.QdqPlan`, made from this one, the profile and the preset.
 """
 
 from __future__ import annotations

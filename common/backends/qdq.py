@@ -1,4 +1,5 @@
-"""Float ONNX piece → QDQ ONNX for QNN HTP, with OUR scales and OUR integer weights.
+"""Float ONNX piece → QDQ ONNX for QNN HTP, with OUR scales and OUR integer weights, all
+read from the binaries' quant plan.
 
 onnxruntime's QNN quantization recipe (``get_qnn_qdq_config`` + ``quantize``) decides
 where Q/DQ pairs go, which ops need 16-bit ``Convert`` nodes, and the layouts HTP
@@ -6,10 +7,11 @@ accepts. Left alone it would also pick every scale from its own
 calibration and round the weights its own way; the whole point of the plan is that the
 profile's ranges are what ship. So:
 
-* each linear's input and output activation gets a *fixed* scale from the profile
+* each linear's input and output activation gets a *fixed* scale from the plan
   (tensor-quantization overrides with ``scale``/``zero_point``): a symmetric grid over
-  ``absmax`` — ``absmax / qmax(bits)`` with the unsigned zero point at mid-range, which is
-  the same grid as the signed symmetric one :mod:`common.quant.int8` simulates;
+  the profile's ``absmax`` — ``absmax / qmax(bits)`` with the unsigned zero point at
+  mid-range, which is the same grid as the signed symmetric one :mod:`common.quant.int8`
+  simulates;
 * integer weights are replaced after quantization by ours (:func:`replace_weights`):
   symmetric per output channel on :mod:`common.quant.int8`'s grid, rounded by GPTQ
   (:mod:`common.backends.sequential_gptq`) or to nearest (:func:`nearest_levels`);
@@ -21,17 +23,26 @@ profile's ranges are what ship. So:
 
 The residual stream and its RMSNorms stay float (fp16 on HTP; :func:`float_nodes`).
 
-Presets: ``w8a16`` (default; int8 weights, 16-bit activations), ``w8a8`` (8-bit
-activations except the attention scores/probabilities, which lose all resolution in 8
-bits next to a −1e4 mask: measured cos 0.93 → 0.999; the P·V product feeding o_proj
-keeps a calibrated encoding; and the down_proj inputs, 16-bit — the ``w8a8_best`` plan of
-``make simulate``: the attention sink drives them to ~3000 against a bulk of ~1, and at
-8 bits 12 of SmolLM2's 61 pieces fell below cos 0.99), ``w4a16`` (int4 per-channel
-weights on :mod:`common.quant.int8`'s 4-bit grid).
+**The plan.** :func:`qdq_plan` turns the ``.mllm``'s quant plan (its shadow tensors), the
+profile (ranges) and a scheme (widths) into a :class:`QdqPlan`: per linear its weight
+(int4/int8 per channel, GPTQ or nearest, or float) and per side the exact encoding imposed
+(width, abs-max, covered range, float32 scale, zero point) or the float fallback and why.
+``make qnn`` writes it as ``quant_plan.json`` beside the binaries and the QDQ step reads it
+back from that file (:func:`load_qdq_plan`): what the file says is what was built.
+
+Presets (:data:`PRESETS`, entries of :data:`common.quant.schemes.SCHEMES`): ``w8a16``
+(default; int8 weights, 16-bit activations), ``w8a8`` (8-bit activations except the
+attention scores/probabilities, which lose all resolution in 8 bits next to a −1e4 mask:
+measured cos 0.93 → 0.999; the P·V product feeding o_proj keeps a calibrated encoding;
+and the down_proj inputs, 16-bit — the ``w8a8_best`` plan of ``make simulate``: the
+attention sink drives them to ~3000 against a bulk of ~1, and at 8 bits 12 of SmolLM2's
+61 pieces fell below cos 0.99), ``w4a16`` (int4 per-channel weights on
+:mod:`common.quant.int8`'s 4-bit grid).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,54 +53,68 @@ import torch
 
 from common.core.errors import EdgeforgeError
 from common.quant.int8 import qmax, quantize_weight, symmetric_scale
+from common.quant.schemes import (
+    PLAN_FORMAT,
+    QuantScheme,
+    Weights,
+    int_bits,
+    scheme_by_name,
+)
 
-
-@dataclass(frozen=True)
-class Preset:
-    """Bit widths of one precision preset."""
-
-    name: str
-    weight_bits: int
-    act_bits: int
-    score_bits: int
-    #: down_proj's input and output: the input holds the MLP's attention-sink outliers; the
-    #: output goes along because HTP's MatMul reads and writes one activation width (and it
-    #: feeds the float residual Add, so its width costs nothing downstream).
-    down_bits: int
-
-    #: Widths the QDQ writer has HTP types for: others would fall back to 8 bits unnoticed.
-    WEIGHT_BITS = (4, 8)
-    ACTIVATION_BITS = (8, 16)
-
-    def __post_init__(self) -> None:
-        activations = {"act_bits": self.act_bits, "score_bits": self.score_bits,
-                       "down_bits": self.down_bits}  # fmt: skip
-        if self.weight_bits not in self.WEIGHT_BITS:
-            raise EdgeforgeError(
-                f"preset {self.name}: weight_bits {self.weight_bits}; the QDQ writer has HTP "
-                f"types for {self.WEIGHT_BITS} only"
-            )
-        for field, bits in activations.items():
-            if bits not in self.ACTIVATION_BITS:
-                raise EdgeforgeError(
-                    f"preset {self.name}: {field} {bits}; the QDQ writer has HTP types for "
-                    f"{self.ACTIVATION_BITS} only"
-                )
-
-
-PRESETS: dict[str, Preset] = {
-    "w8a16": Preset("w8a16", 8, 16, 16, 16),
-    "w8a8": Preset("w8a8", 8, 8, 16, 16),
-    "w4a16": Preset("w4a16", 4, 16, 16, 16),
-}
+#: The schemes ``PRESET=`` may name, and the default.
+PRESETS = ("w8a16", "w8a8", "w4a16")
 DEFAULT_PRESET = "w8a16"
+#: Widths the QDQ writer has HTP types for: others would fall back to 8 bits unnoticed.
+HTP_WEIGHTS = ("int4", "int8")
+HTP_ACTIVATIONS = ("int8", "int16")
+#: Weight roundings ``make qnn`` computes (``ROUNDING=``).
+HTP_ROUNDINGS = ("gptq", "nearest")
 
 
-def preset_by_name(name: str) -> Preset:
-    """The preset called ``name``, or an error listing them."""
-    if name not in PRESETS:
-        raise EdgeforgeError(f"precision preset {name!r} is unknown; known: {', '.join(PRESETS)}")
-    return PRESETS[name]
+def check_htp(scheme: QuantScheme) -> QuantScheme:
+    """``scheme`` if the QDQ writer can build it for HTP, else an error naming the field.
+
+    Weights: int4/int8, symmetric per output channel (:func:`replace_weights` writes that
+    layout), GPTQ or nearest; every activation int8 or int16; the LM head quantized (its
+    piece is an HTP graph like the blocks: a float override has no meaning here).
+    """
+    weights = scheme.weights
+    if weights.dtype not in HTP_WEIGHTS:
+        raise EdgeforgeError(
+            f"scheme {scheme.name}: weights {weights.dtype}; the QDQ writer has HTP types for "
+            f"{', '.join(HTP_WEIGHTS)} only"
+        )
+    if weights.granularity != "per_channel" or not weights.symmetric:
+        raise EdgeforgeError(
+            f"scheme {scheme.name}: weights {weights.granularity}, symmetric "
+            f"{weights.symmetric}; the QDQ writer writes symmetric per-channel weights only"
+        )
+    if weights.rounding not in HTP_ROUNDINGS:
+        raise EdgeforgeError(
+            f"scheme {scheme.name}: rounding {weights.rounding}; make qnn rounds by "
+            f"{', '.join(HTP_ROUNDINGS)} only"
+        )
+    for field, dtype in (
+        ("activations", scheme.activations),
+        ("scores", scheme.activation("scores")),
+        ("down", scheme.activation("down")),
+    ):
+        if dtype not in HTP_ACTIVATIONS:
+            raise EdgeforgeError(
+                f"scheme {scheme.name}: {field} {dtype}; the QDQ writer has HTP types for "
+                f"{', '.join(HTP_ACTIVATIONS)} only"
+            )
+    if scheme.lm_head is not None:
+        raise EdgeforgeError(
+            f"scheme {scheme.name}: lm_head {scheme.lm_head}; the LM head piece is quantized "
+            "like the other linears"
+        )
+    return scheme
+
+
+def preset_by_name(name: str) -> QuantScheme:
+    """The scheme ``PRESET=name`` names, checked buildable (or an error listing them)."""
+    return check_htp(scheme_by_name(name, PRESETS, "precision preset"))
 
 
 @dataclass(frozen=True)
@@ -185,22 +210,16 @@ def encoding_chain(model: Any, tensor: str) -> list[str]:
     return chain
 
 
-def activation_override(absmax: float, bits: int) -> dict[str, Any]:
-    """A fixed unsigned QDQ encoding equal to the signed symmetric grid over ``absmax``:
-    scale ``absmax / qmax``, zero point mid-range (128 or 32768)."""
+def activation_override(encoding: Encoding) -> dict[str, Any]:
+    """The tensor override imposing ``encoding`` (an integer one) on a QDQ tensor."""
     from onnxruntime.quantization import QuantType
 
-    scale = float(symmetric_scale(absmax, bits))
-    if bits == 8:
-        return {
-            "quant_type": QuantType.QUInt8,
-            "scale": np.array(scale, np.float32),
-            "zero_point": np.array(qmax(8) + 1, np.uint8),
-        }
+    types = {8: (QuantType.QUInt8, np.uint8), 16: (QuantType.QUInt16, np.uint16)}
+    quant_type, dtype = types[encoding.bits]
     return {
-        "quant_type": QuantType.QUInt16,
-        "scale": np.array(scale, np.float32),
-        "zero_point": np.array(qmax(16) + 1, np.uint16),
+        "quant_type": quant_type,
+        "scale": np.array(encoding.scale, np.float32),
+        "zero_point": np.array(encoding.zero_point, dtype),
     }
 
 
@@ -218,70 +237,250 @@ HEADROOM_16 = 2.0
 #: its decode graph reached cos 0.9944, its ordinary rows quantized away.
 FLOAT_RATIO_16 = 64.0
 
+#: What a float fallback's ``float_reason`` means (written into the plan for its reader).
+FLOAT_REASONS = {
+    "shadow": "the .mllm plan's T rule makes it a shadow (no-clip) tensor, and a QNN graph "
+    "has no CPU shadow op to recompute what saturates",
+    "ratio": f"16 bits, abs-max above {FLOAT_RATIO_16:g} x abs-p99.9: the bulk would get "
+    "fewer levels than an 8-bit grid",
+    "linear": "the linear's other side is float, so the whole linear runs in float",
+}
+#: How a float tensor runs on HTP (``enable_htp_fp16_precision``; float32 in the graph).
+HTP_FLOAT = "float16"
+
 
 @dataclass(frozen=True)
 class Encoding:
-    """A linear activation's fixed symmetric encoding: the range it covers and its width
-    (``bits`` None: the tensor stays float, fp16 on HTP)."""
+    """One linear activation as the QDQ graph holds it: a fixed unsigned grid — ``scale``
+    (a float32 value) with ``zero_point`` at mid-range, the signed symmetric grid over
+    ``range`` — or, with ``bits`` None, float (fp16 on HTP) for ``float_reason``.
+    ``absmax`` is the profile's abs-max the decision read."""
 
     absmax: float
     bits: int | None
+    range: float | None = None
+    scale: float | None = None
+    zero_point: int | None = None
+    float_reason: str | None = None
+
+    @classmethod
+    def grid(cls, absmax: float, bits: int, headroom: float = 1.0) -> Encoding:
+        """The symmetric ``bits`` grid over ``absmax · headroom``: scale ``range / qmax``
+        rounded to float32 (what a Q/DQ initializer stores), zero point ``qmax + 1``."""
+        value_range = absmax * headroom
+        scale = float(symmetric_scale(value_range, bits))
+        return cls(absmax, bits, value_range, scale, qmax(bits) + 1)
+
+    @classmethod
+    def kept_float(cls, absmax: float, reason: str) -> Encoding:
+        return cls(absmax, None, float_reason=reason)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.bits is None:
+            return {"dtype": HTP_FLOAT, "absmax": self.absmax, "float_reason": self.float_reason}
+        return {
+            "dtype": f"uint{self.bits}",
+            "bits": self.bits,
+            "absmax": self.absmax,
+            "range": self.range,
+            "scale": self.scale,
+            "zero_point": self.zero_point,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], where: str) -> Encoding:
+        """The encoding ``doc`` states, refused unless it is one the writer could have
+        made: a known float reason, or an HTP width whose scale is the float32 grid step
+        over its range and whose zero point is mid-range."""
+        if doc["dtype"] == HTP_FLOAT:
+            if doc["float_reason"] not in FLOAT_REASONS:
+                raise EdgeforgeError(f"{where}: float_reason {doc['float_reason']!r} is unknown")
+            return cls.kept_float(doc["absmax"], doc["float_reason"])
+        encoding = cls(doc["absmax"], doc["bits"], doc["range"], doc["scale"], doc["zero_point"])
+        if doc["dtype"] != f"uint{encoding.bits}" or f"int{encoding.bits}" not in HTP_ACTIVATIONS:
+            raise EdgeforgeError(f"{where}: dtype {doc['dtype']} / bits {encoding.bits}")
+        step = float(symmetric_scale(encoding.range, encoding.bits))
+        if (encoding.scale, encoding.zero_point) != (step, qmax(encoding.bits) + 1):
+            raise EdgeforgeError(
+                f"{where}: scale {encoding.scale!r} / zero point {encoding.zero_point} is not "
+                f"the symmetric grid over range {encoding.range!r} ({step!r}, "
+                f"{qmax(encoding.bits) + 1})"
+            )
+        return encoding
 
 
-def plan_encodings(
-    plan: Mapping[str, Any], stats: Mapping[str, Any], preset: Preset
-) -> dict[str, tuple[Encoding, Encoding]]:
-    """``(input, output)`` encodings of every linear in the quant plan.
+@dataclass(frozen=True)
+class LinearPlan:
+    """One linear of the binaries: its weight (float when either side is float) and the
+    encodings of its input and its pre-bias output."""
 
-    A QNN graph has no CPU shadow op to recompute what saturates, so a tensor the plan
-    (its ``T`` rule) makes a *shadow* one — outliers too far beyond p99.9 for an 8-bit
+    role: str
+    weight: Weights
+    input: Encoding
+    output: Encoding
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight.bits is None
+
+
+@dataclass(frozen=True)
+class QdqPlan:
+    """What the QNN binaries hold (see the module docstring); ``quant_plan.json``."""
+
+    name: str
+    scheme: QuantScheme
+    transforms: dict[str, Any]
+    linears: dict[str, LinearPlan]
+
+    def float_linears(self) -> set[str]:
+        """Linears computed in float (fp16 on HTP)."""
+        return {name for name, linear in self.linears.items() if linear.is_float}
+
+    def statements(self) -> dict[str, Any]:
+        """What the plan states beyond its linears, all implied by its scheme: the widths
+        of the calibrated activations and of the attention scores, what stays float."""
+        calibrated = int_bits(self.scheme.activations)
+        scores = int_bits(self.scheme.activation("scores"))
+        return {
+            "artifact": "QNN HTP context binaries <SOC>/<piece>_ctx.onnx + _qnn.bin, each "
+            "compiled from qdq/<piece>.onnx",
+            "calibrated": {
+                "dtype": f"uint{calibrated}",
+                "bits": calibrated,
+                "what": "every activation without a tensors entry (norm outputs, rope, "
+                "attention internals, SwiGLU): MinMax over golden calibration inputs "
+                "captured from the float pieces; the LM head is quantized like the blocks",
+            },
+            "scores": {
+                "dtype": f"uint{scores}",
+                "bits": scores,
+                "what": "attention scores and probabilities: calibrated MinMax, each "
+                "Softmax input re-encoded to saturate the -1e4 mask "
+                f"{SOFTMAX_FLOOR:g} below the pre-mask scores",
+            },
+            "float": "the residual Adds and the RMSNorms reading the residual stream, and a "
+            "float linear with the elementwise SwiGLU nodes feeding it: fp16 on HTP",
+            "rules": {
+                "headroom_16": HEADROOM_16,
+                "float_ratio_16": FLOAT_RATIO_16,
+                "float_reasons": FLOAT_REASONS,
+            },
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "name": self.name,
+            "scheme": self.scheme.to_json(),
+            "transforms": self.transforms,
+            **self.statements(),
+            "tensors": {
+                name: {
+                    "role": linear.role,
+                    "weight": linear.weight.to_json(),
+                    "input": linear.input.to_json(),
+                    "output": linear.output.to_json(),
+                }
+                for name, linear in self.linears.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], where: str = "quant plan") -> QdqPlan:
+        """The plan ``doc`` states, refused when its statements are not the ones its scheme
+        implies or a linear mixes float and integer sides."""
+        if doc.get("format") != PLAN_FORMAT:
+            raise EdgeforgeError(f"{where}: not an edgeforge plan (format != {PLAN_FORMAT!r})")
+        linears = {}
+        for name, entry in doc["tensors"].items():
+            sides = [
+                Encoding.from_json(entry[s], f"{where}: {name}.{s}") for s in ("input", "output")
+            ]
+            linear = LinearPlan(entry["role"], Weights.from_json(entry["weight"]), *sides)
+            if any(e.bits is None for e in sides) != linear.is_float:
+                raise EdgeforgeError(
+                    f"{where}: {name}: a linear with a float side has float weights, and only it"
+                )
+            linears[name] = linear
+        plan = cls(
+            doc["name"], check_htp(QuantScheme.from_json(doc["scheme"])), doc["transforms"], linears
+        )
+        stated = {key: doc.get(key) for key in plan.statements()}
+        if stated != plan.statements():
+            raise EdgeforgeError(
+                f"{where}: its statements (artifact, calibrated, scores, float, rules) are not "
+                f"those of scheme {plan.scheme.name} with this code's rules"
+            )
+        return plan
+
+
+def qdq_plan(
+    mllm_plan: Mapping[str, Any], stats: Mapping[str, Any], scheme: QuantScheme, *, name: str
+) -> QdqPlan:
+    """The binaries' plan for every linear of ``mllm_plan`` (the ``.mllm``'s quant plan).
+
+    A QNN graph has no CPU shadow op to recompute what saturates, so a tensor the ``.mllm``
+    plan (its ``T`` rule) makes a *shadow* one — outliers too far beyond p99.9 for an 8-bit
     grid — stays float, the way mllm computes shadow outliers in float; so does a 16-bit
-    tensor beyond :data:`FLOAT_RATIO_16`. Every other tensor gets the preset's width over
-    its abs-max (16-bit ones with :data:`HEADROOM_16`) — down_proj inputs (profile role
-    ``down``) and outputs the preset's ``down_bits``. With ``clip_all`` (no ``T``) the
-    plan has no shadow tensors. A linear the ``.mllm`` keeps in float (the LM head) is
-    still quantized in its QNN piece, at the preset width.
+    tensor beyond :data:`FLOAT_RATIO_16`, and with either side float the whole linear.
+    Every other tensor gets the scheme's width for its role (down_proj's input and output:
+    ``down``) over its abs-max in ``stats`` (16-bit ones with :data:`HEADROOM_16`). With
+    ``clip_all`` (no ``T``) there are no shadow tensors. A linear the ``.mllm`` keeps in
+    float (the LM head) is still quantized in its QNN piece, at the scheme's width.
     """
-    out: dict[str, tuple[Encoding, Encoding]] = {}
-    for name, entry in plan["tensors"].items():
-        pair = []
-        width = preset.down_bits if stats[name].get("role") == "down" else preset.act_bits
+    check_htp(scheme)
+    linears = {}
+    for linear, entry in mllm_plan["tensors"].items():
+        role = stats[linear]["role"]
+        bits = int_bits(scheme.activation(role))
+        sides = []
         for side in ("input", "output"):
-            st = stats[name][side]
-            absmax = float(st["absmax"])
-            bits: int | None = width
-            if entry[side].get("shadow") or (
-                bits == 16 and absmax > FLOAT_RATIO_16 * float(st["abs_p999"])
-            ):
-                bits = None
-            pair.append(Encoding(absmax * (HEADROOM_16 if bits == 16 else 1.0), bits))
-        out[name] = (pair[0], pair[1])
-    return out
+            absmax = float(stats[linear][side]["absmax"])
+            if entry[side].get("shadow"):
+                sides.append(Encoding.kept_float(absmax, "shadow"))
+            elif bits == 16 and absmax > FLOAT_RATIO_16 * float(stats[linear][side]["abs_p999"]):
+                sides.append(Encoding.kept_float(absmax, "ratio"))
+            else:
+                sides.append(Encoding.grid(absmax, bits, HEADROOM_16 if bits == 16 else 1.0))
+        weight = scheme.weight(role)
+        if any(e.bits is None for e in sides):
+            sides = [
+                e if e.bits is None else Encoding.kept_float(e.absmax, "linear") for e in sides
+            ]
+            weight = Weights(HTP_FLOAT)
+        linears[linear] = LinearPlan(role, weight, sides[0], sides[1])
+    return QdqPlan(name, scheme, dict(mllm_plan.get("transforms") or {}), linears)
 
 
-def float_linears(encodings: Mapping[str, tuple[Encoding, Encoding]]) -> set[str]:
-    """Linears computed in float: either activation side has no integer encoding."""
-    return {n for n, pair in encodings.items() if any(e.bits is None for e in pair)}
+def load_qdq_plan(path: Path) -> QdqPlan:
+    """The binaries' plan as ``path`` states it (the QDQ step's only source of encodings)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgeforgeError(f"{path}: cannot read the binaries' quant plan ({exc})") from None
+    try:
+        return QdqPlan.from_json(doc, str(path))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise EdgeforgeError(f"{path}: not a QNN binaries' quant plan ({exc!r})") from None
 
 
 def overrides_for(
-    model: Any,
-    sites: Mapping[str, LinearSite],
-    encodings: Mapping[str, tuple[Encoding, Encoding]],
-    preset: Preset,
+    model: Any, sites: Mapping[str, LinearSite], plan: QdqPlan
 ) -> dict[str, list[dict[str, Any]]]:
-    """Tensor overrides: the plan's encodings on linear inputs/outputs, 16-bit scores for
-    ``w8a8``, int4 per-channel weights for ``w4a16``."""
+    """Tensor overrides: the plan's encodings on linear inputs/outputs and its weight widths
+    (int4 or int8, symmetric per channel), and the scores' width where it differs from the
+    calibrated activations' (``w8a8``)."""
     from onnxruntime.quantization import QuantType
 
     overrides: dict[str, list[dict[str, Any]]] = {}
-    scores = set(score_tensors(model)) if preset.score_bits != preset.act_bits else set()
+    score_dtype = plan.scheme.activation("scores")
+    scores = set(score_tensors(model)) if score_dtype != plan.scheme.activations else set()
     producers = {out: node for node in model.graph.node for out in node.output}
-    floats = float_linears(encodings)
     for name, site in sites.items():
-        if name in floats:
+        linear = plan.linears[name]
+        if linear.is_float:
             continue
-        in_enc, out_enc = encodings[name]
         chain = encoding_chain(model, site.input)
         head = producers.get(chain[-1])
         # P·V reads 16-bit probabilities; onnxruntime's mixed-precision pass converts its
@@ -289,14 +488,13 @@ def overrides_for(
         # leaves that one tensor calibrated.
         if not (head is not None and any(t in scores for t in head.input)):
             for tensor in chain:
-                overrides[tensor] = [activation_override(in_enc.absmax, in_enc.bits)]
-        overrides[site.output] = [activation_override(out_enc.absmax, out_enc.bits)]
-        if preset.weight_bits == 4:
-            overrides[site.weight] = [{"quant_type": QuantType.QInt4, "symmetric": True, "axis": 1}]
-        else:
-            overrides[site.weight] = [{"quant_type": QuantType.QInt8, "symmetric": True, "axis": 1}]
+                overrides[tensor] = [activation_override(linear.input)]
+        overrides[site.output] = [activation_override(linear.output)]
+        weight_type = QuantType.QInt4 if linear.weight.bits == 4 else QuantType.QInt8
+        overrides[site.weight] = [{"quant_type": weight_type, "symmetric": True, "axis": 1}]
+    score_type = QuantType.QUInt16 if int_bits(score_dtype) == 16 else QuantType.QUInt8
     for tensor in scores:
-        overrides.setdefault(tensor, [{"quant_type": QuantType.QUInt16}])
+        overrides.setdefault(tensor, [{"quant_type": score_type}])
     return overrides
 
 
@@ -444,10 +642,10 @@ def nearest_levels(
 
 
 def replace_weights(
-    model: Any, sites: Mapping[str, LinearSite], levels: WeightLevels, bits: int
+    model: Any, sites: Mapping[str, LinearSite], levels: WeightLevels, bits: Mapping[str, int]
 ) -> None:
     """Put each linear's integer levels (transposed to ``[in, out]``, axis 1; ONNX ``INT4``
-    for 4 bits) and per-channel scales into its weight DequantizeLinear."""
+    where its ``bits`` are 4) and per-channel scales into its weight DequantizeLinear."""
     import ml_dtypes
     from onnx import numpy_helper
 
@@ -462,7 +660,7 @@ def replace_weights(
         scale = levels[name][1].reshape(-1).numpy().astype(np.float32)
         if numpy_helper.to_array(inits[dq.input[0]]).shape != q.shape:
             raise EdgeforgeError(f"{name}: weight shape differs from the exported graph")
-        dtype = ml_dtypes.int4 if bits == 4 else np.int8
+        dtype = ml_dtypes.int4 if bits[name] == 4 else np.int8
         inits[dq.input[0]].CopyFrom(numpy_helper.from_array(q.astype(dtype), dq.input[0]))
         inits[dq.input[1]].CopyFrom(numpy_helper.from_array(scale, dq.input[1]))
         inits[dq.input[2]].CopyFrom(
@@ -601,19 +799,19 @@ def quantize_piece(
     float_model: Path,
     dest: Path,
     *,
-    encodings: Mapping[str, tuple[Encoding, Encoding]],
+    plan: QdqPlan,
     weights: Mapping[str, torch.Tensor],
     calibration: Iterable[Mapping[str, np.ndarray]],
-    preset: Preset,
     levels: WeightLevels | None = None,
 ) -> dict[str, LinearSite]:
     """Write the QDQ model of ``float_model`` to ``dest`` (see the module docstring).
 
-    ``encodings`` maps each linear to its ``(input, output)`` :class:`Encoding`
-    (:func:`plan_encodings`); ``weights`` to its float ``[out, in]`` weight (as the
-    adapter holds it; it locates the linear in the graph); ``levels`` to the integer
-    weights to ship (e.g. GPTQ's, :mod:`common.backends.sequential_gptq`) — by default
-    :func:`nearest_levels` of ``weights``.
+    Every encoding and width comes from ``plan`` (:class:`QdqPlan`, as read back from
+    ``quant_plan.json``); ``weights`` maps each linear of the piece to its float
+    ``[out, in]`` weight (as the adapter holds it; it locates the linear in the graph);
+    ``levels`` to the integer weights to ship (e.g. GPTQ's,
+    :mod:`common.backends.sequential_gptq`) — by default rounded to nearest at the plan's
+    width (:func:`nearest_levels`).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize
@@ -623,15 +821,15 @@ def quantize_piece(
 
     model = onnx.load(str(float_model))
     sites = linear_sites(model, weights)
-    floats = float_linears(encodings) & set(sites)
-    act_type = QuantType.QUInt16 if preset.act_bits == 16 else QuantType.QUInt8
+    floats = plan.float_linears() & set(sites)
+    calibrated = int_bits(plan.scheme.activations)
     config = get_qnn_qdq_config(
         model,
         _Feeds(list(calibration)),
-        activation_type=act_type,
+        activation_type=QuantType.QUInt16 if calibrated == 16 else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         weight_symmetric=True,
-        init_overrides=overrides_for(model, sites, encodings, preset),
+        init_overrides=overrides_for(model, sites, plan),
         nodes_to_exclude=float_nodes(model)
         + [site.matmul for name, site in sites.items() if name in floats]
         + float_input_nodes(model, sites, floats),
@@ -640,8 +838,11 @@ def quantize_piece(
         quantize(model, str(tmp), config)
         qdq = onnx.load(str(tmp))
         quantized = {n: site for n, site in sites.items() if n not in floats}
-        chosen = nearest_levels(weights, preset.weight_bits) if levels is None else levels
-        replace_weights(qdq, quantized, chosen, preset.weight_bits)
+        bits = {n: plan.linears[n].weight.bits for n in quantized}
+        chosen = levels
+        if chosen is None:
+            chosen = {n: quantize_weight(weights[n], "per_channel", bits[n]) for n in quantized}
+        replace_weights(qdq, quantized, chosen, bits)
         tighten_masked_scores(qdq, model)
         onnx.save(qdq, str(tmp))
     return sites

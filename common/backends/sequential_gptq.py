@@ -1,7 +1,7 @@
 """GPTQ over a whole language model, one decoder layer at a time (bounded memory).
 
 The calibration windows are embedded once; then each decoder layer runs on them as the
-prefill piece :mod:`common.export.piece_export` exports (so the statistics are those of the graph
+prefill piece :mod:`common.models.static_decoder` defines (so the statistics are those of the graph
 that ships), its linears' input Hessians are gathered, its weights rounded by
 :func:`common.quant.gptq.gptq_levels`, and the layer is run again *with those weights* to give
 the next layer its input — each layer corrects for the rounding already done before it,
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from common.export import piece_export as pe
 from common.models import ModelAdapter
+from common.models.static_decoder import BlockPiece, piece_dims, rotary_table
 from common.quant.gptq import HessianObserver, gptq_levels
 from common.quant.int8 import dequantize
 
@@ -75,8 +76,8 @@ def sequential_gptq(
     """GPTQ levels of every decoder linear and the LM head, from ``windows`` ``[N, S]``
     (token ids, each a full causal sequence from position 0)."""
     seq_len = windows.shape[1]
-    dims = pe.piece_dims(adapter, seq_len)
-    cos, sin = pe.rotary_table(adapter, seq_len)
+    dims = piece_dims(adapter, seq_len)
+    cos, sin = rotary_table(adapter, seq_len)
     fixed = pe.prefill_inputs(windows[0].tolist(), seq_len)
     positions = torch.from_numpy(fixed["position_ids"]).long()
     mask = torch.from_numpy(fixed["attention_mask"])
@@ -85,7 +86,7 @@ def sequential_gptq(
     levels: Levels = {}
     layers = adapter.layers()
     for layer in tqdm(layers, desc="gptq", disable=not progress):
-        block = pe.BlockPiece(layer, dims, cos, sin)
+        block = BlockPiece(layer, dims, cos, sin)
         linears = {layer.linear_names[r]: m for r, m in layer.linears.items()}
         hidden = _round_and_run(
             linears, lambda h, b=block: b(h, positions, mask)[0], hidden, bits, levels

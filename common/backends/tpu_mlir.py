@@ -15,20 +15,63 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from common.core.errors import EdgeforgeError
 from common.export.piece_export import Piece, PieceRunner, example_inputs
 from common.models.base import ModelAdapter
+from common.quant.schemes import (
+    SCHEMES,
+    QuantScheme,
+    Weights,
+    float_activation_plan,
+    scheme_by_name,
+)
 
 #: Chips this module compiles for (both accepted by ``model_deploy --chip``).
 CHIPS = ("bm1684x", "bm1688")
-#: User-facing mode → ``model_deploy --quantize`` value.
-QUANTIZE = {"bf16": "BF16", "f16": "F16", "w8bf16": "W8BF16", "w4bf16": "W4BF16"}
+#: The schemes ``MODE=`` may name (:data:`common.quant.schemes.SCHEMES`): ``bf16``/``f16``
+#: keep every weight in that half type; ``w8bf16``/``w4bf16`` are weight-only int8/int4, per
+#: group of ``Q_GROUP_SIZE`` input columns with a zero point each, bf16 activations.
+MODES = ("bf16", "f16", "w8bf16", "w4bf16")
+#: The half types by tpu-mlir's names.
+_HALF = {"bfloat16": "BF16", "float16": "F16"}
+
+
+def quantize_flag(weights: Weights, activations: str) -> str:
+    """``model_deploy --quantize`` for linears with ``weights`` between ``activations``:
+    the half type (``BF16``) when the weights are float, else weight-only (``W4BF16``)."""
+    half = _HALF[activations]
+    return half if weights.bits is None else f"W{weights.bits}{half}"
+
+
+#: User-facing mode → ``model_deploy --quantize`` value of the blocks.
+QUANTIZE = {mode: quantize_flag(SCHEMES[mode].weights, SCHEMES[mode].activations) for mode in MODES}
+
+
+def mode_scheme(mode: str, q_group_size: int) -> QuantScheme:
+    """The scheme ``MODE=mode`` builds, grouped weights at ``q_group_size`` columns
+    (``Q_GROUP_SIZE``: both routes pass it for W8 and W4 alike, and model_deploy applies
+    it to both)."""
+    scheme = scheme_by_name(mode, MODES, "MODE")
+    if scheme.weights.granularity == "group":
+        scheme = scheme.with_weights(group_size=q_group_size)
+    return scheme
+
+
+def weight_flags(weights: Weights, flag: str, symmetric: str) -> list[str]:
+    """The group size (``flag``; 0 is one scale per output channel) and symmetry
+    (``symmetric``; a zero point per group otherwise) of integer ``weights``."""
+    if weights.bits is None:
+        return []
+    return [flag, str(weights.group_size or 0), *([symmetric] if weights.symmetric else [])]
+
+
 #: How the bmodel is built: our ONNX pieces through model_transform/model_deploy, or the
 #: vendor's one-shot ``llm_convert`` from a half-precision HF checkpoint.
 ROUTES = ("onnx", "llm_convert")
@@ -173,8 +216,8 @@ def transform_args(
 
 def check_mode_chip(mode: str, chip: str) -> None:
     """Reject an unknown ``MODE``/``CHIP`` before any work, naming the choices."""
-    if mode not in QUANTIZE:
-        raise EdgeforgeError(f"MODE={mode!r} is not supported; use one of {', '.join(QUANTIZE)}")
+    if mode not in MODES:
+        raise EdgeforgeError(f"MODE={mode!r} is not supported; use one of {', '.join(MODES)}")
     if chip not in CHIPS:
         raise EdgeforgeError(f"CHIP={chip!r} is not supported; use one of {', '.join(CHIPS)}")
 
@@ -207,18 +250,19 @@ def deploy_args(
     onnxruntime afterwards anyway (:class:`Simulator`) — that pass was minutes per real-size
     block and checked against an intermediate instead of the float model."""
     check_mode_chip(mode, chip)
-    half = "F16" if mode == "f16" else "BF16"
+    scheme = mode_scheme(mode, q_group_size)
+    half = _HALF[scheme.activations]
     args = ["--mlir", str(mlir), "--chip", chip, "--model", str(bmodel), "--skip_validation"]
     args += ["--test_input", f"{name}_in_f32.npz", "--test_reference", f"{name}_top_out.npz"]
     if kind in ("embedding", "embedding_cache"):
         return [*args, "--quantize", half, "--quant_input", "--quant_output"]
     if kind == "lm_head":
-        return [*args, "--quantize", half, "--quant_input"]
+        head = quantize_flag(scheme.weight("lm_head"), scheme.activation("lm_head"))
+        return [*args, "--quantize", head, "--quant_input"]
     if kind in ("greedy_head", "penalty_sample_head"):
         return [*args, "--quantize", "F32"]
     quant = ["--quantize", QUANTIZE[mode]]
-    if mode.startswith("w4"):
-        quant += ["--q_group_size", str(q_group_size)]
+    quant += weight_flags(scheme.weights, "--q_group_size", "--q_symmetric")
     if mode in TOOL_TOLERANCE:
         quant += ["--tolerance", ",".join(str(t) for t in TOOL_TOLERANCE[mode])]
     args += [*quant, "--quant_input", "--quant_output"]
@@ -478,14 +522,36 @@ def save_half_checkpoint(model_dir: Path, dest: Path, mode: str, keep: Sequence[
 def llm_convert_args(
     hf_dir: Path, seq_len: int, mode: str, chip: str, q_group_size: int, out_dir: Path
 ) -> list[str]:
-    """``llm_convert`` flags: static ``seq_len``, our mode/chip/group size, and
-    ``--do_sample`` so ``lm_head`` returns logits and ``greedy_head`` is a separate net —
-    the same nets as the ONNX route, which lets one checker run both."""
+    """``llm_convert`` flags: static ``seq_len``, our mode/chip, the scheme's group size and
+    symmetry, and ``--do_sample`` so ``lm_head`` returns logits and ``greedy_head`` is a
+    separate net — the same nets as the ONNX route, which lets one checker run both."""
     check_mode_chip(mode, chip)
+    weights = mode_scheme(mode, q_group_size).weights
     return [
-        "-m", str(hf_dir), "-s", str(seq_len), "-q", mode, "-g", str(q_group_size),
+        "-m", str(hf_dir), "-s", str(seq_len), "-q", mode,
+        *weight_flags(weights, "-g", "--symmetric"),
         "-c", chip, "-o", str(out_dir), "--do_sample",
     ]  # fmt: skip
+
+
+def bmodel_plan(
+    mode: str, q_group_size: int, route: str, linears: Iterable[tuple[str, str]], name: str
+) -> dict[str, Any]:
+    """The plan written beside a bmodel (``quant_plan.json``): per linear ``(name, role)``
+    of the language model, the weight and activation dtypes both routes tell tpu-mlir to
+    build (:func:`mode_scheme`, :func:`deploy_args`), and what the other nets hold."""
+    scheme = mode_scheme(mode, q_group_size)
+    return float_activation_plan(
+        scheme,
+        linears,
+        name=name,
+        artifact=f"SOPHGO combined bmodel, route {route}",
+        extra={
+            "route": route,
+            "embedding": scheme.activations,
+            "sampling_heads": "float32",
+        },
+    )
 
 
 def run_llm_convert(

@@ -4,10 +4,10 @@ NPU compilers for LLMs (TPU-MLIR, QNN, Pulsar2) take fixed-shape graphs, so a mo
 into pieces the runtime chains itself: ``embedding`` ``[1,S]`` and ``embedding_cache``
 ``[1,1]``; per layer a prefill ``block_i`` and a one-token decode ``block_cache_i`` with a
 sequence-major KV cache ``[1,S,KVH,D]``; ``lm_head`` (final norm + projection, ``[1,H]``);
-and the ``greedy_head`` / ``penalty_sample_head`` token pickers. The wrappers here are built
-from the adapter's live modules (norms, linears, MLP, rotary table), with the attention
-written out explicitly: HF attention keeps ``[B,H,S,D]`` and a cache object, neither of which
-fixes the KV layout a runtime can bind as persistent buffers.
+and the ``greedy_head`` / ``penalty_sample_head`` token pickers. What each piece computes
+(the static decoder, and which models it supports) lives in
+:mod:`common.models.static_decoder`; this module fixes their signatures, exports them with
+the legacy TorchScript exporter, and runs them.
 
 Positions and masks are inputs, not graph logic, so one set of graphs serves every prompt
 length up to ``S``; :func:`prefill_inputs` / :func:`decode_inputs` build them the way the
@@ -15,11 +15,10 @@ vendor runtimes do, and :func:`greedy_decode` runs the whole protocol against an
 :class:`PieceRunner` (onnxruntime here, a chip simulator in a target), which is what makes
 "the compiled pieces generate the same tokens as the float model" a testable claim.
 
-The Qwen2-VL family's language model exports the same pieces with M-RoPE: positions are
-``[3,1,S]`` (temporal, height, width rows) and each ``mrope_section`` of the rotary dims
-turns with its own row. Blocks take embeddings, so a runtime splices the vision tower's
-output over the placeholder rows; :class:`MultimodalPrompt` carries those rows and the
-3-row positions HF's rope index lays out, and decode positions then run behind the cache.
+The Qwen2-VL family's language model exports the same pieces with M-RoPE positions
+``[3,1,S]``. Blocks take embeddings, so a runtime splices the vision tower's output over the
+placeholder rows; :class:`MultimodalPrompt` carries those rows and the 3-row positions HF's
+rope index lays out, and decode positions then run behind the cache.
 """
 
 from __future__ import annotations
@@ -36,46 +35,24 @@ from torch import nn
 
 from common.core.errors import EdgeforgeError
 from common.core.records import atomic_path
-from common.models.base import DecoderLayer, ModelAdapter
+from common.models.base import ModelAdapter
+from common.models.static_decoder import (
+    MASK_BLOCKED,
+    MROPE_ROWS,
+    BlockCachePiece,
+    BlockPiece,
+    EmbeddingPiece,
+    GreedyHead,
+    LmHeadPiece,
+    PenaltySampleHead,
+    PieceDims,
+    piece_dims,
+    rotary_table,
+)
 
-#: Additive mask value for blocked positions: finite and exactly representable in bf16,
-#: so the same mask works for float and bf16 I/O (the vendors use -10000 too).
-MASK_BLOCKED = -10000.0
 #: Opset of the legacy TorchScript exporter that TPU-MLIR and QNN accept (the dynamo
 #: exporter forces opset 18 and external data, which TPU-MLIR rejects).
 ONNX_OPSET = 17
-#: Candidates the sampling head keeps (the LLM-TPU contract: probabilities over the top 50).
-SAMPLE_TOP_K = 50
-#: The sampling head never filters below this many candidates, whatever ``top_p`` says.
-SAMPLE_MIN_KEEP = 5
-#: Model families whose decoder layer is llama's (pre-norm, SwiGLU). The VL ones (their
-#: language model) rotate with M-RoPE: 3-row position ids, one per (temporal, height, width).
-SUPPORTED_TYPES = ("llama", "qwen2", "qwen2_vl", "qwen2_5_vl")
-#: Position-id rows of an M-RoPE model.
-MROPE_ROWS = 3
-
-
-@dataclass(frozen=True)
-class PieceDims:
-    """The shapes every piece agrees on; ``seq_len`` is the static context ``S``.
-
-    ``mrope_section`` is set for M-RoPE models (Qwen2-VL family): positions are then
-    ``[3,1,L]`` and section ``i`` of the rotary half-dim turns with row ``i``.
-    """
-
-    seq_len: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    num_layers: int
-    vocab_size: int
-    mrope_section: tuple[int, ...] | None = None
-
-    @property
-    def rope_rows(self) -> int:
-        """Rows of position ids the blocks take: 3 with M-RoPE, else 1."""
-        return 1 if self.mrope_section is None else MROPE_ROWS
 
 
 @dataclass(frozen=True)
@@ -88,244 +65,6 @@ class Piece:
     path: Path
     inputs: tuple[tuple[str, tuple[int, ...], str], ...]
     outputs: tuple[str, ...]
-
-
-def piece_dims(adapter: ModelAdapter, seq_len: int) -> PieceDims:
-    """The dims of ``adapter``'s text model at context ``seq_len``, checked against the
-    rotary range the checkpoint was trained for (positions past it are extrapolation)."""
-    if adapter.model_type not in SUPPORTED_TYPES:
-        raise EdgeforgeError(
-            f"piece export: model_type {adapter.model_type!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_TYPES)}"
-        )
-    departures = adapter.attention_departures()
-    if departures:
-        raise EdgeforgeError(
-            f"piece export: the {adapter.model_type} config's {'; '.join(departures)}; the "
-            "exported decoder implements full causal attention without soft-capping only"
-        )
-    max_positions = int(getattr(adapter.text_config, "max_position_embeddings", 0) or 0)
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise EdgeforgeError(f"SEQ_LEN: expected an integer >= 2, got {seq_len!r}")
-    if max_positions and seq_len > max_positions:
-        raise EdgeforgeError(
-            f"SEQ_LEN={seq_len} exceeds the model's rotary range "
-            f"(config max_position_embeddings={max_positions}); use SEQ_LEN<={max_positions}"
-        )
-    return dims_of(adapter, seq_len)
-
-
-def dims_of(adapter: ModelAdapter, seq_len: int) -> PieceDims:
-    """``adapter``'s piece dims at ``seq_len``, unchecked: the caller has validated
-    ``seq_len`` against its model's own limit (:func:`piece_dims` does for HF models)."""
-    return PieceDims(
-        seq_len=seq_len,
-        hidden_size=adapter.hidden_size,
-        num_heads=adapter.num_heads,
-        num_kv_heads=adapter.num_kv_heads,
-        head_dim=adapter.head_dim,
-        num_layers=adapter.num_layers,
-        vocab_size=adapter.vocab_size,
-        mrope_section=adapter.mrope_section,
-    )
-
-
-def rotary_table(adapter: ModelAdapter, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cos, sin`` ``[S, D]`` for positions ``0..S-1`` from the model's own rotary module,
-    so rope variants (theta, scaling, attention factor) come out exactly as HF computes them."""
-    rotary = adapter.rotary_embedding()
-    probe = torch.zeros(1, seq_len, adapter.head_dim, dtype=torch.float32)
-    positions = torch.arange(seq_len, dtype=torch.long)[None]
-    with torch.no_grad():
-        cos, sin = rotary(probe, positions)
-    return cos[0].float().contiguous(), sin[0].float().contiguous()
-
-
-def mrope_runs(section: Sequence[int], head_dim: int) -> list[tuple[int, int, int]]:
-    """``(row, start, stop)`` column runs of an M-RoPE cos/sin row: section ``i`` of each
-    rotary half takes its angles from position row ``i % 3`` (HF's
-    ``recomposition_frequencies``: split the half-dim by ``mrope_section``, then repeat the
-    half). Empty sections give no run."""
-    runs: list[tuple[int, int, int]] = []
-    for start in (0, head_dim // 2):
-        for i, width in enumerate(section):
-            if width:
-                runs.append((i % MROPE_ROWS, start, start + width))
-            start += width
-    return runs
-
-
-def gather_rope(
-    table: torch.Tensor, position_ids: torch.Tensor, section: Sequence[int] | None
-) -> torch.Tensor:
-    """Rotary rows ``[1, L, D]`` for ``position_ids`` from a 1-D table ``[S, D]``.
-
-    1-D RoPE indexes the table by ``[1, L]`` positions. M-RoPE gathers the table once per
-    row of ``[3, 1, L]`` positions and takes each column run from its row: the table entry
-    for position ``p`` is ``f(p · inv_freq[d])``, so this equals HF's per-row angles exactly
-    (Gather, Slice and Concat only — ops every NPU compiler lowers)."""
-    if section is None:
-        return table[position_ids]
-    rows = table[position_ids]  # [3, 1, L, D]
-    # D from the section, not table.shape: under the ONNX tracer a shape is a tensor.
-    runs = mrope_runs(section, 2 * sum(section))
-    return torch.cat([rows[r, :, :, a:b] for r, a, b in runs], dim=-1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class _Attention(nn.Module):
-    """Llama attention on sequence-major tensors ``[1, S, heads, D]`` with an additive mask.
-
-    Returns the attention output and this call's post-rope K and V (what the cache stores).
-    """
-
-    def __init__(self, layer: DecoderLayer, dims: PieceDims, cos: torch.Tensor, sin: torch.Tensor):
-        super().__init__()
-        self.q_proj, self.k_proj = layer.linears["q"], layer.linears["k"]
-        self.v_proj, self.o_proj = layer.linears["v"], layer.linears["o"]
-        self.dims = dims
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def project(
-        self, x: torch.Tensor, position_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Roped Q ``[1,L,NH,D]`` and K, plain V ``[1,L,KVH,D]`` for ``L`` new tokens."""
-        d = self.dims
-        length = x.shape[1]
-        q = self.q_proj(x).view(1, length, d.num_heads, d.head_dim)
-        k = self.k_proj(x).view(1, length, d.num_kv_heads, d.head_dim)
-        v = self.v_proj(x).view(1, length, d.num_kv_heads, d.head_dim)
-        cos = gather_rope(self.cos, position_ids, d.mrope_section).unsqueeze(2)  # [1, L, 1, D]
-        sin = gather_rope(self.sin, position_ids, d.mrope_section).unsqueeze(2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
-
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Softmax attention of ``q`` over ``k``/``v`` (GQA groups share a KV head)."""
-        d = self.dims
-        group = d.num_heads // d.num_kv_heads
-        q = q.transpose(1, 2)  # [1, NH, L, D]
-        k = k.transpose(1, 2).repeat_interleave(group, dim=1)  # [1, NH, T, D]
-        v = v.transpose(1, 2).repeat_interleave(group, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d.head_dim) + mask
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(1, q.shape[2], -1)
-        return self.o_proj(out)
-
-
-class BlockPiece(nn.Module):
-    """Prefill ``block_i``: ``[1,S,H]``, positions ``[1,S]`` (M-RoPE: ``[3,1,S]``), mask
-    ``[1,1,S,S]`` → hidden ``[1,S,H]``, ``past_k``/``past_v`` ``[1,S,KVH,D]``.
-
-    It takes embeddings, not ids, so a VL runtime splices vision-tower rows in between."""
-
-    def __init__(self, layer: DecoderLayer, dims: PieceDims, cos: torch.Tensor, sin: torch.Tensor):
-        super().__init__()
-        self.input_norm, self.post_norm = layer.input_norm, layer.post_attention_norm
-        self.mlp = layer.mlp
-        self.attn = _Attention(layer, dims, cos, sin)
-
-    def forward(
-        self, input_states: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.attn.project(self.input_norm(input_states), position_ids)
-        hidden = input_states + self.attn.attend(q, k, v, attention_mask)
-        hidden = hidden + self.mlp(self.post_norm(hidden))
-        return hidden, k, v
-
-
-class BlockCachePiece(BlockPiece):
-    """Decode ``block_cache_i``: one token ``[1,1,H]``, its position ``[1,1]`` (``[3,1,1]``), mask
-    ``[1,1,1,S+1]`` and the history ``[1,S,KVH,D]`` → hidden ``[1,1,H]`` and only the new
-    token's K/V ``[1,1,KVH,D]`` (the host writes them into its cache; no full-cache copy)."""
-
-    def forward(  # type: ignore[override]
-        self,
-        input_states: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        history_k: torch.Tensor,
-        history_v: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self.attn.project(self.input_norm(input_states), position_ids)
-        keys = torch.cat([history_k, k], dim=1)
-        values = torch.cat([history_v, v], dim=1)
-        hidden = input_states + self.attn.attend(q, keys, values, attention_mask)
-        hidden = hidden + self.mlp(self.post_norm(hidden))
-        return hidden, k, v
-
-
-class EmbeddingPiece(nn.Module):
-    """Token ids (int32) → embeddings; the same module serves ``[1,S]`` and ``[1,1]``."""
-
-    def __init__(self, embed: nn.Embedding):
-        super().__init__()
-        self.embed = embed
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids)
-
-
-class LmHeadPiece(nn.Module):
-    """Last hidden row ``[1,H]`` → final norm → logits ``[1,V]`` (float)."""
-
-    def __init__(self, norm: nn.Module, head: nn.Linear):
-        super().__init__()
-        self.norm, self.head = norm, head
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(hidden_states))
-
-
-class GreedyHead(nn.Module):
-    """Logits ``[1,V]`` → argmax token ``[1,1]`` (TopK 1: what the NPUs lower well)."""
-
-    def forward(self, m_logits: torch.Tensor) -> torch.Tensor:
-        _, token = torch.topk(m_logits.float(), 1)
-        return token
-
-
-class PenaltySampleHead(nn.Module):
-    """Repetition penalty, top-k 50, temperature and top-p over logits ``[1,V]``.
-
-    Inputs: ``m_logits [1,V]``, ``input_ids [1,S]`` (the tokens to penalise), ``top_p``,
-    ``temperature``, ``penalty`` (each ``[1]``). Outputs ``probs [1,50]`` and ``token [1,50]``;
-    the host draws from ``probs``. At least :data:`SAMPLE_MIN_KEEP` candidates survive top-p.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Float 0/1, not bool: TPU-MLIR's converter cannot take a constant operand of Or.
-        keep = torch.zeros(1, SAMPLE_TOP_K)
-        keep[0, :SAMPLE_MIN_KEEP] = 1.0
-        self.register_buffer("keep", keep, persistent=False)
-
-    def forward(
-        self,
-        m_logits: torch.Tensor,
-        input_ids: torch.Tensor,
-        top_p: torch.Tensor,
-        temperature: torch.Tensor,
-        penalty: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = input_ids.long()
-        seen = torch.gather(m_logits, 1, ids)
-        seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-        logits = m_logits.scatter(1, ids, seen)
-        logits, token = torch.topk(logits.float(), SAMPLE_TOP_K)
-        logits = logits / temperature
-        cumulative = logits.softmax(dim=1).cumsum(dim=1)
-        keep = torch.maximum((cumulative < top_p).float(), self.keep)
-        filtered = logits * keep - 1000.0 * (1.0 - keep)  # exact: keep is 0 or 1
-        return filtered.softmax(dim=1), token
 
 
 def _spec(name: str, shape: tuple[int, ...], dtype: str) -> tuple[str, tuple[int, ...], str]:

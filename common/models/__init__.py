@@ -5,8 +5,9 @@ model through it. A new family with the llama block layout is one module in this
 defining a :class:`~common.models.base.ModelAdapter` subclass, plus one entry in
 ``_ADAPTERS`` (and removing it from ``PLANNED_MODEL_TYPES``). A block that differs (extra
 norms, ``(1 + w)`` RMSNorm, scaled embeddings, soft-capping, sliding windows) also needs the
-static decoder, rotation and sequential profiling taught about it: CONTRIBUTING.md lists
-every file and which of them would otherwise compute wrong numbers without an error.
+static decoder (:mod:`common.models.static_decoder`, whose table says what it supports and
+which refuses the rest), rotation and sequential profiling taught about it: CONTRIBUTING.md
+lists every file and which of them would otherwise compute wrong numbers without an error.
 """
 
 from __future__ import annotations

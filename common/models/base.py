@@ -296,10 +296,12 @@ class ModelAdapter:
     def attention_departures(self) -> list[str]:
         """How the text config departs from full causal attention without soft-capping.
 
-        The static decoder (ONNX pieces) and sequential profiling implement exactly that
-        attention. A config with sliding-window layers or logit soft-capping would get
-        another function from them without any error, so they refuse it with these lines
-        (empty: nothing departs). The Hugging Face forward, used everywhere else, is right.
+        The static decoder (:mod:`common.models.static_decoder`, the ONNX pieces) and
+        sequential profiling implement exactly that attention. A config with sliding-window
+        layers or logit soft-capping would get another function from them without any error,
+        so they refuse it with these lines (empty: nothing departs); the static decoder adds
+        the departures only it gets wrong (another attention scale, extra norms). The
+        Hugging Face forward, used everywhere else, is right.
         """
         config = self.text_config
         problems = []

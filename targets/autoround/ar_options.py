@@ -1,4 +1,4 @@
-"""Options of the AutoRound step: defaults, recipe overrides, and checks made before any work.
+"""Options of the AutoRound step: declared once, merged, and checked before any work.
 
 Precedence: command line (make variables) > the recipe's ``targets.autoround`` object >
 the defaults here. Everything a user can get wrong is checked in :func:`resolve` or
@@ -7,13 +7,29 @@ the defaults here. Everything a user can get wrong is checked in :func:`resolve`
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.core.errors import EdgeforgeError
+from common.core.options import (
+    Boolean,
+    Choice,
+    ChoiceList,
+    FilePath,
+    Integer,
+    Kind,
+    Number,
+    describe,
+    given_options,
+    option,
+)
+from common.core.options import resolve as resolve_options
 from common.quant.rtn import SUPPORTED_BITS, check_group_size
+from common.quant.schemes import SCHEMES, QuantScheme
 
 #: Export formats this step produces and reloads, with the bit widths each can store.
 #: AWQ's GEMM layout packs 4-bit codes only; GPTQ and AutoRound's own layout take 2/3/4/8;
@@ -32,23 +48,10 @@ FORMAT_BITS: dict[str, tuple[int, ...]] = {
 #: a 6-bit scale and min (asymmetric). "_M" mixes in Q6_K for attn_v / half of ffn_down.
 GGUF_GRID: dict[str, tuple[int, bool]] = {"gguf:q4_0": (32, True), "gguf:q4_k_m": (32, False)}
 
-#: Defaults sized for a CPU run (AutoRound's own are iters 200, nsamples 128, seqlen 2048,
-#: tuned for GPUs): with these SmolLM2-135M W4 g32 reaches ppl ratio 1.095 (RTN: 1.261) in
-#: 22 CPU-minutes; W4 group 32 is the accuracy-first int4 scheme.
-DEFAULTS: dict[str, Any] = {
-    "bits": 4,
-    "group_size": 32,
-    "sym": True,
-    "iters": 20,
-    "nsamples": 16,
-    "seqlen": 128,
-    "formats": ["auto_round"],
-    "quant_nontext_module": False,
-    "max_ppl_ratio": 1.10,
-    "rtn_gate": "both",
-    "seed": 42,
-}
-
+#: Defaults (the Options fields below) are sized for a CPU run (AutoRound's own are iters 200,
+#: nsamples 128, seqlen 2048, tuned for GPUs): with these SmolLM2-135M W4 g32 reaches ppl
+#: ratio 1.095 (RTN: 1.261) in 22 CPU-minutes; W4 group 32 is the accuracy-first int4 scheme.
+#:
 #: GGUF runs default to auto-round's own advice for its current GGUF export: no sign-round
 #: steps (``iters=0``), i.e. its optimized RTN, which searches each block's scale (and min)
 #: weighted by an importance matrix taken from the calibration data. Sign-round steps do not
@@ -56,8 +59,9 @@ DEFAULTS: dict[str, Any] = {
 #: SmolLM2 Q4_K_M, 5 steps kept every block at its initial rounding.
 GGUF_DEFAULT_ITERS = 0
 
-#: Keys a recipe's ``targets.autoround`` object may set (tell the schema).
-RECIPE_KEYS = tuple(DEFAULTS)
+#: The registry entry (common/quant/schemes.py) whose grid the options below default to.
+DEFAULT_SCHEME = "w4g32"
+_DEFAULT = SCHEMES[DEFAULT_SCHEME].weights
 
 #: How "beats RTN" is judged: lower held-out perplexity, higher logits cosine to the float
 #: model, or both. Perplexity is meaningless for random-weight test models (it sits near the
@@ -69,74 +73,96 @@ TEMPLATE_KEYS = ("model_type", "format_user", "format_assistant")
 
 
 @dataclass(frozen=True)
-class Options:
-    """Resolved options of one run."""
+class GroupSize(Kind):
+    """-1 (one group per row) or a positive group size."""
 
-    bits: int
-    group_size: int
-    sym: bool
-    iters: int
-    nsamples: int
-    seqlen: int
-    formats: tuple[str, ...]
-    quant_nontext_module: bool
-    max_ppl_ratio: float
-    rtn_gate: str
-    seed: int
-    data: Path | None = None
-    images: Path | None = None
-    template: Path | None = None
+    @property
+    def schema(self) -> dict[str, Any]:
+        return {"type": "integer", "anyOf": [{"const": -1}, {"minimum": 1}]}
+
+    def parse(self, value: Any) -> int:
+        number = Integer().parse(value)
+        if number == 0 or number < -1:
+            raise ValueError("must be -1 (per row) or a positive integer")
+        return number
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of ``make autoround`` (command line > recipe ``targets.autoround`` > these)."""
+
+    bits: int = option(_DEFAULT.bits, Choice(SUPPORTED_BITS), "weight bits", make="BITS")
+    group_size: int = option(
+        _DEFAULT.group_size, GroupSize(), "-1 or a divisor of every layer", make="GROUP_SIZE"
+    )
+    sym: bool = option(_DEFAULT.symmetric, Boolean(), "1 symmetric, 0 asymmetric", make="SYM")
+    iters: int = option(
+        20, Integer(0), f"AutoRound tuning steps per block (0 = its RTN; GGUF: "
+        f"{GGUF_DEFAULT_ITERS})", make="ITERS",
+    )  # fmt: skip
+    nsamples: int = option(16, Integer(1), "calibration samples", make="NSAMPLES")
+    seqlen: int = option(128, Integer(8), "calibration tokens per sample", make="SEQLEN")
+    formats: tuple[str, ...] = option(
+        ("auto_round",),
+        ChoiceList(tuple(FORMAT_BITS), text_in_recipe=False),
+        "comma list of auto_round,auto_gptq,auto_awq; or gguf:q4_0|gguf:q4_k_m alone",
+        make="FORMAT",
+        recipe="formats",
+    )
+    quant_nontext_module: bool = option(
+        False, Boolean(), "1: quantize the vision tower too", make="QUANT_NONTEXT"
+    )
+    max_ppl_ratio: float = option(
+        1.10, Number(above=0), "gate: held-out perplexity ratio to float", flag="--max-ppl-ratio"
+    )
+    rtn_gate: str = option("both", Choice(RTN_GATES), "beat RTN on", flag="--rtn-gate")
+    seed: int = option(42, Integer(0), "calibration sampling seed", flag="--seed")
+    data: Path | None = option(
+        None,
+        FilePath(),
+        "local calibration .json/.jsonl (default: corpus)",
+        make="DATA",
+        recipe=False,
+    )
+    images: Path | None = option(
+        None, FilePath(), "image folder of a LLaVA-style DATA file", make="IMAGES", recipe=False
+    )
+    template: Path | None = option(
+        None,
+        FilePath(),
+        "custom chat-template JSON (AutoRound format)",
+        make="TEMPLATE",
+        recipe=False,
+    )
+    eval_windows: int | None = option(
+        None,
+        Integer(1),
+        "held-out windows (default: recipe eval)",
+        make="EVAL_WINDOWS",
+        recipe=False,
+    )
 
     def as_record(self) -> dict[str, Any]:
         """JSON-friendly form for the manifest and report."""
-        record = asdict(self)
-        record["formats"] = list(self.formats)
-        for key in ("data", "images", "template"):
-            record[key] = None if record[key] is None else str(record[key])
-        return record
+        return describe(self)
 
 
-def parse_bool(value: Any, option: str) -> bool:
-    """``1/0/true/false/yes/no`` (make variables are strings) or a JSON bool."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise EdgeforgeError(f"{option} must be 1 or 0 (true/false), got {value!r}")
-
-
-def _int(value: Any, option: str, low: int) -> int:
-    try:
-        number = int(str(value))
-    except ValueError:
-        raise EdgeforgeError(f"{option} must be an integer, got {value!r}") from None
-    if number < low:
-        raise EdgeforgeError(f"{option} must be >= {low}, got {number}")
-    return number
-
-
-def parse_formats(value: Any) -> tuple[str, ...]:
-    """A comma-separated list (or JSON list) of known formats, duplicates removed, order kept."""
-    items = value if isinstance(value, list) else str(value).split(",")
-    formats = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
-    if not formats:
-        raise EdgeforgeError("FORMAT is empty; name one or more of " + ", ".join(FORMAT_BITS))
-    for fmt in formats:
-        if fmt not in FORMAT_BITS:
-            raise EdgeforgeError(
-                f"FORMAT {fmt!r} is not supported; choose from {', '.join(FORMAT_BITS)}"
-            )
-    gguf = [fmt for fmt in formats if fmt in GGUF_GRID]
-    if gguf and len(formats) > 1:
-        raise EdgeforgeError(
-            f"FORMAT {gguf[0]} must be the only format of a run: the GGUF type fixes the "
-            f"quantization grid, so it cannot share tuned weights with {', '.join(formats)}; "
-            "run once per format"
-        )
-    return formats
+def scheme_of(options: Options) -> QuantScheme:
+    """The named scheme (``w4g32``, the default) with this run's weight grid: what the
+    exported checkpoint holds. ``ITERS=0`` is AutoRound's RTN (scales searched, levels
+    rounded to nearest), otherwise its signed-gradient rounding."""
+    grouped = options.group_size != -1
+    return dataclasses.replace(
+        SCHEMES[DEFAULT_SCHEME].with_weights(
+            dtype=f"int{options.bits}",
+            granularity="group" if grouped else "per_channel",
+            group_size=options.group_size if grouped else None,
+            symmetric=options.sym,
+            rounding="autoround" if options.iters else "nearest",
+        ),
+        name=f"w{options.bits}g{options.group_size if grouped else 'row'}"
+        + ("" if options.sym else "-asym"),
+    )
 
 
 def folder_name(fmt: str) -> str:
@@ -149,81 +175,45 @@ def is_gguf(options: Options) -> bool:
     return options.formats[0] in GGUF_GRID
 
 
-def _gguf_grid(fmt: str, cli: dict[str, Any]) -> dict[str, Any]:
-    """group_size/sym of a GGUF type; a conflicting GROUP_SIZE/SYM on the command line fails."""
-    group_size, sym = GGUF_GRID[fmt]
-    asked = cli.get("group_size")
-    if asked is not None and _int(asked, "GROUP_SIZE", -1) != group_size:
+def resolve(
+    cli: argparse.Namespace | dict[str, Any],
+    recipe_defaults: dict[str, Any],
+    where: str = "recipe targets.autoround",
+) -> Options:
+    """Merge command line over recipe over defaults and validate every value, then the
+    combinations: formats with bits, a GGUF type's fixed grid, the paths."""
+    options = resolve_options(Options, cli, recipe_defaults, where=where)
+    given = given_options(Options, cli)
+    gguf = [fmt for fmt in options.formats if fmt in GGUF_GRID]
+    if gguf and len(options.formats) > 1:
         raise EdgeforgeError(
-            f"GROUP_SIZE={cli['group_size']} conflicts with FORMAT {fmt}, whose blocks are "
-            f"{group_size} weights; leave GROUP_SIZE unset"
+            f"FORMAT {gguf[0]} must be the only format of a run: the GGUF type fixes the "
+            f"quantization grid, so it cannot share tuned weights with "
+            f"{', '.join(options.formats)}; run once per format"
         )
-    if cli.get("sym") is not None and parse_bool(cli["sym"], "SYM") != sym:
-        raise EdgeforgeError(
-            f"SYM={cli['sym']} conflicts with FORMAT {fmt}, which is "
-            f"{'symmetric' if sym else 'asymmetric (scale and min)'}; leave SYM unset"
-        )
-    return {"group_size": group_size, "sym": sym}
-
-
-def resolve(cli: dict[str, Any], recipe_defaults: dict[str, Any]) -> Options:
-    """Merge command line over recipe over defaults and validate every value."""
-    unknown = sorted(set(recipe_defaults) - set(RECIPE_KEYS))
-    if unknown:
-        raise EdgeforgeError(
-            f"recipe targets.autoround: unknown key(s) {', '.join(unknown)}; "
-            f"known: {', '.join(RECIPE_KEYS)}"
-        )
-    given = {**recipe_defaults, **{k: v for k, v in cli.items() if v is not None}}
-    merged = {**DEFAULTS, **given}
-    if parse_formats(merged["formats"])[0] in GGUF_GRID and "iters" not in given:
-        merged["iters"] = GGUF_DEFAULT_ITERS
-    bits = _int(merged["bits"], "BITS", 1)
-    if bits not in SUPPORTED_BITS:
-        raise EdgeforgeError(f"BITS must be one of {SUPPORTED_BITS}, got {bits}")
-    formats = parse_formats(merged["formats"])
-    for fmt in formats:
-        if bits not in FORMAT_BITS[fmt]:
+    for fmt in options.formats:
+        if options.bits not in FORMAT_BITS[fmt]:
             raise EdgeforgeError(
-                f"BITS={bits} is not supported by FORMAT {fmt} (it stores "
+                f"BITS={options.bits} is not supported by FORMAT {fmt} (it stores "
                 f"{'/'.join(map(str, FORMAT_BITS[fmt]))}-bit weights)"
             )
-    if formats[0] in GGUF_GRID:
-        merged.update(_gguf_grid(formats[0], cli))
-    group_size = _int(merged["group_size"], "GROUP_SIZE", -1)
-    if group_size == 0:
-        raise EdgeforgeError("GROUP_SIZE must be -1 (per row) or a positive integer, got 0")
-    try:
-        max_ppl_ratio = float(merged["max_ppl_ratio"])
-    except (TypeError, ValueError):
-        raise EdgeforgeError(
-            f"max_ppl_ratio must be a number, got {merged['max_ppl_ratio']!r}"
-        ) from None
-    paths = {
-        key: Path(cli[key]) if cli.get(key) else None for key in ("data", "images", "template")
-    }
-    options = Options(
-        bits=bits,
-        group_size=group_size,
-        sym=parse_bool(merged["sym"], "SYM"),
-        iters=_int(merged["iters"], "ITERS", 0),
-        nsamples=_int(merged["nsamples"], "NSAMPLES", 1),
-        seqlen=_int(merged["seqlen"], "SEQLEN", 8),
-        formats=formats,
-        quant_nontext_module=parse_bool(merged["quant_nontext_module"], "QUANT_NONTEXT"),
-        max_ppl_ratio=max_ppl_ratio,
-        rtn_gate=_rtn_gate(merged["rtn_gate"]),
-        seed=_int(merged["seed"], "seed", 0),
-        **paths,
-    )
+    if gguf:
+        group_size, sym = GGUF_GRID[gguf[0]]
+        if "group_size" in given and options.group_size != group_size:
+            raise EdgeforgeError(
+                f"GROUP_SIZE={given['group_size']} conflicts with FORMAT {gguf[0]}, whose "
+                f"blocks are {group_size} weights; leave GROUP_SIZE unset"
+            )
+        if "sym" in given and options.sym != sym:
+            raise EdgeforgeError(
+                f"SYM={given['sym']} conflicts with FORMAT {gguf[0]}, which is "
+                f"{'symmetric' if sym else 'asymmetric (scale and min)'}; leave SYM unset"
+            )
+        iters_set = "iters" in given or "iters" in recipe_defaults
+        iters = options.iters if iters_set else GGUF_DEFAULT_ITERS
+        options = dataclasses.replace(options, group_size=group_size, sym=sym, iters=iters)
     _check_paths(options)
     return options
-
-
-def _rtn_gate(value: Any) -> str:
-    if value not in RTN_GATES:
-        raise EdgeforgeError(f"RTN_GATE must be one of {', '.join(RTN_GATES)}, got {value!r}")
-    return str(value)
 
 
 def _check_paths(options: Options) -> None:

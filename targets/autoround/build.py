@@ -20,68 +20,44 @@ import dataclasses
 import gc
 import importlib.metadata
 import shutil
-import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-sys.path[:0] = [str(ROOT), str(HERE)]
+import ar_options
+import ar_quantize
+import ar_report
+import ar_verify
+from ar_options import Options
 
-import ar_options  # noqa: E402  (this folder; target folders are not packages)
-import ar_quantize  # noqa: E402
-import ar_report  # noqa: E402
-import ar_verify  # noqa: E402
-
-from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
-from common.core.records import (  # noqa: E402
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli
+from common.core.options import target_parser
+from common.core.paths import REPO_ROOT
+from common.core.records import (
     atomic_path,
     build_manifest,
     write_bytes_atomic,
     write_json_atomic,
 )
-from common.models.tokenizer_fidelity import copy_tokenizer_files  # noqa: E402
+from common.models.tokenizer_fidelity import copy_tokenizer_files
+from common.steps.phases import Run
 
 TARGET = "autoround"
+#: Where progress lines go (the run's phase logger).
+Log = Callable[[str], None]
+#: The phases of a run (common/steps/phases.py), in order.
+PHASES = ("resolve", "reference", "quantize", "verify", "package")
 IMAGE_PROMPT = "Describe this image."
 MAX_NEW_TOKENS = 12
 #: Held-out windows whose full logits are compared (cosine, top-1, per layer): every window
 #: costs two forward passes, and 4 x 512 tokens already give thousands of positions.
 COMPARE_WINDOWS = 4
-DEFAULT_IMAGES = ROOT / "data" / "images"
+DEFAULT_IMAGES = REPO_ROOT / "data" / "images"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
-    parser.add_argument("--build-dir", type=Path, default=None)
-    parser.add_argument("--model-path", type=Path, default=None)
-    parser.add_argument("--bits", help="2, 3, 4 or 8 (default 4)")
-    parser.add_argument("--group-size", dest="group_size", help="-1 or a divisor (default 32)")
-    parser.add_argument("--sym", help="1 symmetric (default), 0 asymmetric")
-    parser.add_argument("--iters", help="AutoRound tuning steps per block (0 = its RTN)")
-    parser.add_argument("--nsamples", help="calibration samples")
-    parser.add_argument("--seqlen", help="calibration tokens per sample")
-    parser.add_argument(
-        "--format",
-        dest="formats",
-        help="comma list of auto_round,auto_gptq,auto_awq; or gguf:q4_0|gguf:q4_k_m alone",
-    )
-    parser.add_argument("--quant-nontext", dest="quant_nontext_module", help="1: vision too")
-    parser.add_argument("--data", help="local calibration .json/.jsonl (default: corpus)")
-    parser.add_argument("--images", help="image folder of a LLaVA-style --data file")
-    parser.add_argument("--template", help="custom chat-template JSON (AutoRound format)")
-    parser.add_argument("--max-ppl-ratio", dest="max_ppl_ratio", help="gate (default 1.10)")
-    parser.add_argument("--rtn-gate", dest="rtn_gate", help="beat RTN on: both|ppl|cosine")
-    parser.add_argument(
-        "--eval-windows", type=int, default=None, help="held-out windows (default: recipe eval)"
-    )
-    return parser.parse_args(argv)
-
-
-def _log(message: str) -> None:
-    print(f"[{TARGET}] {message}", file=sys.stderr, flush=True)
+    return target_parser("make autoround", __doc__.splitlines()[0], Options).parse_args(argv)
 
 
 def _version(name: str) -> str | None:
@@ -120,6 +96,31 @@ def planned_layers(adapter: Any, quant_nontext: bool) -> list[tuple[str, Any]]:
     ]
 
 
+def quant_plan(
+    options: Options, adapter: Any, planned: list[str], name: str, fmt: str
+) -> dict[str, Any]:
+    """What an export folder holds, per quantized linear (common.quant.schemes' plan
+    format); every other linear keeps the checkpoint's float weights."""
+    from common.models.base import iter_linears
+    from common.quant.schemes import float_activation_plan
+
+    roles = {n: role for n, role, _ in iter_linears(adapter, include_vision=True)}
+    quantized = set(planned)
+    return float_activation_plan(
+        ar_options.scheme_of(options),
+        [(n, roles.get(n, "linear")) for n in planned],
+        name=name,
+        artifact=fmt,
+        extra={
+            "autoround": {"iters": options.iters, "nsamples": options.nsamples,
+                          "seqlen": options.seqlen},
+            "unquantized": sorted(
+                n for n, _, _ in iter_linears(adapter, include_vision=True) if n not in quantized
+            ),
+        },
+    )  # fmt: skip
+
+
 def _block_names(adapter: Any, quant_nontext: bool) -> list[str]:
     blocks = [layer.name for layer in adapter.layers()]
     if quant_nontext:
@@ -128,7 +129,7 @@ def _block_names(adapter: Any, quant_nontext: bool) -> list[str]:
 
 
 def calibration(
-    options: ar_options.Options, tokenizer: Any, is_vl: bool, scratch: Path
+    options: Options, tokenizer: Any, is_vl: bool, scratch: Path
 ) -> tuple[Any, dict[str, Any], dict[str, Path]]:
     """(AutoRound ``dataset``, VL-only extra kwargs, manifest inputs) for the run."""
     from common.inputs.calib_data import read_calibration_file
@@ -210,7 +211,7 @@ RTN_BASELINE = {
 
 
 def _rtn_baseline(
-    options: ar_options.Options, model_dir: Path, planned: list[str], quantize: Any
+    options: Options, model_dir: Path, planned: list[str], quantize: Any, log: Log
 ) -> Any:
     """The RTN model at the run's setting (see :data:`RTN_BASELINE`)."""
     from common.models.loading import load_model
@@ -245,12 +246,13 @@ def _reload(
     planned: list[str],
     prefixes: list[str],
     tokenizers: TokenizerSource,
+    log: Log,
 ) -> tuple[Any, dict[str, Any]]:
     """(reloaded model, structural and tokenizer findings) of one export folder."""
     final = tokenizers.out_root / fmt_dir.name
     if fmt in ar_options.GGUF_GRID:
         path = ar_verify.gguf_file(fmt_dir)
-        _log(f"{fmt}: reloading {path.name} with transformers' GGUF reader")
+        log(f"{fmt}: reloading {path.name} with transformers' GGUF reader")
         model, info = ar_verify.load_gguf(path)
         per_layer, types = ar_verify.gguf_tensor_types(path, planned)
         record, tokenizer_problems = ar_verify.tokenizer_check(
@@ -271,7 +273,7 @@ def _reload(
     record, tokenizer_problems = ar_verify.tokenizer_check(
         tokenizers.source_dir, fmt_dir, str(final)
     )
-    _log(f"{fmt}: reloading {fmt_dir.name}/ with auto-round's CPU loader")
+    log(f"{fmt}: reloading {fmt_dir.name}/ with auto-round's CPU loader")
     model, info = ar_verify.load_export(fmt_dir, is_vl)
     return model, {
         "problems": ar_verify.structure_problems(model, info, planned, quant_config)
@@ -292,25 +294,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from common.steps.eval_step import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
     from common.steps.model_build import build_model, tokenizer_source_dir
 
+    phases = Run(TARGET, PHASES)
+    phases.phase("resolve")
     toolchains = _require_autoround()
     recipe = load_recipe(args.model)
-    cli = {
-        key: getattr(args, key)
-        for key in (
-            "bits",
-            "group_size",
-            "sym",
-            "iters",
-            "nsamples",
-            "seqlen",
-            "formats",
-            "max_ppl_ratio",
-            "rtn_gate",
-        )
-    }
-    cli["quant_nontext_module"] = args.quant_nontext_module
-    cli.update(data=args.data, images=args.images, template=args.template)
-    options = ar_options.resolve(cli, recipe.data.get("targets", {}).get(TARGET, {}))
+    options = ar_options.resolve(
+        args, recipe.data.get("targets", {}).get(TARGET, {}), f"{recipe.path}: targets.{TARGET}"
+    )
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     out_root = model_build_dir(recipe, args.build_dir) / TARGET
     tokenizers = TokenizerSource(
@@ -340,8 +330,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eval_cfg = recipe.eval_defaults
     num_windows = (
         eval_cfg.get("num_windows", DEFAULT_NUM_WINDOWS)
-        if args.eval_windows is None
-        else args.eval_windows
+        if options.eval_windows is None
+        else options.eval_windows
     )
     if num_windows < 1:
         raise EdgeforgeError(f"EVAL_WINDOWS must be >= 1, got {num_windows}")
@@ -350,13 +340,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     with tempfile.TemporaryDirectory(prefix=".autoround-", dir=out_root.parent) as scratch:
         dataset, extra, calib_inputs = calibration(options, tokenizer, is_vl, Path(scratch))
-        _log(f"float model: perplexity on {windows.shape[0]}x{windows.shape[1]} held-out tokens")
+        phases.phase("reference")
+        phases.log(
+            f"float model: perplexity on {windows.shape[0]}x{windows.shape[1]} held-out tokens"
+        )
         fp = perplexity(reference, windows)
         image_inputs = (
             ar_verify.image_inputs(processor, image, IMAGE_PROMPT) if image is not None else None
         )
 
-        def quantize(run_options: ar_options.Options, more: dict[str, Any], name: str) -> Any:
+        def quantize(run_options: Options, more: dict[str, Any], name: str) -> Any:
             return ar_quantize.run_autoround(
                 load_model(model_dir),
                 tokenizer=tokenizer,
@@ -368,11 +361,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
 
         baseline = options.formats[0] if ar_options.is_gguf(options) else "common.quant.rtn"
-        _log(
+        phases.log(
             f"RTN baseline ({baseline}): W{options.bits} g{options.group_size} on "
             f"{len(planned)} layers"
         )
-        rtn_model = _rtn_baseline(options, model_dir, planned, quantize)
+        rtn_model = _rtn_baseline(options, model_dir, planned, quantize, phases.log)
         rtn = {
             "ppl": perplexity(rtn_model, windows)["ppl"],
             **_logit_similarity(rtn_model, reference, windows[:COMPARE_WINDOWS]),
@@ -382,17 +375,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         with atomic_path(out_root) as tmp:
             tmp.mkdir()
-            _log(
+            phases.phase("quantize")
+            phases.log(
                 f"AutoRound: iters {options.iters}, {options.nsamples} samples x "
                 f"{options.seqlen} tokens -> {', '.join(options.formats)}"
             )
             exports, seconds = quantize(options, {}, "export")
             gc.collect()
+            phases.phase("verify")
             per_format: dict[str, Any] = {}
             for fmt, exported in exports.items():
                 fmt_dir = tmp / ar_options.folder_name(fmt)
                 shutil.move(str(exported), fmt_dir)
-                model, result = _reload(fmt, fmt_dir, is_vl, planned, prefixes, tokenizers)
+                model, result = _reload(
+                    fmt, fmt_dir, is_vl, planned, prefixes, tokenizers, phases.log
+                )
                 if not result["problems"]:
                     result["ppl"] = perplexity(model, windows)["ppl"]
                     result.update(_logit_similarity(model, reference, windows[:COMPARE_WINDOWS]))
@@ -405,6 +402,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                 _release(model)
                 per_format[fmt] = result
+            phases.phase("package")
             report = ar_report.build_report(
                 recipe=recipe.name,
                 model_type=recipe.model_type,
@@ -424,6 +422,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for fmt in per_format:
                 fmt_report = ar_report.format_report(report, fmt)
                 fmt_dir = tmp / ar_options.folder_name(fmt)
+                if not ar_options.is_gguf(options):  # a GGUF file types each tensor itself
+                    write_json_atomic(
+                        fmt_dir / "quant_plan.json",
+                        quant_plan(options, adapter, planned, f"{recipe.name}-{fmt}", fmt),
+                    )
                 write_json_atomic(fmt_dir / "report.json", fmt_report)
                 write_bytes_atomic(
                     fmt_dir / "report.md", ar_report.render_markdown(fmt_report).encode()
@@ -452,8 +455,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     toolchains=toolchains,
                 ),
             )
+    phases.finish()
     print(ar_report.console_table(report), flush=True)
-    _log(f"wrote {out_root}")
+    phases.log(f"wrote {out_root}")
     if report["failures"]:
         raise CheckFailed(
             f"{recipe.name}: " + "; ".join(report["failures"]) + f" ({out_root / 'report.json'})"

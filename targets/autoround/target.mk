@@ -10,25 +10,11 @@
 AUTOROUND_REQ   := targets/autoround/requirements.txt
 AUTOROUND_HASH  := $(shell sha256sum $(AUTOROUND_REQ) | cut -c1-16)
 AUTOROUND_STAMP := $(VENV)/.edgeforge-autoround-$(AUTOROUND_HASH)
-BITS          ?=
-GROUP_SIZE    ?=
-SYM           ?=
-ITERS         ?=
-NSAMPLES      ?=
-SEQLEN        ?=
-FORMAT        ?=
-QUANT_NONTEXT ?=
-DATA          ?=
-IMAGES        ?=
-TEMPLATE      ?=
-EVAL_WINDOWS  ?=
-AUTOROUND_VARS = $(foreach v,BITS GROUP_SIZE SYM ITERS NSAMPLES SEQLEN FORMAT QUANT_NONTEXT DATA IMAGES TEMPLATE EVAL_WINDOWS,$(if $($(v)),$(v)=$($(v))))
-AUTOROUND_ARGS = $(if $(BITS),--bits $(BITS)) $(if $(GROUP_SIZE),--group-size $(GROUP_SIZE)) \
-  $(if $(SYM),--sym $(SYM)) $(if $(ITERS),--iters $(ITERS)) $(if $(NSAMPLES),--nsamples $(NSAMPLES)) \
-  $(if $(SEQLEN),--seqlen $(SEQLEN)) $(if $(FORMAT),--format $(FORMAT)) \
-  $(if $(QUANT_NONTEXT),--quant-nontext $(QUANT_NONTEXT)) $(if $(DATA),--data $(DATA)) \
-  $(if $(IMAGES),--images $(IMAGES)) $(if $(TEMPLATE),--template $(TEMPLATE)) \
-  $(if $(EVAL_WINDOWS),--eval-windows $(EVAL_WINDOWS))
+#: The make variables of ar_options.Options, in declaration order.
+AUTOROUND_OPTIONS := BITS GROUP_SIZE SYM ITERS NSAMPLES SEQLEN FORMAT QUANT_NONTEXT DATA IMAGES \
+  TEMPLATE EVAL_WINDOWS
+AUTOROUND_VARS = $(call option_vars,$(AUTOROUND_OPTIONS))
+AUTOROUND_ARGS = $(call option_args,$(AUTOROUND_OPTIONS))
 .PHONY: autoround autoround-venv
 
 autoround-venv: $(AUTOROUND_STAMP) ## install auto-round's pinned extras into the venv

@@ -19,30 +19,39 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-sys.path[:0] = [str(ROOT), str(HERE)]
+import pulsar2
 
-import pulsar2  # noqa: E402  (this folder; target folders are not packages)
-
-from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
-from common.core.gates import failures, gate, markdown_table, records  # noqa: E402
-from common.core.records import atomic_path, build_manifest, dumps_json  # noqa: E402
-from common.models.tokenizer_fidelity import describe  # noqa: E402
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli
+from common.core.gates import failures, gate, markdown_table, records
+from common.core.options import (
+    Boolean,
+    Choice,
+    FilePath,
+    Integer,
+    Text,
+    option,
+    resolve,
+    target_parser,
+)
+from common.core.options import describe as describe_options
+from common.core.paths import REPO_ROOT
+from common.core.records import atomic_path, build_manifest, dumps_json
+from common.models.tokenizer_fidelity import describe
+from common.steps.phases import Run
 
 TARGET = "axera-ax650"
+#: The phases of a run (common/steps/phases.py), in order; compile runs only with pulsar2.
+PHASES = ("resolve", "export", "verify", "compile", "package")
 MODES = ("image", "video", "llm")
 DEFAULT_SIZES = {"image": 448, "video": 308}
 DEFAULT_PROMPTS = {"image": "Describe this image.", "video": "Describe this video.",
                    "llm": "What is the capital of France?"}  # fmt: skip
-DEFAULT_IMAGES = ROOT / "data" / "images"
-#: Recipe keys read from ``targets["axera-ax650"]`` (CLI options override them).
-RECIPE_KEYS = ("image_size", "video_size", "prefill_len", "kv_cache_len", "parallel")
+DEFAULT_IMAGES = REPO_ROOT / "data" / "images"
 COSINE_GATE = 0.9999
 EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"
 #: HF files the board runtime needs next to the axmodels (weights and our manifest excluded).
@@ -50,65 +59,78 @@ COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model")
 COPY_EXCLUDE = ("manifest.json",)
 
 
+@dataclass(frozen=True)
+class Options:
+    """Options of ``make axera`` (command line > recipe ``targets.axera-ax650`` > these)."""
+
+    mode: str | None = option(
+        None,
+        Choice(MODES),
+        "image (default for VL models), video, llm (default for text models)",
+        make="MODE",
+        recipe=False,
+    )
+    image_size: int | None = option(None, Integer(28), "square side, px (448)", flag="--image-size")
+    video_size: int | None = option(None, Integer(28), "square side, px (308)", flag="--video-size")
+    calib_dir: Path = option(
+        DEFAULT_IMAGES,
+        FilePath(),
+        "images (image mode) or the frames of one clip (video mode)",
+        flag="--calib-dir",
+        recipe=False,
+    )
+    calib_format: str = option(
+        "image",
+        Choice(("image", "npy")),
+        "calibration tar format",
+        flag="--calib-format",
+        recipe=False,
+    )
+    prompt: str | None = option(
+        None, Text(), "text of the end-to-end check prompt", flag="--prompt", recipe=False
+    )
+    max_new_tokens: int = option(
+        8, Integer(1), "greedy tokens checked end to end", flag="--max-new-tokens", recipe=False
+    )
+    prefill_len: int | None = option(
+        None,
+        Integer(1),
+        "llm_build prefill length (default: fits the prompt)",
+        flag="--prefill-len",
+    )
+    kv_cache_len: int | None = option(
+        None,
+        Integer(1),
+        f"llm_build KV cache ({pulsar2.DEFAULT_KV_CACHE_LEN})",
+        flag="--kv-cache-len",
+    )
+    parallel: int | None = option(
+        None,
+        Integer(1),
+        f"llm_build parallel jobs ({pulsar2.DEFAULT_PARALLEL})",
+        flag="--parallel",
+    )
+    hidden_state_type: str = option(
+        pulsar2.DEFAULT_HIDDEN_STATE_TYPE,
+        Choice(("bf16", "fp16", "fp32")),
+        "llm_build hidden state type",
+        flag="--hidden-state-type",
+        recipe=False,
+    )
+    bf16_truncate: bool = option(
+        False,
+        Boolean(),
+        "truncate embeddings to bf16 like AXERA's fp32_to_bf16 (default: RNE)",
+        flag="--bf16-truncate",
+        recipe=False,
+    )
+    out: Path | None = option(
+        None, FilePath(), "default build/<MODEL>/axera-ax650", flag="--out", recipe=False
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="make axera", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
-    p.add_argument("--build-dir", type=Path, default=None)
-    p.add_argument("--model-path", type=Path, default=None, help="local HF checkpoint dir")
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default=None,
-        help="image (default for VL models), video, llm (default for text models)",
-    )
-    p.add_argument("--image-size", type=int, default=None, help="square side, px (448)")
-    p.add_argument("--video-size", type=int, default=None, help="square side, px (308)")
-    p.add_argument(
-        "--calib-dir",
-        type=Path,
-        default=DEFAULT_IMAGES,
-        help="images (image mode) or the frames of one clip (video mode)",
-    )
-    p.add_argument("--calib-format", choices=("image", "npy"), default="image")
-    p.add_argument("--prompt", default=None, help="text of the end-to-end check prompt")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--prefill-len", type=int, default=None)
-    p.add_argument("--kv-cache-len", type=int, default=None)
-    p.add_argument("--parallel", type=int, default=None)
-    p.add_argument(
-        "--hidden-state-type",
-        choices=("bf16", "fp16", "fp32"),
-        default=pulsar2.DEFAULT_HIDDEN_STATE_TYPE,
-    )
-    p.add_argument(
-        "--bf16-truncate",
-        action="store_true",
-        help="truncate embeddings to bf16 like AXERA's fp32_to_bf16 (default: RNE)",
-    )
-    p.add_argument("--out", type=Path, default=None, help="default build/<MODEL>/axera-ax650")
-    return p.parse_args(argv)  # fmt: skip
-
-
-def _log(message: str) -> None:
-    print(f"[axera] {message}", flush=True)
-
-
-def recipe_defaults(recipe: Any) -> dict[str, int]:
-    """The recipe's ``targets["axera-ax650"]`` block, checked key by key."""
-    block = (recipe.data.get("targets") or {}).get(TARGET) or {}
-    for key, value in block.items():
-        if key not in RECIPE_KEYS:
-            raise EdgeforgeError(f"{recipe.path}: targets.{TARGET}.{key} is not a known key; "
-                                 f"known: {', '.join(RECIPE_KEYS)}")  # fmt: skip
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise EdgeforgeError(f"{recipe.path}: targets.{TARGET}.{key} must be a positive int")
-    return block
-
-
-def positive(value: int | None, option: str) -> int | None:
-    if value is not None and value < 1:
-        raise EdgeforgeError(f"{option}: must be a positive integer, got {value}")
-    return value
+    return target_parser("make axera", __doc__.split("\n\n")[0], Options).parse_args(argv)
 
 
 def choose_size(
@@ -204,8 +226,8 @@ def check_lengths(prompt_tokens: int, visual: int, prefill: int, kv: int, source
 
 
 def build_vision(
-    args: argparse.Namespace, mode: str, model: Any, adapter: Any, processor: Any,
-    dest: Path, defaults: dict[str, int], notes: list[str],
+    run: Run, opts: Options, model_name: str, mode: str, model: Any, adapter: Any,
+    processor: Any, dest: Path, notes: list[str],
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:  # fmt: skip
     """Vision ONNX + calibration + config + checks; returns (report part, inputs, command)."""
     from common.export import vision_export as ve
@@ -213,10 +235,10 @@ def build_vision(
     from common.inputs import vl_preprocess as vp
 
     option = f"--{mode}-size"
-    size = choose_size(getattr(args, f"{mode}_size") or defaults.get(f"{mode}_size"), option,
+    size = choose_size(getattr(opts, f"{mode}_size"), option,
                        DEFAULT_SIZES[mode], processor, notes)  # fmt: skip
     geo = vp.geometry(processor, size)
-    paths = vp.list_frames(args.calib_dir, "--calib-dir")
+    paths = vp.list_frames(opts.calib_dir, "--calib-dir")
     frames = vp.prepare_frames(paths, geo, processor)
     layout, grid_thw = vp.uint8_layout(processor, frames, geo, mode)
     nchw = vp.to_nchw(vp.normalize_layout(layout, processor, mode))
@@ -227,15 +249,15 @@ def build_vision(
     members = write_calibration_tar(
         [(s, pic.numpy()) for s, pic in zip(stems, layout, strict=True)],
         vision / tar_name,
-        args.calib_format,
+        opts.calib_format,
     )
-    _log(f"{mode} {size}×{size}: {len(members)} calibration samples of "
+    run.log(f"{mode} {size}×{size}: {len(members)} calibration samples of "
          f"{geo.patches}×{geo.width}×3 uint8 → {pulsar2.VISION_DIR}/{tar_name}")  # fmt: skip
 
     wrapper = ve.VisionEncoderExport(adapter, geo).eval()
-    onnx_name = f"{args.model}_vision.onnx"
+    onnx_name = f"{model_name}_vision.onnx"
     onnx_info = ve.export_onnx(wrapper, vision / onnx_name)
-    _log(f"exported {onnx_name} (opset {onnx_info['opset']}); checking with onnxruntime")
+    run.log(f"exported {onnx_name} (opset {onnx_info['opset']}); checking with onnxruntime")
     onnx_out = ve.run_onnx_steps(ve.onnx_session(vision / onnx_name), nchw)
     flat, _ = vp.hf_patches(processor, frames, geo, mode, normalize=True)
     end_to_end = ve.similarity(onnx_out, ve.torch_vision_features(adapter, flat, grid_thw))
@@ -247,22 +269,22 @@ def build_vision(
     mean, std = vp.normalization(processor, mode)
     config = pulsar2.vision_config(
         calibration_tar=tar_name, calibration_size=len(members),
-        calibration_format=FORMATS[args.calib_format][1], mean=mean, std=std,
+        calibration_format=FORMATS[opts.calib_format][1], mean=mean, std=std,
     )  # fmt: skip
     (vision / "config.json").write_text(dumps_json(config))
 
     prompt_frames = frames[:1] if mode == "image" else frames
-    inputs = ve.vl_prompt_inputs(processor, args.prompt or DEFAULT_PROMPTS[mode], prompt_frames,
+    inputs = ve.vl_prompt_inputs(processor, opts.prompt or DEFAULT_PROMPTS[mode], prompt_frames,
                                  geo, mode)  # fmt: skip
     prompt_onnx = ve.run_onnx_steps(ve.onnx_session(vision / onnx_name), nchw[: 1 if mode ==
                                     "image" else len(nchw)])  # fmt: skip
-    reference = ve.greedy_tokens(model, inputs, args.max_new_tokens)
+    reference = ve.greedy_tokens(model, inputs, opts.max_new_tokens)
     ref_logits = ve.prompt_logits(model, inputs)
     with ve.vision_features_replaced(adapter, prompt_onnx):
-        fed = ve.greedy_tokens(model, inputs, args.max_new_tokens)
+        fed = ve.greedy_tokens(model, inputs, opts.max_new_tokens)
         fed_logits = ve.prompt_logits(model, inputs)
     visual = prompt_onnx.shape[0]
-    axmodel = f"{args.model}_vision_{mode}.axmodel"
+    axmodel = f"{model_name}_vision_{mode}.axmodel"
     part = {
         "size": size, "grid": [geo.grid, geo.grid], "steps": len(layout),
         "tokens_per_step": geo.tokens, "visual_tokens": visual,
@@ -271,8 +293,8 @@ def build_vision(
         "prompt_logits": ve.similarity(fed_logits, ref_logits),
         "greedy_tokens": {"torch": reference, "onnx_fed": fed},
         "greedy_match": reference == fed,
-        "calibration": {"file": f"{pulsar2.VISION_DIR}/{tar_name}", "format": args.calib_format,
-                        "samples": members, "source": str(args.calib_dir)},
+        "calibration": {"file": f"{pulsar2.VISION_DIR}/{tar_name}", "format": opts.calib_format,
+                        "samples": members, "source": str(opts.calib_dir)},
         "vision_axmodel": axmodel,
     }  # fmt: skip
     return part, inputs, pulsar2.vision_build_command(onnx_name, axmodel)
@@ -353,15 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     from common.steps.model_build import build_model, check_packaged_tokenizer
 
     args = parse_args(argv)
-    for name in ("max_new_tokens", "prefill_len", "kv_cache_len", "parallel", "image_size",
-                 "video_size"):  # fmt: skip
-        positive(getattr(args, name), "--" + name.replace("_", "-"))
+    run = Run("axera", PHASES)
+    run.phase("resolve")
     recipe = load_recipe(args.model)
-    defaults = recipe_defaults(recipe)
+    section = (recipe.data.get("targets") or {}).get(TARGET) or {}
+    opts = resolve(Options, args, section, where=f"{recipe.path}: targets.{TARGET}")
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     model = load_model(model_dir)
     adapter = get_adapter(model)
-    mode = args.mode or ("image" if adapter.is_vision_language else "llm")
+    mode = opts.mode or ("image" if adapter.is_vision_language else "llm")
     if adapter.is_vision_language == (mode == "llm"):
         kind = "vision-language" if adapter.is_vision_language else "text-only"
         raise EdgeforgeError(
@@ -369,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
             + ("--mode image or video" if adapter.is_vision_language else
                "--mode llm (or leave MODE unset): text models go straight to llm_build")
         )  # fmt: skip
-    dest = args.out or model_build_dir(recipe, args.build_dir) / TARGET
+    dest = opts.out or model_build_dir(recipe, args.build_dir) / TARGET
     notes: list[str] = []
-    kv = args.kv_cache_len or defaults.get("kv_cache_len", pulsar2.DEFAULT_KV_CACHE_LEN)
+    kv = opts.kv_cache_len or pulsar2.DEFAULT_KV_CACHE_LEN
+    run.phase("export")
     with atomic_path(dest) as tmp:
         tmp.mkdir()
         report: dict[str, Any] = {"model": recipe.name, "model_type": adapter.model_type,
@@ -379,18 +402,18 @@ def main(argv: list[str] | None = None) -> int:
         vision_command = None
         if mode == "llm":
             tokenizer = load_tokenizer(model_dir)
-            inputs = text_inputs(tokenizer, args.prompt or recipe.eval_defaults.get(
+            inputs = text_inputs(tokenizer, opts.prompt or recipe.eval_defaults.get(
                 "prompt", DEFAULT_PROMPTS["llm"]))  # fmt: skip
             report.update(visual_tokens=0, onnx_cos_vs_torch=None, onnx_max_abs=None,
                           greedy_match=None)  # fmt: skip
         else:
             processor = load_processor(model_dir)
-            part, inputs, command = build_vision(args, mode, model, adapter, processor, tmp,
-                                                 defaults, notes)  # fmt: skip
+            part, inputs, command = build_vision(run, opts, args.model, mode, model,
+                                                 adapter, processor, tmp, notes)  # fmt: skip
             report.update(part)
             vision_command = (command, part["vision_axmodel"])
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        explicit = args.prefill_len or defaults.get("prefill_len")
+        explicit = opts.prefill_len
         prefill = explicit or pulsar2.default_prefill_len(prompt_tokens, mode == "llm")
         source = (
             "--prefill-len"
@@ -400,21 +423,22 @@ def main(argv: list[str] | None = None) -> int:
         check_lengths(prompt_tokens, report["visual_tokens"], prefill, kv, source)
         report.update(prompt_tokens=prompt_tokens, prefill_len=prefill, kv_cache_len=kv)
 
-        report["embeddings"] = write_embeddings(adapter, tmp, args.bf16_truncate)
+        report["embeddings"] = write_embeddings(adapter, tmp, opts.bf16_truncate)
         from common.export.vision_export import greedy_tokens
 
-        plain = greedy_tokens(model, inputs, args.max_new_tokens)
-        with bf16_embeddings(adapter, args.bf16_truncate):
-            rounded = greedy_tokens(model, inputs, args.max_new_tokens)
+        run.phase("verify")
+        plain = greedy_tokens(model, inputs, opts.max_new_tokens)
+        with bf16_embeddings(adapter, opts.bf16_truncate):
+            rounded = greedy_tokens(model, inputs, opts.max_new_tokens)
         report["bf16_embeddings_greedy_match"] = plain == rounded
         report["model_files"] = copy_model_files(model_dir, tmp)
         report["tokenizer"] = check_packaged_tokenizer(recipe, tmp, dest, args.build_dir,
                                                        args.model_path)  # fmt: skip
 
-        parallel = args.parallel or defaults.get("parallel", pulsar2.DEFAULT_PARALLEL)
+        parallel = opts.parallel or pulsar2.DEFAULT_PARALLEL
         llm_command = pulsar2.llm_build_command(
             input_path="$MODEL_DIR", output_path="axmodel", kv_cache_len=kv, prefill_len=prefill,
-            hidden_state_type=args.hidden_state_type, parallel=parallel,
+            hidden_state_type=opts.hidden_state_type, parallel=parallel,
         )  # fmt: skip
         script = pulsar2.build_script(model_dir_default=os.path.relpath(model_dir, dest),
                                       llm_command=llm_command, vision=vision_command)  # fmt: skip
@@ -436,25 +460,30 @@ def main(argv: list[str] | None = None) -> int:
         report["passed"] = all(g.passed for g in checks)
         toolchains = {}
         if shutil.which("pulsar2") and report["passed"]:
-            _log("pulsar2 found: running build.sh (log: logs/pulsar2.log)")
+            run.phase("compile")
+            run.log("pulsar2 found: running build.sh (log: logs/pulsar2.log)")
             toolchains["pulsar2"] = run_pulsar2(tmp, model_dir)
             report["npu_compile"] = "run"
         else:
             report["npu_compile"] = "not run (pulsar2 not on PATH)"
+        run.phase("package")
         (tmp / "report.json").write_text(dumps_json(report))
         (tmp / "report.md").write_text(render_markdown(report))
-        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        options = {"model": args.model, "build_dir": args.build_dir and str(args.build_dir),
+                   "model_path": args.model_path and str(args.model_path),
+                   **describe_options(opts)}  # fmt: skip
         manifest = build_manifest(step=f"axera-{mode}", inputs={"model": model_dir},
                                   outputs=tmp, recipe=recipe.data, options=options,
                                   toolchains=toolchains)  # fmt: skip
         if mode != "llm":
             manifest["inputs"]["calibration"] = {
-                "path": str(args.calib_dir),
+                "path": str(opts.calib_dir),
                 "files": report["calibration"]["samples"],
             }
         (tmp / "manifest.json").write_text(dumps_json(manifest))
+    run.finish()
     for note in notes:
-        _log(f"note: {note}")
+        run.log(f"note: {note}")
     summary = (
         f"{mode}: prompt {prompt_tokens} tokens ({report['visual_tokens']} visual) ≤ "
         f"prefill_len {prefill}; embeddings bf16 max rel "
@@ -465,13 +494,14 @@ def main(argv: list[str] | None = None) -> int:
             f"; ONNX vs torch cosine {report['onnx_cos_vs_torch']:.8f}, max abs "
             f"{report['onnx_max_abs']:.3g}; greedy match {report['greedy_match']}"
         )
-    _log(summary)
-    _log(f"wrote {dest}")
+    run.log(summary)
+    run.log(f"wrote {dest}")
     if not report["passed"]:
         raise CheckFailed(f"{dest}/report.json: gate(s) failed: {'; '.join(failures(checks))}")
     if report["npu_compile"] != "run":
-        _log("NPU compile step NOT run (pulsar2 is not installed here). To run it: "
-             + report["build_command"])  # fmt: skip
+        # stdout: what is left for the user to do, not progress
+        print("NPU compile step NOT run (pulsar2 is not installed here). To run it: "
+              + report["build_command"])  # fmt: skip
     return 0
 
 

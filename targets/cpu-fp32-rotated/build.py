@@ -16,115 +16,122 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-sys.path[:0] = [str(ROOT), str(HERE)]
+import report as rep
 
-import report as rep  # noqa: E402  (this folder; target folders are not packages)
-
-from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
-from common.core.gates import failures, gate, records  # noqa: E402
-from common.core.records import (  # noqa: E402
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli
+from common.core.gates import failures, gate, records
+from common.core.options import Choice, FilePath, Integer, option, resolve, target_parser
+from common.core.paths import REPO_ROOT
+from common.core.records import (
     atomic_path,
     build_manifest,
     sha256_file,
     write_bytes_atomic,
     write_json_atomic,
 )
-from common.quant.hadamard import ROTATE_MODES  # noqa: E402
+from common.quant.hadamard import ROTATE_MODES
+from common.steps.phases import Run
 
 TARGET = "cpu-fp32-rotated"
+#: The phases of a run (common/steps/phases.py), in order.
+PHASES = ("resolve", "reference", "export", "verify", "package")
 #: Gates: the rotated model must score the held-out corpus like the original.
 PPL_RATIO_TOL = 1e-3
 TOP1_MIN = 0.999
+#: Eval windows when neither the command line nor the recipe's ``eval`` object sets them.
 DEFAULT_SEQ_LEN = 512
 DEFAULT_NUM_WINDOWS = 16
-DEFAULT_STATS_WINDOWS = 2
 #: Files of the source checkpoint copied next to the rotated weights (tokenizer, processor,
 #: chat template); config.json / generation_config.json are written by save_pretrained.
 COPY_EXCLUDE = {"config.json", "generation_config.json", "manifest.json"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-IMAGE = ROOT / "data" / "images" / "astronaut.jpg"
+IMAGE = REPO_ROOT / "data" / "images" / "astronaut.jpg"
 IMAGE_PROMPT = "Describe this image."
 
 
+@dataclass(frozen=True)
+class Options:
+    """Options of ``make cpu`` (command line > recipe ``targets.cpu-fp32-rotated`` > these)."""
+
+    rotate_mode: str = option(
+        "hadamard", Choice(ROTATE_MODES), "rotation of a fresh rotation", make="ROTATE_MODE"
+    )
+    seed: int = option(0, Integer(0), "seed of a fresh rotation", make="SEED")
+    r_path: Path | None = option(
+        None,
+        FilePath(),
+        "rotation file: edgeforge safetensors or mllm torch pickle",
+        make="R_PATH",
+        recipe=False,
+    )
+    config: Path | None = option(
+        None,
+        FilePath(),
+        "mllm QNN convertor config (its export_config.model_config)",
+        make="CONFIG",
+        recipe=False,
+    )
+    eval_windows: int | None = option(
+        None,
+        Integer(1),
+        f"eval windows (default: the recipe's eval.num_windows, else {DEFAULT_NUM_WINDOWS})",
+        make="EVAL_WINDOWS",
+        recipe=False,
+    )
+    seq_len: int | None = option(
+        None,
+        Integer(1),
+        f"eval window length (default: the recipe's eval.seq_len, else {DEFAULT_SEQ_LEN})",
+        make="SEQ_LEN",
+        recipe=False,
+    )
+    stats_windows: int = option(
+        2,
+        Integer(1),
+        "windows traced for the outlier statistics",
+        make="STATS_WINDOWS",
+        recipe=False,
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="make cpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
-    p.add_argument("--build-dir", type=Path, default=None)
-    p.add_argument("--model-path", type=Path, default=None, help="local HF checkpoint dir")
-    p.add_argument("--rotate-mode", default=None, help="hadamard (default) or orthogonal")
-    p.add_argument("--seed", default=None, help="seed of a fresh rotation (default 0)")
-    p.add_argument(
-        "--r-path",
-        type=Path,
-        default=None,
-        help="rotation file: edgeforge safetensors or mllm torch pickle",
-    )
-    p.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="mllm QNN convertor config (its export_config.model_config)",
-    )
-    p.add_argument("--seq-len", type=int, default=None, help="eval window length")
-    p.add_argument("--num-windows", type=int, default=None, help="eval windows")
-    p.add_argument(
-        "--stats-windows",
-        type=int,
-        default=DEFAULT_STATS_WINDOWS,
-        help="windows traced for the outlier statistics",
-    )
-    return p.parse_args(argv)
+    return target_parser("make cpu", __doc__.split("\n\n")[0], Options).parse_args(argv)
 
 
-def _positive(value: int | None, option: str) -> None:
-    if value is not None and value < 1:
-        raise EdgeforgeError(f"{option}={value}: must be a positive integer")
-
-
-def rotation_options(args: argparse.Namespace, recipe_defaults: dict[str, Any]) -> dict[str, Any]:
-    """Mode, seed, rotation file and save path from the options, the recipe's
-    ``targets["cpu-fp32-rotated"]`` and a QNN config, checked before any slow work."""
+def rotation_options(opts: Options) -> dict[str, Any]:
+    """Mode, seed, rotation file and save path from the options and a QNN config, checked
+    before any slow work."""
     from common.backends.qnn_config import load_qnn_config, rotation_settings
 
-    mode = args.rotate_mode or recipe_defaults.get("rotate_mode", "hadamard")
-    if mode not in ROTATE_MODES:
-        raise EdgeforgeError(f"ROTATE_MODE={mode}: must be one of {', '.join(ROTATE_MODES)}")
-    seed_text = args.seed if args.seed is not None else recipe_defaults.get("seed", 0)
-    try:
-        seed = int(seed_text)
-    except (TypeError, ValueError):
-        raise EdgeforgeError(f"SEED={seed_text}: must be a non-negative integer") from None
-    if seed < 0 or str(seed) != str(seed_text).strip():
-        raise EdgeforgeError(f"SEED={seed_text}: must be a non-negative integer")
-    options: dict[str, Any] = {"rotate_mode": mode, "seed": seed, "r_path": args.r_path,
-                               "save_rotation": None, "config": None}  # fmt: skip
-    if args.config is not None:
-        settings = rotation_settings(load_qnn_config(args.config), args.config)
-        where = f"CONFIG={args.config}: $.export_config.model_config"
+    options: dict[str, Any] = {"rotate_mode": opts.rotate_mode, "seed": opts.seed,
+                               "r_path": opts.r_path, "save_rotation": None,
+                               "config": None}  # fmt: skip
+    if opts.config is not None:
+        settings = rotation_settings(load_qnn_config(opts.config), opts.config)
+        where = f"CONFIG={opts.config}: $.export_config.model_config"
         if not settings.online_rotation:
             raise EdgeforgeError(
                 f"{where}.online_rotation: is false (the model is already rotated); "
                 f"{TARGET} rotates the model, so set online_rotation: true"
             )
-        if settings.r_path is not None and args.r_path is not None:
+        if settings.r_path is not None and opts.r_path is not None:
             raise EdgeforgeError(
-                f"R_PATH={args.r_path} and {where}.R_path both name a rotation file; give one"
+                f"R_PATH={opts.r_path} and {where}.R_path both name a rotation file; give one"
             )
-        if settings.random_rotate and args.r_path is not None:
+        if settings.random_rotate and opts.r_path is not None:
             raise EdgeforgeError(
-                f"R_PATH={args.r_path} contradicts {where}.random_rotate: true; give one"
+                f"R_PATH={opts.r_path} contradicts {where}.random_rotate: true; give one"
             )
         for key in settings.unknown_keys:
             print(
                 f"[cpu] warning: {where}.{key} is not a key the mllm convertor reads",
                 file=sys.stderr,
             )
-        options.update(config=args.config, save_rotation=settings.save_rotation)
+        options.update(config=opts.config, save_rotation=settings.save_rotation)
         if settings.r_path is not None:
             options["r_path"] = settings.r_path
     return options
@@ -158,7 +165,7 @@ def _image_check(reference: Any, rotated: Any, model_dir: Path) -> dict[str, Any
         want = reference(**inputs).logits[0].double()
         got = rotated(**inputs).logits[0].double()
     return {
-        "image": str(IMAGE.relative_to(ROOT)),
+        "image": str(IMAGE.relative_to(REPO_ROOT)),
         "prompt": IMAGE_PROMPT,
         "tokens": int(want.shape[0]),
         "top1_agreement": (got.argmax(-1) == want.argmax(-1)).double().mean().item(),
@@ -176,31 +183,33 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     from common.quant.rotation import rotate_model, rotation_for, save_rotation
     from common.steps.model_build import build_model, check_packaged_tokenizer
 
-    for value, option in ((args.seq_len, "SEQ_LEN"), (args.num_windows, "EVAL_WINDOWS"),
-                          (args.stats_windows, "STATS_WINDOWS")):  # fmt: skip
-        _positive(value, option)
+    run = Run("cpu", PHASES)
+    run.phase("resolve")
     recipe = load_recipe(args.model)
-    defaults = recipe.data.get("targets", {}).get(TARGET, {})
-    options = rotation_options(args, defaults)
+    section = recipe.data.get("targets", {}).get(TARGET, {})
+    opts = resolve(Options, args, section, where=f"{recipe.path}: targets.{TARGET}")
+    options = rotation_options(opts)
     model_dir = build_model(recipe, args.build_dir, args.model_path)
-    seq_len = args.seq_len or recipe.eval_defaults.get("seq_len", DEFAULT_SEQ_LEN)
-    num_windows = args.num_windows or recipe.eval_defaults.get("num_windows", DEFAULT_NUM_WINDOWS)
+    seq_len = opts.seq_len or recipe.eval_defaults.get("seq_len", DEFAULT_SEQ_LEN)
+    num_windows = opts.eval_windows or recipe.eval_defaults.get("num_windows", DEFAULT_NUM_WINDOWS)
 
+    run.phase("reference")
     reference = load_model(model_dir)
     model = load_model(model_dir)
     adapter = get_adapter(model)
     rotation = rotation_for(adapter, mode=options["rotate_mode"], seed=options["seed"],
                             r_path=options["r_path"])  # fmt: skip
     windows = eval_windows([EVAL_CORPUS], load_tokenizer(model_dir), num_windows, seq_len)
-    stats_windows = windows[: args.stats_windows]
-    print(f"[cpu] {recipe.name}: tracing the original", file=sys.stderr)
+    stats_windows = windows[: opts.stats_windows]
+    run.log(f"{recipe.name}: tracing the original")
     before = rep.trace(reference, get_adapter(reference), stats_windows)
+    run.phase("export")
     rotated_info = rotate_model(adapter, rotation)
 
     out_dir = model_build_dir(recipe, args.build_dir) / TARGET
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        print(f"[cpu] saving the rotated model to {out_dir / 'model'}", file=sys.stderr)
+        run.log(f"saving the rotated model to {out_dir / 'model'}")
         model.save_pretrained(tmp / "model")
         _copy_tokenizer_files(model_dir, tmp / "model")
         tokenizer_check = check_packaged_tokenizer(
@@ -216,7 +225,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         if mllm_problems:
             raise CheckFailed(f"model.mllm does not read back bit-exact: {mllm_problems[:5]}")
 
-        print("[cpu] perplexity and logits: original vs rotated", file=sys.stderr)
+        run.phase("verify")
+        run.log("perplexity and logits: original vs rotated")
         logits = compare_logits(rotated, reference, windows, progress=True)
         after = rep.trace(rotated, rotated_adapter, stats_windows)
         similarity = rep.per_layer_similarity(before["outputs"], after["outputs"], rotation.R)
@@ -244,7 +254,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         report: dict[str, Any] = {
             "model": recipe.name,
             "model_type": recipe.model_type,
-            "corpus": str(EVAL_CORPUS.relative_to(ROOT)),
+            "corpus": str(EVAL_CORPUS.relative_to(REPO_ROOT)),
             "seq_len": seq_len,
             "num_windows": num_windows,
             "stats_windows": int(stats_windows.shape[0]),
@@ -267,6 +277,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "gates": records(checks),
             "passed": passed,
         }  # fmt: skip
+        run.phase("package")
         rep.plot_outliers(
             tmp / "outliers.png",
             before["ratios"],
@@ -294,10 +305,11 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         del rotated, rotated_adapter
     if options["save_rotation"] is not None:
         save_rotation(options["save_rotation"], rotation)
-        print(f"[cpu] rotation also saved to {options['save_rotation']}", file=sys.stderr)
-    print(f"[cpu] wrote {out_dir}: ppl {report['ppl_fp32']:.4f} -> {report['ppl_rotated']:.4f} "
+        run.log(f"rotation also saved to {options['save_rotation']}")
+    run.finish()
+    run.log(f"wrote {out_dir}: ppl {report['ppl_fp32']:.4f} -> {report['ppl_rotated']:.4f} "
           f"(ratio {ppl_ratio:.6f}), top-1 {report['top1_agreement']:.5f}, max |Δlogit| "
-          f"{report['max_abs_logit_diff']:.3g}", file=sys.stderr)  # fmt: skip
+          f"{report['max_abs_logit_diff']:.3g}")  # fmt: skip
     if not passed:
         raise CheckFailed(
             f"{recipe.name}: rotated model fails its gates: {'; '.join(failures(checks))}; "

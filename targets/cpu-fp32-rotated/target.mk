@@ -5,14 +5,10 @@
 # empty fall back to the recipe's targets["cpu-fp32-rotated"] and then the script defaults.
 .PHONY: cpu
 
-CPU_VARS = $(if $(ROTATE_MODE),ROTATE_MODE=$(ROTATE_MODE)) $(if $(SEED),SEED=$(SEED)) \
-  $(if $(R_PATH),R_PATH=$(R_PATH)) $(if $(CONFIG),CONFIG=$(CONFIG)) \
-  $(if $(EVAL_WINDOWS),EVAL_WINDOWS=$(EVAL_WINDOWS)) $(if $(SEQ_LEN),SEQ_LEN=$(SEQ_LEN)) \
-  $(if $(STATS_WINDOWS),STATS_WINDOWS=$(STATS_WINDOWS))
-CPU_ARGS = $(if $(ROTATE_MODE),--rotate-mode $(ROTATE_MODE)) $(if $(SEED),--seed $(SEED)) \
-  $(if $(R_PATH),--r-path $(R_PATH)) $(if $(CONFIG),--config $(CONFIG)) \
-  $(if $(EVAL_WINDOWS),--num-windows $(EVAL_WINDOWS)) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) \
-  $(if $(STATS_WINDOWS),--stats-windows $(STATS_WINDOWS))
+#: The make variables of build.py's Options, in declaration order.
+CPU_OPTIONS := ROTATE_MODE SEED R_PATH CONFIG EVAL_WINDOWS SEQ_LEN STATS_WINDOWS
+CPU_VARS = $(call option_vars,$(CPU_OPTIONS))
+CPU_ARGS = $(call option_args,$(CPU_OPTIONS))
 
 cpu: venv ## rotated FP32 model (HF dir + model.mllm), checked vs the original: build/<MODEL>/cpu-fp32-rotated
 ifeq ($(USE_DOCKER),1)

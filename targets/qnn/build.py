@@ -6,12 +6,14 @@ Reads the activation profile of ``make profile`` (by default the Hadamard-rotate
 has run, its ``shadow_layers.json`` (the chosen ``T``; ``--t`` overrides it). Writes
 ``build/<MODEL>/qnn/``:
 
-* ``model.int8.mllm`` + ``shadow_layers.json`` + ``quant_plan.json`` (the plan the file was
-  written from), re-read and checked to reproduce the fake-quant model's logits;
+* ``model.int8.mllm`` + ``shadow_layers.json`` + ``model.int8.plan.json`` (the plan the file
+  was written from), re-read and checked to reproduce the fake-quant model's logits;
 * ``<SOC>/<piece>_ctx.onnx`` + ``_qnn.bin`` per decoder layer (prefill graph of
   ``PREFILL_LEN`` tokens, decode graph of one token over a ``KV_LEN`` cache) and the LM
-  head, compiled by the QNN EP for each SoC, with the SoC/arch read back from the binary;
-* ``qnn_scales.json`` (the activation encodings, range and width, imposed on the graphs);
+  head, compiled by the QNN EP for each SoC from the piece's QDQ graph, with the SoC/arch
+  read back from the binary (``--keep-qdq`` keeps those graphs in ``qdq/<piece>.onnx``);
+* ``quant_plan.json``: the binaries' plan (``common.backends.qdq.QdqPlan``: per linear its
+  weight and each side's encoding or float fallback), the only source the QDQ step reads;
 * ``tokenizer/`` (``config.json`` + the tokenizer files, checked to encode like the
   source's under ``AutoTokenizer``);
 * ``report.json`` / ``report.md`` (+ ``layers.png``) and ``manifest.json``.
@@ -23,47 +25,42 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-sys.path[:0] = [str(ROOT), str(HERE)]
+import mllm_int8  # this folder (the script's own directory is first on sys.path)
+import pipeline
+import report as rep
 
-import mllm_int8  # noqa: E402  (this folder; target folders are not packages)
-import pipeline  # noqa: E402
-import report as rep  # noqa: E402
-
-from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
-from common.core.gates import failures, records  # noqa: E402
-from common.core.records import (  # noqa: E402
+from common.backends import qdq, qnn_ep
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli
+from common.core.gates import failures, records
+from common.core.options import (
+    Boolean,
+    Choice,
+    ChoiceList,
+    FilePath,
+    Integer,
+    Number,
+    describe,
+    option,
+    resolve,
+    target_parser,
+)
+from common.core.records import (
     atomic_path,
     build_manifest,
     write_bytes_atomic,
     write_json_atomic,
 )
-from common.models.tokenizer_fidelity import write_tokenizer_dir  # noqa: E402
-from common.quant.hadamard import ROTATE_MODES  # noqa: E402
+from common.models.tokenizer_fidelity import write_tokenizer_dir
+from common.quant.hadamard import ROTATE_MODES
+from common.steps.phases import Run
 
 TARGET = "qnn"
-DEFAULT_PREFILL_LEN = 32
-DEFAULT_KV_LEN = 64
-DEFAULT_CALIB_WINDOWS = 16
-#: Held-out windows of PREFILL_LEN tokens chained through the prefill binaries end to end.
-DEFAULT_E2E_WINDOWS = 8
-#: The residual rotation of the profile read by default (``none``: the model as stored).
-#: Rotated by default because ``w8a8`` needs it: plain, SmolLM2's layers 12-19 carry
-#: outlier channels into the q/k/v and gate/up inputs (12 pieces below cos 0.99, top-1
-#: 0.69); rotated, every piece is >= 0.996.
-DEFAULT_ROTATE = "hadamard"
-ROTATIONS = (*ROTATE_MODES, "none")
-#: How integer weights are rounded: GPTQ (``common.backends.sequential_gptq``) or to nearest.
-ROUNDINGS = ("gptq", "nearest")
-#: GPTQ calibration: windows x tokens (8192 tokens: H of a 1536-wide down_proj input is
-#: well conditioned from ~5x its width).
-DEFAULT_GPTQ_WINDOWS = 32
-DEFAULT_GPTQ_SEQ_LEN = 256
+#: The phases of a run (common/steps/phases.py), in order.
+PHASES = ("resolve", "reference", "quantize", "compile", "verify", "package")
 #: Gates per preset: worst per-piece cosine vs float, end-to-end top-1 agreement.
 GATES: dict[str, dict[str, float]] = {
     "w8a16": {"layer_cos": 0.999, "top1": 0.95},
@@ -74,96 +71,91 @@ GATES: dict[str, dict[str, float]] = {
 MLLM_MAX_ABS = 1e-4
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="make qnn", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
-    p.add_argument("--build-dir", type=Path, default=None)
-    p.add_argument("--model-path", type=Path, default=None, help="local HF checkpoint dir")
-    p.add_argument(
-        "--profile",
-        type=Path,
-        default=None,
-        help="profile JSON (default: make profile's for --rotate, "
+@dataclass(frozen=True)
+class Options:
+    """Options of ``make qnn`` (command line > recipe ``targets.qnn`` > these defaults)."""
+
+    socs: tuple[str, ...] = option(
+        (qnn_ep.DEFAULT_SOC,),
+        ChoiceList(tuple(qnn_ep.SOC_TABLE), fold_case=True),
+        "comma list of SoCs to compile for, e.g. SM8650,SM8750",
+        make="SOCS",
+    )
+    preset: str = option(
+        qdq.DEFAULT_PRESET, Choice(tuple(qdq.PRESETS)), "precision preset", make="PRESET"
+    )
+    #: Rotated by default because ``w8a8`` needs it: plain, SmolLM2's layers 12-19 carry
+    #: outlier channels into the q/k/v and gate/up inputs (12 pieces below cos 0.99, top-1
+    #: 0.69); rotated, every piece is >= 0.996.
+    rotate: str = option(
+        "hadamard",
+        Choice((*ROTATE_MODES, "none")),
+        "residual rotation of the profile read by default (none: the model as stored)",
+        make="ROTATE",
+    )
+    prefill_len: int = option(32, Integer(1), "tokens of the prefill graph", make="PREFILL_LEN")
+    kv_len: int = option(64, Integer(2), "KV cache rows of the decode graph", make="KV_LEN")
+    calib_windows: int = option(16, Integer(1), "calibration windows", flag="--calib-windows")
+    #: Held-out windows of PREFILL_LEN tokens chained through the prefill binaries end to end.
+    e2e_windows: int = option(8, Integer(1), "held-out windows end to end", make="E2E_WINDOWS")
+    #: GPTQ (``common.backends.sequential_gptq``) or to nearest.
+    rounding: str = option(
+        "gptq", Choice(("gptq", "nearest")), "how integer weights are rounded", make="ROUNDING"
+    )
+    #: GPTQ calibration: windows x tokens (8192 tokens: H of a 1536-wide down_proj input is
+    #: well conditioned from ~5x its width).
+    gptq_windows: int = option(32, Integer(1), "GPTQ calibration windows", flag="--gptq-windows")
+    gptq_seq_len: int = option(
+        256, Integer(2), "tokens per GPTQ window (at least 2)", flag="--gptq-seq-len"
+    )
+    vtcm_mb: int = option(qnn_ep.DEFAULT_VTCM_MB, Integer(1), "HTP VTCM MB", flag="--vtcm-mb")
+    opt_mode: int = option(
+        qnn_ep.DEFAULT_OPT_MODE, Choice((1, 2, 3)), "HTP graph optimization", flag="--opt-mode"
+    )
+    t01m_clip_threshold: float | None = option(
+        None,
+        Number(above=0),
+        "t01m_clip_threshold (default: make simulate's choice, else clip_all)",
+        flag="--t",
+        recipe="t",
+    )
+    quant_bias: bool = option(False, Boolean(), "int8 bias in the .mllm", flag="--quant-bias")
+    keep_qdq: bool = option(
+        False,
+        Boolean(),
+        "keep each piece's QDQ ONNX (the graph the encodings were imposed on) in qdq/; about "
+        "twice the fp32 weights, so off by default",
+        flag="--keep-qdq",
+        recipe=False,
+    )
+    profile: Path | None = option(
+        None,
+        FilePath(),
+        "profile JSON (default: make profile's for ROTATE, "
         "build/<MODEL>/profile-hadamard/profile.json)",
+        make="PROFILE",
+        recipe=False,
     )
-    p.add_argument(
-        "--rotate",
-        default=None,
-        help="rotation of the default profile: hadamard (default), orthogonal or none",
-    )
-    p.add_argument("--socs", default=None, help="comma list, e.g. SM8650,SM8750")
-    p.add_argument("--preset", default=None, help="w8a16 (default), w8a8 or w4a16")
-    p.add_argument("--prefill-len", type=int, default=None, help="tokens of the prefill graph")
-    p.add_argument("--kv-len", type=int, default=None, help="KV cache rows of the decode graph")
-    p.add_argument("--calib-windows", type=int, default=None)
-    p.add_argument("--e2e-windows", type=int, default=None, help="held-out windows end to end")
-    p.add_argument("--rounding", default=None, help="weight rounding: gptq (default) or nearest")
-    p.add_argument("--gptq-windows", type=int, default=None, help="GPTQ calibration windows")
-    p.add_argument("--gptq-seq-len", type=int, default=None, help="tokens per GPTQ window")
-    p.add_argument("--vtcm-mb", type=int, default=None)
-    p.add_argument("--opt-mode", type=int, default=None)
-    p.add_argument("--t", type=float, default=None, help="t01m_clip_threshold (no clip_all)")
-    p.add_argument("--quant-bias", action="store_true", help="int8 bias in the .mllm")
-    return p.parse_args(argv)
+
+    def __post_init__(self) -> None:
+        if self.kv_len <= self.prefill_len:
+            raise EdgeforgeError(
+                f"KV_LEN: must exceed PREFILL_LEN ({self.prefill_len}) so the decode graph has "
+                f"a row for the token after the prompt, got {self.kv_len}"
+            )
 
 
-def settings(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
-    """CLI options over the recipe's ``targets.qnn`` over the script defaults, checked."""
-    from common.backends import qdq, qnn_ep
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return target_parser("make qnn", __doc__.splitlines()[0], Options).parse_args(argv)
 
-    def pick(key: str, fallback: Any) -> Any:
-        value = getattr(args, key)
-        return value if value is not None else defaults.get(key, fallback)
 
-    socs = pick("socs", qnn_ep.DEFAULT_SOC)
-    socs = socs.split(",") if isinstance(socs, str) else list(socs)
-    out = {
-        "socs": [qnn_ep.soc_by_name(s.strip()).name for s in socs if s.strip()],
-        "preset": qdq.preset_by_name(pick("preset", qdq.DEFAULT_PRESET)).name,
-        "rotate": pick("rotate", DEFAULT_ROTATE),
-        "prefill_len": pick("prefill_len", DEFAULT_PREFILL_LEN),
-        "kv_len": pick("kv_len", DEFAULT_KV_LEN),
-        "calib_windows": pick("calib_windows", DEFAULT_CALIB_WINDOWS),
-        "e2e_windows": pick("e2e_windows", DEFAULT_E2E_WINDOWS),
-        "rounding": pick("rounding", "gptq"),
-        "gptq_windows": pick("gptq_windows", DEFAULT_GPTQ_WINDOWS),
-        "gptq_seq_len": pick("gptq_seq_len", DEFAULT_GPTQ_SEQ_LEN),
-        "vtcm_mb": pick("vtcm_mb", qnn_ep.DEFAULT_VTCM_MB),
-        "opt_mode": pick("opt_mode", qnn_ep.DEFAULT_OPT_MODE),
-        "t01m_clip_threshold": pick("t", None),
-        "quant_bias": bool(args.quant_bias or defaults.get("quant_bias", False)),
-    }
-    if not out["socs"]:
-        raise EdgeforgeError("SOCS: empty; name at least one SoC")
-    if out["rotate"] not in ROTATIONS:
-        raise EdgeforgeError(f"ROTATE: {out['rotate']!r} is unknown; known: {', '.join(ROTATIONS)}")
-    if out["rounding"] not in ROUNDINGS:
-        raise EdgeforgeError(
-            f"ROUNDING: {out['rounding']!r} is unknown; known: {', '.join(ROUNDINGS)}"
-        )
-    for key in (
-        "prefill_len",
-        "kv_len",
-        "calib_windows",
-        "e2e_windows",
-        "gptq_windows",
-        "gptq_seq_len",
-        "vtcm_mb",
-    ):
-        if not isinstance(out[key], int) or out[key] < 1:
-            raise EdgeforgeError(f"{key.upper()}: expected a positive integer, got {out[key]!r}")
-    if out["gptq_seq_len"] < 2:
-        raise EdgeforgeError(
-            f"GPTQ_SEQ_LEN: a GPTQ window needs at least 2 tokens, got {out['gptq_seq_len']}"
-        )
-    if out["kv_len"] <= out["prefill_len"]:
-        raise EdgeforgeError(
-            f"KV_LEN: must exceed PREFILL_LEN ({out['prefill_len']}) so the decode graph has "
-            f"a row for the token after the prompt, got {out['kv_len']}"
-        )
-    if out["opt_mode"] not in (1, 2, 3):
-        raise EdgeforgeError(f"OPT_MODE: expected 1, 2 or 3, got {out['opt_mode']!r}")
-    return out
+def settings(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
+    """CLI options over the recipe's ``targets.qnn`` over the defaults, checked."""
+    section = (recipe.data.get("targets") or {}).get(TARGET, {})
+    options = resolve(Options, args, section, where=f"{recipe.path}: targets.{TARGET}")
+    opts = describe(options)
+    del opts["profile"]  # an input (recorded with its hash), not a build setting
+    return opts
 
 
 def check_profile(profile: dict[str, Any], recipe_name: str, path: Path) -> dict[str, Any]:
@@ -245,11 +237,10 @@ def mllm_check(adapter: Any, plan: dict[str, Any], path: Path, ids: list[int]) -
     return {"max_abs_diff": float((got - want).abs().max()), "tokens": len(ids)}
 
 
-def build(args: argparse.Namespace) -> dict[str, Any]:
+def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     from common.analysis.profiling import load_profile
     from common.analysis.quant_plan import PlanOptions, build_plan
     from common.analysis.simulate import transformed_model
-    from common.backends import qdq, qnn_ep
     from common.backends.sequential_gptq import sequential_gptq
     from common.core.recipes import load_recipe, model_build_dir
     from common.export import piece_export as pe
@@ -259,19 +250,22 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     from common.steps.model_build import build_model, check_packaged_tokenizer
     from common.steps.profile_step import profile_dir_name
 
+    run.phase("resolve")
     recipe = load_recipe(args.model)
-    opts = settings(args, (recipe.data.get("targets") or {}).get(TARGET, {}))
+    opts = settings(args, recipe)
     versions = qnn_ep.qnn_versions()  # fails early, clearly, without the wheel
     socs = [qnn_ep.soc_by_name(s) for s in opts["socs"]]
-    preset = qdq.preset_by_name(opts["preset"])
+    # The preset with this build's rounding, so the plan names what is built.
+    scheme = qdq.preset_by_name(opts["preset"]).with_weights(rounding=opts["rounding"])
     build_dir = model_build_dir(recipe, args.build_dir)
     rotate = None if opts["rotate"] == "none" else opts["rotate"]
-    profile_path = args.profile or build_dir / profile_dir_name(rotate) / "profile.json"
+    default_profile = build_dir / profile_dir_name(rotate) / "profile.json"
+    profile_path = Path(args.profile) if args.profile else default_profile
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     out_dir = build_dir / TARGET
     inputs = {"profile": profile_path, "model_config": model_dir / "config.json"}
     decision = build_dir / "simulate" / "shadow_layers.json"
-    if args.t is None and decision.is_file():
+    if args.t01m_clip_threshold is None and decision.is_file():
         opts["t01m_clip_threshold"] = simulate_threshold(decision, recipe.name)
         inputs["shadow_layers"] = decision
     tokenizer = load_tokenizer(model_dir)
@@ -305,7 +299,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "build/<MODEL>/profile-<mode>/) or drop ROTATE="
         )
     stats = profile["edgeforge"]["stats"]
-    plan = f32_plan(
+    mllm_plan = f32_plan(
         build_plan(
             profile,
             PlanOptions(
@@ -321,6 +315,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     with transformed_model(model_dir, transforms) as (model, _), atomic_path(out_dir) as tmp:
         adapter = get_adapter(model)
         load_profile(profile_path, adapter)  # covers every linear of this model
+        run.phase("reference")
         work = tmp / "_work"
         float_dir = work / "float"
         pe.export_pieces(
@@ -333,63 +328,60 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         golden = pipeline.capture(
             pe.onnx_runner(float_dir), adapter, golden_ids, calib_ids, lengths
         )
-        encodings = qdq.plan_encodings(plan, stats, preset)
+        run.phase("quantize")
+        # The binaries' plan is written first and read back: the QDQ step sees only the file.
+        binaries_plan = qdq.qdq_plan(
+            mllm_plan, stats, scheme, name=f"{recipe.name}-qnn-{scheme.name}"
+        )
+        write_json_atomic(tmp / "quant_plan.json", binaries_plan.to_json())
+        plan = qdq.load_qdq_plan(tmp / "quant_plan.json")
+        weight_bits = plan.scheme.weights.bits
         levels = (
-            sequential_gptq(adapter, gptq_ids, preset.weight_bits)
-            if gptq_ids is not None
+            sequential_gptq(adapter, gptq_ids, weight_bits)
+            if plan.scheme.weights.rounding == "gptq"
             else qdq.nearest_levels(
-                {n: m.weight for n, _r, m in iter_linears(adapter)}, preset.weight_bits
+                {n: m.weight for n, _r, m in iter_linears(adapter)}, weight_bits
             )
         )
+        run.phase("compile")
         rows, hiddens = pipeline.build_all(
             adapter,
             float_dir,
             work,
             tmp,
+            tmp / "qdq" if opts["keep_qdq"] else work / "qdq",
             golden,
-            encodings,
+            plan,
             levels,
-            preset,
             socs,
             opts["vtcm_mb"],
             opts["opt_mode"],
             e2e_ids,
         )
+        run.phase("verify")
         e2e = pipeline.end_to_end(adapter, hiddens, e2e_ids)
-        write_json_atomic(
-            tmp / "qnn_scales.json",
-            {
-                "preset": preset.name,
-                "encodings": {
-                    n: {
-                        side: {"absmax": e.absmax, "bits": e.bits}
-                        for side, e in zip(("input", "output"), pair, strict=True)
-                    }
-                    for n, pair in encodings.items()
-                },
-            },
-        )
-        write_json_atomic(tmp / "quant_plan.json", plan)
+        write_json_atomic(tmp / "model.int8.plan.json", mllm_plan)
         write_json_atomic(
             tmp / "shadow_layers.json",
             {
                 "model": recipe.name,
                 "t01m_clip_threshold": opts["t01m_clip_threshold"],
-                "shadow_layers": plan["shadow_layers"],
-                "summary": plan["summary"],
+                "shadow_layers": mllm_plan["shadow_layers"],
+                "summary": mllm_plan["summary"],
             },
         )
-        mllm_int8.write_int8_mllm(tmp / "model.int8.mllm", adapter, plan, stats)
-        mllm = mllm_check(adapter, plan, tmp / "model.int8.mllm", golden_ids)
+        mllm_int8.write_int8_mllm(tmp / "model.int8.mllm", adapter, mllm_plan, stats)
+        mllm = mllm_check(adapter, mllm_plan, tmp / "model.int8.mllm", golden_ids)
         tokenizer_dir = write_tokenizer_dir(model_dir, tmp / "tokenizer")  # what the app reads
         tokenizer_check = check_packaged_tokenizer(
             recipe, tokenizer_dir, out_dir / "tokenizer", args.build_dir, args.model_path
         )
+        run.phase("package")
         shutil.rmtree(work)
         first = rows[0]["binaries"][socs[0].name]
         report = {
             "model": recipe.name,
-            "preset": preset.name,
+            "preset": scheme.name,
             "rounding": opts["rounding"],
             "prefill_len": lengths[0],
             "kv_len": lengths[1],
@@ -400,11 +392,11 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "versions": versions,
             "layers": rows,
             "end_to_end": e2e,
-            "float_linears": sorted(qdq.float_linears(encodings)),
+            "float_linears": sorted(plan.float_linears()),
             "mllm_int8": mllm,
             "tokenizer": tokenizer_check,
         }
-        checks = rep.gates(report, GATES[preset.name], MLLM_MAX_ABS)
+        checks = rep.gates(report, GATES[scheme.name], MLLM_MAX_ABS)
         report["gates"] = records(checks)
         report["passed"] = all(g.passed for g in checks)
         write_json_atomic(tmp / "report.json", report)
@@ -423,12 +415,14 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    report = build(parse_args(argv))
+    run = Run(TARGET, PHASES)
+    report = build(parse_args(argv), run)
+    run.finish()
     failed = failures(report["gates"])
     if failed:
         raise CheckFailed("; ".join(failed))
-    print(
-        f"[qnn] {report['model']}: {len(report['layers'])} pieces all on QNN, worst cos "
+    run.log(
+        f"{report['model']}: {len(report['layers'])} pieces all on QNN, worst cos "
         f"{min(r['cos_vs_float'] for r in report['layers']):.5f}, end-to-end top-1 "
         f"{report['end_to_end']['top1_agreement']:.3f}"
     )

@@ -14,13 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-sys.path.insert(0, str(ROOT))
+from common.backends.qnn_config import load_qnn_config
+from common.core.errors import EdgeforgeError, run_cli
+from common.core.recipes import load_recipe, model_build_dir
 
-from common.backends.qnn_config import load_qnn_config  # noqa: E402
-from common.core.errors import EdgeforgeError, run_cli  # noqa: E402
-from common.core.recipes import load_recipe, model_build_dir  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def main() -> int:

@@ -11,10 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(ROOT))
-
-from common.steps import profile_cli  # noqa: E402
+from common.steps import profile_cli
 
 
 def main() -> None:

@@ -168,27 +168,28 @@ def build_piece(
     out_dir: Path,
     *,
     adapter: ModelAdapter,
-    encodings: dict[str, tuple[qdq.Encoding, qdq.Encoding]],
+    qdq_dir: Path,
+    plan: qdq.QdqPlan,
     levels: qdq.WeightLevels,
     golden: Golden,
-    preset: qdq.Preset,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
     opt_mode: int,
     chain_inputs: Sequence[Feeds] = (),
 ) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
-    """QDQ (with ``levels`` as the integer weights), compile for each SoC, verify on the
-    emulator; returns the report row and the QNN outputs on each of ``chain_inputs``."""
+    """QDQ from ``plan`` (with ``levels`` as the integer weights) into
+    ``qdq_dir/<name>.onnx``, compile it for each SoC, verify on the emulator; returns the
+    report row and the QNN outputs on each of ``chain_inputs``."""
     weights = piece_linears(adapter, name)
     static = qdq.static_float_model(float_dir / f"{name}.onnx", work_dir / f"{name}.static.onnx")
-    qdq_path = work_dir / f"{name}.{preset.name}.onnx"
+    qdq_path = qdq_dir / f"{name}.onnx"
+    qdq_path.parent.mkdir(parents=True, exist_ok=True)
     qdq.quantize_piece(
         static,
         qdq_path,
-        encodings={n: encodings[n] for n in weights},
+        plan=plan,
         weights=weights,
         calibration=golden.calibration[name],
-        preset=preset,
         levels={n: levels[n] for n in weights},
     )
     feeds = golden.inputs[name]
@@ -228,10 +229,10 @@ def build_all(
     float_dir: Path,
     work_dir: Path,
     out_dir: Path,
+    qdq_dir: Path,
     golden: Golden,
-    encodings: dict[str, tuple[qdq.Encoding, qdq.Encoding]],
+    plan: qdq.QdqPlan,
     levels: qdq.WeightLevels,
-    preset: qdq.Preset,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
     opt_mode: int,
@@ -241,10 +242,10 @@ def build_all(
     each window of ``chain_ids`` (``PREFILL_LEN`` tokens each, embedded on the host)."""
     common = dict(
         adapter=adapter,
-        encodings=encodings,
+        qdq_dir=qdq_dir,
+        plan=plan,
         levels=levels,
         golden=golden,
-        preset=preset,
         socs=socs,
         vtcm_mb=vtcm_mb,
         opt_mode=opt_mode,
@@ -255,7 +256,7 @@ def build_all(
         hiddens = [embed(torch.tensor([list(ids)])).numpy() for ids in chain_ids]
     names = [f"block_{i}" for i in range(adapter.num_layers)]
     names += [f"block_cache_{i}" for i in range(adapter.num_layers)] + ["lm_head"]
-    for name in tqdm(names, desc=f"qnn {preset.name}"):
+    for name in tqdm(names, desc=f"qnn {plan.scheme.name}"):
         chain: list[Feeds] = []
         if name.startswith("block_") and not name.startswith("block_cache"):
             # Same length, no padding: every window shares the golden positions and mask.

@@ -11,19 +11,10 @@
 QNN_REQ   := targets/qnn/requirements.txt
 QNN_HASH  := $(shell sha256sum $(QNN_REQ) | cut -c1-16)
 QNN_STAMP := $(VENV)/.edgeforge-qnn-$(QNN_HASH)
-SOCS      ?=
-PRESET    ?=
-PREFILL_LEN ?=
-KV_LEN    ?=
-E2E_WINDOWS ?=
-PROFILE   ?=
-ROUNDING  ?=
-QNN_VARS = $(foreach v,SOCS PRESET PREFILL_LEN KV_LEN E2E_WINDOWS PROFILE ROTATE ROUNDING,$(if $($(v)),$(v)=$($(v))))
-QNN_ARGS = $(if $(SOCS),--socs $(SOCS)) $(if $(PRESET),--preset $(PRESET)) \
-  $(if $(ROTATE),--rotate $(ROTATE)) $(if $(ROUNDING),--rounding $(ROUNDING)) \
-  $(if $(PREFILL_LEN),--prefill-len $(PREFILL_LEN)) $(if $(KV_LEN),--kv-len $(KV_LEN)) \
-  $(if $(E2E_WINDOWS),--e2e-windows $(E2E_WINDOWS)) \
-  $(if $(PROFILE),--profile $(PROFILE))
+#: The make variables of build.py's Options, in declaration order.
+QNN_OPTIONS := SOCS PRESET ROTATE PREFILL_LEN KV_LEN E2E_WINDOWS ROUNDING PROFILE
+QNN_VARS = $(call option_vars,$(QNN_OPTIONS))
+QNN_ARGS = $(call option_args,$(QNN_OPTIONS))
 #: The rotation of the profile make qnn reads by default (empty: none), and that profile:
 #: PROFILE=, else make profile's output for it (made on demand).
 QNN_ROTATE = $(if $(filter none,$(ROTATE)),,$(or $(ROTATE),hadamard))

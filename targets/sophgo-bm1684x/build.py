@@ -19,16 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # target folders are not packages
-
-from sophgo_verify import (  # noqa: E402
+from sophgo_verify import (
     ScoredRunner,
     first_mismatch,
     image_prompt_check,
@@ -37,15 +33,26 @@ from sophgo_verify import (  # noqa: E402
     prefill_greedy,
 )
 
-from common.backends.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain, check_mode_chip  # noqa: E402
-from common.core.errors import CheckFailed, EdgeforgeError, run_cli  # noqa: E402
-from common.core.gates import failures, gate, markdown_table, records  # noqa: E402
-from common.core.records import atomic_path, build_manifest, dumps_json  # noqa: E402
-from common.models.tokenizer_fidelity import copy_tokenizer_files, describe  # noqa: E402
+from common.backends.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain
+from common.core.errors import CheckFailed, EdgeforgeError, run_cli
+from common.core.gates import failures, gate, markdown_table, records
+from common.core.options import (
+    Choice,
+    FilePath,
+    Integer,
+    Text,
+    option,
+    resolve,
+    target_parser,
+)
+from common.core.paths import REPO_ROOT
+from common.core.records import atomic_path, build_manifest, dumps_json
+from common.models.tokenizer_fidelity import copy_tokenizer_files, describe
+from common.steps.phases import Run
 
 TARGET = "sophgo-bm1684x"
-#: Recipe keys read from ``targets["sophgo-bm1684x"]`` (CLI options override them).
-RECIPE_KEYS = ("seq_len", "q_group_size")
+#: The phases of a run (common/steps/phases.py), in order.
+PHASES = ("resolve", "reference", "export", "compile", "verify", "package")
 DEFAULT_SEQ_LEN = 256
 #: Minimum per-piece cosine (simulator vs onnxruntime) by mode, and whether the greedy
 #: tokens must equal HF's: the issue's acceptance bars.
@@ -60,62 +67,69 @@ VENDOR_LOGITS_GATE = {"bf16": 0.995, "f16": 0.995, "w8bf16": 0.98, "w4bf16": 0.9
 COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 #: Picture of the VL image-prompt check (shipped in data/images) and its square side: 112 px
 #: is 4x4 merged tokens on the Qwen2-VL family.
-VL_IMAGE = ROOT / "data" / "images" / "astronaut.jpg"
+VL_IMAGE = REPO_ROOT / "data" / "images" / "astronaut.jpg"
 VL_IMAGE_SIZE = 112
 
 
+@dataclass(frozen=True)
+class Options:
+    """Options of ``make sophgo`` (command line > recipe ``targets.sophgo-bm1684x`` > these)."""
+
+    mode: str = option("bf16", Choice(tuple(QUANTIZE)), "precision", make="MODE", recipe=False)
+    chip: str = option("bm1684x", Choice(CHIPS), "target chip", make="CHIP", recipe=False)
+    route: str = option(
+        "onnx",
+        Choice(ROUTES),
+        "onnx: our pieces through model_transform/model_deploy; llm_convert: the vendor's",
+        make="ROUTE",
+        recipe=False,
+    )
+    seq_len: int = option(DEFAULT_SEQ_LEN, Integer(2), "static context", make="SEQ_LEN")
+    q_group_size: int = option(64, Integer(1), "W4/W8 weight group size", make="Q_GROUP_SIZE")
+    decode_tokens: int | None = option(
+        None,
+        Integer(1),
+        "tokens generated through the KV-cache decode nets (default: max-new-tokens)",
+        make="DECODE_TOKENS",
+        recipe=False,
+    )
+    prompt: str | None = option(
+        None,
+        Text(),
+        "end-to-end check prompt (recipe eval prompt)",
+        flag="--prompt",
+        recipe=False,
+    )
+    max_new_tokens: int = option(
+        32, Integer(1), "greedy tokens checked end to end", flag="--max-new-tokens", recipe=False
+    )
+    jobs: int | None = option(
+        None, Integer(1), "parallel compiles (core count)", flag="--jobs", recipe=False
+    )
+    venv: Path = option(
+        REPO_ROOT / ".venv-tpu-mlir", FilePath(), "tpu-mlir venv", flag="--venv", recipe=False
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="make sophgo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
-    p.add_argument("--build-dir", type=Path, default=None)
-    p.add_argument("--model-path", type=Path, default=None, help="local HF checkpoint dir")
-    p.add_argument("--mode", default="bf16", help=f"one of {', '.join(QUANTIZE)}")
-    p.add_argument("--chip", default="bm1684x", help=f"one of {', '.join(CHIPS)}")
-    p.add_argument("--route", default="onnx", help=f"one of {', '.join(ROUTES)}")
-    p.add_argument(
-        "--seq-len", type=int, default=None, help=f"static context (default {DEFAULT_SEQ_LEN})"
-    )
-    p.add_argument("--q-group-size", type=int, default=None, help="W4 group size (64)")
-    p.add_argument("--prompt", default=None, help="end-to-end check prompt (recipe eval prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument(
-        "--decode-tokens",
-        type=int,
-        default=None,
-        help="tokens generated through the KV-cache decode nets (default: max-new-tokens)",
-    )
-    p.add_argument("--jobs", type=int, default=None, help="parallel compiles (core count)")
-    p.add_argument("--venv", type=Path, default=ROOT / ".venv-tpu-mlir")
-    return p.parse_args(argv)  # fmt: skip
+    return target_parser("make sophgo", __doc__.split("\n\n")[0], Options).parse_args(argv)
 
 
-def _log(message: str) -> None:
-    print(f"[sophgo] {message}", flush=True)
+def target_options(recipe: Any, args: argparse.Namespace) -> Options:
+    """Command line over the recipe's ``targets.sophgo-bm1684x`` over the defaults."""
+    section = (recipe.data.get("targets") or {}).get(TARGET, {})
+    return resolve(Options, args, section, where=f"{recipe.path}: targets.{TARGET}")
 
 
-def target_options(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Recipe ``targets["sophgo-bm1684x"]`` defaults under the CLI's explicit options."""
-    defaults = (recipe.data.get("targets") or {}).get(TARGET, {})
-    unknown = sorted(set(defaults) - set(RECIPE_KEYS))
-    if unknown:
-        raise EdgeforgeError(
-            f"{recipe.path}: targets.{TARGET} has unknown keys {unknown}; known: {RECIPE_KEYS}"
-        )
-    check_mode_chip(args.mode, args.chip)
-    if args.route not in ROUTES:
-        raise EdgeforgeError(
-            f"ROUTE={args.route!r} is not supported; use one of {', '.join(ROUTES)}"
-        )
-    group = args.q_group_size or int(defaults.get("q_group_size", 64))
-    if group <= 0:
-        raise EdgeforgeError(f"Q_GROUP_SIZE={group}: expected a positive integer (default 64)")
+def options_record(opts: Options) -> dict[str, Any]:
+    """The options as the manifest and report record them (machine paths left out)."""
     return {
-        "mode": args.mode,
-        "chip": args.chip,
-        "route": args.route,
-        "seq_len": args.seq_len or int(defaults.get("seq_len", DEFAULT_SEQ_LEN)),
-        "q_group_size": group,
-        "max_new_tokens": args.max_new_tokens,
+        "mode": opts.mode,
+        "chip": opts.chip,
+        "route": opts.route,
+        "seq_len": opts.seq_len,
+        "q_group_size": opts.q_group_size,
+        "max_new_tokens": opts.max_new_tokens,
     }
 
 
@@ -259,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.analysis.eval import prompt_ids
     from common.backends.tpu_mlir import (
         Simulator,
+        bmodel_plan,
         combine,
         compile_pieces,
         fused_norm_reference,
@@ -271,18 +286,21 @@ def main(argv: list[str] | None = None) -> int:
         cosine,
         export_pieces,
         onnx_runner,
-        piece_dims,
         reference_greedy,
         reference_logits,
     )
-    from common.models import get_adapter
+    from common.models import get_adapter, iter_linears
     from common.models.loading import load_model, load_tokenizer
+    from common.models.static_decoder import piece_dims
     from common.steps.model_build import build_model, check_packaged_tokenizer
 
     args = parse_args(argv)
+    run = Run("sophgo", PHASES)
+    run.phase("resolve")
     recipe = load_recipe(args.model)
-    opts = target_options(recipe, args)
-    toolchain = Toolchain(args.venv)
+    options = target_options(recipe, args)
+    opts = options_record(options)
+    toolchain = Toolchain(options.venv)
     version = toolchain.version()
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     qwen1 = None
@@ -295,19 +313,21 @@ def main(argv: list[str] | None = None) -> int:
         adapter = get_adapter(model)
         dims = piece_dims(adapter, opts["seq_len"])
         tokenizer = load_tokenizer(model_dir)
-    prompt = args.prompt or recipe.eval_defaults.get("prompt", "What is the capital of France?")
+    # The language model's linears, named in the plan written beside the bmodel.
+    linears = [(name, role) for name, role, _ in iter_linears(get_adapter(model))]
+    prompt = options.prompt or recipe.eval_defaults.get("prompt", "What is the capital of France?")
     ids = prompt_ids(tokenizer, prompt)
-    if ids.shape[1] + args.max_new_tokens - 1 > dims.seq_len:
+    if ids.shape[1] + options.max_new_tokens - 1 > dims.seq_len:
         raise EdgeforgeError(
             f"SEQ_LEN={dims.seq_len} is too short for the check: prompt ({ids.shape[1]} "
-            f"tokens) + max_new_tokens ({args.max_new_tokens})"
+            f"tokens) + max_new_tokens ({options.max_new_tokens})"
         )
 
     prompt_list = ids[0].tolist()
-    decode_tokens = args.max_new_tokens if args.decode_tokens is None else args.decode_tokens
-    if not 1 <= decode_tokens <= args.max_new_tokens:
+    decode_tokens = options.decode_tokens or options.max_new_tokens
+    if decode_tokens > options.max_new_tokens:
         raise EdgeforgeError(
-            f"DECODE_TOKENS={decode_tokens}: expected 1..max_new_tokens ({args.max_new_tokens})"
+            f"DECODE_TOKENS={decode_tokens}: expected 1..max_new_tokens ({options.max_new_tokens})"
         )
     image_inputs = None
     if qwen1 is None and adapter.is_vision_language:  # image prompt too; fits SEQ_LEN?
@@ -318,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"SEQ_LEN={dims.seq_len} is too short for the image check: prompt ({length} "
                 f"tokens with the picture) + {decode_tokens} new tokens"
             )
+    run.phase("reference")
     with torch.no_grad():
-        expected = reference_greedy(model, ids, args.max_new_tokens)
+        expected = reference_greedy(model, ids, options.max_new_tokens)
         ref_logits = reference_logits(model, ids, expected)
 
     root = model_build_dir(recipe, args.build_dir) / TARGET
@@ -328,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     bmodel_name = f"{recipe.name}_{opts['mode']}_seq{dims.seq_len}_1dev.bmodel"
     watch = Stopwatch()
-    _log(f"exporting pieces (seq {dims.seq_len}) to {work / 'onnx'}")
+    run.phase("export")
+    run.log(f"exporting pieces (seq {dims.seq_len}) to {work / 'onnx'}")
     if qwen1 is not None:
         del model  # the reference's numbers are taken; the patched copy loads next
         pieces = qwen1.export_patched(model_dir, dims.seq_len, work)
@@ -336,15 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         pieces = export_pieces(adapter, dims.seq_len, work / "onnx")
     watch.lap("export onnx pieces")
     reference = onnx_runner(work / "onnx")
+    run.phase("compile")
     notes: list[str] = []
     compile_info: dict[str, tuple[list[float], list[float]]] = {}
     if opts["route"] == "onnx":
         builds = compile_pieces(
             toolchain, pieces, dims.vocab_size, opts["mode"], opts["chip"], work / "compile",
-            args.jobs, opts["q_group_size"],
+            options.jobs, opts["q_group_size"],
         )  # fmt: skip
         compile_info = {b.name: ([c.cos for c in b.compares], list(b.seconds)) for b in builds}
-        _log(f"compiled {len(builds)} pieces in {watch.lap('compile pieces'):.0f} s")
+        run.log(f"compiled {len(builds)} pieces in {watch.lap('compile pieces'):.0f} s")
         bmodel = combine(toolchain, [b.bmodel for b in builds], work / bmodel_name, work)
         watch.lap("combine")
         notes.append(
@@ -359,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             toolchain, half, dims.seq_len, opts["mode"], opts["chip"], opts["q_group_size"],
             work,
         )  # fmt: skip
-        _log(f"llm_convert built {bmodel.name} in {watch.lap('llm_convert'):.0f} s")
+        run.log(f"llm_convert built {bmodel.name} in {watch.lap('llm_convert'):.0f} s")
         reference = fused_norm_reference(reference, adapter, dims.num_layers)
         notes.append(
             "llm_convert folds the final norm into the last block and makes lm_head a bare "
@@ -371,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts["route"] != "onnx":
         build_steps = ("save half checkpoint", "llm_convert")
     build_seconds = sum(watch.seconds[step] for step in build_steps)
+    run.phase("verify")
     with Simulator(toolchain, bmodel, work / "simulator") as sim:
         watch.lap("simulator load")
         checked = [piece for piece in pieces if piece.name in sim.nets]
@@ -436,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(note)
 
     out = root / label
+    run.phase("package")
     others = sibling_reports(root, opts, dims.seq_len)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
@@ -444,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
             if path.suffix in COPY_SUFFIXES and path.name != "manifest.json":
                 shutil.copy2(path, tmp / path.name)
         copy_tokenizer_files(model_dir, tmp)  # with any tokenizer code (Qwen-7B's)
+        plan = bmodel_plan(
+            opts["mode"], opts["q_group_size"], opts["route"], linears, f"{recipe.name}-{label}"
+        )
+        (tmp / "quant_plan.json").write_text(dumps_json(plan))
         tokenizer_check = check_packaged_tokenizer(
             recipe, tmp, out, args.build_dir, args.model_path
         )
@@ -502,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         (tmp / "manifest.json").write_text(dumps_json(manifest))
     worst = min(scores.values())
-    _log(
+    run.finish()
+    run.log(
         f"wrote {out} (greedy {matched}/{len(expected)}, kv decode "
         f"{decode_matched}/{len(decode_expected)}, min piece cos {worst:.6f})"
     )

@@ -11,9 +11,9 @@ applied to a copy of the user's directory, with ``config.json``'s ``seq_length``
 file and, per patch, the first hunk that does not match, before anything is written.
 
 The pieces then wrap the *patched* model's own blocks (``transformer.h.N``), so the graph is
-the checkpoint's code, not a re-implementation; they keep ``common.export.piece_export``'s names
-and signatures, so its host loop, runners and checks serve Qwen1 unchanged. Weights are
-linked, not copied (a 7B checkpoint is 15 GB).
+the checkpoint's code, not a re-implementation of :mod:`common.models.static_decoder`; they
+keep ``common.export.piece_export``'s names and signatures, so its host loop, runners and
+checks serve Qwen1 unchanged. Weights are linked, not copied (a 7B checkpoint is 15 GB).
 """
 
 from __future__ import annotations
@@ -31,17 +31,16 @@ from torch import nn
 
 from common.core.errors import EdgeforgeError
 from common.core.records import atomic_path, dumps_json, sha256_file
-from common.export.piece_export import (
+from common.export.piece_export import Piece, export_modules
+from common.models.qwen import QwenAdapter, load_qwen_model, load_qwen_tokenizer
+from common.models.static_decoder import (
     EmbeddingPiece,
     GreedyHead,
     LmHeadPiece,
     PenaltySampleHead,
-    Piece,
     PieceDims,
     dims_of,
-    export_modules,
 )
-from common.models.qwen import QwenAdapter, load_qwen_model, load_qwen_tokenizer
 
 PATCH_DIR = Path(__file__).resolve().parent / "patches"
 #: One patch per known upstream revision of ``modeling_qwen.py``; the first that fits wins.

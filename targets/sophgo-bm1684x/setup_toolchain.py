@@ -29,15 +29,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from common.backends.tpu_mlir import Toolchain  # noqa: E402
-from common.core.errors import EdgeforgeError, run_cli  # noqa: E402
+from common.backends.tpu_mlir import Toolchain
+from common.core.errors import EdgeforgeError, run_cli
+from common.core.paths import REPO_ROOT
 
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "requirements-tpu-mlir.txt"
@@ -188,7 +185,7 @@ def main() -> int:
     parser.add_argument("--python", help="Python 3.10 interpreter (default: search)")
     parser.add_argument("--llm-convert", action="store_true", help="the ROUTE=llm_convert venv")
     args = parser.parse_args()
-    venv = args.venv or ROOT / (".venv-tpu-mlir-llm" if args.llm_convert else ".venv-tpu-mlir")
+    venv = args.venv or REPO_ROOT / (".venv-tpu-mlir-llm" if args.llm_convert else ".venv-tpu-mlir")
     install(
         venv, find_python310(args.python), REQUIREMENTS_LLM if args.llm_convert else REQUIREMENTS
     )

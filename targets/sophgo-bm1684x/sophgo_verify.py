@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 
 from common.export.piece_export import (
-    MASK_BLOCKED,
-    PieceDims,
     PieceRunner,
     cosine,
     decode_steps,
@@ -23,6 +21,7 @@ from common.export.piece_export import (
     prefill_inputs,
     reference_multimodal,
 )
+from common.models.static_decoder import MASK_BLOCKED, PieceDims
 
 
 def prefill_greedy(

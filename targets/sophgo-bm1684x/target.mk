@@ -21,17 +21,15 @@ endif
 #             [ROUTE=onnx|llm_convert] [Q_GROUP_SIZE=64] [DECODE_TOKENS=n]
 # MODE is shared with other targets (axera defines it empty), so the default is applied here.
 # ROUTE=llm_convert runs in its own venv (SOPHGO_LLM_VENV, from LLM_CONVERT=1 below).
-SOPHGO_MODE = $(or $(MODE),bf16)
-CHIP    ?= bm1684x
-SEQ_LEN ?=
-ROUTE   ?= onnx
-Q_GROUP_SIZE  ?=
-DECODE_TOKENS ?=
-SOPHGO_ARGS = --mode $(SOPHGO_MODE) --chip $(CHIP) --route $(ROUTE) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) $(if $(Q_GROUP_SIZE),--q-group-size $(Q_GROUP_SIZE)) $(if $(DECODE_TOKENS),--decode-tokens $(DECODE_TOKENS))
+#: The make variables of build.py's Options, in declaration order. ROUTE also picks the
+#: tpu-mlir venv below, so it has its default here too.
+SOPHGO_OPTIONS := MODE CHIP ROUTE SEQ_LEN Q_GROUP_SIZE DECODE_TOKENS
+ROUTE ?= onnx
+SOPHGO_ARGS = $(call option_args,$(SOPHGO_OPTIONS))
 .PHONY: sophgo
 sophgo: venv ## SOPHGO BM1684X: bmodel (MODE=bf16|f16|w8bf16|w4bf16, ROUTE=onnx|llm_convert), checked on the simulator
 ifeq ($(USE_DOCKER),1)
-	docker/run.sh sophgo-bm1684x sophgo MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) MODE=$(SOPHGO_MODE) CHIP=$(CHIP) ROUTE=$(ROUTE) $(if $(SEQ_LEN),SEQ_LEN=$(SEQ_LEN)) $(if $(Q_GROUP_SIZE),Q_GROUP_SIZE=$(Q_GROUP_SIZE)) $(if $(DECODE_TOKENS),DECODE_TOKENS=$(DECODE_TOKENS)) SOPHGO_VENV=/opt/tpu-mlir-venv SOPHGO_LLM_VENV=/opt/tpu-mlir-llm-venv
+	docker/run.sh sophgo-bm1684x sophgo MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) $(call option_vars,$(SOPHGO_OPTIONS)) SOPHGO_VENV=/opt/tpu-mlir-venv SOPHGO_LLM_VENV=/opt/tpu-mlir-llm-venv
 else
 	$(PY) targets/sophgo-bm1684x/build.py $(MODEL_ARGS) $(SOPHGO_ARGS) --venv $(if $(filter llm_convert,$(ROUTE)),$(SOPHGO_LLM_VENV),$(SOPHGO_VENV))
 endif

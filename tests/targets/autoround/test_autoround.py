@@ -8,11 +8,9 @@ real-model gate (perplexity and cosine) is exercised by `make autoround MODEL=sm
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from tests.conftest import (
     assert_clean_error,
     assert_gates,
     assert_same_tokenizer,
+    import_target,
     run_python,
 )
 
@@ -37,9 +36,8 @@ REPORT_KEYS = {"bits", "group_size", "iters", "ppl_fp", "ppl_rtn", "ppl_autoroun
                "top1_agreement", "formats", "quantize_seconds"}  # fmt: skip
 
 
-sys.path.insert(0, str(TARGET_DIR))  # target folders are not packages; modules are ar_*
-ar_quantize = importlib.import_module("ar_quantize")
-ar_options = importlib.import_module("ar_options")
+ar_quantize = import_target("autoround", "ar_quantize")
+ar_options = import_target("autoround", "ar_options")
 
 
 def run_build(build_dir: Path, model: str, *args: str) -> CliResult:
@@ -104,6 +102,16 @@ def _check_common(report: dict, build_dir: Path, model: str, layers: int) -> Non
         assert json.loads((out / fmt / "report.json").read_text())["format"] == fmt
         manifest = json.loads((out / fmt / "manifest.json").read_text())
         assert "model.safetensors" in manifest["outputs"]
+        # The plan beside the export states what it holds, as its own config says it.
+        plan = json.loads((out / fmt / "quant_plan.json").read_text())
+        assert len(plan["tensors"]) == layers and plan["artifact"] == fmt
+        stored = json.loads((out / fmt / "config.json").read_text())["quantization_config"]
+        for entry in plan["tensors"].values():
+            weight = entry["weight"]
+            assert weight["dtype"] == f"int{stored['bits']}"
+            assert weight["group_size"] == stored["group_size"]
+            # AWQ's config says zero_point where the others say sym
+            assert weight["symmetric"] == stored.get("sym", not stored.get("zero_point"))
         # W4 g32 keeps the reloaded logits close to the float model, and closer than RTN.
         assert result["cosine_mean"] > report["rtn"]["cosine_mean"] > 0.9
         assert result["top1_agreement"] > 0.5
@@ -209,17 +217,17 @@ def test_group_size_not_dividing_is_a_clean_error(session_build: Path, tiny_qwen
     ("cli", "message"),
     [
         ({"bits": "3", "formats": "auto_awq"}, "BITS=3 is not supported by FORMAT auto_awq"),
-        ({"bits": "5"}, "BITS must be one of"),
-        ({"formats": "auto_round,gguf:q5_0"}, "FORMAT 'gguf:q5_0' is not supported"),
+        ({"bits": "5"}, "BITS=5: '5' is not one of 2, 3, 4, 8"),
+        ({"formats": "auto_round,gguf:q5_0"}, "FORMAT=auto_round,gguf:q5_0: 'gguf:q5_0' is not"),
         ({"formats": "auto_round,gguf:q4_0"}, "FORMAT gguf:q4_0 must be the only format"),
         ({"formats": "gguf:q4_k_m", "bits": "8"}, "BITS=8 is not supported by FORMAT gguf:q4_k_m"),
         ({"formats": "gguf:q4_0", "group_size": "64"}, "GROUP_SIZE=64 conflicts with FORMAT"),
         ({"formats": "gguf:q4_k_m", "sym": "1"}, r"SYM=1 conflicts with FORMAT gguf:q4_k_m"),
-        ({"formats": " , "}, "FORMAT is empty"),
-        ({"sym": "maybe"}, "SYM must be 1 or 0"),
-        ({"iters": "-1"}, "ITERS must be >= 0"),
-        ({"group_size": "0"}, "GROUP_SIZE must be -1"),
-        ({"rtn_gate": "loss"}, "RTN_GATE must be one of"),
+        ({"formats": " , "}, "FORMAT= , : is empty"),
+        ({"sym": "maybe"}, "SYM=maybe: expected 1 or 0"),
+        ({"iters": "-1"}, "ITERS=-1: must be >= 0"),
+        ({"group_size": "0"}, "GROUP_SIZE=0: must be -1"),
+        ({"rtn_gate": "loss"}, "--rtn-gate=loss: 'loss' is not one of"),
         ({"images": "data/images"}, "IMAGES names the image folder"),
         ({"template": "missing.json"}, "TEMPLATE=missing.json: file not found"),
     ],
@@ -277,7 +285,7 @@ def test_gguf_structure_check_catches_unquantized_and_missing_layers(tmp_path: P
     import gguf
     import numpy as np
 
-    ar_verify = importlib.import_module("ar_verify")
+    ar_verify = import_target("autoround", "ar_verify")
     path = tmp_path / "t.gguf"
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(1)

@@ -6,7 +6,6 @@ Pulsar2 compile itself cannot run here, so the tests check everything it would c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ from tests.conftest import (
     assert_clean_error,
     assert_gates,
     assert_same_tokenizer,
+    import_target,
     run_python,
 )
 
@@ -32,15 +32,8 @@ TARGET_DIR = REPO_ROOT / "targets" / "axera-ax650"
 IMAGES = REPO_ROOT / "data" / "images"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"axera_{name}", TARGET_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-pulsar2 = _load("pulsar2")
-build = _load("build")
+pulsar2 = import_target("axera-ax650", "pulsar2")
+build = import_target("axera-ax650")
 
 
 def run_build(*args: str) -> CliResult:
@@ -238,9 +231,8 @@ def _main_error(*args: str) -> str:
 
 def test_bad_sizes(session_build: Path, tiny_qwen2_5_vl_dir: Path) -> None:
     common = ("--model", "tiny-qwen2.5-vl", "--build-dir", str(session_build))
-    assert "--image-size: 20 px is smaller than one merge window" in _main_error(
-        *common, "--image-size", "20"
-    )
+    # The declared minimum (one 28 px merge window of the Qwen2-VL family), before any work.
+    assert "--image-size=20: must be >= 28" in _main_error(*common, "--image-size", "20")
     assert "--image-size: 448×448 px is outside the model processor's pixel budget" in (
         _main_error(*common, "--image-size", "448")
     )
@@ -266,7 +258,7 @@ def test_rounded_size_is_reported(session_build: Path, tiny_qwen2_5_vl_dir: Path
         )
         == 0
     )
-    assert "60 is not a multiple of 28; rounded to 56" in capsys.readouterr().out
+    assert "60 is not a multiple of 28; rounded to 56" in capsys.readouterr().err  # a note
     report = json.loads((out / "report.json").read_text())
     assert report["size"] == 56 and any("rounded to 56" in n for n in report["notes"])
 

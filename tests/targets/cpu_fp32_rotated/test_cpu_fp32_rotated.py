@@ -6,7 +6,6 @@ into the session build directory where conftest built the models.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.conftest import (
     assert_clean_error,
     assert_gates,
     assert_same_tokenizer,
+    import_target,
     run_python,
 )
 
@@ -114,7 +114,7 @@ def test_other_seed_and_mode_differ(tmp_path: Path, tiny_qwen2_dir: Path) -> Non
     (build / "tiny-qwen2").mkdir(parents=True)
     (build / "tiny-qwen2" / "model").symlink_to(tiny_qwen2_dir)
     _ok(run_target(build, "--model", "tiny-qwen2", "--rotate-mode", "orthogonal", "--seed", "1",
-                   "--num-windows", "2"))  # fmt: skip
+                   "--eval-windows", "2"))  # fmt: skip
     report = _report(build, "tiny-qwen2")
     assert report["passed"] and report["rotation"]["mode"] == "orthogonal"
 
@@ -149,7 +149,7 @@ def test_r_path_from_mllm_cuda_pickle(tmp_path: Path, session_build: Path,
     (build / "tiny-qwen2").mkdir(parents=True)
     (build / "tiny-qwen2" / "model").symlink_to(tiny_qwen2_dir)
     _ok(run_target(build, "--model", "tiny-qwen2", "--r-path", str(tmp_path / "R.bin"),
-                   "--num-windows", "2"))  # fmt: skip
+                   "--eval-windows", "2"))  # fmt: skip
     saved = load_rotation(build / "tiny-qwen2" / TARGET / "rotation.safetensors")
     assert torch.equal(saved.R, rotation.R)
     assert _report(build, "tiny-qwen2")["rotation"]["format"] == "torch-pickle"
@@ -225,7 +225,7 @@ def test_config_saves_rotation_where_asked(tmp_path: Path, tiny_qwen2_dir: Path)
     (build / "tiny-qwen2").mkdir(parents=True)
     (build / "tiny-qwen2" / "model").symlink_to(tiny_qwen2_dir)
     _ok(run_target(build, "--model", "tiny-qwen2", "--config", str(config),
-                   "--num-windows", "2"))  # fmt: skip
+                   "--eval-windows", "2"))  # fmt: skip
     saved = (tmp_path / "R" / "saved.safetensors").read_bytes()
     assert saved == (build / "tiny-qwen2" / TARGET / "rotation.safetensors").read_bytes()
 
@@ -236,7 +236,7 @@ def test_config_saves_rotation_where_asked(tmp_path: Path, tiny_qwen2_dir: Path)
         (["--rotate-mode", "qr"], ["ROTATE_MODE=qr", "hadamard, orthogonal"]),
         (["--seed", "abc"], ["SEED=abc"]),
         (["--seed", "-1"], ["SEED=-1"]),
-        (["--num-windows", "0"], ["EVAL_WINDOWS=0"]),
+        (["--eval-windows", "0"], ["EVAL_WINDOWS=0"]),
         (["--config", "/nonexistent/qnn.json"], ["CONFIG=/nonexistent/qnn.json", "not exist"]),
     ],
 )
@@ -259,14 +259,12 @@ def test_failed_gate_raises_after_writing_report(
         return info
 
     monkeypatch.setattr(common.quant.rotation, "rotate_model", broken)
-    spec = importlib.util.spec_from_file_location("cpu_target_build", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    module = import_target("cpu-fp32-rotated")
     build = tmp_path / "b"
     (build / "tiny-qwen2").mkdir(parents=True)
     (build / "tiny-qwen2" / "model").symlink_to(tiny_qwen2_dir)
     with pytest.raises(CheckFailed, match="fails its gates") as exc:
-        module.main(["--model", "tiny-qwen2", "--build-dir", str(build), "--num-windows", "2"])
+        module.main(["--model", "tiny-qwen2", "--build-dir", str(build), "--eval-windows", "2"])
     assert exc.value.exit_code == 1
     report = _report(build, "tiny-qwen2")
     assert report["passed"] is False
@@ -278,7 +276,7 @@ def test_failed_gate_raises_after_writing_report(
 @pytest.mark.smollm2
 def test_smollm2_end_to_end(session_build: Path, smollm2_dir: Path) -> None:
     """SmolLM2-135M on 4 × 256 held-out tokens (the full gate run is `make cpu`)."""
-    _ok(run_target(session_build, "--model", "smollm2-135m", "--num-windows", "4",
+    _ok(run_target(session_build, "--model", "smollm2-135m", "--eval-windows", "4",
                    "--seq-len", "256", "--stats-windows", "1"))  # fmt: skip
     report = _report(session_build, "smollm2-135m")
     assert report["passed"]

@@ -6,7 +6,6 @@ the whole target on tiny-qwen2 run the way make runs it, its outputs re-read her
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,18 +23,19 @@ from common.backends import qdq, qnn_ep
 from common.core.errors import EdgeforgeError
 from common.export.mllm_format import read_mllm
 from common.models import get_adapter, iter_linears
+from common.quant.schemes import int_bits
 from tests.conftest import (
     REPO_ROOT,
     CliResult,
     assert_clean_error,
     assert_gates,
     assert_same_tokenizer,
+    import_target,
     run_python,
 )
 
 SCRIPT = REPO_ROOT / "targets" / "qnn" / "build.py"
-sys.path.insert(0, str(SCRIPT.parent))
-import mllm_int8  # noqa: E402  (target folder module)
+mllm_int8 = import_target("qnn", "mllm_int8")
 
 LINEAR_SUFFIXES = ("weight", "weight.scale", "input_scale", "output_scale", "clip_input",
                    "clip_output")  # fmt: skip
@@ -149,6 +149,7 @@ def tiny_run(session_build: Path, tiny_profile: Path) -> Path:
         "24",
         "--socs",
         "SM8650,SM8850",
+        "--keep-qdq",  # the graphs the plan test reads
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return session_build / "tiny-qwen2" / "qnn"
@@ -185,11 +186,94 @@ def test_tiny_report_and_binaries(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     assert manifest["versions"]["onnxruntime-qnn"] == "2.7.0"
     assert "report.md" in manifest["outputs"] and "layers.png" in manifest["outputs"]
+    # the binaries and the .mllm each have their plan; no third description of the encodings
+    assert {"quant_plan.json", "model.int8.plan.json"} <= set(manifest["outputs"])
+    assert "qnn_scales.json" not in manifest["outputs"]
+
+
+def _weights_in(graph: onnx.ModelProto, floats: dict[str, np.ndarray]) -> dict[str, tuple]:
+    """Each linear's ``(MatMul, weight DequantizeLinear or None)`` in a QDQ graph, found by
+    its weight: a float linear keeps ``W^T`` itself; a quantized one is the linear whose
+    ``W^T`` its dequantized levels are closest to (GPTQ moves levels, never the layer)."""
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer}
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    found: dict[str, tuple] = {}
+    for node in graph.graph.node:
+        dq = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if node.op_type != "MatMul" or (dq is None and node.input[1] not in inits):
+            continue
+        if dq is None:
+            name = next(n for n, w in floats.items() if np.array_equal(w, inits[node.input[1]]))
+        elif dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            weight = inits[dq.input[0]].astype(np.float32) * inits[dq.input[1]]
+            errors = sorted(
+                (float(np.abs(w - weight).mean()), n)
+                for n, w in floats.items()
+                if w.shape == weight.shape
+            )
+            assert len(errors) == 1 or errors[0][0] < 0.1 * errors[1][0], errors[:2]
+            name = errors[0][1]
+        else:
+            continue  # an activation x activation MatMul (attention)
+        assert name not in found, name
+        found[name] = (node, dq)
+    return found
+
+
+def test_quant_plan_regenerates_the_binaries_encodings(
+    tiny_run: Path, tiny_qwen2_dir: Path
+) -> None:
+    """``quant_plan.json`` alone gives the QDQ graphs the binaries were compiled from: the
+    overrides regenerated from the file equal every linear input/output Q/DQ encoding and
+    weight type in each graph, float linears are float there, and every other activation
+    has the calibrated width the file states."""
+    plan = qdq.QdqPlan.from_json(json.loads((tiny_run / "quant_plan.json").read_text()))
+    assert (plan.scheme.name, plan.scheme.weights.rounding) == ("w8a16", "gptq")
+    with transformed_model(tiny_qwen2_dir, plan.transforms) as (model, _):
+        floats = {
+            n: m.weight.detach().float().T.numpy() for n, _r, m in iter_linears(get_adapter(model))
+        }
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert sorted(plan.float_linears()) == report["float_linears"]
+    seen: set[str] = set()
+    for row in report["layers"]:
+        for binary in row["binaries"].values():  # each compiled from the QDQ graph below
+            assert (tiny_run / binary["ctx"]).is_file() and (tiny_run / binary["bin"]).is_file()
+        graph = onnx.load(str(tiny_run / "qdq" / f"{row['name']}.onnx"))
+        protos = {i.name: i for i in graph.graph.initializer}
+        inits = {name: onnx.numpy_helper.to_array(i) for name, i in protos.items()}
+        producers = {o: n for n in graph.graph.node for o in n.output}
+        quantizers = {n.input[0]: n for n in graph.graph.node if n.op_type == "QuantizeLinear"}
+        for name, (matmul, weight_dq) in _weights_in(graph, floats).items():
+            linear, feeding = plan.linears[name], producers.get(matmul.input[0])
+            seen.add(name)
+            if linear.is_float:
+                assert weight_dq is None and feeding.op_type != "DequantizeLinear", name
+                assert matmul.output[0] not in quantizers, name
+                continue
+            for encoding, dq_or_q in (
+                (linear.input, feeding),
+                (linear.output, quantizers[matmul.output[0]]),
+            ):
+                want = qdq.activation_override(encoding)
+                scale, zero = inits[dq_or_q.input[1]], inits[dq_or_q.input[2]]
+                assert dq_or_q.op_type in ("DequantizeLinear", "QuantizeLinear"), name
+                assert scale.dtype == np.float32 and scale == want["scale"], name
+                assert zero.dtype == want["zero_point"].dtype and zero == want["zero_point"], name
+            levels = protos[weight_dq.input[0]]
+            int_type = {4: TensorProto.INT4, 8: TensorProto.INT8}[linear.weight.bits]
+            assert levels.data_type == int_type, name
+            assert linear.weight.granularity == "per_channel" and linear.weight.symmetric
+            assert inits[weight_dq.input[1]].shape == (levels.dims[1],)  # one scale per row
+            assert not inits[weight_dq.input[2]].any()  # symmetric: zero points 0
+        calibrated = {inits[q.input[2]].dtype for q in quantizers.values() if q.input[2] in inits}
+        assert calibrated == {np.dtype(f"uint{int_bits(plan.scheme.activations)}")}
+    assert seen == set(plan.linears)
 
 
 def test_int8_mllm_tensor_list_and_logits(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     stored = read_mllm(tiny_run / "model.int8.mllm")
-    plan = json.loads((tiny_run / "quant_plan.json").read_text())
+    plan = json.loads((tiny_run / "model.int8.plan.json").read_text())
     assert plan["transforms"]["rotation"]["mode"] == "hadamard"  # make qnn's default profile
     with transformed_model(tiny_qwen2_dir, plan["transforms"]) as (model, _):
         adapter = get_adapter(model)  # the model as the plan assumes it: rotated
@@ -224,11 +308,12 @@ def test_int8_mllm_tensor_list_and_logits(tiny_run: Path, tiny_qwen2_dir: Path) 
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (("--socs", "SM8650,SM9999"), ("SoC 'SM9999' is not supported", "SM8650 (57/v75)")),
-        (("--preset", "w3a3"), ("precision preset 'w3a3' is unknown", "w8a16, w8a8, w4a16")),
-        (("--rounding", "stochastic"), ("ROUNDING: 'stochastic' is unknown", "gptq, nearest")),
-        (("--rotate", "givens"), ("ROTATE: 'givens' is unknown", "hadamard, orthogonal, none")),
-        (("--gptq-seq-len", "1"), ("GPTQ_SEQ_LEN: a GPTQ window needs at least 2 tokens",)),
+        (("--socs", "SM8650,SM9999"), ("SOCS=SM8650,SM9999: 'SM9999' is not one of", "SM8850")),
+        (("--preset", "w3a3"), ("PRESET=w3a3: 'w3a3' is not one of", "w8a16, w8a8, w4a16")),
+        (("--rounding", "stochastic"), ("ROUNDING=stochastic: 'stochastic' is not one of",)),
+        (("--rotate", "givens"), ("ROTATE=givens:", "hadamard, orthogonal, none")),
+        (("--gptq-seq-len", "1"), ("--gptq-seq-len=1: must be >= 2",)),
+        (("--kv-len", "16"), ("KV_LEN: must exceed PREFILL_LEN (32)",)),
     ],
 )
 def test_bad_options(
@@ -239,9 +324,7 @@ def test_bad_options(
 
 def test_every_preset_has_gates() -> None:
     """A preset without gates would fail with a KeyError after every piece was compiled."""
-    spec = importlib.util.spec_from_file_location("qnn_build", SCRIPT)
-    qnn_build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qnn_build)
+    qnn_build = import_target("qnn")
     assert set(qnn_build.GATES) == set(qdq.PRESETS)
 
 

@@ -3,9 +3,7 @@ simulated nets (exercised here against onnxruntime, where the answer is known)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,28 +11,22 @@ import pytest
 
 from common.analysis.eval import prompt_ids
 from common.backends.tpu_mlir import QUANTIZE, Toolchain
-from common.export.piece_export import (
-    MASK_BLOCKED,
-    export_pieces,
-    greedy_decode,
-    onnx_runner,
-    piece_dims,
-    prefill_inputs,
-)
+from common.export.piece_export import export_pieces, greedy_decode, onnx_runner, prefill_inputs
 from common.models import get_adapter
 from common.models.loading import load_model, load_tokenizer
+from common.models.static_decoder import MASK_BLOCKED, piece_dims
 from tests.conftest import (
     CliResult,
     assert_clean_error,
     assert_gates,
     assert_same_tokenizer,
+    import_target,
     run_python,
 )
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "targets" / "sophgo-bm1684x" / "build.py"
-sys.path.insert(0, str(SCRIPT.parent))  # target folders are not packages
-import sophgo_verify  # noqa: E402
+sophgo_verify = import_target("sophgo-bm1684x", "sophgo_verify")
 
 
 def run_build(*args: str) -> CliResult:
@@ -43,9 +35,9 @@ def run_build(*args: str) -> CliResult:
 
 def test_unknown_mode_and_chip(session_build: Path) -> None:
     base = ("--model", "tiny-qwen2", "--build-dir", str(session_build))
-    assert_clean_error(run_build(*base, "--mode", "int3"), "MODE='int3'", "w4bf16")
-    assert_clean_error(run_build(*base, "--chip", "bm1999"), "CHIP='bm1999'", "bm1688")
-    assert_clean_error(run_build(*base, "--route", "x"), "ROUTE='x'", "llm_convert")
+    assert_clean_error(run_build(*base, "--mode", "int3"), "MODE=int3", "w4bf16")
+    assert_clean_error(run_build(*base, "--chip", "bm1999"), "CHIP=bm1999", "bm1688")
+    assert_clean_error(run_build(*base, "--route", "x"), "ROUTE=x", "llm_convert")
     assert_clean_error(run_build(*base, "--q-group-size", "-1"), "Q_GROUP_SIZE=-1")
 
 
@@ -100,6 +92,9 @@ def test_tiny_qwen2_bf16_package(session_build: Path, tiny_qwen2_dir: Path, tmp_
     assert report["decode_logits_cos_min"] >= 0.999
     assert (out / "tiny-qwen2_bf16_seq64_1dev.bmodel").stat().st_size > 0
     assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+    plan = json.loads((out / "quant_plan.json").read_text())  # per linear, what the bmodel holds
+    assert plan["scheme"]["name"] == "bf16" and len(plan["tensors"]) == 2 * 7 + 1
+    assert {t["weight"]["dtype"] for t in plan["tensors"].values()} == {"bfloat16"}
     assert_same_tokenizer(report["tokenizer"], out, tiny_qwen2_dir)
     assert_gates(report, {"min_piece_cos", "greedy_prefill_match_tokens", "kv_decode_match_tokens"})
     assert report["passed"] is True
@@ -169,8 +164,6 @@ def test_scored_runner_scores_first_calls_on_live_rows(tiny_onnx) -> None:
 
 def test_every_mode_has_gates() -> None:
     """A mode without gates would fail with a KeyError after the compile and simulation."""
-    spec = importlib.util.spec_from_file_location("sophgo_build", SCRIPT)
-    sophgo_build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sophgo_build)
+    sophgo_build = import_target("sophgo-bm1684x")
     for table in ("PIECE_GATE", "GREEDY_GATE", "VENDOR_LOGITS_GATE"):
         assert set(getattr(sophgo_build, table)) == set(QUANTIZE), table

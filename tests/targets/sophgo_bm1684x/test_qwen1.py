@@ -12,12 +12,10 @@ BPE it is). The reference is always the *unpatched* model through its own remote
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from common.export.piece_export import (
     reference_logits,
 )
 from common.models.qwen import QwenAdapter, load_qwen_model
+from tests.conftest import import_target
 
 REPO = Path(__file__).resolve().parents[3]
 FIXTURE = REPO / "tests" / "fixtures" / "qwen1"
@@ -68,17 +67,7 @@ CONFIG = {
 }
 
 
-def _load_qwen1_module():
-    spec = importlib.util.spec_from_file_location(
-        "sophgo_qwen1", REPO / "targets" / "sophgo-bm1684x" / "qwen1.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-qwen1 = _load_qwen1_module()
+qwen1 = import_target("sophgo-bm1684x", "qwen1")
 
 
 def _seeded(name: str, shape: torch.Size) -> torch.Tensor:

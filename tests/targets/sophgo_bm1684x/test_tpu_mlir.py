@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from common.backends.tpu_mlir import (
+    QUANTIZE,
     Toolchain,
+    bmodel_plan,
     deploy_args,
     fused_norm_reference,
     llm_convert_args,
@@ -22,9 +24,9 @@ from common.backends.tpu_mlir import (
 )
 from common.core.errors import EdgeforgeError
 from common.export.piece_export import example_inputs, export_pieces, onnx_runner, piece_signatures
-from common.export.piece_export import piece_dims as dims_of
 from common.models import get_adapter
 from common.models.loading import load_model
+from common.models.static_decoder import piece_dims as dims_of
 
 REPO = Path(__file__).resolve().parents[3]
 VENV = REPO / ".venv-tpu-mlir"
@@ -85,16 +87,43 @@ def test_q_group_size_and_llm_convert_flags(tmp_path: Path) -> None:
     w4 = deploy_args("p", "block", "w4bf16", "bm1688", tmp_path, tmp_path, q_group_size=128)
     assert w4[w4.index("--q_group_size") + 1] == "128"
     assert w4[w4.index("--chip") + 1] == "bm1688"
-    assert "--q_group_size" not in deploy_args(
-        "p", "block", "w8bf16", "bm1684x", tmp_path, tmp_path
-    )
+    # W8 is grouped too: model_deploy applies its default 64 there, so it is passed as the
+    # scheme states it; tpu-mlir's weight-only grids have a zero point per group.
+    w8 = deploy_args("p", "block", "w8bf16", "bm1684x", tmp_path, tmp_path)
+    assert w8[w8.index("--q_group_size") + 1] == "64" and "--q_symmetric" not in w8
+    bf16 = deploy_args("p", "block", "bf16", "bm1684x", tmp_path, tmp_path, q_group_size=32)
+    assert "--q_group_size" not in bf16
     args = llm_convert_args(tmp_path, 128, "w4bf16", "bm1684x", 32, tmp_path / "out")
     assert args[args.index("-s") + 1] == "128" and args[args.index("-g") + 1] == "32"
     assert args[args.index("-q") + 1] == "w4bf16" and "--do_sample" in args
+    assert "--symmetric" not in args
+    assert "-g" not in llm_convert_args(tmp_path, 128, "f16", "bm1684x", 32, tmp_path)
     with pytest.raises(EdgeforgeError, match="MODE='int3'"):
         llm_convert_args(tmp_path, 128, "int3", "bm1684x", 64, tmp_path)
     # the tools run in their own cwd: a relative venv must not resolve against it
     assert Toolchain(Path("relative-venv")).venv.is_absolute()
+
+
+def test_modes_and_their_plan_come_from_the_schemes() -> None:
+    """MODE= names schemes; the plan beside the bmodel states per linear what the flags
+    ask tpu-mlir for: the group size given, the LM head in the half type."""
+    assert QUANTIZE == {"bf16": "BF16", "f16": "F16", "w8bf16": "W8BF16", "w4bf16": "W4BF16"}
+    linears = [("model.layers.0.mlp.down_proj", "down"), ("lm_head", "lm_head")]
+    plan = bmodel_plan("w4bf16", 128, "onnx", linears, "tiny-w4bf16")
+    down, head = plan["tensors"]["model.layers.0.mlp.down_proj"], plan["tensors"]["lm_head"]
+    assert down["weight"] == {
+        "dtype": "int4",
+        "granularity": "group",
+        "group_size": 128,
+        "symmetric": False,
+        "rounding": "nearest",
+    }
+    assert down["input"] == down["output"] == {"dtype": "bfloat16"}
+    assert head["weight"] == head["input"] == {"dtype": "bfloat16"}
+    assert plan["scheme"]["name"] == "w4bf16" and plan["route"] == "onnx"
+    f16 = bmodel_plan("f16", 64, "llm_convert", linears, "tiny-f16")["tensors"]
+    assert f16["lm_head"]["weight"] == f16["model.layers.0.mlp.down_proj"]["weight"]
+    assert f16["lm_head"]["weight"] == {"dtype": "float16"}
 
 
 def test_fused_norm_reference_is_the_same_model(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
