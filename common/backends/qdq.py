@@ -59,10 +59,11 @@ from common.quant.schemes import (
     Weights,
     int_bits,
     scheme_by_name,
+    schemes_for,
 )
 
 #: The schemes ``PRESET=`` may name, and the default.
-PRESETS = ("w8a16", "w8a8", "w4a16")
+PRESETS = schemes_for("qnn")
 DEFAULT_PRESET = "w8a16"
 #: Widths the QDQ writer has HTP types for: others would fall back to 8 bits unnoticed.
 HTP_WEIGHTS = ("int4", "int8")

@@ -31,6 +31,7 @@ from common.quant.schemes import (
     Weights,
     float_activation_plan,
     scheme_by_name,
+    schemes_for,
 )
 
 #: Chips this module compiles for (both accepted by ``model_deploy --chip``).
@@ -38,7 +39,7 @@ CHIPS = ("bm1684x", "bm1688")
 #: The schemes ``MODE=`` may name (:data:`common.quant.schemes.SCHEMES`): ``bf16``/``f16``
 #: keep every weight in that half type; ``w8bf16``/``w4bf16`` are weight-only int8/int4, per
 #: group of ``Q_GROUP_SIZE`` input columns with a zero point each, bf16 activations.
-MODES = ("bf16", "f16", "w8bf16", "w4bf16")
+MODES = schemes_for("sophgo")
 #: The half types by tpu-mlir's names.
 _HALF = {"bfloat16": "BF16", "float16": "F16"}
 

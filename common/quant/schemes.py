@@ -19,6 +19,7 @@ Dtypes are spelled as in the quant plans: ``int2``..``int16``, ``bfloat16``, ``f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -127,6 +128,10 @@ class QuantScheme:
     #: A float dtype the LM head's weight and activations keep; None: quantized like the
     #: other linears.
     lm_head: str | None = None
+    #: The backends that build this scheme (``qnn``, ``sophgo``, ``autoround``): their
+    #: ``PRESET=``/``MODE=`` choices are the entries naming them. Registry data, not part of
+    #: what an artifact holds: plans leave it out and equality ignores it.
+    backends: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         for field in ("activations", *ROLE_OVERRIDES):
@@ -178,28 +183,38 @@ class QuantScheme:
 #: tpu-mlir's weight-only modes quantize per group (``--q_group_size``, its default 64,
 #: which it applies to W8 as well as W4) with a zero point per group (no ``--q_symmetric``),
 #: rounded to nearest, and keep the LM head in the half type.
+QNN, SOPHGO = ("qnn",), ("sophgo",)
 SCHEMES: dict[str, QuantScheme] = {
     scheme.name: scheme
     for scheme in (
         # QNN HTP: per-channel symmetric int weights, static symmetric activations.
-        QuantScheme("w8a16", Weights("int8", rounding="gptq"), "int16"),
+        QuantScheme("w8a16", Weights("int8", rounding="gptq"), "int16", backends=QNN),
         # 8-bit activations except where 8 bits measurably fail (common.backends.qdq).
-        QuantScheme("w8a8", Weights("int8", rounding="gptq"), "int8", scores="int16", down="int16"),
-        QuantScheme("w4a16", Weights("int4", rounding="gptq"), "int16"),
+        QuantScheme(
+            "w8a8",
+            Weights("int8", rounding="gptq"),
+            "int8",
+            scores="int16",
+            down="int16",
+            backends=QNN,
+        ),
+        QuantScheme("w4a16", Weights("int4", rounding="gptq"), "int16", backends=QNN),
         # SOPHGO tpu-mlir (model_deploy --quantize BF16 / F16 / W8BF16 / W4BF16).
-        QuantScheme("bf16", Weights("bfloat16"), "bfloat16"),
-        QuantScheme("f16", Weights("float16"), "float16"),
+        QuantScheme("bf16", Weights("bfloat16"), "bfloat16", backends=SOPHGO),
+        QuantScheme("f16", Weights("float16"), "float16", backends=SOPHGO),
         QuantScheme(
             "w8bf16",
             Weights("int8", granularity="group", group_size=64, symmetric=False),
             "bfloat16",
             lm_head="bfloat16",
+            backends=SOPHGO,
         ),
         QuantScheme(
             "w4bf16",
             Weights("int4", granularity="group", group_size=64, symmetric=False),
             "bfloat16",
             lm_head="bfloat16",
+            backends=SOPHGO,
         ),
         # AutoRound's default: int4 groups of 32, symmetric, signed-gradient rounding; the
         # checkpoint is dequantized at run time (verified in float32), LM head untouched.
@@ -208,9 +223,15 @@ SCHEMES: dict[str, QuantScheme] = {
             Weights("int4", granularity="group", group_size=32, rounding="autoround"),
             "float32",
             lm_head="float32",
+            backends=("autoround",),
         ),
     )
 }
+
+
+def schemes_for(backend: str) -> tuple[str, ...]:
+    """The names of the schemes ``backend`` builds, in registry order."""
+    return tuple(name for name, scheme in SCHEMES.items() if backend in scheme.backends)
 
 
 def scheme_by_name(name: str, among: Iterable[str], what: str) -> QuantScheme:
