@@ -9,6 +9,7 @@ models (|logits| ≲ 5) and 1e-3 on SmolLM2-135M (|logits| ≲ 35), i.e. float32
 
 from __future__ import annotations
 
+import itertools
 import types
 import zipfile
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common.quant.rotation as rotation_module
 from common.core.errors import EdgeforgeError
 from common.models import ModelAdapter, get_adapter
 from common.models.loading import load_model, load_processor
@@ -121,6 +123,69 @@ def test_untied_model_saves_and_reloads(tiny_qwen2_dir: Path, tmp_path: Path) ->
     assert not get_adapter(reloaded).tie_word_embeddings
     ids = _ids(adapter.vocab_size)
     assert torch.equal(_logits(reloaded, ids), _logits(model, ids))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (``torch.equal`` alone takes -0.0 for 0.0)."""
+    return a.dtype == b.dtype == torch.float32 and torch.equal(
+        a.detach().view(torch.int32), b.detach().view(torch.int32)
+    )
+
+
+@pytest.mark.parametrize(
+    ("fixture", "tied"), [("tiny_qwen2_dir", True), ("tiny_qwen2_vl_dir", False)]
+)
+def test_row_blocks_give_the_bits_of_the_unblocked_product(
+    fixture: str, tied: bool, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedding and LM head, rotated in several row blocks, equal the whole-matrix
+    float64 product rounded once (what the unblocked code wrote) bit for bit; a tied head
+    gets its own weight, built from the original embedding, not the rotated one."""
+    model_dir = request.getfixturevalue(fixture)
+    monkeypatch.setattr(rotation_module, "ROW_BLOCK_BYTES", 1)  # blocks of 2 · hidden rows
+    original = get_adapter(load_model(model_dir))
+    assert original.tie_word_embeddings is tied
+    embed = original.embed_tokens().weight.detach()
+    assert len(rotation_module._row_blocks(*embed.shape)) >= 4
+    _, adapter, rotation, info = _rotated(model_dir, torch.float32, "orthogonal")
+    assert info["untied_embeddings"] is tied
+    r, gamma = rotation.R, original.final_norm().weight.detach().double()
+    head = original.lm_head().weight.detach()
+    assert _same_bits(adapter.embed_tokens().weight, (embed.double() @ r).float())
+    assert _same_bits(adapter.lm_head().weight, ((head.double() * gamma[None, :]) @ r).float())
+    assert adapter.lm_head().weight.data_ptr() != adapter.embed_tokens().weight.data_ptr()
+    assert not adapter.tie_word_embeddings and adapter.config.tie_word_embeddings is False
+
+
+def test_row_blocks_keep_the_bits_where_short_blocks_would_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At SmolLM2's width 576, MKL gives blocks of up to ~70 rows other last float64 bits
+    than the whole product (64-row blocks: 4.4e-15 off, measured), which the tiny models'
+    width 64 does not show; blocks at least ``width`` tall keep every bit."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6000, 576, generator=gen, dtype=torch.float64)
+    r = torch.linalg.qr(torch.randn(576, 576, generator=gen, dtype=torch.float64))[0]
+    gamma = torch.rand(576, generator=gen, dtype=torch.float64) + 0.5
+    want = (weight * gamma[None, :]) @ r
+    monkeypatch.setattr(rotation_module, "ROW_BLOCK_BYTES", 1)
+    assert len(rotation_module._row_blocks(6000, 576)) == 6
+    rotation_module._read_side(weight, r, gamma)
+    assert torch.equal(weight.view(torch.int64), want.view(torch.int64))
+
+
+@pytest.mark.parametrize(
+    ("rows", "width"), [(151936, 1024), (151936, 4096), (151936, 8192), (49152, 576), (4097, 64)]
+)
+def test_row_blocks_bounded_and_tall(rows: int, width: int) -> None:
+    """Blocks tile the rows, stay within the byte bound (or 2 · width rows, when that is
+    larger) and, when there are several, are at least ``width`` rows tall."""
+    blocks = rotation_module._row_blocks(rows, width)
+    assert blocks[0].start == 0 and blocks[-1].stop == rows
+    assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
+    sizes = [b.stop - b.start for b in blocks]
+    assert max(sizes) * width * 8 <= max(rotation_module.ROW_BLOCK_BYTES, 16 * width**2)
+    assert len(blocks) == 1 or min(sizes) >= width
 
 
 @pytest.mark.smollm2

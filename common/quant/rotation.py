@@ -12,6 +12,10 @@ int8 quantization of them (the QNN target) loses much less.
 
 Everything here walks the model through :mod:`common.models` adapters. Each transformed
 weight is computed in float64 from the original and rounded to the model's dtype once.
+Matrices that read the stream (the embedding and LM head above all: vocab × hidden) are
+transformed in row blocks of at most :data:`ROW_BLOCK_BYTES` of float64, written back in
+place, so the float64 working set is one block rather than two copies of the matrix; a
+tied LM head gets its own storage filled from the same blocks, never a clone.
 
 Rotation files: our own format is safetensors with float64 ``R`` ``[d, d]`` and
 ``R_v.<layer>`` ``[hd, hd]``; the mllm QNN convertor's ``torch.save`` pickle
@@ -40,6 +44,14 @@ ORTHOGONALITY_TOL = 1e-5
 
 #: safetensors metadata key that marks a file as an edgeforge rotation file.
 ROTATION_FORMAT = "edgeforge-rotation-v1"
+
+#: Most float64 bytes one row block of a stream-reading matrix may take (at most two such
+#: are alive at once: the upcast or folded rows and the rotated rows). Unblocked, the
+#: embedding and LM head of a 151936-token vocabulary cost two float64 vocab × hidden
+#: copies each (4.6 GiB at hidden 2048, 9.3 GiB at 4096); 64 MiB keeps the transient small
+#: beside one fp32 layer while leaving blocks thousands of rows tall (see
+#: :func:`_row_blocks` for the floor that keeps them bit-identical to the unblocked product).
+ROW_BLOCK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -235,10 +247,29 @@ def block_diagonal(block: torch.Tensor, count: int) -> torch.Tensor:
 # Applying a rotation to a live model
 
 
-def _update(param: nn.Parameter, value: torch.Tensor) -> None:
-    """Overwrite ``param`` in place with ``value`` rounded once to its own dtype."""
+def _update(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Overwrite ``param`` (a parameter or a row block of one) in place with ``value``
+    rounded once to its own dtype."""
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
+
+
+def _row_blocks(rows: int, width: int) -> list[slice]:
+    """Row ranges splitting a ``rows × width`` matrix so that each block's float64 copy
+    takes at most ``ROW_BLOCK_BYTES`` (or ``16 · width²`` when that is larger).
+
+    Blocking must not change a single bit: each output row of ``A @ R`` is a dot product
+    over the same ``width`` entries, but MKL picks its thread split (and, below 4 rows,
+    its kernel) from ``A``'s height, and a short ``A`` gets other last bits. Measured
+    (torch's MKL 2024.2, AVX-512; 2 threads at widths 64 to 4096, 4 and 8 threads at 1024
+    and 2048), every ``A`` taller than about ``width / 8`` rows gives the bits of the whole
+    matrix. Blocks are therefore never shorter than ``width`` (an 8× margin): the
+    ``count`` blocks are split evenly, so each is over half the largest, which is at
+    least ``2 · width``. A matrix that fits one block is done whole, as before.
+    """
+    most = max(ROW_BLOCK_BYTES // (8 * width), 2 * width)
+    count = -(-rows // most)
+    return [slice(i * rows // count, (i + 1) * rows // count) for i in range(count)]
 
 
 def _f64(tensor: torch.Tensor) -> torch.Tensor:
@@ -263,25 +294,57 @@ def _reset_norm(norm: nn.Module) -> None:
         norm.weight.fill_(1.0)
 
 
-def untie_word_embeddings(adapter: ModelAdapter) -> bool:
-    """Give the LM head its own copy of a tied embedding; True when it was tied.
+def _untie_head(adapter: ModelAdapter) -> nn.Parameter:
+    """Give a tied LM head its own (uninitialised) weight and mark the config untied.
 
-    The embedding is rotated on its output side and the LM head on its input side, with
-    different norms folded in, so they can no longer share one tensor. The config is
-    updated so ``save_pretrained`` writes both and ``from_pretrained`` does not re-tie.
+    The embedding is rotated on its output side and the LM head on its input side with
+    the final norm folded in, so they can no longer share one tensor. The caller fills
+    the new weight from the embedding's original rows block by block (no clone of the
+    whole embedding). The config is updated so ``save_pretrained`` writes both and
+    ``from_pretrained`` does not re-tie.
     """
-    if not adapter.tie_word_embeddings:
-        return False
     head = adapter.lm_head()
-    head.weight = nn.Parameter(adapter.embed_tokens().weight.detach().clone())
+    head.weight = nn.Parameter(torch.empty_like(adapter.embed_tokens().weight))
     for config in {id(c): c for c in (adapter.config, adapter.text_config)}.values():
         config.tie_word_embeddings = False
-    return True
+    return head.weight
 
 
-def _read_side(linears: list[nn.Linear], gamma: torch.Tensor, r: torch.Tensor) -> None:
-    for linear in linears:
-        _update(linear.weight, rotate_input(fold_input_scale(_f64(linear.weight), gamma), r))
+def _read_side(
+    weight: torch.Tensor,
+    r: torch.Tensor,
+    gamma: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> None:
+    """``W · diag(γ) · R`` of a stream-reading matrix, row block by row block, in place
+    (or into ``out``, a tied head's new weight, leaving ``weight`` as it is)."""
+    target = weight if out is None else out
+    with torch.no_grad():
+        for rows in _row_blocks(weight.shape[0], weight.shape[1]):
+            block = _f64(weight[rows])
+            if gamma is not None:
+                block = fold_input_scale(block, gamma)
+            _update(target[rows], rotate_input(block, r))
+
+
+def _embedding_and_head(adapter: ModelAdapter, r: torch.Tensor) -> bool:
+    """Rotate the embedding (``E · R``) and the LM head (``W · diag(γ) · R``, γ the final
+    norm, reset to 1); True when the head was tied and got its own weight.
+
+    A tied head is filled from the embedding's rows first, then the embedding is rotated
+    in place: the head never reads a row that was already rotated.
+    """
+    final = adapter.final_norm()
+    gamma = _norm_scale(final, "final norm")
+    embed = adapter.embed_tokens().weight
+    tied = adapter.tie_word_embeddings
+    if tied:
+        _read_side(embed, r, gamma, out=_untie_head(adapter))
+    else:
+        _read_side(adapter.lm_head().weight, r, gamma)
+    _read_side(embed, r)
+    _reset_norm(final)
+    return tied
 
 
 def _write_side(linear: nn.Linear, r: torch.Tensor, weight: torch.Tensor | None = None) -> None:
@@ -292,7 +355,11 @@ def _write_side(linear: nn.Linear, r: torch.Tensor, weight: torch.Tensor | None 
 
 
 def rotate_model(adapter: ModelAdapter, rotation: Rotation) -> dict[str, Any]:
-    """Untie, fold every RMSNorm into its readers (norm weights become 1) and rotate.
+    """Fold every RMSNorm into its readers (norm weights become 1) and rotate, in place.
+
+    A tied LM head gets its own weight (the one extra vocab × hidden matrix, in the
+    model's dtype); beyond that, the float64 work needs one row block or one layer's
+    matrix at a time.
 
     The vision tower of a VL model keeps its own basis; only the merger's last linear,
     which writes image tokens into the language model's stream, is rotated by ``R``.
@@ -300,15 +367,17 @@ def rotate_model(adapter: ModelAdapter, rotation: Rotation) -> dict[str, Any]:
     """
     check_rotation(rotation, adapter, "rotation")
     r = rotation.R
-    untied = untie_word_embeddings(adapter)
-    embed = adapter.embed_tokens()
-    _update(embed.weight, _f64(embed.weight) @ r)
+    untied = _embedding_and_head(adapter, r)
     for layer in adapter.layers():
         lin = layer.linears
         gamma_in = _norm_scale(layer.input_norm, f"{layer.name} input norm")
-        _read_side([lin["q"], lin["k"], lin["v"]], gamma_in, r)
+        for role in ("q", "k", "v"):
+            _read_side(lin[role].weight, r, gamma_in)
         _reset_norm(layer.input_norm)
-        # V per head by R_v (output rows of v_proj), undone on o_proj's input columns.
+        # V per head by R_v (output rows of v_proj), undone on o_proj's input columns. The
+        # dense block diagonal is (heads · head_dim)² float64, about R's size, per layer. A
+        # head-wise product would save it but sums in another order: SmolLM2 with an
+        # orthogonal R_v gets 9.7 % of o_proj's float64 values changed (by <= 6.1e-16).
         r_v = rotation.R_v[layer.index]
         b_kv = block_diagonal(r_v, adapter.num_kv_heads)
         b_q = block_diagonal(r_v, adapter.num_heads)
@@ -317,12 +386,10 @@ def rotate_model(adapter: ModelAdapter, rotation: Rotation) -> dict[str, Any]:
             _update(lin["v"].bias, b_kv.T @ _f64(lin["v"].bias))
         _write_side(lin["o"], r, weight=_f64(lin["o"].weight) @ b_q)
         gamma_post = _norm_scale(layer.post_attention_norm, f"{layer.name} post-attention norm")
-        _read_side([lin["gate"], lin["up"]], gamma_post, r)
+        for role in ("gate", "up"):
+            _read_side(lin[role].weight, r, gamma_post)
         _reset_norm(layer.post_attention_norm)
         _write_side(lin["down"], r)
-    final = adapter.final_norm()
-    _read_side([adapter.lm_head()], _norm_scale(final, "final norm"), r)
-    _reset_norm(final)
     merger = adapter.vision_merger()
     merger_name = None
     if merger is not None:
