@@ -11,6 +11,7 @@ an image prompt whose vision embeddings (from HF's own tower) are spliced into t
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,9 @@ def check_model(model_dir: Path, out_dir: Path, seq_len: int, new_tokens: int) -
     pieces = export_pieces(adapter, seq_len, out_dir, progress=False)
     assert [p.name for p in pieces][:2] == ["embedding", "embedding_cache"]
     assert len(pieces) == 2 * layers + 5
-    run = onnx_runner(out_dir)
+    # The greedy loop below cycles through every piece: a bounded runner would re-open
+    # each one per token (SmolLM2: ~3 s a token), and a test-sized model fits open.
+    run = onnx_runner(out_dir, max_sessions=len(pieces))
     dims = piece_dims(adapter, seq_len)
     rows = dims.rope_rows
 
@@ -158,6 +161,53 @@ def test_prefill_and_decode_masks() -> None:
     step = decode_inputs(9, position=3, seq_len=5)
     assert step["attention_mask"][0, 0, 0].tolist() == [0, 0, 0, -1e4, -1e4, 0]
     assert step["position_ids"].tolist() == [[3]]
+
+
+@pytest.mark.parametrize("bound", [1, 2])
+def test_onnx_runner_holds_at_most_its_bound_of_sessions(
+    bound: int, tiny_qwen2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every piece of tiny-qwen2, twice over (the second pass re-opens what the first
+    closed): never more than ``bound`` sessions alive at once, and every output equals
+    that of a fresh session opened for the call with the same options."""
+    import onnxruntime as ort
+
+    adapter = get_adapter(load_model(tiny_qwen2_dir))
+    pieces = export_pieces(adapter, 16, tmp_path, progress=False)
+    live: weakref.WeakSet[ort.InferenceSession] = weakref.WeakSet()
+    peak, opened = 0, 0
+
+    class Counted(ort.InferenceSession):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            nonlocal peak, opened
+            super().__init__(*args, **kwargs)
+            live.add(self)
+            opened += 1
+            peak = max(peak, len(live))
+
+    fresh = ort.InferenceSession  # the comparison's sessions are not counted
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    monkeypatch.setattr(ort, "InferenceSession", Counted)
+    run = onnx_runner(tmp_path, max_sessions=bound)
+    for _ in range(2):
+        for piece in pieces:
+            tensors = example_inputs(piece.inputs, adapter.vocab_size)
+            feeds = {spec[0]: t.numpy() for spec, t in zip(piece.inputs, tensors, strict=True)}
+            got = run(piece.name, feeds)
+            session = fresh(str(piece.path), options, providers=["CPUExecutionProvider"])
+            want = session.run(None, feeds)
+            assert len(got) == len(want)
+            for a, b in zip(got, want, strict=True):
+                assert a.dtype == b.dtype and np.array_equal(a, b), piece.name
+    assert peak == bound
+    assert len(live) == bound
+    assert opened == 2 * len(pieces)  # each pass opened every piece: none was kept
+
+
+def test_onnx_runner_needs_room_for_a_session(tmp_path: Path) -> None:
+    with pytest.raises(EdgeforgeError, match="max_sessions=0"):
+        onnx_runner(tmp_path, max_sessions=0)
 
 
 def test_penalty_sample_head_semantics(tiny_qwen2_dir: Path, tmp_path: Path) -> None:

@@ -8,8 +8,10 @@ mistakes.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 from typing import NoReturn
 
 
@@ -30,8 +32,26 @@ def fail(message: str) -> NoReturn:
     raise EdgeforgeError(message)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, ``timeout``, make stopping its jobs). A BaseException, so
+    no ``except Exception`` swallows it on its way out through every ``finally``."""
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> NoReturn:
+    """Turn SIGTERM into :class:`Terminated`; a second SIGTERM, during the cleanup this
+    starts, kills at once (the next run removes what is left, see ``atomic_path``)."""
+    signal.signal(signum, signal.SIG_DFL)
+    raise Terminated
+
+
 def run_cli(main: Callable[[], int | None]) -> NoReturn:
-    """Run ``main`` and exit: errors we raised become one ``error:`` line and their code."""
+    """Run ``main`` and exit: errors we raised become one ``error:`` line and their code.
+
+    SIGTERM is handled like Ctrl-C: ``finally`` blocks run (atomic writes remove their
+    temporaries, which can be gigabytes) before the exit with 143, 128 + SIGTERM, the
+    status a shell reports for a terminated process.
+    """
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main()
     except EdgeforgeError as exc:
@@ -40,4 +60,7 @@ def run_cli(main: Callable[[], int | None]) -> NoReturn:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     sys.exit(code or 0)

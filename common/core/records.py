@@ -14,7 +14,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,16 +62,33 @@ def hash_tree(root: Path) -> dict[str, str]:
     }
 
 
+#: Whose a temporary is: ``<pid>@<host>``, host being 8 hex digits of the hostname's hash.
+#: A container (docker/run.sh) writes into the same build folder with its own process ids
+#: and its own hostname, so a pid is only judged on the host that owns it.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only on success.
 
     Works for files and directories: the caller creates whatever it likes at the yielded
-    path. On an exception the temporary is removed and ``dest`` is left untouched.
+    path. On an exception the temporary is removed and ``dest`` is left untouched. The
+    yielded path's folder (``.<name>.<pid>@<host>.<random>.tmp``) is private to this call
+    and removed with it, so a writer may keep scratch files beside its output there.
+
+    A run killed outright (SIGKILL, out of memory) cannot remove its temporary; the next
+    ``atomic_path`` of the same ``dest`` does, once the owning process is gone (see
+    :func:`remove_dead_temporaries`).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    remove_dead_temporaries(dest)
+    tmp = Path(
+        tempfile.mkdtemp(
+            prefix=f".{dest.name}.{os.getpid()}@{_HOST}.", suffix=".tmp", dir=dest.parent
+        )
+    )
     target = tmp / dest.name
     try:
         yield target
@@ -80,6 +99,60 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         os.replace(target, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_dead_temporaries(dest: Path) -> list[Path]:
+    """Remove the temporaries of ``dest`` whose owning process no longer runs; return them.
+
+    Only names :func:`atomic_path` makes on this host are considered, and a process that
+    still exists (even one we may not signal) keeps its temporary. One line on stderr says
+    what was removed and how much space it held.
+    """
+    dest = Path(dest)
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.(\d+)@{_HOST}\.[^.]+\.tmp")
+    removed: list[Path] = []
+    size = 0
+    for entry in sorted(dest.parent.iterdir()):
+        match = pattern.fullmatch(entry.name)
+        if match is None or _process_exists(int(match.group(1))):
+            continue
+        size += _tree_bytes(entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        names = ", ".join(p.name for p in removed)
+        print(
+            f"[records] removed {len(removed)} temporary of dead runs beside {dest} "
+            f"({size / 2**20:.1f} MiB): {names}",
+            file=sys.stderr,
+        )
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 checks without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (or of ``path`` itself), links not followed."""
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
 
 
 def write_bytes_atomic(dest: Path, data: bytes) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from common.core.errors import EdgeforgeError
+from common.export.onnx_files import data_file, onnx_destination
 from common.inputs.vl_preprocess import VisionGeometry
 from common.models.base import ModelAdapter
 
@@ -38,8 +39,6 @@ INPUT_NAME = "hidden_states"
 OUTPUT_NAME = "hidden_states_out"
 #: The lowest opset the exported ops need (AXERA's flow uses 16).
 OPSET = 16
-#: Weights above this many bytes go to ``<name>.onnx.data`` (protobuf caps a file at 2 GB).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -194,39 +193,36 @@ class VisionEncoderExport(nn.Module):
 
 
 def export_onnx(wrapper: VisionEncoderExport, dest: Path) -> dict[str, Any]:
-    """Export ``wrapper`` to ``dest`` (a fresh path in a temp dir) and describe the file.
+    """Export ``wrapper`` to ``dest`` and describe the file.
 
-    Weights go to ``<dest>.data`` when they exceed :data:`EXTERNAL_DATA_THRESHOLD`. No
-    simplifier runs: onnxsim does not support the pinned onnx, and the graph is already
-    free of shape arithmetic (sizes are constants), so only shape inference is applied.
+    A tower over :data:`common.export.onnx_files.EXTERNAL_DATA_BYTES` (Qwen2-VL's and
+    Qwen2.5-VL's are 2.5 GiB fp32) keeps its weights in ``<dest>.data`` beside it. Shape
+    inference and the checker read the file by path, never a serialized copy of the whole
+    proto, which protobuf refuses past 2 GiB. No simplifier runs: onnxsim does not support
+    the pinned onnx, and the graph is already free of shape arithmetic (sizes are
+    constants), so only shape inference is applied.
     """
     import onnx
 
     geo = wrapper.geo
     dummy = torch.zeros(1, geo.channels, geo.patches, geo.width)
-    raw = dest.with_name(dest.stem + ".raw.onnx")
-    with torch.no_grad(), warnings.catch_warnings():
-        # The input-shape check is a Python branch; tracing it at the one shape is intended.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch's TorchScript exporter
-        out_shape = list(wrapper(dummy).shape)
-        torch.onnx.export(
-            wrapper, (dummy,), str(raw), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=OPSET, dynamo=False, do_constant_folding=True,
-        )  # fmt: skip
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(raw)))
-    weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
-    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    onnx.save_model(
-        model, str(dest), save_as_external_data=external, all_tensors_to_one_file=True,
-        location=dest.name + ".data",
-    )  # fmt: skip
-    for leftover in raw.parent.glob(raw.name + "*"):
-        leftover.unlink()
+    with onnx_destination(dest) as raw:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The input-shape check is a Python branch; tracing it at the one shape is intended.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch's TorchScript exporter
+            out_shape = list(wrapper(dummy).shape)
+            torch.onnx.export(
+                wrapper, (dummy,), str(raw), input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=False,
+                do_constant_folding=True,
+            )  # fmt: skip
+        onnx.shape_inference.infer_shapes_path(str(raw))  # in place; tensor files stay put
     onnx.checker.check_model(str(dest))
+    data = data_file(dest)
     return {
         "file": dest.name,
-        "external_data": dest.name + ".data" if external else None,
+        "external_data": data.name if data.is_file() else None,
         "opset": OPSET,
         "input": {INPUT_NAME: [1, geo.channels, geo.patches, geo.width]},
         "output": {OUTPUT_NAME: out_shape},

@@ -59,49 +59,70 @@ def _history(cache: np.ndarray, kv_len: int) -> np.ndarray:
     return full
 
 
+Recorder = Callable[[str, Feeds, list[np.ndarray]], None]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One token window of the float chain: its ids (``P + 1`` or more), the decode
+    positions to run (``1 <= p <= P``), and where its pieces' inputs/outputs go."""
+
+    ids: Sequence[int]
+    positions: Sequence[int]
+    record: Recorder
+
+
 def _chain(
-    run: pe.PieceRunner,
-    adapter: ModelAdapter,
-    ids: Sequence[int],
-    lengths: tuple[int, int],
-    positions: Sequence[int],
-    record: Callable[[str, Feeds, list[np.ndarray]], None],
+    run: pe.PieceRunner, adapter: ModelAdapter, windows: Sequence[Window], lengths: tuple[int, int]
 ) -> None:
-    """Float prefill over ``ids[:P]``; for every decode position ``p`` (``1 <= p <= P``)
+    """For every window: float prefill over ``ids[:P]``; for every decode position ``p``
     the LM head on the prefill row ``p - 1`` and one decode step for ``ids[p]`` over the
     prefill's K/V (rows ``>= p`` masked), calling ``record(piece, inputs, outputs)`` for
-    every piece run. ``lengths`` is ``(PREFILL_LEN, KV_LEN)``."""
+    every piece run. ``lengths`` is ``(PREFILL_LEN, KV_LEN)``.
+
+    Piece-major: every window and position goes through ``block_0`` before any goes
+    through ``block_1``, so ``run`` needs one piece's session at a time and opens each
+    once; only the windows' hidden states (``windows x P x hidden``) wait between pieces.
+    Each piece's calls are still recorded window by window, positions ascending, so the
+    calibration lists keep the order a window-at-a-time chain gave them."""
     prefill_len, kv_len = lengths
-    pre = pe.prefill_inputs(list(ids[:prefill_len]), prefill_len)
+    embed = adapter.embed_tokens()
+    pres = [pe.prefill_inputs(list(w.ids[:prefill_len]), prefill_len) for w in windows]
+    steps = [[pe.decode_inputs(int(w.ids[p]), p, kv_len) for p in w.positions] for w in windows]
     with torch.no_grad():
-        hidden = adapter.embed_tokens()(torch.from_numpy(pre["input_ids"]).long()).numpy()
-    caches = []
+        hiddens = [embed(torch.from_numpy(pre["input_ids"]).long()).numpy() for pre in pres]
+        tokens = [
+            [embed(torch.from_numpy(step["input_ids"]).long()).numpy() for step in window]
+            for window in steps
+        ]
+    caches: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in windows]
     for i in range(adapter.num_layers):
-        feeds = {
-            "input_states": hidden,
-            "position_ids": pre["position_ids"],
-            "attention_mask": pre["attention_mask"],
-        }
-        outs = run(f"block_{i}", feeds)
-        record(f"block_{i}", feeds, outs)
-        hidden = outs[0]
-        caches.append((_history(outs[1], kv_len), _history(outs[2], kv_len)))
-    for position in positions:
-        record("lm_head", {"hidden_states": hidden[:, position - 1]}, [])
-        step = pe.decode_inputs(int(ids[position]), position, kv_len)
-        with torch.no_grad():
-            token = adapter.embed_tokens()(torch.from_numpy(step["input_ids"]).long()).numpy()
-        for i in range(adapter.num_layers):
+        for w, (window, pre) in enumerate(zip(windows, pres, strict=True)):
             feeds = {
-                "input_states": token,
-                "position_ids": step["position_ids"],
-                "attention_mask": step["attention_mask"],
-                "history_k": caches[i][0],
-                "history_v": caches[i][1],
+                "input_states": hiddens[w],
+                "position_ids": pre["position_ids"],
+                "attention_mask": pre["attention_mask"],
             }
-            outs = run(f"block_cache_{i}", feeds)
-            record(f"block_cache_{i}", feeds, outs)
-            token = outs[0]
+            outs = run(f"block_{i}", feeds)
+            window.record(f"block_{i}", feeds, outs)
+            hiddens[w] = outs[0]
+            caches[w].append((_history(outs[1], kv_len), _history(outs[2], kv_len)))
+    for window, hidden in zip(windows, hiddens, strict=True):
+        for position in window.positions:
+            window.record("lm_head", {"hidden_states": hidden[:, position - 1]}, [])
+    for i in range(adapter.num_layers):
+        for w, window in enumerate(windows):
+            for j, step in enumerate(steps[w]):
+                feeds = {
+                    "input_states": tokens[w][j],
+                    "position_ids": step["position_ids"],
+                    "attention_mask": step["attention_mask"],
+                    "history_k": caches[w][i][0],
+                    "history_v": caches[w][i][1],
+                }
+                outs = run(f"block_cache_{i}", feeds)
+                window.record(f"block_cache_{i}", feeds, outs)
+                tokens[w][j] = outs[0]
 
 
 def capture(
@@ -123,10 +144,10 @@ def capture(
     def keep_calib(name: str, feeds: Feeds, _outs: list[np.ndarray]) -> None:
         golden.calibration.setdefault(name, []).append(feeds)
 
-    _chain(run, adapter, golden_ids, lengths, [prefill_len], keep_golden)
-    for ids in calib_ids:
-        picks = _positions(prefill_len, CALIB_POSITIONS)
-        _chain(run, adapter, ids, lengths, picks, keep_calib)
+    picks = _positions(prefill_len, CALIB_POSITIONS)
+    windows = [Window(golden_ids, [prefill_len], keep_golden)]
+    windows += [Window(ids, picks, keep_calib) for ids in calib_ids]
+    _chain(run, adapter, windows, lengths)
     return golden
 
 

@@ -81,7 +81,11 @@ class ScoredRunner:
     """Runs ``candidate`` and, on the first call of each net, ``reference`` on the very same
     inputs, keeping the worst output agreement (cosine; integer outputs 1.0/0.0 for equal or
     not). For a prefill net only the rows a runtime reads are scored: padding rows are fully
-    masked, and there the bf16 kernel and the float graph legitimately disagree."""
+    masked, and there the bf16 kernel and the float graph legitimately disagree.
+
+    Asking the reference once per net is also what keeps it cheap to hold: a one-session
+    :func:`~common.export.piece_export.onnx_runner` opens each float piece once, in the
+    run's order, and never re-opens one for the decode loop's later tokens."""
 
     def __init__(self, candidate: PieceRunner, reference: PieceRunner):
         self.candidate, self.reference = candidate, reference
