@@ -42,8 +42,10 @@ attention sink drives them to ~3000 against a bulk of ~1, and at 8 bits 12 of Sm
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -796,6 +798,24 @@ def static_float_model(float_model: Path, dest: Path) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def _without_preprocess_advice() -> Iterator[None]:
+    """Drop the advice onnxruntime's ``quantize`` logs twice per call on the root logger, to
+    run its pre-processing (shape inference and graph optimization) first: our pieces are
+    quantized as exported on purpose, since the plan's encodings name their tensors, so the
+    advice is 120 lines of noise on a SmolLM2 build. Everything else it logs still shows."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def quantize_piece(
     float_model: Path,
     dest: Path,
@@ -835,7 +855,7 @@ def quantize_piece(
         + [site.matmul for name, site in sites.items() if name in floats]
         + float_input_nodes(model, sites, floats),
     )
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest) as tmp, _without_preprocess_advice():
         quantize(model, str(tmp), config)
         qdq = onnx.load(str(tmp))
         quantized = {n: site for n, site in sites.items() if n not in floats}
