@@ -5,7 +5,7 @@ layers before it, never from one after it; ``tests/test_layers.py`` checks every
 (lazy ones inside functions included) and fails naming the file, line and layers.
 
 * ``core``: errors and exit codes, records (atomic writes, manifests), recipes, paths,
-  pip assets: no torch, no model.
+  pip assets, a step's measured resources (peak RSS): no torch, no model.
 * ``inputs``: corpora and held-out windows, calibration files, vision-language
   preprocessing.
 * ``models``: one adapter per architecture, loading, conversions, tiny models, tokenizer

@@ -6,8 +6,12 @@ session, so the integration tests exercise the real loading and conversion code.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,13 +78,16 @@ def run_python(*argv: str, env: dict[str, str] | None = None) -> CliResult:
     """Run ``python <argv>`` from the repo root, offline, and capture everything.
 
     Every suite drives its entry point (``-m common.steps.cli``, a target's ``build.py``) through
-    this, exactly as ``make`` does; ``env`` replaces the environment when given.
+    this, exactly as ``make`` does; ``env`` replaces the environment when given. stdin is
+    closed (``/dev/null``): a step that asks anything (transformers' remote-code prompt) fails
+    at once instead of waiting on the terminal.
     """
     base = os.environ if env is None else env  # the venv's edgeforge.pth finds the checkout
     full_env = {**base, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, *argv],
         cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         env=full_env,
@@ -140,6 +148,79 @@ def tiny_qwen2_vl_dir(session_build: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl_dir(session_build: Path) -> Path:
     return _built("tiny-qwen2.5-vl", session_build)
+
+
+#: The Qwen1 remote-code fixture (``modeling_qwen.py`` in the layouts of two upstream revisions).
+QWEN1_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "qwen1"
+#: A tiny Qwen1 config: every field the fixture code reads, in Qwen1's own dialect.
+QWEN1_CONFIG = {
+    "architectures": ["QWenLMHeadModel"],
+    "auto_map": {
+        "AutoConfig": "configuration_qwen.QWenConfig",
+        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+    },
+    "model_type": "qwen",
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "kv_channels": 16,
+    "intermediate_size": 256,
+    "seq_length": 64,
+    "max_position_embeddings": 64,
+    "bf16": False,
+    "fp16": False,
+    "fp32": True,
+    "use_flash_attn": False,
+    "use_dynamic_ntk": True,
+    "use_logn_attn": True,
+    "no_bias": True,
+    "layer_norm_epsilon": 1e-6,
+    "rotary_emb_base": 10000,
+    "rotary_pct": 1.0,
+    "tie_word_embeddings": False,
+}
+
+
+def _qwen1_seeded(name: str, shape: torch.Size) -> torch.Tensor:
+    """N(0, 4/fan_in) matrices, norm gains around 1, from a per-tensor seed (same bytes
+    always). At std 1/sqrt(fan_in) this random network falls into repeating one token, which
+    would make a weak greedy check; twice that keeps it generating varied tokens."""
+    seed = int.from_bytes(hashlib.sha256(f"qwen1-fixture:{name}".encode()).digest()[:8], "little")
+    values = torch.randn(shape, generator=torch.Generator().manual_seed(seed >> 1))
+    return 2.0 * values / math.sqrt(shape[-1]) if len(shape) == 2 else 1.0 + 0.1 * values
+
+
+def build_qwen1_checkpoint(
+    out: Path, tokenizer_dir: Path, modeling: str = "modeling_qwen.py"
+) -> Path:
+    """A tiny Qwen1 checkpoint: fixture remote code (``modeling``, one of the files in
+    :data:`QWEN1_FIXTURE`, saved as ``modeling_qwen.py``), config.json, seeded safetensors
+    and ``tokenizer_dir``'s tokenizer.
+
+    Upstream's code cannot be shipped and Qwen1's own tokenizer needs ``tiktoken`` and a
+    150k-token vocabulary; nothing here depends on which BPE it is.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out.mkdir(parents=True)
+    shutil.copy(QWEN1_FIXTURE / "configuration_qwen.py", out / "configuration_qwen.py")
+    shutil.copy(QWEN1_FIXTURE / modeling, out / "modeling_qwen.py")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    (out / "config.json").write_text(json.dumps(QWEN1_CONFIG, indent=2))
+    config = AutoConfig.from_pretrained(out, trust_remote_code=True, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    weights = {n: _qwen1_seeded(n, p.shape).contiguous() for n, p in model.named_parameters()}
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen1_dir(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -> Path:
+    """A tiny Qwen1 (``qwen-7b``'s architecture, remote code) checkpoint, built once."""
+    return build_qwen1_checkpoint(tmp_path_factory.mktemp("qwen1") / "model", tiny_qwen2_dir)
 
 
 def assert_same_tokenizer(record: dict, package_dir: Path, source_dir: Path) -> None:

@@ -145,12 +145,18 @@ def test_profile_cli_deterministic_and_complete(
         p: (out / p).read_bytes()
         for p in ("profile.json", "channel_absmax.safetensors", "report.json", "input_ranges.png")
     }
-    # The same settings in this process give the same bytes as the CLI's process.
+    # The same settings in this process give the same bytes as the CLI's process, but for
+    # the report's measured resources (memory and seconds are measurements, not results).
     settings = ProfileSettings(corpus=str(CALIB_CORPUS), num_samples=3, seq_len=32, seed=7)
     again = tmp_path / "again"
     run_profile(load_recipe("tiny-qwen2"), tiny_qwen2_dir, settings, again)
     for name, data in snapshot.items():
-        assert (again / "tiny-qwen2" / "profile" / name).read_bytes() == data, name
+        got = (again / "tiny-qwen2" / "profile" / name).read_bytes()
+        if name == "report.json":
+            got, data = (json.loads(d) for d in (got, data))
+            assert got.pop("resources")["peak_rss_bytes"] > 0
+            assert data.pop("resources")["phases"][-1]["name"] == "package"
+        assert got == data, name
     doc = json.loads(snapshot["profile.json"])
     assert set(doc) == {"ori", "top_0_1", "all_stat", "edgeforge"}
     for name in ("manifest.json", "report.md", "outlier_ratio.png", "channel_heatmap.png"):

@@ -15,9 +15,17 @@ import torch
 
 from common.analysis.quant_plan import layer_index
 from common.core.records import write_bytes_atomic, write_json_atomic
+from common.core.resources import resources_line
 
 PLOTTED_ROLES = ("q", "down")
 HEATMAP_ROLES = ("q", "o", "gate", "down")
+#: A fused projection reads the same tensor as the role it stands for (Qwen1's ``qkv``: the
+#: normed residual stream that q reads), so it fills that role's columns.
+_READS_LIKE = {"qkv": "q"}
+
+
+def _role(st: dict[str, Any]) -> str:
+    return _READS_LIKE.get(st["role"], st["role"])
 
 
 def layer_table(stats: dict[str, Any]) -> list[dict[str, Any]]:
@@ -25,13 +33,13 @@ def layer_table(stats: dict[str, Any]) -> list[dict[str, Any]]:
     rows: dict[int, dict[str, Any]] = {}
     for name, st in stats.items():
         index = layer_index(name)
-        if index is None or st["role"] not in PLOTTED_ROLES:
+        if index is None or _role(st) not in PLOTTED_ROLES:
             continue
         row = rows.setdefault(index, {"layer": index})
         absmax, p999 = st["input"]["absmax"], st["input"]["abs_p999"]
-        row[f"{st['role']}_input_absmax"] = absmax
-        row[f"{st['role']}_input_abs_p999"] = p999
-        row[f"{st['role']}_input_ratio"] = absmax / max(p999, 1e-12)
+        row[f"{_role(st)}_input_absmax"] = absmax
+        row[f"{_role(st)}_input_abs_p999"] = p999
+        row[f"{_role(st)}_input_ratio"] = absmax / max(p999, 1e-12)
     return [rows[i] for i in sorted(rows)]
 
 
@@ -91,9 +99,13 @@ def _plots(
 
 
 def write_report(
-    out_dir: Path, doc: dict[str, Any], channel_absmax: dict[str, torch.Tensor]
+    out_dir: Path,
+    doc: dict[str, Any],
+    channel_absmax: dict[str, torch.Tensor],
+    resources: dict[str, Any],
 ) -> dict[str, Any]:
-    """Write ``report.json``, ``report.md`` and the plots into ``out_dir``."""
+    """Write ``report.json``, ``report.md`` and the plots into ``out_dir``; ``resources``
+    is the step's :meth:`~common.steps.phases.Run.resources` record."""
     ext = doc["edgeforge"]
     stats = ext["stats"]
     rows = layer_table(stats)
@@ -101,12 +113,8 @@ def write_report(
     heat = {}
     if chosen is not None:
         for name, st in stats.items():
-            if (
-                layer_index(name) == chosen
-                and st["role"] in HEATMAP_ROLES
-                and st["role"] not in heat
-            ):
-                heat[st["role"]] = channel_absmax[f"{name}.input"]
+            if layer_index(name) == chosen and _role(st) in HEATMAP_ROLES and _role(st) not in heat:
+                heat[_role(st)] = channel_absmax[f"{name}.input"]
     plots = _plots(out_dir, rows, heat, chosen) if rows else []
     worst = sorted(rows, key=lambda r: -r.get("down_input_ratio", 0.0))[:5]
     report = {
@@ -117,6 +125,7 @@ def write_report(
         "worst_down_input_layers": [r["layer"] for r in worst],
         "heatmap_layer": chosen,
         "plots": plots,
+        "resources": resources,
     }
     write_json_atomic(out_dir / "report.json", report)
     lines = [
@@ -136,5 +145,6 @@ def write_report(
             f" | {r.get('down_input_absmax', 0):.4g}"
             f" | {r.get('down_input_abs_p999', 0):.4g} | {r.get('down_input_ratio', 0):.3g} |"
         )
-    write_bytes_atomic(out_dir / "report.md", ("\n".join(lines) + "\n").encode())
+    markdown = "\n".join(lines) + "\n" + resources_line(resources)
+    write_bytes_atomic(out_dir / "report.md", markdown.encode())
     return report

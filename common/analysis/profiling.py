@@ -5,12 +5,13 @@ forward hook, so memory is the observers' fixed state, whatever the number of to
 mllm profiler stored every activation). Linears that read the same tensor (q/k/v,
 gate/up) share one computation of the input statistics.
 
-*Sequential* mode never builds the whole model: the module tree is created on the meta
-device and each part's weights are read lazily from the safetensors shards just before
-it runs all calibration samples, then dropped. Peak memory is one decoder layer plus the
-hidden states of the calibration set (plus embedding / LM head at the ends), so a
-model larger than RAM can be profiled. Both modes run the same modules on the same
-inputs with the same causal-mask construction, so their statistics are identical.
+*Sequential* mode never builds the whole model: the module tree is created with its
+parameters on the meta device and each part's weights are read lazily from the safetensors
+shards just before it runs all calibration samples, then dropped. Peak memory is one
+decoder layer plus the hidden states of the calibration set (plus embedding / LM head at
+the ends), so a model larger than RAM can be profiled. Both modes run the same modules on
+the same inputs with the same causal-mask construction, so their statistics are identical
+(Qwen1's blocks get what its own remote code hands them: rotary tables, causal mask).
 
 The profile JSON keeps mllm's keys (``ori`` = signed max, ``top_0_1`` = signed 99.9th
 percentile, ``all_stat`` = mean/std, per linear name and ``input``/``output``) so mllm's
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from common.analysis.observers import TensorObserver
 from common.core.errors import EdgeforgeError
-from common.models import ModelAdapter, get_adapter, iter_linears
+from common.models import ModelAdapter, QwenAdapter, get_adapter, iter_linears
 
 PROFILE_FORMAT = "edgeforge-profile-v1"
 SIDES = ("input", "output")
@@ -282,9 +283,14 @@ class LazyWeights:
 def _materialize(
     module: nn.Module, prefix: str, weights: LazyWeights, alias: dict[str, str]
 ) -> None:
-    """Allocate ``module`` (built on meta) on the CPU and fill it from the checkpoint."""
+    """Allocate ``module`` (parameters built on meta) on the CPU and fill it from the
+    checkpoint. Buffers the model's own constructor computed (Qwen1's logn table and causal
+    mask: not in the checkpoint) are kept, not left as uninitialised memory."""
+    computed = {name: b for name, b in module.named_buffers() if not b.is_meta}
     module.to_empty(device="cpu")
     with torch.no_grad():
+        for name, buffer in computed.items():
+            module.get_buffer(name).copy_(buffer)
         for name, param in module.named_parameters():
             key = f"{prefix}.{name}" if prefix else name
             weights.read_into(alias.get(key, key), param.data)
@@ -331,6 +337,46 @@ def sequential_plan_bytes(
     return 2 * hidden + max(layers, ends)
 
 
+def _transformers_layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> dict[str, Any]:
+    """What a transformers decoder stack hands each layer for whole windows without a
+    cache: its rotary embedding and the causal mask, built as the stack builds them."""
+    from transformers.masking_utils import create_causal_mask
+
+    rotary = adapter.rotary_embedding()  # real: only parameters were built on meta
+    position_ids = torch.arange(hidden.shape[1])[None]
+    return {
+        "attention_mask": create_causal_mask(
+            config=adapter.text_config,
+            inputs_embeds=hidden[:1],
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        ),
+        "position_embeddings": rotary(hidden[:1], position_ids=position_ids),
+        "position_ids": position_ids,
+        "past_key_values": None,
+        "use_cache": False,
+    }
+
+
+def _qwen1_layer_kwargs(adapter: ModelAdapter, seq_len: int) -> dict[str, Any]:
+    """What Qwen1's ``QWenModel.forward`` hands each block for whole windows without a
+    cache, computed by the checkpoint's own code: rotary tables at its dynamic-NTK alpha,
+    and (revisions that have one) its registered causal mask."""
+    stack = adapter.language_model()
+    ntk_alpha = stack.get_ntk_alpha(seq_len) if stack.use_dynamic_ntk else 1.0
+    kwargs: dict[str, Any] = {
+        "rotary_pos_emb_list": [stack.rotary_emb(seq_len, ntk_alpha=ntk_alpha)],
+        "layer_past": None,
+        "attention_mask": None,
+        "head_mask": None,
+        "use_cache": False,
+    }
+    if hasattr(stack, "registered_causal_mask"):
+        kwargs["registered_causal_mask"] = stack.registered_causal_mask
+    return kwargs
+
+
 def profile_sequential(
     model_dir: Path,
     windows: torch.Tensor,
@@ -338,16 +384,37 @@ def profile_sequential(
     no_bias: bool = True,
     max_memory: int | None = None,
     exact: bool = False,
+    trust_remote_code: bool = False,
 ) -> ActivationProfiler:
-    """Profile one part at a time from a safetensors checkpoint (see the module docstring)."""
+    """Profile one part at a time from a safetensors checkpoint (see the module docstring).
+
+    ``trust_remote_code`` (the recipe's) lets a model that runs its own code (Qwen1) build
+    its module tree from that code; each block then gets what the checkpoint's own stack
+    would hand it.
+    """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.masking_utils import create_causal_mask
+
+    from common.models.loading import check_model_dir
 
     weights = LazyWeights(model_dir)
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    remote = check_model_dir(model_dir).remote_code
+    if remote is not None and not trust_remote_code:
+        raise EdgeforgeError(
+            f"{model_dir}: {remote.family} runs the checkpoint's own modeling code; profile it "
+            "from a recipe that sets source.trust_remote_code (e.g. MODEL=qwen-7b)"
+        )
+    config = AutoConfig.from_pretrained(
+        model_dir, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    if remote is None:  # remote code brings its own attention
+        config._attn_implementation = "sdpa"
+    # Parameters on meta; buffers real, as the model's own constructor computes them.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    model.eval()
     adapter = get_adapter(model)
     if adapter.is_vision_language:
         raise EdgeforgeError(
@@ -378,31 +445,17 @@ def profile_sequential(
         _materialize(embed, embed_name, weights, alias)
         hidden = embed(windows)  # [n, seq, hidden]
         _release(embed)
-        rotary_meta = adapter.rotary_embedding()
-        rotary = type(rotary_meta)(config=adapter.text_config)
-        position_ids = torch.arange(windows.shape[1])[None]
-        position_embeddings = rotary(hidden[:1], position_ids=position_ids)
-        mask = create_causal_mask(
-            config=adapter.text_config,
-            inputs_embeds=hidden[:1],
-            attention_mask=None,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        if isinstance(adapter, QwenAdapter):
+            layer_kwargs = _qwen1_layer_kwargs(adapter, windows.shape[1])
+        else:
+            layer_kwargs = _transformers_layer_kwargs(adapter, hidden)
         layers = adapter.layers()
         bar = _progress(total * (len(layers) + 1), "profile (sequential)")
         for layer in layers:
             _materialize(layer.module, layer.name, weights, alias)
             out = torch.empty_like(hidden)
             for i in range(hidden.shape[0]):
-                out[i] = layer.module(
-                    hidden[i : i + 1],
-                    attention_mask=mask,
-                    position_embeddings=position_embeddings,
-                    position_ids=position_ids,
-                    past_key_values=None,
-                    use_cache=False,
-                )[0]
+                out[i] = layer.module(hidden[i : i + 1], **layer_kwargs)[0]
                 bar.update(windows.shape[1])
             hidden = out
             _release(layer.module)

@@ -29,7 +29,8 @@ from common.quant.int8 import WEIGHT_GRANULARITIES, keeps_range, qmax
 PLAN_FORMAT = "edgeforge-quant-plan-v1"
 _DTYPES = {8: "int8", 16: "int16", None: "float32"}
 _BITS = {v: k for k, v in _DTYPES.items()}
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+#: ``….layers.N.`` (transformers' decoders) or ``transformer.h.N.`` (Qwen1's GPT-2 paths).
+_LAYER_INDEX = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> Any:
     gguf_path = Path(gguf_path)
     tokenizer = load_gguf_tokenizer(gguf_path)
     loaded = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, dtype=torch.float32, gguf_file=gguf_path.name
+        gguf_path.parent, dtype=torch.float32, gguf_file=gguf_path.name, trust_remote_code=False
     )
     config_dict = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
@@ -102,7 +102,7 @@ def llama_to_qwen2(src_dir: Path, out_dir: Path) -> None:
     )
 
     src_dir = Path(src_dir)
-    src = AutoConfig.from_pretrained(src_dir)
+    src = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
     if src.model_type != "llama":
         raise EdgeforgeError(
             f"{src_dir / 'config.json'}: model_type {src.model_type!r}; llama-to-qwen2 needs llama"

@@ -5,6 +5,14 @@ a deep traceback (or, for missing tensors, silently random weights). Everything 
 offline (``local_files_only``) and validates up front: the directory, ``config.json`` and
 its ``model_type`` (against the adapter registry), and every weight file's size against
 its own header, so a truncated download fails before any slow step starts.
+
+Every ``from_pretrained`` here passes ``trust_remote_code`` explicitly. Left unset,
+transformers meets a checkpoint that ships its own modeling code (Qwen1's ``auto_map``) with
+an interactive "Do you wish to run the custom code? [y/N]" prompt, or, with stdin closed,
+an ``EOFError`` traceback. Such a checkpoint (:data:`REMOTE_CODE`) runs only in the steps
+built for it, and only when its recipe says ``source.trust_remote_code``
+(:func:`check_remote_code_trust`); every other step refuses it with one line naming the
+steps that support it (:func:`refuse_remote_code`).
 """
 
 from __future__ import annotations
@@ -47,6 +55,25 @@ _MAX_HEADER_BYTES = 100_000_000
 
 
 @dataclass(frozen=True)
+class RemoteCode:
+    """A family whose modeling code ships in the checkpoint, and the steps that run it."""
+
+    family: str
+    steps: tuple[str, ...]
+
+    @property
+    def supported_by(self) -> str:
+        return " and ".join(self.steps)
+
+
+#: Adapter model types whose modeling code ships in the checkpoint (``trust_remote_code``).
+#: Only the steps named run it; every other one refuses such a checkpoint up front.
+REMOTE_CODE: dict[str, RemoteCode] = {
+    "qwen": RemoteCode("Qwen1", ("make sophgo", "make profile SEQUENTIAL=1")),
+}
+
+
+@dataclass(frozen=True)
 class ModelDir:
     """A checked checkpoint directory: its parsed config and the weight files to load."""
 
@@ -58,6 +85,11 @@ class ModelDir:
     @property
     def is_vision_language(self) -> bool:
         return adapter_class(self.model_type).is_vision_language
+
+    @property
+    def remote_code(self) -> RemoteCode | None:
+        """Set when the model runs the checkpoint's own code (see :data:`REMOTE_CODE`)."""
+        return REMOTE_CODE.get(self.model_type)
 
 
 def check_safetensors(path: Path) -> None:
@@ -214,6 +246,48 @@ def check_model_dir(model_dir: Path) -> ModelDir:
     return ModelDir(model_dir, config, model_type, _weight_files(model_dir))
 
 
+def _remote_code_of(model_dir: Path) -> tuple[str, RemoteCode] | None:
+    """``(model_type, family)`` when ``model_dir/config.json`` names a :data:`REMOTE_CODE`
+    type. Reads only config.json, so tokenizer-only loads stay as cheap as before."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    model_type = _read_json(config).get("model_type")
+    remote = REMOTE_CODE.get(model_type) if isinstance(model_type, str) else None
+    return None if remote is None else (model_type, remote)
+
+
+def refuse_remote_code(model_dir: Path, step: str = "this step") -> None:
+    """One line when ``model_dir`` holds a model that runs its own code, which ``step``
+    (e.g. ``"make eval"``) does not support: the line names the steps that do.
+
+    The loaders call it for every step (``step`` unnamed); a step calls it itself, naming
+    itself, to refuse before any slow work.
+    """
+    found = _remote_code_of(model_dir)
+    if found is not None:
+        model_type, remote = found
+        raise EdgeforgeError(
+            f"{model_dir}: model_type {model_type!r} ({remote.family}) runs the checkpoint's "
+            f"own modeling code, which {step} does not support; {remote.family} is supported "
+            f"by {remote.supported_by}"
+        )
+
+
+def check_remote_code_trust(model_dir: Path, trust_remote_code: bool, recipe_path: Path) -> None:
+    """One line when ``model_dir`` needs its own code run but the recipe at ``recipe_path``
+    does not allow it (``source.trust_remote_code``): that code runs with the user's rights,
+    so only a recipe says yes, never a prompt."""
+    found = _remote_code_of(model_dir)
+    if found is not None and not trust_remote_code:
+        model_type, remote = found
+        raise EdgeforgeError(
+            f"{recipe_path}: $.source.trust_remote_code is not true, but {model_dir} is "
+            f"model_type {model_type!r} ({remote.family}), whose modeling code ships in the "
+            "checkpoint; set it to true to run that code (only for a checkpoint you trust)"
+        )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -239,15 +313,18 @@ def load_model(
     ``AutoModelForImageTextToText`` for vision-language ones (chosen by ``model_type``).
 
     Tensors missing from (or mis-shaped in) the checkpoint are an error: transformers would
-    otherwise initialise them randomly and every later number would be meaningless.
+    otherwise initialise them randomly and every later number would be meaningless. A model
+    that runs its own code is refused (:func:`refuse_remote_code`): Qwen1 needs the repairs
+    of :func:`common.models.qwen.load_qwen_model`, which only its steps use.
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise EdgeforgeError(f"load_model: dtype must be a floating torch.dtype, got {dtype!r}")
     checked = check_model_dir(model_dir)
+    refuse_remote_code(checked.path)
     auto = AutoModelForImageTextToText if checked.is_vision_language else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -262,19 +339,30 @@ def load_model(
     return model
 
 
-def load_tokenizer(model_dir: Path) -> Any:
-    """The checkpoint's tokenizer (for a VL model, its text tokenizer), offline."""
+def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's tokenizer (for a VL model, its text tokenizer), offline.
+
+    ``trust_remote_code`` (the recipe's, from a step that supports the model) lets a model
+    that runs its own code load its tokenizer (Qwen1's is ``tokenization_qwen.py``); without
+    it such a model is refused. Other checkpoints never get the flag: it changes how
+    transformers reads ``tokenizer.json``.
+    """
     from transformers import AutoTokenizer
 
     model_dir = _existing_dir(model_dir)
+    remote = _remote_code_of(model_dir) is not None
+    if remote and not trust_remote_code:
+        refuse_remote_code(model_dir)
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise EdgeforgeError(
             f"{model_dir}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the tokenizer "
             "files next to config.json"
         )
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        return AutoTokenizer.from_pretrained(
+            model_dir, local_files_only=True, trust_remote_code=remote
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
         raise EdgeforgeError(
             f"{model_dir}: transformers could not load the tokenizer: {_first_line(exc)}"
         ) from None
@@ -296,7 +384,9 @@ def load_processor(model_dir: Path) -> Any:
             "vision-language checkpoint needs its image processor files"
         )
     try:
-        return AutoProcessor.from_pretrained(checked.path, local_files_only=True)
+        return AutoProcessor.from_pretrained(
+            checked.path, local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise EdgeforgeError(
             f"{checked.path}: transformers could not load the processor: {_first_line(exc)}"

@@ -115,8 +115,10 @@ def load_qwen_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> Any:
     """Load a Qwen1 checkpoint with its own remote code, offline, in eval mode.
 
     ``model_dir`` must hold ``config.json`` with an ``auto_map`` and the modeling files it
-    names (that code runs: only point this at checkpoints you trust). Missing or
-    mis-shaped tensors are an error, as in :func:`common.models.loading.load_model`.
+    names (that code runs: only point this at checkpoints you trust; a step reaches it only
+    from a recipe that sets ``source.trust_remote_code``, which
+    :func:`common.steps.model_build.build_model` checks). Missing or mis-shaped tensors are
+    an error, as in :func:`common.models.loading.load_model`.
     """
     from transformers import PreTrainedModel
     from transformers.dynamic_module_utils import get_class_from_dynamic_module

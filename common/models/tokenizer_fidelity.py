@@ -146,14 +146,13 @@ def _auto_tokenizer(path: Path, **kwargs: Any) -> Any:
 def load_as_user(model_dir: Path) -> Any:
     """``AutoTokenizer.from_pretrained(model_dir)`` exactly as a user calls it, offline."""
     model_dir = Path(model_dir)
-    remote = {"trust_remote_code": True} if needs_remote_code(model_dir) else {}
-    return _auto_tokenizer(model_dir, **remote)
+    return _auto_tokenizer(model_dir, trust_remote_code=needs_remote_code(model_dir))
 
 
 def load_gguf_tokenizer(gguf: Path) -> Any:
     """The tokenizer stored in a GGUF file, read as transformers' users read it."""
     gguf = Path(gguf)
-    return _auto_tokenizer(gguf.parent, gguf_file=gguf.name)
+    return _auto_tokenizer(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
 
 
 def _special_tokens(tokenizer: Any) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any
 from common.core.errors import CheckFailed
 from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
+from common.core.resources import resources_line
+from common.steps.phases import Run
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_NUM_WINDOWS = 16
@@ -42,7 +44,7 @@ def render_report(report: dict[str, Any]) -> tuple[str, str]:
     lines = [f"# Evaluation: {report['model']}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     table = "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
-    return "\n".join(lines) + "\n", table
+    return "\n".join(lines) + "\n" + resources_line(report["resources"]), table
 
 
 def run_eval(
@@ -57,18 +59,23 @@ def run_eval(
     """Evaluate ``model_dir``; write ``build/<MODEL>/eval/{report.json,report.md,manifest.json}``.
 
     Raises :class:`CheckFailed` (after writing the report) when the canary answer lacks
-    the recipe's expected text.
+    the recipe's expected text. A model that runs its own code (Qwen1) is refused first:
+    only the steps built for it load it.
     """
     from common.analysis.eval import greedy_generate, perplexity
     from common.inputs.data import eval_windows
-    from common.models.loading import load_model, load_tokenizer
+    from common.models.loading import load_model, load_tokenizer, refuse_remote_code
 
+    refuse_remote_code(model_dir, "make eval")
+    run = Run("eval", ("load", "evaluate", "package"))
+    run.phase("load")
     defaults = recipe.eval_defaults
     seq_len = seq_len or defaults.get("seq_len", DEFAULT_SEQ_LEN)
     num_windows = num_windows or defaults.get("num_windows", DEFAULT_NUM_WINDOWS)
     tokenizer = load_tokenizer(model_dir)
     windows = eval_windows([corpus], tokenizer, num_windows, seq_len)
     model = load_model(model_dir)
+    run.phase("evaluate")
     scores = perplexity(model, windows)
     report: dict[str, Any] = {
         "model": recipe.name,
@@ -93,6 +100,8 @@ def run_eval(
             "expect": expect,
             "passed": None if expect is None else expect in output,
         }
+    run.phase("package")
+    report["resources"] = run.resources()  # the package phase up to this point
     markdown, table = render_report(report)
     out_dir = model_build_dir(recipe, build_dir) / "eval"
     with atomic_path(out_dir) as tmp:
@@ -107,6 +116,7 @@ def run_eval(
             options={"seq_len": seq_len, "num_windows": num_windows},
         )
         write_json_atomic(tmp / "manifest.json", manifest)
+    run.finish()
     print(table, file=sys.stdout)
     print(f"[eval] wrote {out_dir / 'report.json'}", file=sys.stderr)
     generation = report.get("generation")

@@ -158,13 +158,18 @@ def check_packaged_tokenizer(
 def build_model(
     recipe: Recipe, build_dir: Path | None = None, model_path: Path | None = None
 ) -> Path:
-    """Make sure the recipe's Hugging Face directory exists; return its path."""
-    from common.models.loading import check_model_dir
+    """Make sure the recipe's Hugging Face directory exists; return its path.
+
+    A hub checkpoint that ships its own modeling code must be allowed by the recipe
+    (``source.trust_remote_code``) before any step runs that code.
+    """
+    from common.models.loading import check_model_dir, check_remote_code_trust
 
     kind = recipe.source["kind"]
     model_dir = resolve_model_dir(recipe, build_dir, model_path)
     if kind == "hf":
         check_model_dir(model_dir)
+        check_remote_code_trust(model_dir, recipe.trust_remote_code, recipe.path)
         _log(f"{recipe.name}: using {model_dir}")
         return model_dir
     if _up_to_date(model_dir, recipe):

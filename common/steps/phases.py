@@ -13,6 +13,11 @@ A phase ends when the next starts (or at :meth:`Run.finish`), so phases need no 
 indentation around existing code. Progress goes to stderr as ``[qnn] [3/6 export] ...``;
 stdout stays for what a script is asked to print. Marking a phase that is not declared, or
 out of order, is a programming error and raises at once, so the declared list stays true.
+
+Each phase's seconds and the process's peak resident memory when it ended are kept, and
+:meth:`Run.resources` turns them into the ``"resources"`` record every ``report.json``
+carries (:func:`common.core.resources.resources_line` is its line in ``report.md``), so a
+report says what its step cost, not only what it produced.
 """
 
 from __future__ import annotations
@@ -20,10 +25,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
+
+from common.core.resources import ChildPeak, gib, peak_rss_bytes
 
 
 class Run:
-    """The phases of one target run: which one is at work, and how long each took."""
+    """The phases of one target run: which one is at work, how long each took, and the
+    process's peak memory when each ended."""
 
     def __init__(self, target: str, phases: Sequence[str]) -> None:
         if len(set(phases)) != len(phases) or not phases:
@@ -32,6 +41,9 @@ class Run:
         self.phases = tuple(phases)
         #: Wall seconds of every finished phase, in order.
         self.seconds: dict[str, float] = {}
+        #: :func:`peak_rss_bytes` when each finished phase ended (non-decreasing).
+        self.peak_rss: dict[str, int] = {}
+        self._children = ChildPeak()
         self._current: str | None = None
         self._started = time.monotonic()
 
@@ -58,11 +70,43 @@ class Run:
         """End the last phase; the seconds of every phase that ran."""
         self._close()
         self._current = None
+        self._children.sample()
+        self._children.stop()
         return dict(self.seconds)
+
+    def resources(self) -> dict[str, Any]:
+        """What the run has cost so far, JSON-ready (``report.json``'s ``"resources"``).
+
+        ``peak_rss_bytes`` is this process's peak so far and ``children_peak_rss_bytes`` the
+        largest child's (sampled: see :class:`ChildPeak`; ``None`` where it cannot be
+        measured). ``phases`` lists each phase's ``name``, ``seconds`` and ``peak_rss_bytes``
+        (the process's peak when it ended, so the phase where it jumps is the one that needed
+        the memory); a list, because report.json's keys are sorted. A report is
+        written inside its last phase (``package``): that phase, named by
+        ``recorded_during``, is counted up to this call; ``None`` after :meth:`finish`.
+        """
+        peak = peak_rss_bytes()
+        phases = [
+            {"name": name, "seconds": seconds, "peak_rss_bytes": self.peak_rss[name]}
+            for name, seconds in self.seconds.items()
+        ]
+        if self._current is not None:
+            so_far = round(time.monotonic() - self._started, 1)
+            phases.append({"name": self._current, "seconds": so_far, "peak_rss_bytes": peak})
+        return {
+            "peak_rss_bytes": peak,
+            "children_peak_rss_bytes": self._children.sample(),
+            "phases": phases,
+            "recorded_during": self._current,
+        }
 
     def _close(self) -> None:
         now = time.monotonic()
         if self._current is not None:
             self.seconds[self._current] = round(now - self._started, 1)
-            self.log(f"done in {self.seconds[self._current]:.1f} s")
+            self.peak_rss[self._current] = peak_rss_bytes()
+            self.log(
+                f"done in {self.seconds[self._current]:.1f} s "
+                f"(peak RSS so far {gib(self.peak_rss[self._current])})"
+            )
         self._started = now

@@ -10,7 +10,6 @@ seed's ``online_rotation`` flow does), ``report.json``/``report.md`` with plots,
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from common.core.errors import EdgeforgeError
 from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_json_atomic
+from common.steps.phases import Run
 
 DEFAULT_NUM_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
@@ -100,8 +100,12 @@ class ProfileSettings:
         return out
 
 
-def calibration_windows(model_dir: Path, settings: ProfileSettings) -> torch.Tensor:
-    """The seeded calibration sample; corpus and size errors name the option at fault."""
+def calibration_windows(
+    model_dir: Path, settings: ProfileSettings, *, trust_remote_code: bool = False
+) -> torch.Tensor:
+    """The seeded calibration sample; corpus and size errors name the option at fault.
+    ``trust_remote_code`` (the recipe's) loads the tokenizer of a model that runs its own
+    code, for the steps that support one."""
     from common.inputs.data import corpus_files, sample_windows
     from common.models.loading import load_tokenizer
 
@@ -109,7 +113,7 @@ def calibration_windows(model_dir: Path, settings: ProfileSettings) -> torch.Ten
         corpus_files([settings.corpus])
     except EdgeforgeError as exc:
         raise EdgeforgeError(f"dataset_path (--corpus): {exc}") from None
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     try:
         return sample_windows(
             [settings.corpus], tokenizer, settings.num_samples, settings.seq_len, settings.seed
@@ -151,8 +155,16 @@ def vision_calibration(model_dir: Path, settings: ProfileSettings) -> list[dict[
     ]  # fmt: skip
 
 
-def collect(model_dir: Path, settings: ProfileSettings, windows: torch.Tensor) -> Any:
-    """Run the profiler in the requested mode; returns (profiler, rotation or None)."""
+def collect(
+    model_dir: Path,
+    settings: ProfileSettings,
+    windows: torch.Tensor,
+    *,
+    trust_remote_code: bool = False,
+) -> Any:
+    """Run the profiler in the requested mode; returns (profiler, rotation or None).
+    ``trust_remote_code`` (the recipe's) is for sequential mode, the one that runs a
+    model's own code."""
     from common.analysis.profiling import profile_model, profile_sequential
 
     if settings.sequential:
@@ -162,6 +174,7 @@ def collect(model_dir: Path, settings: ProfileSettings, windows: torch.Tensor) -
             no_bias=settings.no_bias,
             max_memory=settings.max_memory,
             exact=settings.exact_percentiles,
+            trust_remote_code=trust_remote_code,
         ), None
     from common.analysis.simulate import transformed_model
     from common.models.loading import check_model_dir
@@ -189,17 +202,27 @@ def run_profile(
     recipe: Recipe, model_dir: Path, settings: ProfileSettings, build_dir: Path | None = None
 ) -> Path:
     """Profile ``model_dir`` and write ``build/<MODEL>/<settings.dir_name>/``; returns the
-    directory."""
+    directory.
+
+    A model that runs its own code (Qwen1) is profiled one layer at a time only
+    (``--sequential``): the whole-model path loads through transformers' Auto classes,
+    rotation included, which do not run it.
+    """
     from safetensors.torch import save_file
 
     from common.analysis.profile_report import write_report
     from common.analysis.profiling import profile_document
+    from common.models.loading import refuse_remote_code
 
     settings.check()
-    windows = calibration_windows(model_dir, settings)
-    start = time.perf_counter()
-    profiler, rotation = collect(model_dir, settings, windows)
-    seconds = time.perf_counter() - start
+    if not settings.sequential:
+        refuse_remote_code(model_dir, "make profile without SEQUENTIAL=1")
+    trust = recipe.trust_remote_code
+    run = Run("profile", ("calibrate", "profile", "package"))
+    run.phase("calibrate")
+    windows = calibration_windows(model_dir, settings, trust_remote_code=trust)
+    run.phase("profile")
+    profiler, rotation = collect(model_dir, settings, windows, trust_remote_code=trust)
     stats = profiler.results()
     meta = {
         "model": recipe.name,
@@ -208,6 +231,7 @@ def run_profile(
         "tokens": windows.numel(),
     }
     doc = profile_document(stats, meta)
+    run.phase("package")
     out_dir = model_build_dir(recipe, build_dir) / settings.dir_name
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -217,7 +241,7 @@ def run_profile(
             from common.quant.rotation import save_rotation
 
             save_rotation(tmp / "rotation.safetensors", rotation)
-        write_report(tmp, doc, profiler.channel_absmax())
+        write_report(tmp, doc, profiler.channel_absmax(), run.resources())
         manifest = build_manifest(
             step="profile",
             inputs={"corpus": Path(settings.corpus), "model_config": model_dir / "config.json"},
@@ -226,9 +250,10 @@ def run_profile(
             options=asdict(settings),
         )
         write_json_atomic(tmp / "manifest.json", manifest)
-    rate = windows.numel() / seconds if seconds > 0 else float("inf")
+    seconds = run.finish()["profile"]  # to 0.1 s
+    rate = f"{windows.numel() / seconds:.0f} tok/s" if seconds > 0 else "under 0.1 s"
     print(
-        f"[profile] {windows.numel()} tokens in {seconds:.1f} s ({rate:.0f} tok/s); "
+        f"[profile] {windows.numel()} tokens in {seconds:.1f} s ({rate}); "
         f"wrote {out_dir / 'profile.json'}",
         file=sys.stderr,
     )

@@ -28,6 +28,8 @@ from common.core.errors import CheckFailed, EdgeforgeError
 from common.core.gates import Gate, failures, gate, markdown_table, records
 from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
+from common.core.resources import resources_line
+from common.steps.phases import Run
 from common.steps.profile_step import ProfileSettings, calibration_windows
 
 #: W8A16 must cost at most this ppl ratio (a failed gate exits 1 after the report).
@@ -176,10 +178,16 @@ def sweep_profile(
 def run_simulate(
     recipe: Recipe, model_dir: Path, settings: SimulateSettings, build_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Profile, plan, simulate and score every variant; write ``build/<MODEL>/simulate/``."""
+    """Profile, plan, simulate and score every variant; write ``build/<MODEL>/simulate/``.
+    A model that runs its own code (Qwen1) is refused first: every variant loads through
+    transformers' Auto classes."""
     from common.analysis.simulate import evaluate, simulate_plan, transformed_model
+    from common.models.loading import refuse_remote_code
 
     settings.check()
+    refuse_remote_code(model_dir, "make simulate")
+    run = Run("simulate", ("calibrate", "variants", "sweep", "package"))
+    run.phase("calibrate")
     held_out = held_out_windows(
         recipe, model_dir, settings.eval_corpus, settings.num_windows, settings.seq_len
     )
@@ -190,6 +198,7 @@ def run_simulate(
     plans: dict[str, dict[str, Any]] = {}
     results: dict[str, dict[str, Any]] = {}
     reference: dict[str, Any] = {}
+    run.phase("variants")
     for name, (transforms, options) in _variants(settings).items():
         print(f"[simulate] {name}", file=sys.stderr, flush=True)
         if options is None:
@@ -208,6 +217,7 @@ def run_simulate(
             scores = simulate_plan(model_dir, plan, held_out, reference["argmax"])
         results[name] = {k: v for k, v in scores.items() if k != "argmax"}
     fp32_ppl = results["fp32"]["ppl"]
+    run.phase("sweep")
     sweep_transforms = _variants(settings)["w8a8_rotated_online_down"][0]
     sweep = sweep_profile(
         model_dir,
@@ -241,6 +251,8 @@ def run_simulate(
         "gates": records(checks),
         "passed": all(g.passed for g in checks),
     }
+    run.phase("package")
+    report["resources"] = run.resources()  # the package phase up to this point
     out_dir = model_build_dir(recipe, build_dir) / "simulate"
     with atomic_path(out_dir) as tmp:
         (tmp / "plans").mkdir(parents=True)
@@ -248,7 +260,8 @@ def run_simulate(
             write_json_atomic(tmp / "plans" / f"{name}.json", plan)
         write_json_atomic(tmp / "shadow_layers.json", shadow_decision(sweep, recipe.name))
         write_json_atomic(tmp / "report.json", report)
-        write_bytes_atomic(tmp / "report.md", render(report).encode())
+        markdown = render(report) + resources_line(report["resources"])
+        write_bytes_atomic(tmp / "report.md", markdown.encode())
         write_json_atomic(
             tmp / "manifest.json",
             build_manifest(
@@ -263,6 +276,7 @@ def run_simulate(
                 options={**asdict(settings), "thresholds": list(settings.thresholds)},
             ),
         )
+    run.finish()
     print(render(report), file=sys.stdout)
     failed = failures(report["gates"])
     if failed:

@@ -20,6 +20,8 @@ from typing import Any
 from common.analysis.threshold_sweep import DEFAULT_THRESHOLDS, check_thresholds, shadow_decision
 from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
+from common.core.resources import resources_line
+from common.steps.phases import Run
 
 
 @dataclass(frozen=True)
@@ -55,20 +57,28 @@ def render(report: dict[str, Any]) -> str:
 def run_sweep_step(
     recipe: Recipe, model_dir: Path, settings: SweepSettings, build_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Score the profile's candidate plans against FP32; write ``build/<MODEL>/sweep/``."""
+    """Score the profile's candidate plans against FP32; write ``build/<MODEL>/sweep/``.
+    A model that runs its own code (Qwen1) is refused first: the plans are simulated on
+    models loaded through transformers' Auto classes."""
     from common.analysis.profiling import load_profile
     from common.analysis.simulate import evaluate, transformed_model
     from common.models import get_adapter
+    from common.models.loading import refuse_remote_code
     from common.steps.simulate_step import held_out_windows, sweep_profile
 
     thresholds = check_thresholds(settings.thresholds)
+    refuse_remote_code(model_dir, "make sweep")
+    run = Run("sweep", ("reference", "sweep", "package"))
+    run.phase("reference")
     held_out = held_out_windows(
         recipe, model_dir, settings.eval_corpus, settings.num_windows, settings.seq_len
     )
     with transformed_model(model_dir, {}) as (model, _):
         profile = load_profile(settings.profile, get_adapter(model))
         reference = evaluate(model, held_out)
+    run.phase("sweep")
     sweep = sweep_profile(model_dir, profile, thresholds, held_out, reference)
+    run.phase("package")
     report = {
         "model": recipe.name,
         "profile": str(settings.profile),
@@ -80,6 +90,7 @@ def run_sweep_step(
         },
         "fp32": {k: v for k, v in reference.items() if k != "argmax"},
         "sweep": {k: v for k, v in sweep.items() if k != "plan"},
+        "resources": run.resources(),  # the package phase up to this point
     }
     out_dir = model_build_dir(recipe, build_dir) / "sweep"
     with atomic_path(out_dir) as tmp:
@@ -87,7 +98,8 @@ def run_sweep_step(
         write_json_atomic(tmp / "plan.json", sweep["plan"])
         write_json_atomic(tmp / "shadow_layers.json", shadow_decision(sweep, recipe.name))
         write_json_atomic(tmp / "report.json", report)
-        write_bytes_atomic(tmp / "report.md", render(report).encode())
+        markdown = render(report) + resources_line(report["resources"])
+        write_bytes_atomic(tmp / "report.md", markdown.encode())
         write_json_atomic(
             tmp / "manifest.json",
             build_manifest(
@@ -106,5 +118,6 @@ def run_sweep_step(
                 },
             ),
         )
+    run.finish()
     print(render(report), file=sys.stdout)
     return report

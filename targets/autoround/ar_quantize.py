@@ -184,6 +184,7 @@ def run_autoround(
         "amp": False,  # tune in fp32: CPU bf16 autocast is slower here and rounds the weights
         "disable_model_free": True,
         "seed": options.seed,
+        "trust_remote_code": False,  # auto-round's default is True; no step here runs remote code
         **extra,
     }
     if options.formats[0].startswith("gguf:"):  # the GGUF type is the scheme

@@ -37,6 +37,7 @@ def load_export(export_dir: Path, is_vision_language: bool) -> tuple[nn.Module, 
             dtype=torch.float32,
             device_map="cpu",
             local_files_only=True,
+            trust_remote_code=False,
             output_loading_info=True,
             quantization_config=AutoRoundConfig(backend="auto"),
         )
@@ -65,6 +66,7 @@ def load_gguf(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             dtype=torch.float32,
             device_map="cpu",
             local_files_only=True,
+            trust_remote_code=False,
             output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:

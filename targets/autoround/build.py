@@ -40,6 +40,7 @@ from common.core.records import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import copy_tokenizer_files
 from common.steps.phases import Run
 
@@ -416,6 +417,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 image=None if image is None else str(image),
                 image_prompt=IMAGE_PROMPT if image is not None else None,
             )
+            report["resources"] = phases.resources()  # the package phase up to this point
             inputs = {"model_config": model_dir / "config.json", **calib_inputs}
             if options.template is not None:
                 inputs["template"] = options.template
@@ -428,9 +430,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         quant_plan(options, adapter, planned, f"{recipe.name}-{fmt}", fmt),
                     )
                 write_json_atomic(fmt_dir / "report.json", fmt_report)
-                write_bytes_atomic(
-                    fmt_dir / "report.md", ar_report.render_markdown(fmt_report).encode()
+                markdown = ar_report.render_markdown(fmt_report) + resources_line(
+                    fmt_report["resources"]
                 )
+                write_bytes_atomic(fmt_dir / "report.md", markdown.encode())
                 write_json_atomic(
                     fmt_dir / "manifest.json",
                     build_manifest(
@@ -443,7 +446,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     ),
                 )
             write_json_atomic(tmp / "report.json", report)
-            write_bytes_atomic(tmp / "report.md", ar_report.render_markdown(report).encode())
+            markdown = ar_report.render_markdown(report) + resources_line(report["resources"])
+            write_bytes_atomic(tmp / "report.md", markdown.encode())
             write_json_atomic(
                 tmp / "manifest.json",
                 build_manifest(

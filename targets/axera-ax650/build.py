@@ -41,6 +41,7 @@ from common.core.options import (
 from common.core.options import describe as describe_options
 from common.core.paths import REPO_ROOT
 from common.core.records import atomic_path, build_manifest, dumps_json
+from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import describe
 from common.steps.phases import Run
 
@@ -467,8 +468,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report["npu_compile"] = "not run (pulsar2 not on PATH)"
         run.phase("package")
+        report["resources"] = run.resources()  # the package phase up to this point
         (tmp / "report.json").write_text(dumps_json(report))
-        (tmp / "report.md").write_text(render_markdown(report))
+        markdown = render_markdown(report) + resources_line(report["resources"])
+        (tmp / "report.md").write_text(markdown)
         options = {"model": args.model, "build_dir": args.build_dir and str(args.build_dir),
                    "model_path": args.model_path and str(args.model_path),
                    **describe_options(opts)}  # fmt: skip

@@ -33,6 +33,7 @@ from common.core.records import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from common.core.resources import resources_line
 from common.quant.hadamard import ROTATE_MODES
 from common.steps.phases import Run
 
@@ -284,8 +285,10 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             after["ratios"],
             f"{recipe.name}: activation outliers before/after rotation",
         )
+        report["resources"] = run.resources()  # the package phase up to this point
         write_json_atomic(tmp / "report.json", report)
-        write_bytes_atomic(tmp / "report.md", rep.render_markdown(report, "outliers.png").encode())
+        markdown = rep.render_markdown(report, "outliers.png") + resources_line(report["resources"])
+        write_bytes_atomic(tmp / "report.md", markdown.encode())
         inputs = {"model_config": model_dir / "config.json", "corpus": EVAL_CORPUS}
         inputs.update({f"weights:{p.name}": p for p in sorted(model_dir.glob("*.safetensors"))})
         if options["r_path"] is not None:

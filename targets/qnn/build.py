@@ -54,6 +54,7 @@ from common.core.records import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import write_tokenizer_dir
 from common.quant.hadamard import ROTATE_MODES
 from common.steps.phases import Run
@@ -399,9 +400,11 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         checks = rep.gates(report, GATES[scheme.name], MLLM_MAX_ABS)
         report["gates"] = records(checks)
         report["passed"] = all(g.passed for g in checks)
+        report["resources"] = run.resources()  # the package phase up to this point
         write_json_atomic(tmp / "report.json", report)
         rep.plot_layers(rows, tmp / "layers.png")
-        write_bytes_atomic(tmp / "report.md", rep.render(report).encode())
+        markdown = rep.render(report) + resources_line(report["resources"])
+        write_bytes_atomic(tmp / "report.md", markdown.encode())
         manifest = build_manifest(
             step=TARGET,
             inputs=inputs,

@@ -47,6 +47,7 @@ from common.core.options import (
 )
 from common.core.paths import REPO_ROOT
 from common.core.records import atomic_path, build_manifest, dumps_json
+from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import copy_tokenizer_files, describe
 from common.steps.phases import Run
 
@@ -357,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pieces = export_pieces(adapter, dims.seq_len, work / "onnx")
     watch.lap("export onnx pieces")
+    # One float session open at a time: ScoredRunner and compare_runners ask the reference
+    # once per net, so each piece's session opens once and closes when the next one opens.
     reference = onnx_runner(work / "onnx")
     run.phase("compile")
     notes: list[str] = []
@@ -522,8 +525,10 @@ def main(argv: list[str] | None = None) -> int:
             "gates": records(checks),
             "passed": all(g.passed for g in checks),
         }
+        report["resources"] = run.resources()  # the package phase up to this point
         (tmp / "report.json").write_text(dumps_json(report))
-        (tmp / "report.md").write_text(report_markdown(report, others))
+        markdown = report_markdown(report, others) + resources_line(report["resources"])
+        (tmp / "report.md").write_text(markdown)
         manifest = build_manifest(
             step="sophgo", outputs=tmp, recipe=recipe.data,
             inputs={"model": model_dir, **({"patches": qwen1.PATCH_DIR} if qwen1 else {})},

@@ -81,6 +81,19 @@ def test_tiny_outputs_and_gates(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     assert "![max|x|/RMS(x) per layer](outliers.png)" in (tiny_run / "report.md").read_text()
 
 
+def test_tiny_report_records_measured_resources(tiny_run: Path) -> None:
+    """The step's measured peak memory and seconds per phase, written while packaging."""
+    resources = json.loads((tiny_run / "report.json").read_text())["resources"]
+    phases = resources["phases"]
+    assert [p["name"] for p in phases] == ["resolve", "reference", "export", "verify", "package"]
+    assert resources["recorded_during"] == "package"
+    peaks = [p["peak_rss_bytes"] for p in phases]
+    assert peaks[0] > 0 and peaks == sorted(peaks) and resources["peak_rss_bytes"] == peaks[-1]
+    assert all(p["seconds"] >= 0 for p in phases)
+    assert resources["children_peak_rss_bytes"] is not None
+    assert "\n**Resources:** peak RSS " in (tiny_run / "report.md").read_text()
+
+
 def test_tiny_artifacts_agree(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     """The HF directory loads as-is; model.mllm holds exactly its weights under mllm names;
     rotation.safetensors holds the seeded matrices."""

@@ -11,7 +11,6 @@ BPE it is). The reference is always the *unpatched* model through its own remote
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -31,52 +30,15 @@ from common.export.piece_export import (
     reference_logits,
 )
 from common.models.qwen import QwenAdapter, load_qwen_model
-from tests.conftest import import_target
+from tests.conftest import QWEN1_FIXTURE, build_qwen1_checkpoint, import_target
 
-REPO = Path(__file__).resolve().parents[3]
-FIXTURE = REPO / "tests" / "fixtures" / "qwen1"
+FIXTURE = QWEN1_FIXTURE
 SEQ_LEN = 32
 NEW_TOKENS = 12
 PROMPT = "What is the capital of France?"
-CONFIG = {
-    "architectures": ["QWenLMHeadModel"],
-    "auto_map": {
-        "AutoConfig": "configuration_qwen.QWenConfig",
-        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
-    },
-    "model_type": "qwen",
-    "vocab_size": 1024,
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "kv_channels": 16,
-    "intermediate_size": 256,
-    "seq_length": 64,
-    "max_position_embeddings": 64,
-    "bf16": False,
-    "fp16": False,
-    "fp32": True,
-    "use_flash_attn": False,
-    "use_dynamic_ntk": True,
-    "use_logn_attn": True,
-    "no_bias": True,
-    "layer_norm_epsilon": 1e-6,
-    "rotary_emb_base": 10000,
-    "rotary_pct": 1.0,
-    "tie_word_embeddings": False,
-}
 
 
 qwen1 = import_target("sophgo-bm1684x", "qwen1")
-
-
-def _seeded(name: str, shape: torch.Size) -> torch.Tensor:
-    """N(0, 4/fan_in) matrices, norm gains around 1, from a per-tensor seed (same bytes
-    always). At std 1/sqrt(fan_in) this random network falls into repeating one token, which
-    would make a weak greedy check; twice that keeps it generating varied tokens."""
-    seed = int.from_bytes(hashlib.sha256(f"qwen1-fixture:{name}".encode()).digest()[:8], "little")
-    values = torch.randn(shape, generator=torch.Generator().manual_seed(seed >> 1))
-    return 2.0 * values / math.sqrt(shape[-1]) if len(shape) == 2 else 1.0 + 0.1 * values
 
 
 #: Fixture modeling file per upstream revision, and the patch that must fit it.
@@ -86,28 +48,13 @@ REVISIONS = {
 }
 
 
-def _build_checkpoint(out: Path, revision: str, tokenizer_dir: Path) -> Path:
-    """A tiny Qwen1 checkpoint: fixture remote code, config.json, seeded safetensors."""
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    out.mkdir(parents=True)
-    shutil.copy(FIXTURE / "configuration_qwen.py", out / "configuration_qwen.py")
-    shutil.copy(FIXTURE / REVISIONS[revision][0], out / "modeling_qwen.py")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, out / name)
-    (out / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    config = AutoConfig.from_pretrained(out, trust_remote_code=True, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    weights = {n: _seeded(n, p.shape).contiguous() for n, p in model.named_parameters()}
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -> dict:
     root = tmp_path_factory.mktemp("qwen1")
-    return {rev: _build_checkpoint(root / rev, rev, tiny_qwen2_dir) for rev in REVISIONS}
+    return {
+        rev: build_qwen1_checkpoint(root / rev, tiny_qwen2_dir, REVISIONS[rev][0])
+        for rev in REVISIONS
+    }
 
 
 @pytest.fixture(params=sorted(REVISIONS))

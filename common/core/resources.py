@@ -1,0 +1,123 @@
+"""Measured resources of a step: its process's peak memory and its children's.
+
+Every ``report.json`` records what its step cost (``"resources"``, written by
+:meth:`common.steps.phases.Run.resources`); this module measures it and renders its one
+``report.md`` line. It sits in ``core`` so any layer's report writer can render it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+#: ``ru_maxrss`` is in kilobytes on Linux, in bytes on macOS.
+_MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
+#: Seconds between two looks at the child processes (a child that lives less is missed).
+CHILD_SAMPLE_SECONDS = 0.5
+
+
+def _vmhwm(pid: int | str) -> int | None:
+    """``VmHWM`` of a live process in bytes (None without /proc, or once it has exited)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux's ``VmHWM``). It never
+    decreases, so the value at a phase's end covers every earlier phase.
+
+    ``getrusage``'s ``ru_maxrss`` is only the fallback (no /proc, e.g. macOS): on Linux it
+    also counts the parent's memory at the fork that started this process (a build run from
+    pytest would report pytest's peak).
+    """
+    hwm = _vmhwm("self")
+    if hwm is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _MAXRSS_UNIT
+    return hwm
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below ``root`` (children of children too: tools run via a shell)."""
+    parents: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue  # ended while we looked
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+class ChildPeak:
+    """The largest peak RSS of this process's children, sampled in a background thread.
+
+    A child's memory (tpu-mlir tools, the simulator, compilers) is its own, never part of
+    :func:`peak_rss_bytes`. The kernel's own figure (``RUSAGE_CHILDREN``) cannot be used:
+    it counts this process's memory at each fork as the child's. So live descendants'
+    ``VmHWM`` (their own peak since they started) is read every
+    :data:`CHILD_SAMPLE_SECONDS`; a child that ends sooner is missed. ``None`` without /proc.
+    The thread ends with :meth:`stop` or when the object is dropped.
+    """
+
+    def __init__(self) -> None:
+        self.bytes: int | None = 0 if Path("/proc/self/status").is_file() else None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if self.bytes is not None:
+            args = (weakref.ref(self), self._stop)
+            threading.Thread(
+                target=ChildPeak._loop, args=args, name="child-rss", daemon=True
+            ).start()
+
+    def sample(self) -> int | None:
+        """Look at the live descendants now; the largest peak seen so far."""
+        if self.bytes is None:
+            return None
+        peaks = [_vmhwm(pid) or 0 for pid in _descendants(os.getpid())]
+        with self._lock:
+            self.bytes = max([self.bytes, *peaks])
+            return self.bytes
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @staticmethod
+    def _loop(ref: weakref.ref[ChildPeak], stop: threading.Event) -> None:
+        while not stop.wait(CHILD_SAMPLE_SECONDS):
+            sampler = ref()
+            if sampler is None:
+                return
+            sampler.sample()
+            del sampler  # hold no reference while waiting, so the object can be dropped
+
+
+def gib(n: int) -> str:
+    """Bytes as GiB with two decimals (how reports and logs print memory)."""
+    return f"{n / 2**30:.2f} GiB"
+
+
+def resources_line(record: dict[str, Any]) -> str:
+    """The one ``report.md`` line of a :meth:`Run.resources` record, as a paragraph of its
+    own when appended to a document that ends in a newline."""
+    line = f"**Resources:** peak RSS {gib(record['peak_rss_bytes'])}"
+    if record["children_peak_rss_bytes"]:
+        line += f" (largest child process: {gib(record['children_peak_rss_bytes'])})"
+    phases = ", ".join(f"{p['name']} {p['seconds']:.1f} s" for p in record["phases"])
+    return f"\n{line}; {phases}\n" if phases else f"\n{line}\n"
