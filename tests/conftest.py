@@ -102,6 +102,25 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
     return run_python("-m", "common.steps.cli", *args, env=extra)
 
 
+#: The steps a Qwen1 (remote code) refusal points the user to.
+QWEN1_SUPPORTED = "Qwen1 is supported by make sophgo and make profile SEQUENTIAL=1"
+#: What transformers prints when it asks to run remote code (or, stdin closed, fails to ask).
+PROMPT_TEXT = ("Do you wish to run the custom code", "trust_remote_code=True", "custom code")
+
+
+def assert_no_prompt(output: str) -> None:
+    """No trace of transformers' interactive remote-code question in ``output``."""
+    for text in PROMPT_TEXT:
+        assert text not in output, output[-2000:]
+
+
+def assert_qwen1_refused(result: CliResult, named: str = "this step") -> None:
+    """A step without Qwen1 support refused it: one clean ``error:`` line naming the model
+    type, the step (``named``) and the steps that support it, and no prompt."""
+    assert_clean_error(result, "model_type 'qwen' (Qwen1)", f"which {named}", QWEN1_SUPPORTED)
+    assert_no_prompt(result.stdout + result.stderr)
+
+
 def assert_clean_error(result: CliResult, *fragments: str, code: int = 2) -> None:
     """A user mistake: exit ``code``, one ``error:`` line containing ``fragments``, no traceback."""
     assert result.returncode == code, result.stderr

@@ -24,6 +24,7 @@ from tests.conftest import (
     CliResult,
     assert_clean_error,
     assert_gates,
+    assert_qwen1_refused,
     assert_same_tokenizer,
     import_target,
     run_python,
@@ -427,3 +428,10 @@ def test_window_loader_batches_windows() -> None:
     assert torch.equal(torch.cat([b["input_ids"] for b in batches]), windows)
     assert ar_quantize.block_prefixes(["model.layers.0", "model.layers.1", "model.visual.blocks.0"]
                                       ) == ["model.layers", "model.visual.blocks"]  # fmt: skip
+
+
+def test_qwen1_is_refused(tiny_qwen1_dir: Path, tmp_path: Path) -> None:
+    """Qwen1 runs its checkpoint's own code, which this target does not support: one clean
+    error line naming the steps that do, no prompt, nothing written."""
+    assert_qwen1_refused(run_build(tmp_path, "qwen-7b", "--model-path", str(tiny_qwen1_dir)))
+    assert not (tmp_path / "qwen-7b").exists()

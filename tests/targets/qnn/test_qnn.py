@@ -29,6 +29,7 @@ from tests.conftest import (
     CliResult,
     assert_clean_error,
     assert_gates,
+    assert_qwen1_refused,
     assert_same_tokenizer,
     import_target,
     run_python,
@@ -370,3 +371,12 @@ def test_missing_default_profile_names_the_rotation(tiny_qwen2_dir: Path, tmp_pa
     assert_clean_error(
         result, "profile-hadamard/profile.json: profile not found", "ROTATE=hadamard"
     )
+
+
+def test_qwen1_is_refused(tiny_qwen1_dir: Path, tmp_path: Path) -> None:
+    """Qwen1 runs its checkpoint's own code, which this target does not support: one clean
+    error line naming the steps that do, no prompt, nothing written."""
+    assert_qwen1_refused(
+        run_target(tmp_path, "--model", "qwen-7b", "--model-path", str(tiny_qwen1_dir))
+    )
+    assert not (tmp_path / "qwen-7b").exists()
