@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.core.errors import EdgeforgeError
+from common.core.recipes import Recipe
 
 T = TypeVar("T")
 
@@ -270,13 +271,11 @@ def resolve(
     recipe_section: Mapping[str, Any] | None = None,
     *,
     where: str = "recipe",
-    extra: Mapping[str, Any] | None = None,
 ) -> T:
     """``cls`` from the command line over ``recipe_section`` over the field defaults.
 
     Each given value is parsed by its kind; a bad one raises :class:`EdgeforgeError`
-    naming the make variable (command line) or ``<where>.<key>`` (recipe). ``extra`` sets
-    fields that are not options (e.g. derived values a target passes in).
+    naming the make variable (command line) or ``<where>.<key>`` (recipe).
     """
     declared = specs(cls)
     section = dict(recipe_section or {})
@@ -292,7 +291,14 @@ def resolve(
         values[name] = _parse(declared[name], raw, f"{where}.{key}")
     for name, raw in given_options(cls, args).items():
         values[name] = _parse(declared[name], raw, declared[name].label)
-    return cls(**values, **dict(extra or {}))
+    return cls(**values)
+
+
+def resolve_target(cls: type[T], args: argparse.Namespace, recipe: Recipe, target: str) -> T:
+    """:func:`resolve` over ``recipe``'s ``targets.<target>`` object, its errors naming the
+    recipe file: what every target script does with its options."""
+    section = recipe.target_section(target)
+    return resolve(cls, args, section, where=f"{recipe.path}: targets.{target}")
 
 
 def _parse(spec: Spec, raw: Any, label: str) -> Any:

@@ -49,6 +49,10 @@ class Recipe:
     def eval_defaults(self) -> dict[str, Any]:
         return self.data.get("eval", {})
 
+    def target_section(self, target: str) -> dict[str, Any]:
+        """The recipe's defaults for ``target`` (its ``targets.<target>`` object, or empty)."""
+        return dict((self.data.get("targets") or {}).get(target) or {})
+
     @property
     def trust_remote_code(self) -> bool:
         return bool(self.source.get("trust_remote_code", False))

@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     toolchains = _require_autoround()
     recipe = load_recipe(args.model)
     options = ar_options.resolve(
-        args, recipe.data.get("targets", {}).get(TARGET, {}), f"{recipe.path}: targets.{TARGET}"
+        args, recipe.target_section(TARGET), f"{recipe.path}: targets.{TARGET}"
     )
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     out_root = model_build_dir(recipe, args.build_dir) / TARGET

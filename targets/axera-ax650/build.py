@@ -35,7 +35,7 @@ from common.core.options import (
     Integer,
     Text,
     option,
-    resolve,
+    resolve_target,
     target_parser,
 )
 from common.core.options import describe as describe_options
@@ -379,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run("axera", PHASES)
     run.phase("resolve")
     recipe = load_recipe(args.model)
-    section = (recipe.data.get("targets") or {}).get(TARGET) or {}
-    opts = resolve(Options, args, section, where=f"{recipe.path}: targets.{TARGET}")
+    opts = resolve_target(Options, args, recipe, TARGET)
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     model = load_model(model_dir)
     adapter = get_adapter(model)

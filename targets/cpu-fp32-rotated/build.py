@@ -24,7 +24,7 @@ import report as rep
 
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli
 from common.core.gates import failures, gate, records
-from common.core.options import Choice, FilePath, Integer, option, resolve, target_parser
+from common.core.options import Choice, FilePath, Integer, option, resolve_target, target_parser
 from common.core.paths import REPO_ROOT
 from common.core.records import (
     atomic_path,
@@ -187,8 +187,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     run = Run("cpu", PHASES)
     run.phase("resolve")
     recipe = load_recipe(args.model)
-    section = recipe.data.get("targets", {}).get(TARGET, {})
-    opts = resolve(Options, args, section, where=f"{recipe.path}: targets.{TARGET}")
+    opts = resolve_target(Options, args, recipe, TARGET)
     options = rotation_options(opts)
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     seq_len = opts.seq_len or recipe.eval_defaults.get("seq_len", DEFAULT_SEQ_LEN)

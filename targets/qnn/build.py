@@ -45,7 +45,7 @@ from common.core.options import (
     Number,
     describe,
     option,
-    resolve,
+    resolve_target,
     target_parser,
 )
 from common.core.records import (
@@ -152,8 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
     """CLI options over the recipe's ``targets.qnn`` over the defaults, checked."""
-    section = (recipe.data.get("targets") or {}).get(TARGET, {})
-    options = resolve(Options, args, section, where=f"{recipe.path}: targets.{TARGET}")
+    options = resolve_target(Options, args, recipe, TARGET)
     opts = describe(options)
     del opts["profile"]  # an input (recorded with its hash), not a build setting
     return opts

@@ -42,7 +42,7 @@ from common.core.options import (
     Integer,
     Text,
     option,
-    resolve,
+    resolve_target,
     target_parser,
 )
 from common.core.paths import REPO_ROOT
@@ -114,12 +114,6 @@ class Options:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return target_parser("make sophgo", __doc__.split("\n\n")[0], Options).parse_args(argv)
-
-
-def target_options(recipe: Any, args: argparse.Namespace) -> Options:
-    """Command line over the recipe's ``targets.sophgo-bm1684x`` over the defaults."""
-    section = (recipe.data.get("targets") or {}).get(TARGET, {})
-    return resolve(Options, args, section, where=f"{recipe.path}: targets.{TARGET}")
 
 
 def options_record(opts: Options) -> dict[str, Any]:
@@ -299,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run("sophgo", PHASES)
     run.phase("resolve")
     recipe = load_recipe(args.model)
-    options = target_options(recipe, args)
+    options = resolve_target(Options, args, recipe, TARGET)
     opts = options_record(options)
     toolchain = Toolchain(options.venv)
     version = toolchain.version()
