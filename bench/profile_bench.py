@@ -109,6 +109,7 @@ def _child(mode: str, model_dir: str, num_samples: int, seq_len: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401  (counted below)
 
     from common.analysis.profiling import profile_sequential
+    from common.models.streaming import StreamedModel
 
     import_rss = _rss_bytes()  # the fixed cost every profiling process pays before weights
     load_before = os.getloadavg()
@@ -124,7 +125,7 @@ def _child(mode: str, model_dir: str, num_samples: int, seq_len: int) -> dict:
         result = _interleaved(model_dir, windows)
     else:
         wall, used = time.perf_counter(), time.process_time()
-        digest = _digest(profile_sequential(Path(model_dir), windows).results())
+        digest = _digest(profile_sequential(StreamedModel(Path(model_dir)), windows).results())
         seconds = time.perf_counter() - wall
         result = {
             "seconds": seconds,

@@ -1,5 +1,5 @@
 # Activation profiling, W8A8 simulation and the profiling benchmark.
-# Knobs: NUM_SAMPLES, SEQ_LEN, SEED, SEQUENTIAL=1, MAX_MEMORY=4GB, ROTATE=hadamard|orthogonal,
+# Knobs: NUM_SAMPLES, SEQ_LEN, SEED, SEQUENTIAL=0|1, MAX_MEMORY=8GB, ROTATE=hadamard|orthogonal,
 # R_PATH=file, ONLINE_DOWN=1, CONFIG=<mllm QNN config>, IMAGES=<folder>, IMAGE_SIZE,
 # EXACT_PERCENTILES=1 (profile); T, CLIP_ALL, THRESHOLDS (simulate);
 # PROFILE=<profile.json>, THRESHOLDS, NUM_WINDOWS (sweep).

@@ -103,7 +103,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
 
 
 #: The steps a Qwen1 (remote code) refusal points the user to.
-QWEN1_SUPPORTED = "Qwen1 is supported by make sophgo and make profile SEQUENTIAL=1"
+QWEN1_SUPPORTED = "Qwen1 is supported by make sophgo and make profile"
 #: What transformers prints when it asks to run remote code (or, stdin closed, fails to ask).
 PROMPT_TEXT = ("Do you wish to run the custom code", "trust_remote_code=True", "custom code")
 

@@ -14,16 +14,19 @@ from common.analysis.observers import exact_percentile
 from common.analysis.profiling import (
     ActivationProfiler,
     load_profile,
-    parse_memory,
     profile_document,
     profile_model,
     profile_sequential,
 )
+from common.analysis.simulate import transformed_model
 from common.core.errors import EdgeforgeError
+from common.core.memory import parse_size
 from common.core.recipes import load_recipe
 from common.inputs.data import CALIB_CORPUS, sample_windows
 from common.models import get_adapter, iter_linears
 from common.models.loading import load_model, load_tokenizer
+from common.models.streaming import StreamedModel
+from common.quant.transforms import Transforms
 from common.steps.profile_step import ProfileSettings, profile_dir_name, run_profile
 from tests.conftest import REPO_ROOT, CliResult, assert_clean_error, run_python
 
@@ -39,9 +42,45 @@ def _windows(model_dir: Path, n: int, seq_len: int) -> torch.Tensor:
 def test_sequential_equals_whole_model_tiny(tiny_qwen2_dir: Path) -> None:
     windows = _windows(tiny_qwen2_dir, 3, 32)
     whole = profile_model(load_model(tiny_qwen2_dir), windows).results()
-    sequential = profile_sequential(tiny_qwen2_dir, windows).results()
+    sequential = profile_sequential(StreamedModel(tiny_qwen2_dir), windows).results()
     assert whole == sequential
     assert len(whole) == 2 * 7 + 1  # every decoder linear and the LM head
+
+
+def _transformed_profiles(model_dir: Path, transforms: dict, windows: torch.Tensor) -> tuple:
+    """The whole transformed model's statistics and the streamed ones, each part
+    transformed as it is read."""
+    with transformed_model(model_dir, transforms) as (model, _):
+        whole = profile_model(model, windows).results()
+    streamed = StreamedModel(model_dir)
+    resolved = Transforms.of(streamed.adapter, transforms)
+    return whole, profile_sequential(streamed, windows, transforms=resolved).results()
+
+
+@pytest.mark.parametrize(
+    "transforms",
+    [
+        {"rotation": {"mode": "hadamard", "seed": 3}},
+        {"rotation": {"mode": "orthogonal", "seed": 1}, "online_hadamard": True},
+    ],
+)
+def test_sequential_transformed_equals_whole_model(
+    tiny_qwen2_dir: Path, tmp_path: Path, transforms: dict
+) -> None:
+    """Rotation and online Hadamard applied part by part give the bits of the whole-model
+    transform, on a tied model (tiny-qwen2: its head is read from the stored embedding and
+    rotated as a head of its own) and an untied copy with a head of its own."""
+    untied = tmp_path / "untied"
+    model = load_model(tiny_qwen2_dir)
+    model.config.tie_word_embeddings = False
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach() * 0.5 + 0.01)
+    model.save_pretrained(untied)
+    load_tokenizer(tiny_qwen2_dir).save_pretrained(untied)
+    assert not StreamedModel(untied).adapter.tie_word_embeddings
+    for model_dir in (tiny_qwen2_dir, untied):
+        whole, sequential = _transformed_profiles(model_dir, transforms, _windows(model_dir, 2, 32))
+        assert whole == sequential
 
 
 def test_sequential_refuses_sliding_window_layers(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
@@ -56,8 +95,13 @@ def test_sequential_refuses_sliding_window_layers(tiny_qwen2_dir: Path, tmp_path
     (model_dir / "config.json").unlink()
     (model_dir / "config.json").write_text(json.dumps(config))
     windows = _windows(tiny_qwen2_dir, 1, 32)
-    with pytest.raises(EdgeforgeError, match="'sliding_attention' layers; sequential profiling"):
-        profile_sequential(model_dir, windows)
+    with pytest.raises(EdgeforgeError, match="'sliding_attention' layers; layer-by-layer runs"):
+        profile_sequential(StreamedModel(model_dir), windows)
+    # by default make profile runs such a model whole, and says so in the profile
+    settings = ProfileSettings(corpus=str(CALIB_CORPUS), num_samples=1, seq_len=32)
+    out = run_profile(load_recipe("tiny-qwen2"), model_dir, settings, tmp_path / "build")
+    doc = json.loads((out / "profile.json").read_text())
+    assert doc["edgeforge"]["settings"]["sequential"] is False
 
 
 def test_hooks_match_exact_statistics(tiny_qwen2_dir: Path) -> None:
@@ -172,9 +216,8 @@ def test_profile_cli_deterministic_and_complete(
         ({"corpus": "/nonexistent/corpus.jsonl"}, "dataset_path"),
         ({"corpus": str(REPO_ROOT / "pyproject.toml")}, "dataset_path"),
         ({"rotate": "hadamard", "r_path": "x.safetensors"}, "mutually exclusive"),
-        ({"sequential": True, "rotate": "hadamard"}, "--sequential"),
-        ({"max_memory": 1024}, "--max-memory"),
-        ({"sequential": True, "max_memory": 1024}, "--max-memory"),
+        ({"sequential": False, "max_memory": 1024}, "SEQUENTIAL=1 (one layer at a time) needs"),
+        ({"max_memory": 1024}, "over MAX_MEMORY=0.00 GiB; lower NUM_SAMPLES"),
     ],
 )
 def test_profile_bad_input(
@@ -191,7 +234,7 @@ def test_profile_bad_input(
 def test_profile_cli_bad_input_exits_2(tmp_path: Path) -> None:
     for extra, fragment in (
         (("--num-samples", "0"), "num_samples"),
-        (("--max-memory", "lots"), "--max-memory"),
+        (("--max-memory", "lots"), "MAX_MEMORY"),
     ):
         result = run_profile_cli(
             "profile", "--model", "tiny-qwen2", "--build-dir", str(tmp_path), *extra
@@ -210,18 +253,22 @@ def test_profile_for_another_model_is_rejected(tmp_path: Path, tiny_qwen2_dir: P
         load_profile(tmp_path / "bad.json")
 
 
-def test_parse_memory() -> None:
-    assert parse_memory("4GB") == 4 * 2**30
-    assert parse_memory("512m") == 512 * 2**20
-    with pytest.raises(EdgeforgeError, match="--max-memory"):
-        parse_memory("-1GB")
+def test_parse_size() -> None:
+    assert parse_size("4GB") == 4 * 2**30
+    assert parse_size("512m") == 512 * 2**20
+    with pytest.raises(EdgeforgeError, match="MAX_MEMORY"):
+        parse_size("-1GB")
 
 
 @pytest.mark.smollm2
 def test_sequential_equals_whole_model_smollm2(smollm2_dir: Path) -> None:
     windows = _windows(smollm2_dir, 2, 64)
     whole = profile_model(load_model(smollm2_dir), windows).results()
-    assert profile_sequential(smollm2_dir, windows).results() == whole
+    assert profile_sequential(StreamedModel(smollm2_dir), windows).results() == whole
+    whole, sequential = _transformed_profiles(
+        smollm2_dir, {"rotation": {"mode": "hadamard", "seed": 42}}, windows
+    )
+    assert whole == sequential
 
 
 def test_qnn_config_file_profiles_the_rotated_model(tmp_path: Path, tiny_qwen2_dir: Path) -> None:

@@ -1,7 +1,7 @@
 """Qwen1 (``qwen-7b``: its modeling code ships in the checkpoint) outside SOPHGO.
 
 Remote code runs only where a step supports it and the recipe allows it
-(``source.trust_remote_code``), never after a prompt: ``make profile SEQUENTIAL=1`` profiles
+(``source.trust_remote_code``), never after a prompt: ``make profile`` profiles
 Qwen1 layer by layer; every other step refuses it with one line naming the steps that do
 support it. The checkpoint is the tiny fixture the SOPHGO tests use (tests/conftest.py).
 """
@@ -19,6 +19,7 @@ from common.core.recipes import load_recipe
 from common.inputs.data import CALIB_CORPUS, sample_windows
 from common.models.loading import load_model, load_tokenizer
 from common.models.qwen import load_qwen_model
+from common.models.streaming import StreamedModel
 from common.steps.model_build import build_model
 from tests.conftest import (
     QWEN1_SUPPORTED,
@@ -60,16 +61,17 @@ def test_sequential_profile_of_qwen1_equals_whole_model(
     tokenizer = load_tokenizer(model_dir, trust_remote_code=True)
     windows = sample_windows([CALIB_CORPUS], tokenizer, 2, 40, seed=0)
     whole = profile_model(load_qwen_model(model_dir), windows).results()
-    sequential = profile_sequential(model_dir, windows, trust_remote_code=True).results()
-    assert whole == sequential
+    streamed = StreamedModel(model_dir, trust_remote_code=True)
+    assert whole == profile_sequential(streamed, windows).results()
     assert len(whole) == 2 * 5 + 1  # qkv, o, gate, up, down per layer and the LM head
     with pytest.raises(EdgeforgeError, match=r"Qwen1 runs the checkpoint's own modeling code"):
-        profile_sequential(model_dir, windows)
+        StreamedModel(model_dir)
 
 
-def test_make_profile_sequential_on_qwen1(tiny_qwen1_dir: Path, tmp_path: Path) -> None:
+def test_make_profile_on_qwen1(tiny_qwen1_dir: Path, tmp_path: Path) -> None:
+    """Qwen1 is profiled one layer at a time by default; the whole-model path refuses it."""
     result = run_python(
-        "-m", "common.steps.profile_cli", "profile", "--sequential", "1",
+        "-m", "common.steps.profile_cli", "profile",
         "--model", "qwen-7b", "--model-path", str(tiny_qwen1_dir), "--build-dir", str(tmp_path),
         "--num-samples", "2", "--seq-len", "32",
     )  # fmt: skip
@@ -90,7 +92,10 @@ def test_make_profile_sequential_on_qwen1(tiny_qwen1_dir: Path, tmp_path: Path) 
 #: Every step without Qwen1 support, how it is run, and how its error names it.
 REFUSING = {
     "eval": (("-m", "common.steps.cli", "eval"), "make eval"),
-    "profile": (("-m", "common.steps.profile_cli", "profile"), "make profile without SEQUENTIAL"),
+    "profile": (
+        ("-m", "common.steps.profile_cli", "profile", "--sequential", "0"),
+        "make profile with SEQUENTIAL=0",
+    ),
     "simulate": (("-m", "common.steps.profile_cli", "simulate"), "make simulate"),
     "cpu": (("targets/cpu-fp32-rotated/build.py",), "this step"),
     "axera": (("targets/axera-ax650/build.py",), "this step"),

@@ -37,28 +37,14 @@ def transformed_model(
     """A freshly loaded model with the plan's transforms applied (function unchanged), and
     the :class:`~common.quant.rotation.Rotation` used (None without rotation), to be saved."""
     from common.models.loading import load_model
-    from common.quant.online_hadamard import apply_online_hadamard
+    from common.quant.transforms import Transforms
 
     model = load_model(model_dir)
     adapter = get_adapter(model)
-    handles: list[RemovableHandle] = []
-    rotation = transforms.get("rotation")
-    rot = None
-    if rotation:
-        from common.quant.rotation import rotate_model, rotation_for
-
-        r_path = rotation.get("path")
-        rot = rotation_for(
-            adapter,
-            mode=rotation.get("mode", "hadamard"),
-            seed=int(rotation.get("seed", 0)),
-            r_path=Path(r_path) if r_path else None,
-        )
-        rotate_model(adapter, rot)
-    if transforms.get("online_hadamard"):
-        _, handles = apply_online_hadamard(adapter)
+    resolved = Transforms.of(adapter, transforms)
+    handles = resolved.whole(adapter)
     try:
-        yield model, rot
+        yield model, resolved.rotation
     finally:
         for handle in handles:
             handle.remove()

@@ -117,6 +117,9 @@ def resources_line(record: dict[str, Any]) -> str:
     """The one ``report.md`` line of a :meth:`Run.resources` record, as a paragraph of its
     own when appended to a document that ends in a newline."""
     line = f"**Resources:** peak RSS {gib(record['peak_rss_bytes'])}"
+    estimate = record.get("estimated_peak_bytes")
+    if estimate:
+        line += f" (estimated before the run: {gib(estimate['total'])})"
     if record["children_peak_rss_bytes"]:
         line += f" (largest child process: {gib(record['children_peak_rss_bytes'])})"
     phases = ", ".join(f"{p['name']} {p['seconds']:.1f} s" for p in record["phases"])

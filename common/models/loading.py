@@ -69,7 +69,7 @@ class RemoteCode:
 #: Adapter model types whose modeling code ships in the checkpoint (``trust_remote_code``).
 #: Only the steps named run it; every other one refuses such a checkpoint up front.
 REMOTE_CODE: dict[str, RemoteCode] = {
-    "qwen": RemoteCode("Qwen1", ("make sophgo", "make profile SEQUENTIAL=1")),
+    "qwen": RemoteCode("Qwen1", ("make sophgo", "make profile")),
 }
 
 

@@ -10,6 +10,7 @@ matrix of :mod:`common.quant.hadamard`, so it needs no seed (1536 = 12·128, 204
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -17,14 +18,18 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from common.models import ModelAdapter
+from common.models import DecoderLayer, ModelAdapter
 from common.quant.hadamard import hadamard_factorization, hadamard_matrix
 
 ROLE = "down"
 
 
+@functools.lru_cache(maxsize=4)
 def online_matrix(n: int) -> torch.Tensor:
-    """The orthogonal ``H / √n`` (float64) applied to a down_proj input of width ``n``."""
+    """The orthogonal ``H / √n`` (float64) applied to a down_proj input of width ``n``.
+
+    Built once per width and shared by every layer: callers must not modify it.
+    """
     return torch.from_numpy(hadamard_matrix(n).astype(np.float64)) / n**0.5
 
 
@@ -40,8 +45,24 @@ def describe(n: int) -> dict[str, Any]:
     }
 
 
+def online_hadamard_layer(layer: DecoderLayer) -> tuple[dict[str, Any], RemovableHandle]:
+    """Fold ``Q`` into ``layer``'s down_proj weight and transform its input at run time.
+
+    Returns the layer's plan entry (keyed by the linear's name) and the pre-hook's handle.
+    Needs only this layer, so a streamed model transforms each layer as it is read.
+    """
+    linear: nn.Linear = layer.linears[ROLE]
+    n = linear.in_features
+    q = online_matrix(n)
+    with torch.no_grad():
+        linear.weight.copy_((linear.weight.double() @ q).to(linear.weight.dtype))
+    q_run = q.to(linear.weight.dtype)
+    handle = linear.register_forward_pre_hook(lambda _m, args, q=q_run: (args[0] @ q,))
+    return {layer.linear_names[ROLE]: describe(n)}, handle
+
+
 def apply_online_hadamard(adapter: ModelAdapter) -> tuple[dict[str, Any], list[RemovableHandle]]:
-    """Fold ``Q`` into every down_proj weight and transform its input at run time.
+    """:func:`online_hadamard_layer` on every decoder layer of a whole model.
 
     Returns the per-linear plan entries and the hook handles (the model computes the same
     function as before, up to float32 rounding). The pre-hooks are registered first, so
@@ -49,16 +70,8 @@ def apply_online_hadamard(adapter: ModelAdapter) -> tuple[dict[str, Any], list[R
     """
     entries: dict[str, Any] = {}
     handles: list[RemovableHandle] = []
-    cache: dict[int, torch.Tensor] = {}
     for layer in adapter.layers():
-        linear: nn.Linear = layer.linears[ROLE]
-        n = linear.in_features
-        if n not in cache:
-            cache[n] = online_matrix(n)
-        q = cache[n]
-        with torch.no_grad():
-            linear.weight.copy_((linear.weight.double() @ q).to(linear.weight.dtype))
-        q_run = q.to(linear.weight.dtype)
-        handles.append(linear.register_forward_pre_hook(lambda _m, args, q=q_run: (args[0] @ q,)))
-        entries[layer.linear_names[ROLE]] = describe(n)
+        entry, handle = online_hadamard_layer(layer)
+        entries.update(entry)
+        handles.append(handle)
     return entries, handles

@@ -36,7 +36,7 @@ from torch import nn
 
 from common.core.errors import EdgeforgeError
 from common.core.records import atomic_path
-from common.models import ModelAdapter
+from common.models import DecoderLayer, ModelAdapter
 from common.quant.hadamard import random_rotation
 
 #: Largest ``max |R Rᵀ − I|`` accepted from a rotation file (float32-saved matrices pass).
@@ -327,24 +327,25 @@ def _read_side(
             _update(target[rows], rotate_input(block, r))
 
 
-def _embedding_and_head(adapter: ModelAdapter, r: torch.Tensor) -> bool:
-    """Rotate the embedding (``E · R``) and the LM head (``W · diag(γ) · R``, γ the final
-    norm, reset to 1); True when the head was tied and got its own weight.
+def rotate_embedding(adapter: ModelAdapter, r: torch.Tensor) -> None:
+    """``E · R``: the embedding writes the rotated stream (in place, row block by block)."""
+    _read_side(adapter.embed_tokens().weight, r)
 
-    A tied head is filled from the embedding's rows first, then the embedding is rotated
-    in place: the head never reads a row that was already rotated.
+
+def rotate_head(adapter: ModelAdapter, r: torch.Tensor, source: torch.Tensor | None = None) -> None:
+    """``W · diag(γ) · R`` into the LM head's weight, γ the final norm (reset to 1).
+
+    ``W`` is the head's own weight, or ``source`` (a tied head's embedding, read before
+    that is rotated) when the head was given storage of its own (:func:`_untie_head`).
     """
     final = adapter.final_norm()
     gamma = _norm_scale(final, "final norm")
-    embed = adapter.embed_tokens().weight
-    tied = adapter.tie_word_embeddings
-    if tied:
-        _read_side(embed, r, gamma, out=_untie_head(adapter))
+    head = adapter.lm_head().weight
+    if source is None:
+        _read_side(head, r, gamma)
     else:
-        _read_side(adapter.lm_head().weight, r, gamma)
-    _read_side(embed, r)
+        _read_side(source, r, gamma, out=head)
     _reset_norm(final)
-    return tied
 
 
 def _write_side(linear: nn.Linear, r: torch.Tensor, weight: torch.Tensor | None = None) -> None:
@@ -354,55 +355,93 @@ def _write_side(linear: nn.Linear, r: torch.Tensor, weight: torch.Tensor | None 
         _update(linear.bias, r.T @ _f64(linear.bias))
 
 
-def rotate_model(adapter: ModelAdapter, rotation: Rotation) -> dict[str, Any]:
-    """Fold every RMSNorm into its readers (norm weights become 1) and rotate, in place.
+def rotate_layer(adapter: ModelAdapter, layer: DecoderLayer, rotation: Rotation) -> None:
+    """Fold ``layer``'s two norms into their readers and rotate its linears, in place.
 
-    A tied LM head gets its own weight (the one extra vocab × hidden matrix, in the
-    model's dtype); beyond that, the float64 work needs one row block or one layer's
-    matrix at a time.
-
-    The vision tower of a VL model keeps its own basis; only the merger's last linear,
-    which writes image tokens into the language model's stream, is rotated by ``R``.
-    Returns what was done, for the report.
+    Needs only this layer's weights (and ``R``, ``R_v[layer]``), so a streamed model
+    rotates each layer as it is read; the bits are those of :func:`rotate_model`'s.
     """
-    check_rotation(rotation, adapter, "rotation")
     r = rotation.R
-    untied = _embedding_and_head(adapter, r)
-    for layer in adapter.layers():
-        lin = layer.linears
-        gamma_in = _norm_scale(layer.input_norm, f"{layer.name} input norm")
-        for role in ("q", "k", "v"):
-            _read_side(lin[role].weight, r, gamma_in)
-        _reset_norm(layer.input_norm)
-        # V per head by R_v (output rows of v_proj), undone on o_proj's input columns. The
-        # dense block diagonal is (heads · head_dim)² float64, about R's size, per layer. A
-        # head-wise product would save it but sums in another order: SmolLM2 with an
-        # orthogonal R_v gets 9.7 % of o_proj's float64 values changed (by <= 6.1e-16).
-        r_v = rotation.R_v[layer.index]
-        b_kv = block_diagonal(r_v, adapter.num_kv_heads)
-        b_q = block_diagonal(r_v, adapter.num_heads)
-        _update(lin["v"].weight, b_kv.T @ _f64(lin["v"].weight))
-        if lin["v"].bias is not None:
-            _update(lin["v"].bias, b_kv.T @ _f64(lin["v"].bias))
-        _write_side(lin["o"], r, weight=_f64(lin["o"].weight) @ b_q)
-        gamma_post = _norm_scale(layer.post_attention_norm, f"{layer.name} post-attention norm")
-        for role in ("gate", "up"):
-            _read_side(lin[role].weight, r, gamma_post)
-        _reset_norm(layer.post_attention_norm)
-        _write_side(lin["down"], r)
+    lin = layer.linears
+    gamma_in = _norm_scale(layer.input_norm, f"{layer.name} input norm")
+    for role in ("q", "k", "v"):
+        _read_side(lin[role].weight, r, gamma_in)
+    _reset_norm(layer.input_norm)
+    # V per head by R_v (output rows of v_proj), undone on o_proj's input columns. The
+    # dense block diagonal is (heads · head_dim)² float64, about R's size, per layer. A
+    # head-wise product would save it but sums in another order: SmolLM2 with an
+    # orthogonal R_v gets 9.7 % of o_proj's float64 values changed (by <= 6.1e-16).
+    r_v = rotation.R_v[layer.index]
+    b_kv = block_diagonal(r_v, adapter.num_kv_heads)
+    b_q = block_diagonal(r_v, adapter.num_heads)
+    _update(lin["v"].weight, b_kv.T @ _f64(lin["v"].weight))
+    if lin["v"].bias is not None:
+        _update(lin["v"].bias, b_kv.T @ _f64(lin["v"].bias))
+    _write_side(lin["o"], r, weight=_f64(lin["o"].weight) @ b_q)
+    gamma_post = _norm_scale(layer.post_attention_norm, f"{layer.name} post-attention norm")
+    for role in ("gate", "up"):
+        _read_side(lin[role].weight, r, gamma_post)
+    _reset_norm(layer.post_attention_norm)
+    _write_side(lin["down"], r)
+
+
+def rotate_merger(adapter: ModelAdapter, r: torch.Tensor) -> str | None:
+    """Rotate the VL merger's last linear, which writes image tokens into the stream;
+    its name, or None for a text model. The vision tower keeps its own basis."""
     merger = adapter.vision_merger()
-    merger_name = None
-    if merger is not None:
-        _write_side(merger.linears["merger_fc2"], r)
-        merger_name = merger.linear_names["merger_fc2"]
+    if merger is None:
+        return None
+    _write_side(merger.linears["merger_fc2"], r)
+    return merger.linear_names["merger_fc2"]
+
+
+def rotation_summary(adapter: ModelAdapter, *, untied: bool, merger: str | None) -> dict[str, Any]:
+    """What a rotation did, for the report."""
     return {
         "untied_embeddings": untied,
-        "rotated_merger_output": merger_name,
+        "rotated_merger_output": merger,
         "vision_tower_rotated": False,
         "hidden_size": adapter.hidden_size,
         "head_dim": adapter.head_dim,
         "num_layers": adapter.num_layers,
     }
+
+
+def rotate_model(adapter: ModelAdapter, rotation: Rotation) -> dict[str, Any]:
+    """Fold every RMSNorm into its readers (norm weights become 1) and rotate, in place.
+
+    A tied LM head gets its own weight (the one extra vocab × hidden matrix, in the
+    model's dtype), filled from the embedding's rows before those are rotated; beyond
+    that, the float64 work needs one row block or one layer's matrix at a time.
+    Returns what was done, for the report.
+    """
+    check_rotation(rotation, adapter, "rotation")
+    r = rotation.R
+    tied = adapter.tie_word_embeddings
+    if tied:
+        embed = adapter.embed_tokens().weight
+        _untie_head(adapter)
+        rotate_head(adapter, r, source=embed)
+    else:
+        rotate_head(adapter, r)
+    rotate_embedding(adapter, r)
+    for layer in adapter.layers():
+        rotate_layer(adapter, layer, rotation)
+    merger = rotate_merger(adapter, r)
+    return rotation_summary(adapter, untied=tied, merger=merger)
+
+
+def rotation_bytes(adapter: ModelAdapter) -> int:
+    """Peak float64 working set of rotating ``adapter``'s model on top of its weights:
+    ``R`` and the ``R_v`` matrices, two row blocks of a stream-reading matrix, a layer's
+    two dense block diagonals, and the input and product of the widest stream-writing
+    linear (down_proj). For the memory preflight."""
+    d, heads_dim = adapter.hidden_size, adapter.num_heads * adapter.head_dim
+    widest = max(adapter.intermediate_size, heads_dim)
+    return (
+        8 * (d * d + adapter.num_layers * adapter.head_dim**2 + 2 * heads_dim**2 + 2 * d * widest)
+        + 2 * ROW_BLOCK_BYTES
+    )
 
 
 def rotation_for(

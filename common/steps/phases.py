@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from common.core.memory import Estimate, MemoryCap, preflight
 from common.core.resources import ChildPeak, gib, peak_rss_bytes
 
 
@@ -46,6 +47,8 @@ class Run:
         self._children = ChildPeak()
         self._current: str | None = None
         self._started = time.monotonic()
+        #: The preflight's estimate of the peak (:meth:`preflight`), kept for the report.
+        self.estimate: Estimate | None = None
 
     def phase(self, name: str) -> None:
         """End the phase at work (if any) and start ``name``, the next declared one or a
@@ -66,6 +69,13 @@ class Run:
             where += f" [{self.phases.index(self._current) + 1}/{len(self.phases)} {self._current}]"
         print(f"{where} {message}", file=sys.stderr, flush=True)
 
+    def preflight(self, estimate: Estimate, cap: MemoryCap | None, lower: str) -> None:
+        """Check ``estimate`` against ``cap`` before the heavy work (one ``error:`` line,
+        naming ``lower``, when it does not fit) and keep it for :meth:`resources`."""
+        preflight(estimate, cap, lower)
+        self.estimate = estimate
+        self.log(f"memory: estimated peak {estimate.describe()}")
+
     def finish(self) -> dict[str, float]:
         """End the last phase; the seconds of every phase that ran."""
         self._close()
@@ -81,9 +91,11 @@ class Run:
         largest child's (sampled: see :class:`ChildPeak`; ``None`` where it cannot be
         measured). ``phases`` lists each phase's ``name``, ``seconds`` and ``peak_rss_bytes``
         (the process's peak when it ended, so the phase where it jumps is the one that needed
-        the memory); a list, because report.json's keys are sorted. A report is
-        written inside its last phase (``package``): that phase, named by
-        ``recorded_during``, is counted up to this call; ``None`` after :meth:`finish`.
+        the memory); a list, because report.json's keys are sorted.
+        ``estimated_peak_bytes`` is the preflight's estimate by part (None without one),
+        to compare with the measured peak. A report is written inside its last phase
+        (``package``): that phase, named by ``recorded_during``, is counted up to this
+        call; ``None`` after :meth:`finish`.
         """
         peak = peak_rss_bytes()
         phases = [
@@ -98,6 +110,7 @@ class Run:
             "children_peak_rss_bytes": self._children.sample(),
             "phases": phases,
             "recorded_during": self._current,
+            "estimated_peak_bytes": None if self.estimate is None else self.estimate.to_json(),
         }
 
     def _close(self) -> None:

@@ -39,8 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="step", required=True)
     prof = sub.add_parser("profile", help="streaming activation statistics of every linear")
     _add_common(prof)
-    prof.add_argument("--sequential", type=_bool, default=False, help="one layer at a time")
-    prof.add_argument("--max-memory", default=None, help="cap, e.g. 4GB (checked up front)")
+    prof.add_argument(
+        "--sequential",
+        type=_bool,
+        default=None,
+        help="1: one layer at a time, 0: whole model (default: layers where the model allows)",
+    )
+    prof.add_argument(
+        "--max-memory",
+        default=None,
+        help="memory cap checked up front, e.g. 8GB (default: what the machine has available)",
+    )
     prof.add_argument("--rotate", default=None, help="random_rotate: hadamard or orthogonal")
     prof.add_argument("--r-path", default=None, help="R_path: rotation file to apply first")
     prof.add_argument("--online-down", type=_bool, default=False, help="online Hadamard")
@@ -137,13 +146,13 @@ def main() -> int:
             write_bytes_atomic(request.save_rotation, rotation)
         return 0
     if args.step == "profile":
-        from common.analysis.profiling import parse_memory
+        from common.core.memory import parse_size
 
         settings = ProfileSettings(
             **common,
             num_samples=128 if args.num_samples is None else args.num_samples,
             sequential=args.sequential,
-            max_memory=parse_memory(args.max_memory) if args.max_memory else None,
+            max_memory=parse_size(args.max_memory) if args.max_memory else None,
             rotate=args.rotate,
             r_path=args.r_path,
             online_down=args.online_down,

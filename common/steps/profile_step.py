@@ -10,15 +10,17 @@ seed's ``online_rotation`` flow does), ``report.json``/``report.md`` with plots,
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from common.core.errors import EdgeforgeError
+from common.core.memory import Estimate, MemoryCap
 from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_json_atomic
+from common.core.resources import gib
 from common.steps.phases import Run
 
 DEFAULT_NUM_SAMPLES = 128
@@ -53,8 +55,8 @@ class ProfileSettings:
     seq_len: int = DEFAULT_SEQ_LEN
     seed: int = DEFAULT_SEED
     no_bias: bool = True
-    sequential: bool = False
-    max_memory: int | None = None
+    sequential: bool | None = None  # None: one layer at a time where the model allows
+    max_memory: int | None = None  # bytes; None: what the machine has available
     rotate: str | None = None  # None, or a rotation mode (random_rotate)
     r_path: str | None = None  # R_path: a rotation file to apply
     online_down: bool = False
@@ -75,11 +77,6 @@ class ProfileSettings:
             raise EdgeforgeError(
                 "--sequential profiles text models; --images needs the whole vision-language "
                 "model — drop one of them"
-            )
-        if self.sequential and (self.rotate or self.r_path or self.online_down):
-            raise EdgeforgeError(
-                "--sequential profiles the checkpoint as stored; rotation and online Hadamard "
-                "need the whole model — drop --sequential or the rotation options"
             )
 
     @property
@@ -155,37 +152,88 @@ def vision_calibration(model_dir: Path, settings: ProfileSettings) -> list[dict[
     ]  # fmt: skip
 
 
+@dataclass
+class ProfilePlan:
+    """How a profile will run: one layer at a time (``streamed``) or whole, and its
+    estimated peak, checked against the memory cap before any model is loaded."""
+
+    streamed: Any  # StreamedModel, or None for a whole-model run
+    estimate: Estimate
+    lower: str
+
+
+def _window_bytes(adapter: Any, settings: ProfileSettings) -> int:
+    """Hidden states of every calibration window, float32 (sequential mode holds two)."""
+    return settings.num_samples * settings.seq_len * adapter.hidden_size * 4
+
+
+def plan_profile(
+    model_dir: Path, settings: ProfileSettings, *, trust_remote_code: bool = False
+) -> ProfilePlan:
+    """Choose the mode and estimate its peak. Text models run one layer at a time unless
+    ``SEQUENTIAL=0`` (their statistics are identical either way); vision-language models,
+    image calibration and layers that are not plain causal attention run whole."""
+    from common.models.streaming import StreamedModel
+    from common.quant.rotation import rotation_bytes
+
+    streamed = StreamedModel(model_dir, trust_remote_code=trust_remote_code)
+    adapter = streamed.adapter
+    rotation = rotation_bytes(adapter) if settings.transforms.get("rotation") else 0
+    layered = Estimate(
+        "make profile (one layer at a time)",
+        {
+            "largest part (float32)": streamed.largest_part_bytes(),
+            "hidden states": 2 * _window_bytes(adapter, settings),
+            "rotation (float64)": rotation,
+        },
+    )
+    fits_layers = not (
+        adapter.is_vision_language or settings.images or adapter.attention_departures()
+    )
+    sequential = fits_layers if settings.sequential is None else settings.sequential
+    if sequential:
+        return ProfilePlan(
+            streamed, layered, f"lower NUM_SAMPLES (now {settings.num_samples}) or SEQ_LEN"
+        )
+    untie = settings.transforms.get("rotation") and adapter.tie_word_embeddings
+    whole = Estimate(
+        "make profile (whole model)",
+        {
+            "float32 model": streamed.weights.nbytes(""),
+            "untied LM head": streamed.part_bytes(adapter.name_of("embed_tokens")) if untie else 0,
+            "rotation (float64)": rotation,
+            "one window's logits": settings.seq_len * adapter.vocab_size * 4,
+        },
+    )
+    lower = (
+        f"SEQUENTIAL=1 (one layer at a time) needs about {gib(layered.total)}"
+        if fits_layers
+        else "this model is profiled whole (vision-language, image calibration or "
+        "non-causal layers); use a machine with more memory"
+    )
+    return ProfilePlan(None, whole, lower)
+
+
 def collect(
-    model_dir: Path,
-    settings: ProfileSettings,
-    windows: torch.Tensor,
-    *,
-    trust_remote_code: bool = False,
+    model_dir: Path, plan: ProfilePlan, settings: ProfileSettings, windows: torch.Tensor
 ) -> Any:
-    """Run the profiler in the requested mode; returns (profiler, rotation or None).
-    ``trust_remote_code`` (the recipe's) is for sequential mode, the one that runs a
-    model's own code."""
+    """Run the profiler as ``plan`` says; returns (profiler, rotation or None)."""
     from common.analysis.profiling import profile_model, profile_sequential
 
-    if settings.sequential:
-        return profile_sequential(
-            model_dir,
-            windows,
-            no_bias=settings.no_bias,
-            max_memory=settings.max_memory,
-            exact=settings.exact_percentiles,
-            trust_remote_code=trust_remote_code,
-        ), None
-    from common.analysis.simulate import transformed_model
-    from common.models.loading import check_model_dir
+    if plan.streamed is not None:
+        from common.quant.transforms import Transforms
 
-    if settings.max_memory is not None:
-        size = sum(f.stat().st_size for f in check_model_dir(model_dir).weight_files)
-        if size > settings.max_memory:
-            raise EdgeforgeError(
-                f"--max-memory: the model's weights alone are {size / 2**30:.2f} GiB, over the "
-                f"cap of {settings.max_memory / 2**30:.2f} GiB; add --sequential"
-            )
+        transforms = Transforms.of(plan.streamed.adapter, settings.transforms)
+        profiler = profile_sequential(
+            plan.streamed,
+            windows,
+            transforms=transforms,
+            no_bias=settings.no_bias,
+            exact=settings.exact_percentiles,
+        )
+        return profiler, transforms.rotation
+    from common.analysis.simulate import transformed_model
+
     vision_inputs = vision_calibration(model_dir, settings)
     with transformed_model(model_dir, settings.transforms) as (model, rotation):
         profiler = profile_model(
@@ -204,9 +252,8 @@ def run_profile(
     """Profile ``model_dir`` and write ``build/<MODEL>/<settings.dir_name>/``; returns the
     directory.
 
-    A model that runs its own code (Qwen1) is profiled one layer at a time only
-    (``--sequential``): the whole-model path loads through transformers' Auto classes,
-    rotation included, which do not run it.
+    A model that runs its own code (Qwen1) is profiled one layer at a time only: the
+    whole-model path loads through transformers' Auto classes, which do not run it.
     """
     from safetensors.torch import save_file
 
@@ -215,14 +262,17 @@ def run_profile(
     from common.models.loading import refuse_remote_code
 
     settings.check()
-    if not settings.sequential:
-        refuse_remote_code(model_dir, "make profile without SEQUENTIAL=1")
     trust = recipe.trust_remote_code
     run = Run("profile", ("calibrate", "profile", "package"))
     run.phase("calibrate")
+    plan = plan_profile(model_dir, settings, trust_remote_code=trust)
+    if plan.streamed is None:
+        refuse_remote_code(model_dir, "make profile with SEQUENTIAL=0")
+    settings = replace(settings, sequential=plan.streamed is not None)
+    run.preflight(plan.estimate, MemoryCap.resolve(settings.max_memory), plan.lower)
     windows = calibration_windows(model_dir, settings, trust_remote_code=trust)
     run.phase("profile")
-    profiler, rotation = collect(model_dir, settings, windows, trust_remote_code=trust)
+    profiler, rotation = collect(model_dir, plan, settings, windows)
     stats = profiler.results()
     meta = {
         "model": recipe.name,

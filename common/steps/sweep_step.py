@@ -2,7 +2,7 @@
 
 ``make simulate`` profiles three transformed models and scores a dozen variants; choosing
 T and the shadow layers again (another T list, another held-out set, a profile made with
-more calibration or by ``make profile SEQUENTIAL=1`` on a bigger machine) needs only the
+more calibration or by ``make profile`` on a bigger machine) needs only the
 profile. The profile names the transforms it was made under (rotation, online Hadamard),
 so every candidate plan is simulated on the model transformed the same way. Writes
 ``build/<MODEL>/sweep/``: ``report.json``/``report.md`` (per T: shadow tensors, layers,

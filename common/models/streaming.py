@@ -1,0 +1,274 @@
+"""A model that is never whole in memory: the module tree on meta, each part read when it works.
+
+A 7B checkpoint is 14 GiB in bf16 and 29 GiB in float32, so no step may load it whole on a
+16 GiB machine. :class:`StreamedModel` builds the model's module tree with every parameter
+on the ``meta`` device (no storage) and buffers real, as the model's own constructor
+computes them (rotary tables, Qwen1's logn table and causal mask: not in the checkpoint).
+A step then materializes one part (the embedding, one decoder layer, the final norm and
+LM head) in float32 from the safetensors shards, runs or transforms it, and releases it
+back to meta before the next. Peak memory is one part plus the step's own activations.
+
+The weights are read with plain file reads, not memory-mapped: pages of a mapping stay
+resident (and count in RSS) for as long as the file is open, which would grow to the whole
+checkpoint; a read copies just one tensor, freed when its module is released. A float32
+tensor is read straight into its parameter's memory (no second copy of the largest
+tensors); a bf16/f16 one is converted from a buffer of its stored size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import math
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.core.errors import EdgeforgeError
+from common.models import ModelAdapter, QwenAdapter, get_adapter
+
+#: safetensors dtype names → torch dtypes this reader accepts.
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+class LazyWeights:
+    """Tensors of a safetensors checkpoint, read one at a time (see the module docstring)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from common.models.loading import check_model_dir
+
+        checked = check_model_dir(model_dir)
+        if any(f.suffix != ".safetensors" for f in checked.weight_files):
+            raise EdgeforgeError(
+                f"{model_dir}: layer-by-layer steps read safetensors lazily; this checkpoint "
+                "is a pytorch .bin — convert it to safetensors (e.g. save_pretrained with "
+                "safe_serialization) first"
+            )
+        self.model_dir = Path(model_dir)
+        self.where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        for file in checked.weight_files:  # headers were checked by check_model_dir
+            with file.open("rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+            header.pop("__metadata__", None)
+            for key, entry in header.items():
+                self.where[key] = (file, 8 + length, entry)
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Fill the float32 ``out`` from ``key``: straight into its memory when the stored
+        tensor is float32 too (no second copy of the largest tensors)."""
+        file, data_start, entry = self.where.get(key, (None, 0, {}))
+        if file is None or entry["dtype"] != "F32" or list(out.shape) != entry["shape"]:
+            out.copy_(self.tensor(key))  # names the missing key / converts / shape-checks
+            return
+        begin, end = entry["data_offsets"]
+        with file.open("rb") as fh:
+            fh.seek(data_start + begin)
+            got = fh.readinto(memoryview(out.numpy()).cast("B"))
+        if got != end - begin:
+            raise EdgeforgeError(f"{file}: tensor {key!r} is truncated; copy the checkpoint again")
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """``key`` as a float32 tensor (one stored-size buffer while converting)."""
+        if key not in self.where:
+            raise EdgeforgeError(f"{self.model_dir}: the checkpoint lacks tensor {key!r}")
+        file, data_start, entry = self.where[key]
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise EdgeforgeError(
+                f"{file}: tensor {key!r} is {entry['dtype']}; layer-by-layer steps read float "
+                "checkpoints (F32/F16/BF16/F64)"
+            )
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with file.open("rb") as fh:
+            fh.seek(data_start + begin)
+            fh.readinto(buffer)
+        flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        return flat.reshape(entry["shape"]).float()
+
+    def nbytes(self, prefix: str) -> int:
+        """float32 bytes of every tensor under ``prefix`` (what materializing it costs)."""
+        return sum(
+            4 * math.prod(int(d) for d in entry["shape"])
+            for key, (_, _, entry) in self.where.items()
+            if key.startswith(prefix)
+        )
+
+
+def release(module: nn.Module) -> None:
+    """Send ``module``'s parameters back to meta and return their memory to the OS."""
+    module.to("meta")
+    _return_freed_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the released part's buffers back to the OS.
+
+    glibc serves allocations below its mmap threshold from the heap, and raises that
+    threshold (up to 32 MiB) each time a large mapped buffer is freed; weight matrices
+    of a few MiB then land in the heap, where freed ones stay resident and, fragmented by
+    the small allocations made while a layer runs, are not reused: measured +65 MiB of RSS
+    per released layer of a 2.5 GB model. ``malloc_trim`` returns those pages at once.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class StreamedModel:
+    """A checkpoint's model with parameters on meta, materialized part by part.
+
+    ``trust_remote_code`` (the recipe's) lets a model that runs its own code (Qwen1) build
+    its module tree from that code; without it such a checkpoint is refused, naming the
+    recipe key. Parts are named by their parameter prefix in the checkpoint
+    (``adapter.name_of("embed_tokens")``, ``layer.name``); a tied LM head reads the
+    embedding's tensor.
+    """
+
+    def __init__(self, model_dir: Path, *, trust_remote_code: bool = False) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+        from common.models.loading import check_model_dir
+
+        self.path = Path(model_dir)
+        self.weights = LazyWeights(model_dir)
+        checked = check_model_dir(model_dir)
+        self.remote = checked.remote_code
+        if self.remote is not None and not trust_remote_code:
+            raise EdgeforgeError(
+                f"{model_dir}: {self.remote.family} runs the checkpoint's own modeling code; "
+                "use a recipe that sets source.trust_remote_code (e.g. MODEL=qwen-7b)"
+            )
+        config = AutoConfig.from_pretrained(
+            model_dir, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        if self.remote is None:  # remote code brings its own attention
+            config._attn_implementation = "sdpa"
+        # Parameters on meta; buffers real, as the model's own constructor computes them.
+        auto = AutoModelForImageTextToText if checked.is_vision_language else AutoModelForCausalLM
+        with init_empty_weights(include_buffers=False):
+            self.model = auto.from_config(
+                config, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+        self.model.eval()
+        self.adapter: ModelAdapter = get_adapter(self.model)
+        head_key = f"{self.adapter.lm_head_path}.weight"
+        embed_key = f"{self.adapter.name_of('embed_tokens')}.weight"
+        # A tied LM head is stored once, as the embedding.
+        self.alias = {} if head_key in self.weights.where else {head_key: embed_key}
+
+    def load(self, module: nn.Module, prefix: str) -> nn.Module:
+        """Allocate ``module`` on the CPU and fill it from the checkpoint (float32).
+
+        Buffers the model's constructor computed are kept, not left as uninitialised memory.
+        """
+        computed = {name: b for name, b in module.named_buffers() if not b.is_meta}
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, buffer in computed.items():
+                module.get_buffer(name).copy_(buffer)
+            for name, param in module.named_parameters():
+                key = f"{prefix}.{name}" if prefix else name
+                self.weights.read_into(self.alias.get(key, key), param.data)
+        return module
+
+    @contextmanager
+    def loaded(self, module: nn.Module, prefix: str) -> Iterator[nn.Module]:
+        """``module`` materialized for the block, released after it (also on error)."""
+        try:
+            yield self.load(module, prefix)
+        finally:
+            release(module)
+
+    def part_bytes(self, prefix: str) -> int:
+        """float32 bytes of the checkpoint's tensors under ``prefix``."""
+        return self.weights.nbytes(prefix + ".")
+
+    def largest_part_bytes(self) -> int:
+        """float32 bytes of the largest part a step holds: a decoder layer, or the
+        embedding and LM head together at the ends (the head read while the norm runs)."""
+        adapter = self.adapter
+        layers = max(self.part_bytes(layer.name) for layer in adapter.layers())
+        ends = self.part_bytes(adapter.name_of("embed_tokens")) * (
+            1 if adapter.tie_word_embeddings else 2
+        )
+        return max(layers, ends)
+
+    def layer_kwargs(self, hidden: torch.Tensor) -> dict[str, Any]:
+        """What the model's own decoder stack hands every layer for whole windows of
+        ``hidden``'s length, without a cache (causal mask, rotary tables)."""
+        if isinstance(self.adapter, QwenAdapter):
+            return _qwen1_layer_kwargs(self.adapter, hidden.shape[1])
+        return _transformers_layer_kwargs(self.adapter, hidden)
+
+    def check_full_causal(self, option: str) -> None:
+        """Refuse layers that are not plain causal attention over the whole window (the
+        one mask :meth:`layer_kwargs` builds); ``option`` is what the user drops."""
+        departures = self.adapter.attention_departures()
+        if departures:
+            raise EdgeforgeError(
+                f"{self.path / 'config.json'}: {'; '.join(departures)}; layer-by-layer runs "
+                f"build one full causal mask for every layer — {option}"
+            )
+
+
+def _transformers_layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> dict[str, Any]:
+    """What a transformers decoder stack hands each layer for whole windows without a
+    cache: its rotary embedding and the causal mask, built as the stack builds them."""
+    from transformers.masking_utils import create_causal_mask
+
+    rotary = adapter.rotary_embedding()  # real: only parameters were built on meta
+    position_ids = torch.arange(hidden.shape[1])[None]
+    return {
+        "attention_mask": create_causal_mask(
+            config=adapter.text_config,
+            inputs_embeds=hidden[:1],
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        ),
+        "position_embeddings": rotary(hidden[:1], position_ids=position_ids),
+        "position_ids": position_ids,
+        "past_key_values": None,
+        "use_cache": False,
+    }
+
+
+def _qwen1_layer_kwargs(adapter: ModelAdapter, seq_len: int) -> dict[str, Any]:
+    """What Qwen1's ``QWenModel.forward`` hands each block for whole windows without a
+    cache, computed by the checkpoint's own code: rotary tables at its dynamic-NTK alpha,
+    and (revisions that have one) its registered causal mask."""
+    stack = adapter.language_model()
+    ntk_alpha = stack.get_ntk_alpha(seq_len) if stack.use_dynamic_ntk else 1.0
+    kwargs: dict[str, Any] = {
+        "rotary_pos_emb_list": [stack.rotary_emb(seq_len, ntk_alpha=ntk_alpha)],
+        "layer_past": None,
+        "attention_mask": None,
+        "head_mask": None,
+        "use_cache": False,
+    }
+    if hasattr(stack, "registered_causal_mask"):
+        kwargs["registered_causal_mask"] = stack.registered_causal_mask
+    return kwargs

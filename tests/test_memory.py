@@ -1,0 +1,66 @@
+"""Memory preflight (common/core/memory.py): caps, estimates and the one-line error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.core.errors import EdgeforgeError
+from common.core.memory import (
+    GIB,
+    RUNTIME_BYTES,
+    Estimate,
+    MemoryCap,
+    available_bytes,
+    parse_size,
+    preflight,
+)
+
+
+def test_parse_size_units() -> None:
+    assert parse_size("16GB") == 16 * GIB
+    assert parse_size("1.5g") == int(1.5 * GIB)
+    assert parse_size("2048") == 2048
+    for bad in ("", "0", "lots", "-1GB", "4PB"):
+        with pytest.raises(EdgeforgeError, match=r"^MAX_MEMORY: expected a size"):
+            parse_size(bad)
+
+
+def test_available_is_the_smaller_of_machine_and_cgroup(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  24000000 kB\nMemAvailable:  8000000 kB\n")
+    cgroup = tmp_path / "cg"
+    cgroup.mkdir()
+    assert available_bytes(meminfo, cgroup) == 8_000_000 * 1024  # no cgroup files: machine
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("100\n")
+    assert available_bytes(meminfo, cgroup) == 8_000_000 * 1024  # unlimited cgroup
+    (cgroup / "memory.max").write_text(f"{3 * GIB}\n")
+    (cgroup / "memory.current").write_text(f"{GIB}\n")
+    assert available_bytes(meminfo, cgroup) == 2 * GIB
+    assert available_bytes(tmp_path / "none", tmp_path / "none") is None
+
+
+def test_preflight_names_estimate_cap_and_remedy() -> None:
+    estimate = Estimate("make profile (whole model)", {"float32 model": 7 * GIB, "rotation": 0})
+    assert estimate.total == 7 * GIB + RUNTIME_BYTES
+    assert estimate.to_json()["float32 model"] == 7 * GIB
+    preflight(estimate, None, "unused")  # no cap readable: nothing to check
+    preflight(estimate, MemoryCap(8 * GIB, "MAX_MEMORY=8.00 GiB"), "unused")
+    with pytest.raises(EdgeforgeError) as info:
+        preflight(estimate, MemoryCap.resolve("6GB"), "SEQUENTIAL=1 needs about 2.00 GiB")
+    message = str(info.value)
+    assert message == (
+        "make profile (whole model) needs about 7.75 GiB (float32 model 7.00 GiB, runtime "
+        "0.75 GiB), over MAX_MEMORY=6.00 GiB; SEQUENTIAL=1 needs about 2.00 GiB"
+    )
+    assert "\n" not in message
+
+
+def test_default_cap_is_what_is_available() -> None:
+    cap = MemoryCap.resolve(None)
+    now = available_bytes()
+    assert cap is not None and now is not None
+    assert abs(cap.bytes - now) < GIB  # read a moment apart, while other work runs
+    assert "this machine has available (MAX_MEMORY)" in cap.source
