@@ -4,6 +4,7 @@ the profile's scales and our int8 weights must be what the QDQ graph holds."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,13 @@ from onnx import numpy_helper
 
 from common.backends import qdq
 from common.core.errors import EdgeforgeError
+from common.export import onnx_files
 from common.export import piece_export as pe
 from common.models import get_adapter, iter_linears
 from common.models.loading import load_model
 from common.quant.int8 import quantize, quantize_weight, symmetric_scale
 from common.quant.schemes import SCHEMES, QuantScheme, Weights, float_activation_plan, int_bits
+from tests.test_onnx_files import SMALL, assert_one_data_file, names
 
 SEQ = 8
 
@@ -407,3 +410,45 @@ def test_schemes_without_htp_types_are_refused() -> None:
         qdq.check_htp(QuantScheme("h", w8a16.weights, "int16", lm_head="float32"))
     with pytest.raises(EdgeforgeError, match="precision preset 'w4bf16' is unknown"):
         qdq.preset_by_name("w4bf16")
+
+
+def test_large_pieces_keep_their_data_file(
+    layer: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``EXTERNAL_DATA_BYTES`` (lowered to a few KiB: the path of Qwen-7B's 2.32 GiB
+    lm_head) a float piece with external data gives a static and a QDQ model that are each
+    a ``.onnx`` and its ``.onnx.data``, nothing else, and compute exactly what the
+    single-file ones compute; under the real threshold both are single files."""
+    feeds = layer["feeds"][4]
+
+    def build(float_model: Path, out: Path) -> tuple[Path, Path]:
+        static = qdq.static_float_model(float_model, out / "block_0.static.onnx")
+        qdq.quantize_piece(
+            static,
+            out / "block_0.onnx",
+            plan=_plan(layer, "w8a16"),
+            weights=layer["weights"],
+            calibration=layer["feeds"][:4],
+        )
+        return static, out / "block_0.onnx"
+
+    single = build(layer["dir"] / "block_0.onnx", tmp_path / "single")
+    assert names(tmp_path / "single") == {"block_0.static.onnx", "block_0.onnx"}
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_BYTES", SMALL)
+    float_model = tmp_path / "float" / "block_0.onnx"
+    with onnx_files.onnx_destination(float_model) as written:
+        shutil.copy(layer["dir"] / "block_0.onnx", written)
+    split = build(float_model, tmp_path / "split")
+    assert names(float_model.parent) == {"block_0.onnx", "block_0.onnx.data"}
+    assert names(tmp_path / "split") == {
+        "block_0.static.onnx",
+        "block_0.static.onnx.data",
+        "block_0.onnx",
+        "block_0.onnx.data",
+    }
+    for one, two in zip(single, split, strict=True):
+        assert_one_data_file(two)
+        got = ort.InferenceSession(str(two), providers=["CPUExecutionProvider"]).run(None, feeds)
+        want = ort.InferenceSession(str(one), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from common.core.errors import EdgeforgeError
+from common.export.onnx_files import INLINE_TENSOR_BYTES, data_file, onnx_destination
 from common.quant.int8 import qmax, quantize_weight, symmetric_scale
 from common.quant.schemes import (
     PLAN_FORMAT,
@@ -132,17 +133,20 @@ class LinearSite:
     weight: str
 
 
-def linear_sites(model: Any, weights: Mapping[str, torch.Tensor]) -> dict[str, LinearSite]:
+def linear_sites(
+    model: Any, weights: Mapping[str, torch.Tensor], base_dir: Path | None = None
+) -> dict[str, LinearSite]:
     """Locate each linear by its weight: the exporter folds ``W`` into a ``[in, out]``
     initializer ``W^T`` feeding a MatMul, and scope names do not survive method calls, so
-    the bytes are the only reliable key."""
+    the bytes are the only reliable key. ``base_dir`` is the model file's folder, where a
+    model loaded without its external data reads it."""
     from onnx import numpy_helper
 
     candidates: dict[tuple[int, ...], list[tuple[Any, np.ndarray]]] = {}
     inits = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits:
-            array = numpy_helper.to_array(inits[node.input[1]])
+            array = numpy_helper.to_array(inits[node.input[1]], str(base_dir or ""))
             candidates.setdefault(array.shape, []).append((node, array))
     sites: dict[str, LinearSite] = {}
     for name, weight in weights.items():
@@ -648,7 +652,10 @@ def replace_weights(
     model: Any, sites: Mapping[str, LinearSite], levels: WeightLevels, bits: Mapping[str, int]
 ) -> None:
     """Put each linear's integer levels (transposed to ``[in, out]``, axis 1; ONNX ``INT4``
-    where its ``bits`` are 4) and per-channel scales into its weight DequantizeLinear."""
+    where its ``bits`` are 4) and per-channel scales into its weight DequantizeLinear.
+
+    Only the shapes of the quantizer's weights are read, so ``model`` may be loaded
+    without its external data; the new tensors are held in memory."""
     import ml_dtypes
     from onnx import numpy_helper
 
@@ -661,7 +668,7 @@ def replace_weights(
             raise EdgeforgeError(f"{name}: quantizer left no weight DequantizeLinear")
         q = levels[name][0].T.contiguous().numpy().astype(np.int8)
         scale = levels[name][1].reshape(-1).numpy().astype(np.float32)
-        if numpy_helper.to_array(inits[dq.input[0]]).shape != q.shape:
+        if tuple(inits[dq.input[0]].dims) != q.shape:
             raise EdgeforgeError(f"{name}: weight shape differs from the exported graph")
         dtype = ml_dtypes.int4 if bits[name] == 4 else np.int8
         inits[dq.input[0]].CopyFrom(numpy_helper.from_array(q.astype(dtype), dq.input[0]))
@@ -675,17 +682,25 @@ def replace_weights(
 QDQ_OPSET = 23
 
 
-def _const_value(model: Any, tensor: str) -> np.ndarray | None:
-    """The value of ``tensor`` if it is an initializer or a ``Constant`` output."""
-    from onnx import numpy_helper
-
+def _const_tensor(model: Any, tensor: str) -> Any:
+    """The TensorProto of ``tensor`` if it is an initializer or a ``Constant`` output."""
     for init in model.graph.initializer:
         if init.name == tensor:
-            return numpy_helper.to_array(init)
+            return init
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output[0] == tensor:
-            return numpy_helper.to_array(node.attribute[0].t)
+            return node.attribute[0].t
     return None
+
+
+def _const_value(model: Any, tensor: str) -> np.ndarray | None:
+    """The value of ``tensor`` if it is an initializer or a ``Constant`` output. For
+    scalars (an exponent, an epsilon), which stay in the proto when the weights are
+    external data: this reads no data file."""
+    from onnx import numpy_helper
+
+    found = _const_tensor(model, tensor)
+    return None if found is None else numpy_helper.to_array(found)
 
 
 def _rms_norm_match(model: Any, pow_node: Any, consumers: Mapping[str, list[Any]]) -> Any:
@@ -711,10 +726,10 @@ def _rms_norm_match(model: Any, pow_node: Any, consumers: Mapping[str, list[Any]
     keep = [a.i for a in mean.attribute if a.name == "keepdims"]
     eps = _const_value(model, add.input[1])
     weight_name = scale.input[0] if scale.input[1] == div.output[0] else scale.input[1]
-    weight = _const_value(model, weight_name)
+    weight = _const_tensor(model, weight_name)  # its shape only: it may be external data
     if list(axes[0] if axes else []) != [-1] or keep not in ([], [1]) or eps is None:
         return None
-    if weight is None or weight.ndim != 1:
+    if weight is None or len(weight.dims) != 1:
         return None
     return x, weight_name, float(eps), [pow_node, mean, add, sqrt, div, scale]
 
@@ -774,28 +789,62 @@ def static_float_model(float_model: Path, dest: Path) -> Path:
     """Fold the exporter's leftovers HTP rejects — ``Shape`` → ``Reshape`` chains on
     static shapes, float→float ``Cast`` — with onnxruntime's basic graph optimizations
     (constant folding, redundant-node elimination), and fuse each decomposed RMSNorm into
-    one ``RMSNormalization`` (:func:`fuse_rms_norms`); the function is unchanged."""
+    one ``RMSNormalization`` (:func:`fuse_rms_norms`); the function is unchanged.
+
+    Written through :func:`onnx_destination`. A large piece (one whose weights are in
+    :func:`data_file` ``(float_model)``, e.g. Qwen-7B's lm_head) keeps them out of the
+    proto, which protobuf cannot serialize past 2 GiB: onnxruntime writes the optimized
+    tensors to an external file, and the fusion edits and checks the graph without
+    loading them. A small one is written exactly as before, one file.
+    """
     import onnx
     import onnxruntime as ort
 
-    from common.core.records import atomic_path
-
-    with atomic_path(dest) as tmp:
+    with onnx_destination(dest) as written:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(tmp)
+        so.optimized_model_filepath = str(written)
         so.intra_op_num_threads = 1
+        if data_file(float_model).is_file():  # a large piece, and so its optimized model
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", data_file(written).name
+            )
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes",
+                str(INLINE_TENSOR_BYTES),
+            )
         ort.InferenceSession(  # MatMul+Add→Gemm would hide each linear's pre-bias output
             str(float_model),
             so,
             providers=["CPUExecutionProvider"],
             disabled_optimizers=["MatMulAddFusion"],
         )
-        model = onnx.load(str(tmp))
+        model = onnx.load(str(written), load_external_data=False)
         fuse_rms_norms(model)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(tmp))
+        _save_edited(model, written)
+        onnx.checker.check_model(str(written))  # by path: reads no tensor data
     return dest
+
+
+def _save_edited(model: Any, path: Path) -> None:
+    """Save ``model``, loaded from ``path`` without its external data and then edited, back
+    to ``path`` (a path :func:`onnx_destination` yielded).
+
+    Without external data it is one file, as the tool wrote it. With
+    :func:`data_file` ``(path)`` (the tool wrote the model large) its tensors stay in that
+    file, and those the edits put in memory of at least :data:`INLINE_TENSOR_BYTES` go to a
+    second file beside it instead of the proto, which could pass 2 GiB;
+    :func:`onnx_destination` gathers both into the destination's data file.
+    """
+    import onnx
+
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=data_file(path).is_file(),
+        location=f"{path.name}.edits.data",
+        size_threshold=INLINE_TENSOR_BYTES,
+    )
 
 
 @contextlib.contextmanager
@@ -833,19 +882,22 @@ def quantize_piece(
     ``levels`` to the integer weights to ship (e.g. GPTQ's,
     :mod:`common.backends.sequential_gptq`) — by default rounded to nearest at the plan's
     width (:func:`nearest_levels`).
+
+    Written through :func:`onnx_destination`. onnxruntime reads ``float_model`` by path,
+    so a large piece's tensors (in :func:`data_file` ``(float_model)``) are never one proto,
+    which protobuf cannot serialize past 2 GiB; its QDQ model is written with external data
+    too, and the weights and scores are replaced without loading the rest.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
-    from common.core.records import atomic_path
-
-    model = onnx.load(str(float_model))
-    sites = linear_sites(model, weights)
+    model = onnx.load(str(float_model), load_external_data=False)
+    sites = linear_sites(model, weights, float_model.parent)
     floats = plan.float_linears() & set(sites)
     calibrated = int_bits(plan.scheme.activations)
     config = get_qnn_qdq_config(
-        model,
+        str(float_model),
         _Feeds(list(calibration)),
         activation_type=QuantType.QUInt16 if calibrated == 16 else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
@@ -855,9 +907,12 @@ def quantize_piece(
         + [site.matmul for name, site in sites.items() if name in floats]
         + float_input_nodes(model, sites, floats),
     )
-    with atomic_path(dest) as tmp, _without_preprocess_advice():
-        quantize(model, str(tmp), config)
-        qdq = onnx.load(str(tmp))
+    # onnxruntime's own rule for a model with external data, stated because _save_edited
+    # relies on it: a large piece's QDQ model comes with data_file(written).
+    config.use_external_data_format = data_file(float_model).is_file()
+    with onnx_destination(dest) as written, _without_preprocess_advice():
+        quantize(str(float_model), str(written), config)  # large: data_file(written) too
+        qdq = onnx.load(str(written), load_external_data=False)
         quantized = {n: site for n, site in sites.items() if n not in floats}
         bits = {n: plan.linears[n].weight.bits for n in quantized}
         chosen = levels
@@ -865,5 +920,5 @@ def quantize_piece(
             chosen = {n: quantize_weight(weights[n], "per_channel", bits[n]) for n in quantized}
         replace_weights(qdq, quantized, chosen, bits)
         tighten_masked_scores(qdq, model)
-        onnx.save(qdq, str(tmp))
+        _save_edited(qdq, written)
     return sites
