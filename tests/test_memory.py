@@ -16,6 +16,7 @@ from common.core.memory import (
     parse_size,
     preflight,
 )
+from tests.conftest import assert_clean_error, run_python
 
 
 def test_parse_size_units() -> None:
@@ -64,3 +65,30 @@ def test_default_cap_is_what_is_available() -> None:
     assert cap is not None and now is not None
     assert abs(cap.bytes - now) < GIB  # read a moment apart, while other work runs
     assert "this machine has available (MAX_MEMORY)" in cap.source
+
+
+@pytest.mark.parametrize(
+    ("script", "model", "step"),
+    [
+        ("targets/cpu-fp32-rotated/build.py", "tiny-qwen2", "make cpu needs about"),
+        ("targets/axera-ax650/build.py", "tiny-qwen2.5-vl", "make axera needs about"),
+    ],
+)
+def test_whole_model_targets_stop_before_loading(
+    script: str, model: str, step: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Over MAX_MEMORY, a target that holds the whole model stops with one line naming its
+    estimate and the cap, before it loads anything or writes an output. (qnn, sophgo and
+    autoround make the same call; their suites run in their own tox envs.)"""
+    request.getfixturevalue("tiny_qwen2_5_vl_dir" if "vl" in model else "tiny_qwen2_dir")
+    build_dir = request.getfixturevalue("session_build")
+    result = run_python(
+        script, "--model", model, "--build-dir", str(build_dir), "--max-memory", "1MB"
+    )
+    assert_clean_error(result, step, "float32", "over MAX_MEMORY=0.00 GiB", "MAX_MEMORY to")
+    assert not (build_dir / model / script.split("/")[1]).exists()
+    assert_clean_error(
+        run_python(script, "--model", model, "--max-memory", "lots"),
+        "MAX_MEMORY",
+        "expected a size such as 16GB",
+    )

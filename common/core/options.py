@@ -180,6 +180,19 @@ class FilePath(Kind):
 
 
 @dataclass(frozen=True)
+class ByteSize(Kind):
+    """A memory size, ``16GB`` / ``512MB`` / bytes (command line only: machines differ)."""
+
+    def parse(self, value: Any) -> int:
+        from common.core.memory import parse_size
+
+        try:
+            return parse_size(str(value))
+        except EdgeforgeError:
+            raise ValueError("expected a size such as 16GB or 512MB") from None
+
+
+@dataclass(frozen=True)
 class Spec:
     """One option's declaration (a dataclass field's ``metadata["option"]``)."""
 
@@ -207,10 +220,13 @@ def option(
     make: str | None = None,
     flag: str | None = None,
     recipe: str | bool = True,
+    record: bool = True,
 ) -> Any:
     """A dataclass field declaring one option: a make variable, or (``flag``) a
     command-line-only option of the script. ``recipe=True`` makes the field name the recipe
-    key, ``False`` keeps the option off recipes, a string names the key."""
+    key, ``False`` keeps the option off recipes, a string names the key. ``record=False``
+    keeps a property of the machine (a memory cap) out of :func:`describe`, so manifests
+    of the same build agree across machines."""
     if (make is None) == (flag is None):
         raise TypeError("an option has either a make variable or a command-line flag")
     spec = Spec(
@@ -220,7 +236,7 @@ def option(
         make=make,
         recipe=None if recipe is False else recipe,
     )
-    return dataclasses.field(default=default, metadata={"option": spec})
+    return dataclasses.field(default=default, metadata={"option": spec, "record": record})
 
 
 def specs(cls: type) -> dict[str, Spec]:
@@ -309,7 +325,8 @@ def _parse(spec: Spec, raw: Any, label: str) -> Any:
 
 
 def describe(options: Any) -> dict[str, Any]:
-    """JSON-friendly record of resolved options (paths as text, tuples as lists)."""
+    """JSON-friendly record of resolved options (paths as text, tuples as lists), without
+    those declared ``record=False``."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, Path):
@@ -318,7 +335,11 @@ def describe(options: Any) -> dict[str, Any]:
             return [plain(v) for v in value]
         return value
 
-    return {f.name: plain(getattr(options, f.name)) for f in dataclasses.fields(options)}
+    return {
+        f.name: plain(getattr(options, f.name))
+        for f in dataclasses.fields(options)
+        if f.metadata.get("record", True)
+    }
 
 
 def target_parser(prog: str, description: str, cls: type) -> argparse.ArgumentParser:

@@ -107,6 +107,18 @@ class LazyWeights:
         )
 
 
+def float32_bytes(model_dir: Path) -> int:
+    """What ``model_dir``'s weights take in float32 (from the safetensors headers). A
+    pickled ``.bin`` tells its dtype only when unpickled: it counts as half precision, the
+    larger float32 figure."""
+    from common.models.loading import check_model_dir
+
+    checked = check_model_dir(model_dir)
+    if all(f.suffix == ".safetensors" for f in checked.weight_files):
+        return LazyWeights(model_dir).nbytes("")
+    return 2 * sum(f.stat().st_size for f in checked.weight_files)
+
+
 def release(module: nn.Module) -> None:
     """Send ``module``'s parameters back to meta and return their memory to the OS."""
     module.to("meta")

@@ -30,6 +30,7 @@ from common.core.options import (
 from common.core.options import resolve as resolve_options
 from common.quant.rtn import SUPPORTED_BITS, check_group_size
 from common.quant.schemes import SCHEMES, QuantScheme
+from common.steps.preflight import max_memory_option
 
 #: Export formats this step produces and reloads, with the bit widths each can store.
 #: AWQ's GEMM layout packs 4-bit codes only; GPTQ and AutoRound's own layout take 2/3/4/8;
@@ -141,6 +142,7 @@ class Options:
         make="EVAL_WINDOWS",
         recipe=False,
     )
+    max_memory: int | None = max_memory_option()
 
     def as_record(self) -> dict[str, Any]:
         """JSON-friendly form for the manifest and report."""

@@ -43,6 +43,7 @@ from common.core.records import (
 from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import copy_tokenizer_files
 from common.steps.phases import Run
+from common.steps.preflight import whole_model_preflight
 
 TARGET = "autoround"
 #: Where progress lines go (the run's phase logger).
@@ -303,6 +304,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args, recipe.target_section(TARGET), f"{recipe.path}: targets.{TARGET}"
     )
     model_dir = build_model(recipe, args.build_dir, args.model_path)
+    whole_model_preflight(
+        phases,
+        model_dir,
+        "make autoround",
+        options.max_memory,
+        {"reference model": 1, "round-to-nearest copy": 1, "AutoRound's own copy": 1},
+    )
     out_root = model_build_dir(recipe, args.build_dir) / TARGET
     tokenizers = TokenizerSource(
         model_dir, tokenizer_source_dir(recipe, args.build_dir, args.model_path), out_root

@@ -12,7 +12,7 @@ AUTOROUND_HASH  := $(shell sha256sum $(AUTOROUND_REQ) | cut -c1-16)
 AUTOROUND_STAMP := $(VENV)/.edgeforge-autoround-$(AUTOROUND_HASH)
 #: The make variables of ar_options.Options, in declaration order.
 AUTOROUND_OPTIONS := BITS GROUP_SIZE SYM ITERS NSAMPLES SEQLEN FORMAT QUANT_NONTEXT DATA IMAGES \
-  TEMPLATE EVAL_WINDOWS
+  TEMPLATE EVAL_WINDOWS MAX_MEMORY
 AUTOROUND_VARS = $(call option_vars,$(AUTOROUND_OPTIONS))
 AUTOROUND_ARGS = $(call option_args,$(AUTOROUND_OPTIONS))
 .PHONY: autoround autoround-venv

@@ -44,6 +44,7 @@ from common.core.records import atomic_path, build_manifest, dumps_json
 from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import describe
 from common.steps.phases import Run
+from common.steps.preflight import max_memory_option, whole_model_preflight
 
 TARGET = "axera-ax650"
 #: The phases of a run (common/steps/phases.py), in order; compile runs only with pulsar2.
@@ -128,6 +129,7 @@ class Options:
     out: Path | None = option(
         None, FilePath(), "default build/<MODEL>/axera-ax650", flag="--out", recipe=False
     )
+    max_memory: int | None = max_memory_option()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -381,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.model)
     opts = resolve_target(Options, args, recipe, TARGET)
     model_dir = build_model(recipe, args.build_dir, args.model_path)
+    # the vision tower's TorchScript export holds about 2.5x its weights (a fifth of a VL model)
+    whole_model_preflight(
+        run, model_dir, "make axera", opts.max_memory, {"float32 model": 1, "vision export": 0.5}
+    )
     model = load_model(model_dir)
     adapter = get_adapter(model)
     mode = opts.mode or ("image" if adapter.is_vision_language else "llm")

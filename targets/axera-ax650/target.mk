@@ -4,7 +4,7 @@
 # same step runs inside the pulsar2:<version> image (targets/axera-ax650/Dockerfile).
 #: The make variables of build.py's Options; its other options (--image-size, --prefill-len,
 #: ...) pass verbatim through AXERA_ARGS.
-AXERA_OPTIONS := MODE
+AXERA_OPTIONS := MODE MAX_MEMORY
 AXERA_ARGS ?=
 .PHONY: axera
 

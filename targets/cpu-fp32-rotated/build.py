@@ -36,6 +36,7 @@ from common.core.records import (
 from common.core.resources import resources_line
 from common.quant.hadamard import ROTATE_MODES
 from common.steps.phases import Run
+from common.steps.preflight import max_memory_option, whole_model_preflight
 
 TARGET = "cpu-fp32-rotated"
 #: The phases of a run (common/steps/phases.py), in order.
@@ -97,6 +98,7 @@ class Options:
         make="STATS_WINDOWS",
         recipe=False,
     )
+    max_memory: int | None = max_memory_option()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -193,6 +195,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     seq_len = opts.seq_len or recipe.eval_defaults.get("seq_len", DEFAULT_SEQ_LEN)
     num_windows = opts.eval_windows or recipe.eval_defaults.get("num_windows", DEFAULT_NUM_WINDOWS)
 
+    whole_model_preflight(
+        run, model_dir, "make cpu", opts.max_memory, {"reference model": 1, "rotated model": 1}
+    )
     run.phase("reference")
     reference = load_model(model_dir)
     model = load_model(model_dir)

@@ -6,7 +6,7 @@
 .PHONY: cpu
 
 #: The make variables of build.py's Options, in declaration order.
-CPU_OPTIONS := ROTATE_MODE SEED R_PATH CONFIG EVAL_WINDOWS SEQ_LEN STATS_WINDOWS
+CPU_OPTIONS := ROTATE_MODE SEED R_PATH CONFIG EVAL_WINDOWS SEQ_LEN STATS_WINDOWS MAX_MEMORY
 CPU_VARS = $(call option_vars,$(CPU_OPTIONS))
 CPU_ARGS = $(call option_args,$(CPU_OPTIONS))
 

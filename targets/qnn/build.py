@@ -58,6 +58,7 @@ from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import write_tokenizer_dir
 from common.quant.hadamard import ROTATE_MODES
 from common.steps.phases import Run
+from common.steps.preflight import max_memory_option, whole_model_preflight
 
 TARGET = "qnn"
 #: The phases of a run (common/steps/phases.py), in order.
@@ -137,6 +138,7 @@ class Options:
         make="PROFILE",
         recipe=False,
     )
+    max_memory: int | None = max_memory_option()
 
     def __post_init__(self) -> None:
         if self.kv_len <= self.prefill_len:
@@ -150,9 +152,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return target_parser("make qnn", __doc__.splitlines()[0], Options).parse_args(argv)
 
 
-def settings(args: argparse.Namespace, recipe: Any) -> dict[str, Any]:
-    """CLI options over the recipe's ``targets.qnn`` over the defaults, checked."""
-    options = resolve_target(Options, args, recipe, TARGET)
+def settings(options: Options) -> dict[str, Any]:
+    """The build settings the manifest and report record, from the resolved options."""
     opts = describe(options)
     del opts["profile"]  # an input (recorded with its hash), not a build setting
     return opts
@@ -252,7 +253,8 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
 
     run.phase("resolve")
     recipe = load_recipe(args.model)
-    opts = settings(args, recipe)
+    options = resolve_target(Options, args, recipe, TARGET)
+    opts = settings(options)
     versions = qnn_ep.qnn_versions()  # fails early, clearly, without the wheel
     socs = [qnn_ep.soc_by_name(s) for s in opts["socs"]]
     # The preset with this build's rounding, so the plan names what is built.
@@ -262,6 +264,13 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     default_profile = build_dir / profile_dir_name(rotate) / "profile.json"
     profile_path = Path(args.profile) if args.profile else default_profile
     model_dir = build_model(recipe, args.build_dir, args.model_path)
+    whole_model_preflight(
+        run,
+        model_dir,
+        "make qnn",
+        options.max_memory,
+        {"float32 model": 1, "GPTQ int8 levels": 0.25, "ONNX pieces at work": 0.25},
+    )
     out_dir = build_dir / TARGET
     inputs = {"profile": profile_path, "model_config": model_dir / "config.json"}
     decision = build_dir / "simulate" / "shadow_layers.json"

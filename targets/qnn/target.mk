@@ -12,7 +12,7 @@ QNN_REQ   := targets/qnn/requirements.txt
 QNN_HASH  := $(shell sha256sum $(QNN_REQ) | cut -c1-16)
 QNN_STAMP := $(VENV)/.edgeforge-qnn-$(QNN_HASH)
 #: The make variables of build.py's Options, in declaration order.
-QNN_OPTIONS := SOCS PRESET ROTATE PREFILL_LEN KV_LEN E2E_WINDOWS ROUNDING PROFILE
+QNN_OPTIONS := SOCS PRESET ROTATE PREFILL_LEN KV_LEN E2E_WINDOWS ROUNDING PROFILE MAX_MEMORY
 QNN_VARS = $(call option_vars,$(QNN_OPTIONS))
 QNN_ARGS = $(call option_args,$(QNN_OPTIONS))
 #: The rotation of the profile make qnn reads by default (empty: none), and that profile:

@@ -50,6 +50,7 @@ from common.core.records import atomic_path, build_manifest, dumps_json
 from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import copy_tokenizer_files, describe
 from common.steps.phases import Run
+from common.steps.preflight import max_memory_option, whole_model_preflight
 
 TARGET = "sophgo-bm1684x"
 #: The phases of a run (common/steps/phases.py), in order.
@@ -110,6 +111,7 @@ class Options:
     venv: Path = option(
         REPO_ROOT / ".venv-tpu-mlir", FilePath(), "tpu-mlir venv", flag="--venv", recipe=False
     )
+    max_memory: int | None = max_memory_option()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -298,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     toolchain = Toolchain(options.venv)
     version = toolchain.version()
     model_dir = build_model(recipe, args.build_dir, args.model_path)
+    whole_model_preflight(
+        run,
+        model_dir,
+        "make sophgo",
+        options.max_memory,
+        {"float32 model": 1, "simulator (bf16 bmodel)": 0.5},
+        remote_code=True,
+    )
     qwen1 = None
     if recipe.model_type == "qwen":  # remote code: patched copy, own pieces (qwen1.py)
         import qwen1

@@ -23,7 +23,7 @@ endif
 # ROUTE=llm_convert runs in its own venv (SOPHGO_LLM_VENV, from LLM_CONVERT=1 below).
 #: The make variables of build.py's Options, in declaration order. ROUTE also picks the
 #: tpu-mlir venv below, so it has its default here too.
-SOPHGO_OPTIONS := MODE CHIP ROUTE SEQ_LEN Q_GROUP_SIZE DECODE_TOKENS
+SOPHGO_OPTIONS := MODE CHIP ROUTE SEQ_LEN Q_GROUP_SIZE DECODE_TOKENS MAX_MEMORY
 ROUTE ?= onnx
 SOPHGO_ARGS = $(call option_args,$(SOPHGO_OPTIONS))
 .PHONY: sophgo
