@@ -164,38 +164,16 @@ def weight_bytes(model_dir: Path) -> int:
 
 
 def write_random_model(out: Path) -> Path:
-    """A random-weight qwen2 checkpoint, one safetensors shard per part (fp32)."""
+    """A random-weight qwen2 checkpoint in float32, sharded (written a tensor at a time)."""
     import torch
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config
+
+    from common.export.random_checkpoint import write_random_checkpoint
 
     if (out / "model.safetensors.index.json").is_file():
         return out
-    out.mkdir(parents=True, exist_ok=True)
     config = Qwen2Config(**BIG_DIMS, tie_word_embeddings=False, max_position_embeddings=4096)
-    with torch.device("meta"):
-        skeleton = Qwen2ForCausalLM(config)
-    gen = torch.Generator().manual_seed(0)
-    weight_map: dict[str, str] = {}
-    groups: dict[str, list[tuple[str, torch.Size]]] = {}
-    for name, param in skeleton.named_parameters():
-        part = name.split(".")[2] if ".layers." in name else name.split(".")[-2]
-        groups.setdefault(part, []).append((name, param.shape))
-    for part, params in groups.items():
-        shard = f"part-{part}.safetensors"
-        tensors = {}
-        for name, shape in params:
-            if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shape)
-            else:
-                tensors[name] = torch.randn(shape, generator=gen) * 0.02
-            weight_map[name] = shard
-        save_file(tensors, str(out / shard))
-    total = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    config.save_pretrained(out)
-    return out
+    return write_random_checkpoint(config, out, dtype=torch.float32)
 
 
 def _torch_threads() -> int:

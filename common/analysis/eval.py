@@ -87,6 +87,50 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, progress: bool = True
     return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens}
 
 
+class LogitComparison:
+    """The running sums behind :func:`compare_logits`, fed one window at a time, so a
+    layer-by-layer run (:mod:`common.analysis.layerwise`) scores exactly as a whole-model
+    one does."""
+
+    def __init__(self) -> None:
+        self.cosine_sum, self.cosine_min, self.agree, self.max_abs = 0.0, math.inf, 0, 0.0
+        self.count, self.nll_sum, self.nll_sum_reference, self.ppl_tokens = 0, 0.0, 0.0, 0
+
+    def add(self, got: torch.Tensor, want: torch.Tensor, window: torch.Tensor) -> None:
+        """One window's logits ``[seq, vocab]`` of the model and the reference."""
+        got, want = got.double(), want.double().to(got.device)
+        if got.shape != want.shape:
+            raise EdgeforgeError(
+                f"compare_logits: logits of shape {list(got.shape)} vs reference "
+                f"{list(want.shape)}; the two models have different vocabularies"
+            )
+        self.nll_sum += _window_nll_sum(got, window)
+        self.nll_sum_reference += _window_nll_sum(want, window)
+        self.ppl_tokens += window.shape[0] - 1
+        cosine = F.cosine_similarity(got, want, dim=-1)
+        self.cosine_sum += cosine.sum().item()
+        self.cosine_min = min(self.cosine_min, cosine.min().item())
+        self.agree += int((got.argmax(-1) == want.argmax(-1)).sum().item())
+        self.max_abs = max(self.max_abs, (got - want).abs().max().item())
+        self.count += got.shape[0]
+
+    def result(self) -> dict[str, Any]:
+        nll = self.nll_sum / self.ppl_tokens
+        nll_reference = self.nll_sum_reference / self.ppl_tokens
+        return {
+            "cosine_mean": self.cosine_sum / self.count,
+            "cosine_min": self.cosine_min,
+            "top1_agreement": self.agree / self.count,
+            "max_abs_diff": self.max_abs,
+            "tokens": self.count,
+            "nll": nll,
+            "nll_reference": nll_reference,
+            "ppl": math.exp(nll),
+            "ppl_reference": math.exp(nll_reference),
+            "ppl_tokens": self.ppl_tokens,
+        }
+
+
 def compare_logits(
     model: nn.Module, reference: nn.Module, windows: torch.Tensor, *, progress: bool = False
 ) -> dict[str, Any]:
@@ -101,39 +145,11 @@ def compare_logits(
     """
     windows = check_windows(windows, model, min_len=2)
     check_windows(windows, reference, min_len=2)
-    cosine_sum, cosine_min, agree, max_abs, count = 0.0, math.inf, 0, 0.0, 0
-    nll_sum, nll_sum_reference = 0.0, 0.0
+    comparison = LogitComparison()
     with torch.inference_mode():
         for window in tqdm(windows, desc="compare logits", unit="window", disable=not progress):
-            got = _logits(model, window).double()
-            want = _logits(reference, window).double().to(got.device)
-            if got.shape != want.shape:
-                raise EdgeforgeError(
-                    f"compare_logits: logits of shape {list(got.shape)} vs reference "
-                    f"{list(want.shape)}; the two models have different vocabularies"
-                )
-            nll_sum += _window_nll_sum(got, window)
-            nll_sum_reference += _window_nll_sum(want, window)
-            cosine = F.cosine_similarity(got, want, dim=-1)
-            cosine_sum += cosine.sum().item()
-            cosine_min = min(cosine_min, cosine.min().item())
-            agree += int((got.argmax(-1) == want.argmax(-1)).sum().item())
-            max_abs = max(max_abs, (got - want).abs().max().item())
-            count += got.shape[0]
-    ppl_tokens = windows.shape[0] * (windows.shape[1] - 1)
-    nll, nll_reference = nll_sum / ppl_tokens, nll_sum_reference / ppl_tokens
-    return {
-        "cosine_mean": cosine_sum / count,
-        "cosine_min": cosine_min,
-        "top1_agreement": agree / count,
-        "max_abs_diff": max_abs,
-        "tokens": count,
-        "nll": nll,
-        "nll_reference": nll_reference,
-        "ppl": math.exp(nll),
-        "ppl_reference": math.exp(nll_reference),
-        "ppl_tokens": ppl_tokens,
-    }
+            comparison.add(_logits(model, window), _logits(reference, window), window)
+    return comparison.result()
 
 
 def _text_tokenizer(tokenizer: Any) -> Any:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.analysis.layerwise import head, run_layers
 from common.analysis.observers import TensorObserver
 from common.core.errors import EdgeforgeError
 from common.models import ModelAdapter, get_adapter, iter_linears
@@ -198,42 +199,16 @@ def profile_sequential(
     own stack would hand them.
     """
     adapter = streamed.adapter
-    if adapter.is_vision_language:
-        raise EdgeforgeError(
-            f"{streamed.path}: sequential profiling supports text models; {adapter.model_type} "
-            "is vision-language — profile it with SEQUENTIAL=0"
-        )
-    streamed.check_full_causal("profile it with SEQUENTIAL=0")
-    transforms = transforms or Transforms()
+    streamed.check_layerwise("profile it with SEQUENTIAL=0")
     profiler = ActivationProfiler(adapter, no_bias=no_bias, exact=exact)
-    total = windows.numel()
-    with profiler.attached(), torch.inference_mode():
-        with streamed.loaded(adapter.embed_tokens(), adapter.name_of("embed_tokens")) as embed:
-            transforms.embedding(adapter)
-            hidden = embed(windows)  # [n, seq, hidden]
-        layer_kwargs = streamed.layer_kwargs(hidden)
-        layers = adapter.layers()
-        bar = _progress(total * (len(layers) + 1), "profile (sequential)")
-        for layer in layers:
-            with streamed.loaded(layer.module, layer.name):
-                handle = transforms.layer(adapter, layer)
-                out = torch.empty_like(hidden)
-                for i in range(hidden.shape[0]):
-                    out[i] = layer.module(hidden[i : i + 1], **layer_kwargs)[0]
-                    bar.update(windows.shape[1])
-                hidden = out
-                if handle is not None:
-                    handle.remove()
-        norm, head = adapter.final_norm(), adapter.lm_head()
-        with (
-            streamed.loaded(norm, adapter.name_of("final_norm")),
-            streamed.loaded(head, adapter.lm_head_path),
-        ):
-            transforms.head(adapter)
+    bar = _progress(windows.numel() * (adapter.num_layers + 1), "profile (sequential)")
+    with profiler.attached():
+        hidden = run_layers(streamed, windows, transforms=transforms, bar=bar)
+        with head(streamed, transforms) as logits:
             for i in range(hidden.shape[0]):
-                head(norm(hidden[i : i + 1]))
+                logits(hidden[i : i + 1])
                 bar.update(windows.shape[1])
-        bar.close()
+    bar.close()
     return profiler
 
 

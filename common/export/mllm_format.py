@@ -23,7 +23,7 @@ Non-ASCII names are rejected: ``converter.py`` wrote ``len(str)`` as the byte le
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -91,28 +91,37 @@ def _encode_name(name: str, seen: set[str]) -> bytes:
     return name.encode("ascii")
 
 
+def _index(
+    entries: Sequence[tuple[bytes, np.dtype, int]], alignment: Alignment
+) -> tuple[bytes, list[int]]:
+    """Header and index of tensors ``(encoded name, dtype, nbytes)`` in order, and the
+    padding before each payload: all a writer needs before the first payload byte."""
+    if alignment not in ("element", "none"):
+        raise EdgeforgeError(f".mllm alignment: {alignment!r} is not 'element' or 'none'")
+    index_size = sum(24 + len(name) for name, _, _ in entries)
+    offset = HEADER_SIZE + index_size
+    index, pads = [], []
+    for name, dtype, nbytes in entries:
+        pad = (-offset) % dtype.itemsize if alignment == "element" else 0
+        offset += pad
+        code = DTYPE_CODES[dtype.name]
+        index.append(
+            struct.pack("<i", len(name)) + name + struct.pack("<QQi", nbytes, offset, code)
+        )
+        pads.append(pad)
+        offset += nbytes
+    return struct.pack("<iQ", MAGIC, index_size) + b"".join(index), pads
+
+
 def encode_mllm(
     tensors: Iterable[tuple[str, torch.Tensor | np.ndarray]], alignment: Alignment = "element"
 ) -> Iterable[bytes]:
     """The file's bytes, in chunks (header + index, then padding and payloads in order)."""
-    if alignment not in ("element", "none"):
-        raise EdgeforgeError(f".mllm alignment: {alignment!r} is not 'element' or 'none'")
     seen: set[str] = set()
     items = [(_encode_name(name, seen), _as_array(name, t)) for name, t in tensors]
-    index_size = sum(24 + len(name) for name, _ in items)
-    offset = HEADER_SIZE + index_size
-    index, layout = [], []
-    for name, array in items:
-        pad = (-offset) % array.itemsize if alignment == "element" else 0
-        offset += pad
-        code = DTYPE_CODES[array.dtype.name]
-        index.append(
-            struct.pack("<i", len(name)) + name + struct.pack("<QQi", array.nbytes, offset, code)
-        )
-        layout.append((pad, array))
-        offset += array.nbytes
-    yield struct.pack("<iQ", MAGIC, index_size) + b"".join(index)
-    for pad, array in layout:
+    header, pads = _index([(name, a.dtype, a.nbytes) for name, a in items], alignment)
+    yield header
+    for pad, (_, array) in zip(pads, items, strict=True):
         yield b"\0" * pad + array.tobytes()
 
 
@@ -125,6 +134,58 @@ def write_mllm(
     with atomic_path(Path(dest)) as tmp, tmp.open("wb") as fh:
         for chunk in encode_mllm(tensors, alignment):
             fh.write(chunk)
+
+
+def write_mllm_lazily(
+    dest: Path,
+    specs: Sequence[tuple[str, torch.dtype, int]],
+    read: Callable[[str], torch.Tensor],
+    alignment: Alignment = "element",
+) -> None:
+    """Write a v1 ``.mllm`` file atomically with one tensor in memory at a time: ``specs``
+    declares ``(name, dtype, numel)`` of every tensor in order (enough for the index), and
+    ``read(name)`` gives each tensor when its payload is written. The bytes equal
+    :func:`write_mllm`'s for the same tensors."""
+    seen: set[str] = set()
+    declared = [
+        (_encode_name(name, seen), np.dtype(str(dtype).removeprefix("torch.")), numel)
+        for name, dtype, numel in specs
+    ]
+    header, pads = _index([(n, dt, numel * dt.itemsize) for n, dt, numel in declared], alignment)
+    with atomic_path(Path(dest)) as tmp, tmp.open("wb") as fh:
+        fh.write(header)
+        for (name, _, _), (_, dtype, numel), pad in zip(specs, declared, pads, strict=True):
+            array = _as_array(name, read(name))
+            if array.dtype != dtype or array.size != numel:
+                raise EdgeforgeError(
+                    f".mllm tensor {name!r}: declared {dtype} × {numel}, got "
+                    f"{array.dtype} × {array.size}"
+                )
+            fh.write(b"\0" * pad)
+            fh.write(array.tobytes())
+
+
+def mllm_mismatches(
+    path: Path, names: Sequence[str], read: Callable[[str], torch.Tensor]
+) -> list[str]:
+    """Names whose stored bytes differ from ``read(name)`` or that are missing or extra
+    against ``names``: the lazy counterpart of :func:`mllm_tensors_equal`. One tensor is
+    in memory at a time, read with plain file reads (the pages of a mapping would stay
+    resident while it is open, growing to the whole file)."""
+    entries = read_mllm_index(path)
+    problems = sorted({e.name for e in entries} ^ set(names))
+    with Path(path).open("rb") as fh:
+        for entry in entries:
+            if entry.name not in names:
+                continue
+            want = _as_array(entry.name, read(entry.name))
+            fh.seek(entry.offset)
+            stored = np.fromfile(fh, dtype=np.uint8, count=entry.length)
+            raw = want.reshape(-1).view(np.uint8)
+            same = stored.size == raw.size and np.array_equal(stored, raw)
+            if entry.dtype_code != DTYPE_CODES[want.dtype.name] or not same:
+                problems.append(entry.name)
+    return problems
 
 
 def read_mllm_index(path: Path) -> list[MllmEntry]:
@@ -197,7 +258,7 @@ def mllm_tensors_equal(path: Path, expected: Mapping[str, torch.Tensor | np.ndar
     return problems
 
 
-def mllm_named_tensors(adapter: ModelAdapter) -> list[tuple[str, torch.Tensor]]:
+def mllm_parameters(adapter: ModelAdapter) -> list[tuple[str, nn.Parameter]]:
     """Every parameter of the model under the name mllm's C++ loaders look up.
 
     mllm's model code uses the released checkpoints' state-dict names: the language model
@@ -211,11 +272,11 @@ def mllm_named_tensors(adapter: ModelAdapter) -> list[tuple[str, torch.Tensor]]:
     vision = adapter.vision_tower()
     if vision is not None:
         parts.append(("visual", vision))
-    named: list[tuple[str, torch.Tensor]] = []
+    named: list[tuple[str, nn.Parameter]] = []
     for prefix, module in parts:
-        named += [(f"{prefix}.{name}", p.detach()) for name, p in module.named_parameters()]
+        named += [(f"{prefix}.{name}", p) for name, p in module.named_parameters()]
     head = adapter.lm_head()
-    named += [(f"lm_head.{name}", p.detach()) for name, p in head.named_parameters()]
+    named += [(f"lm_head.{name}", p) for name, p in head.named_parameters()]
     covered = {id(p) for _, m in [*parts, ("lm_head", head)] for p in m.parameters()}
     missing = [n for n, p in adapter.model.named_parameters() if id(p) not in covered]
     if missing:
@@ -224,3 +285,8 @@ def mllm_named_tensors(adapter: ModelAdapter) -> list[tuple[str, torch.Tensor]]:
             f"tower and LM head have no mllm name: {', '.join(missing[:5])}"
         )
     return named
+
+
+def mllm_named_tensors(adapter: ModelAdapter) -> list[tuple[str, torch.Tensor]]:
+    """:func:`mllm_parameters`' tensors, detached, ready to write."""
+    return [(name, p.detach()) for name, p in mllm_parameters(adapter)]

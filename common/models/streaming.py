@@ -188,8 +188,14 @@ class StreamedModel:
         self.adapter: ModelAdapter = get_adapter(self.model)
         head_key = f"{self.adapter.lm_head_path}.weight"
         embed_key = f"{self.adapter.name_of('embed_tokens')}.weight"
-        # A tied LM head is stored once, as the embedding.
-        self.alias = {} if head_key in self.weights.where else {head_key: embed_key}
+        #: Whether the LM head is the embedding (stored once, read for both), as
+        #: ``from_pretrained`` decides: the config says so, or the checkpoint has no head.
+        #: Not the adapter's identity check: modules built on meta are not tied, and
+        #: materializing a part gives its parameters new objects anyway.
+        self.tied = head_key not in self.weights.where or bool(
+            getattr(config, "tie_word_embeddings", False)
+        )
+        self.alias = {head_key: embed_key} if self.tied else {}
 
     def load(self, module: nn.Module, prefix: str) -> nn.Module:
         """Allocate ``module`` on the CPU and fill it from the checkpoint (float32).
@@ -223,9 +229,7 @@ class StreamedModel:
         embedding and LM head together at the ends (the head read while the norm runs)."""
         adapter = self.adapter
         layers = max(self.part_bytes(layer.name) for layer in adapter.layers())
-        ends = self.part_bytes(adapter.name_of("embed_tokens")) * (
-            1 if adapter.tie_word_embeddings else 2
-        )
+        ends = self.part_bytes(adapter.name_of("embed_tokens")) * (1 if self.tied else 2)
         return max(layers, ends)
 
     def layer_kwargs(self, hidden: torch.Tensor) -> dict[str, Any]:
@@ -235,14 +239,21 @@ class StreamedModel:
             return _qwen1_layer_kwargs(self.adapter, hidden.shape[1])
         return _transformers_layer_kwargs(self.adapter, hidden)
 
-    def check_full_causal(self, option: str) -> None:
-        """Refuse layers that are not plain causal attention over the whole window (the
-        one mask :meth:`layer_kwargs` builds); ``option`` is what the user drops."""
+    def check_layerwise(self, remedy: str) -> None:
+        """Refuse what :meth:`layer_kwargs` cannot feed a layer: a vision-language model
+        (image tokens and their M-RoPE positions come from the vision tower) and layers
+        that are not plain causal attention over the whole window (the one mask built).
+        ``remedy`` tells the user what to run instead."""
+        if self.adapter.is_vision_language:
+            raise EdgeforgeError(
+                f"{self.path}: layer-by-layer runs support text models; "
+                f"{self.adapter.model_type} is vision-language — {remedy}"
+            )
         departures = self.adapter.attention_departures()
         if departures:
             raise EdgeforgeError(
                 f"{self.path / 'config.json'}: {'; '.join(departures)}; layer-by-layer runs "
-                f"build one full causal mask for every layer — {option}"
+                f"build one full causal mask for every layer — {remedy}"
             )
 
 

@@ -195,7 +195,7 @@ def plan_profile(
         return ProfilePlan(
             streamed, layered, f"lower NUM_SAMPLES (now {settings.num_samples}) or SEQ_LEN"
         )
-    untie = settings.transforms.get("rotation") and adapter.tie_word_embeddings
+    untie = settings.transforms.get("rotation") and streamed.tied
     whole = Estimate(
         "make profile (whole model)",
         {

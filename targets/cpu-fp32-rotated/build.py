@@ -3,12 +3,14 @@
 Steps: resolve the model (``make model``), choose the rotation (seeded random Hadamard or
 orthogonal, a rotation file ``R_PATH``, or a mllm QNN convertor ``CONFIG``), rotate the
 language model through the adapters (common/quant/rotation.py), save it as a Hugging Face
-directory, reload that directory the way a user would, and compare it with the original on
-the held-out corpus (perplexity, logits, per-layer residual stream; VL models also on an
-image prompt). ``model.mllm`` (FP32, mllm v1) is written from the reloaded weights and read
-back bit-exact. Output: ``build/<MODEL>/cpu-fp32-rotated/`` with ``model/``,
-``model.mllm``, ``rotation.safetensors``, ``report.{json,md}``, ``outliers.png``,
-``manifest.json``. A failed gate raises ``CheckFailed`` after the outputs are written.
+directory, read that directory back, and compare it with the original on the held-out
+corpus (perplexity, logits, per-layer residual stream; VL models also on an image prompt).
+A text model is handled one part at a time throughout (read, rotated, written, verified:
+see the README); a VL model is loaded whole. ``model.mllm`` (FP32, mllm v1) is written from
+the written weights and read back bit-exact. Output: ``build/<MODEL>/cpu-fp32-rotated/``
+with ``model/``, ``model.mllm``, ``rotation.safetensors``, ``report.{json,md}``,
+``outliers.png``, ``manifest.json``. A failed gate raises ``CheckFailed`` after the outputs
+are written.
 """
 
 from __future__ import annotations
@@ -176,14 +178,88 @@ def _image_check(reference: Any, rotated: Any, model_dir: Path) -> dict[str, Any
     }
 
 
+def _verify_layerwise(
+    reference: Any, rotated: Any, windows: Any, stats_windows: int, run: Run
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Compare the written model with the original one part at a time: every eval window
+    through each layer of the original, then of the rotated model read back from its
+    files, then both heads window by window. Returns the logit comparison and both
+    traces, the numbers a whole-model comparison gives, bit for bit."""
+    from tqdm import tqdm
+
+    from common.analysis.eval import LogitComparison
+    from common.analysis.layerwise import Cursor, head, run_layers
+
+    cursor = Cursor()
+    traces, finals = [], []
+    for name, streamed in (("original", reference), ("rotated", rotated)):
+        run.log(f"running the {name} model layer by layer")
+        tracer = rep.Tracer(streamed.adapter, stats_windows, cursor)
+        bar = tqdm(total=windows.numel() * streamed.adapter.num_layers, desc=name,
+                   unit="tok", unit_scale=True, disable=None)  # fmt: skip
+        with tracer.attached():
+            finals.append(run_layers(streamed, windows, cursor=cursor, bar=bar))
+        bar.close()
+        traces.append(tracer.result())
+    comparison = LogitComparison()
+    with head(rotated) as got, head(reference) as want:
+        for i, window in enumerate(windows):
+            comparison.add(got(finals[1][i : i + 1])[0], want(finals[0][i : i + 1])[0], window)
+    return comparison.result(), traces[0], traces[1]
+
+
+def _layerwise_estimate(streamed: Any, windows: int, seq_len: int) -> Any:
+    """Peak of a layer-by-layer build: one part of each model (the two heads together at
+    the end), both models' hidden states of every window, the rotation's float64 work, and
+    one window's two rows of float64 logits."""
+    from common.core.memory import Estimate
+    from common.quant.rotation import rotation_bytes
+
+    adapter = streamed.adapter
+    head = streamed.part_bytes(adapter.name_of("embed_tokens"))
+    return Estimate(
+        "make cpu (one layer at a time)",
+        {
+            "largest part (float32)": max(streamed.largest_part_bytes(), 2 * head),
+            "hidden states": 3 * windows * seq_len * adapter.hidden_size * 4,
+            "rotation (float64)": rotation_bytes(adapter),
+            "one window's logits (float64)": 2 * seq_len * adapter.vocab_size * 8,
+        },
+    )
+
+
+def _mllm_from_files(rotated: Any, dest: Path) -> tuple[list[str], int]:
+    """``model.mllm`` from the written checkpoint, one tensor in memory at a time, then
+    read back against those files: the names that differ, and the tensor count."""
+    import torch
+
+    from common.export.mllm_format import mllm_mismatches, mllm_parameters, write_mllm_lazily
+
+    keys = {id(p): n for n, p in rotated.model.named_parameters()}
+    named = mllm_parameters(rotated.adapter)  # names and (meta) shapes, in order
+    where = {m: keys[id(p)] for m, p in named}
+
+    def read(name: str) -> Any:
+        return rotated.weights.tensor(where[name])
+
+    write_mllm_lazily(dest, [(m, torch.float32, p.numel()) for m, p in named], read)
+    return mllm_mismatches(dest, list(where), read), len(named)
+
+
 def build(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import GenerationConfig
+
     from common.analysis.eval import compare_logits
+    from common.core.memory import MemoryCap
     from common.core.recipes import load_recipe, model_build_dir
+    from common.export.checkpoint_writer import write_transformed
     from common.export.mllm_format import mllm_named_tensors, mllm_tensors_equal, write_mllm
     from common.inputs.data import EVAL_CORPUS, eval_windows
     from common.models import get_adapter
-    from common.models.loading import load_model, load_tokenizer
-    from common.quant.rotation import rotate_model, rotation_for, save_rotation
+    from common.models.loading import load_model, load_tokenizer, refuse_remote_code
+    from common.models.streaming import StreamedModel
+    from common.quant.rotation import rotate_model, rotation_for, rotation_summary, save_rotation
+    from common.quant.transforms import Transforms
     from common.steps.model_build import build_model, check_packaged_tokenizer
 
     run = Run("cpu", PHASES)
@@ -194,49 +270,79 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     seq_len = opts.seq_len or recipe.eval_defaults.get("seq_len", DEFAULT_SEQ_LEN)
     num_windows = opts.eval_windows or recipe.eval_defaults.get("num_windows", DEFAULT_NUM_WINDOWS)
-
-    whole_model_preflight(
-        run, model_dir, "make cpu", opts.max_memory, {"reference model": 1, "rotated model": 1}
-    )
-    run.phase("reference")
-    reference = load_model(model_dir)
-    model = load_model(model_dir)
-    adapter = get_adapter(model)
+    refuse_remote_code(model_dir)
+    streamed = StreamedModel(model_dir)
+    adapter = streamed.adapter
+    # Text models run one part at a time; a VL model's image check needs it whole.
+    layerwise = not (adapter.is_vision_language or adapter.attention_departures())
+    if layerwise:
+        run.preflight(
+            _layerwise_estimate(streamed, num_windows, seq_len),
+            MemoryCap.resolve(opts.max_memory),
+            f"lower EVAL_WINDOWS (now {num_windows}) or SEQ_LEN (now {seq_len})",
+        )
+    else:
+        whole_model_preflight(
+            run, model_dir, "make cpu", opts.max_memory, {"reference model": 1, "rotated model": 1}
+        )
     rotation = rotation_for(adapter, mode=options["rotate_mode"], seed=options["seed"],
                             r_path=options["r_path"])  # fmt: skip
     windows = eval_windows([EVAL_CORPUS], load_tokenizer(model_dir), num_windows, seq_len)
     stats_windows = windows[: opts.stats_windows]
-    run.log(f"{recipe.name}: tracing the original")
-    before = rep.trace(reference, get_adapter(reference), stats_windows)
-    run.phase("export")
-    rotated_info = rotate_model(adapter, rotation)
 
+    if not layerwise:  # a layer-by-layer build reads the original only while verifying
+        run.phase("reference")
+        reference = load_model(model_dir)
+        model = load_model(model_dir)
+        run.log(f"{recipe.name}: tracing the original")
+        before = rep.trace(reference, get_adapter(reference), stats_windows)
+    run.phase("export")
     out_dir = model_build_dir(recipe, args.build_dir) / TARGET
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        run.log(f"saving the rotated model to {out_dir / 'model'}")
-        model.save_pretrained(tmp / "model")
+        run.log(f"writing the rotated model to {out_dir / 'model'}")
+        if layerwise:
+            write_transformed(streamed, Transforms(rotation), tmp / "model", desc="rotate")
+            rotated_info = rotation_summary(adapter, untied=streamed.tied, merger=None)
+            generation = model_dir / "generation_config.json"
+            if generation.is_file():
+                GenerationConfig.from_pretrained(model_dir).save_pretrained(tmp / "model")
+        else:
+            rotated_info = rotate_model(get_adapter(model), rotation)
+            model.save_pretrained(tmp / "model")
+            del model
         _copy_tokenizer_files(model_dir, tmp / "model")
         tokenizer_check = check_packaged_tokenizer(
             recipe, tmp / "model", out_dir / "model", args.build_dir, args.model_path
         )
-        del model, adapter
         save_rotation(tmp / "rotation.safetensors", rotation)
-        rotated = load_model(tmp / "model")  # what a user gets, loaded as-is
-        rotated_adapter = get_adapter(rotated)
-        named = mllm_named_tensors(rotated_adapter)
-        write_mllm(tmp / "model.mllm", named)
-        mllm_problems = mllm_tensors_equal(tmp / "model.mllm", dict(named))
+        if layerwise:  # what a user gets, read back from its files one tensor at a time
+            rotated = StreamedModel(tmp / "model")
+            rotated_adapter = rotated.adapter
+            mllm_problems, mllm_count = _mllm_from_files(rotated, tmp / "model.mllm")
+        else:
+            rotated = load_model(tmp / "model")  # what a user gets, loaded as-is
+            rotated_adapter = get_adapter(rotated)
+            named = mllm_named_tensors(rotated_adapter)
+            write_mllm(tmp / "model.mllm", named)
+            mllm_problems = mllm_tensors_equal(tmp / "model.mllm", dict(named))
+            mllm_count = len(named)
         if mllm_problems:
             raise CheckFailed(f"model.mllm does not read back bit-exact: {mllm_problems[:5]}")
 
         run.phase("verify")
         run.log("perplexity and logits: original vs rotated")
-        logits = compare_logits(rotated, reference, windows, progress=True)
-        after = rep.trace(rotated, rotated_adapter, stats_windows)
+        if layerwise:
+            logits, before, after = _verify_layerwise(
+                streamed, rotated, windows, int(stats_windows.shape[0]), run
+            )
+            image = None
+        else:
+            logits = compare_logits(rotated, reference, windows, progress=True)
+            after = rep.trace(rotated, rotated_adapter, stats_windows)
+            image = (_image_check(reference, rotated, model_dir)
+                     if rotated_adapter.is_vision_language else None)  # fmt: skip
         similarity = rep.per_layer_similarity(before["outputs"], after["outputs"], rotation.R)
-        image = (_image_check(reference, rotated, model_dir)
-                 if rotated_adapter.is_vision_language else None)  # fmt: skip
         ppl_ratio = logits["ppl"] / logits["ppl_reference"]
         checks = [
             gate("ppl_ratio", ppl_ratio, "within", (1 - PPL_RATIO_TOL, 1 + PPL_RATIO_TOL)),
@@ -275,7 +381,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "tokenizer": tokenizer_check,
             "rotation": {**dict(rotation.info), **rotated_info,
                          "mode": options["rotate_mode"], "seed": options["seed"]},
-            "mllm": {"file": "model.mllm", "tensors": len(named),
+            "mllm": {"file": "model.mllm", "tensors": mllm_count,
                      "bytes": (tmp / "model.mllm").stat().st_size,
                      "sha256": sha256_file(tmp / "model.mllm"), "verified": True},
             "per_layer": per_layer,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.analysis.layerwise import Cursor
 from common.core.gates import by_name, limit_text
 from common.models import ModelAdapter
 from common.models.tokenizer_fidelity import describe
@@ -26,52 +27,78 @@ from common.models.tokenizer_fidelity import describe
 TRACED_ROLES = ("q", "down")
 
 
-@contextlib.contextmanager
-def _hooks(adapter: ModelAdapter, stats: dict, outputs: list) -> Iterator[None]:
-    handles = []
-    for layer in adapter.layers():
-        for role in TRACED_ROLES:
-            key = (layer.index, role)
+class Tracer:
+    """Hooks on every decoder layer: ``max|x|`` and the sum of squares of the traced
+    inputs over the first ``windows`` windows, and each layer's output on window 0.
 
-            def record(_m: nn.Module, args: tuple, key: tuple = key) -> None:
-                x = args[0].detach().double()
-                entry = stats.setdefault(key, [0.0, 0.0, 0])
-                entry[0] = max(entry[0], x.abs().max().item())
-                entry[1] += x.pow(2).sum().item()
-                entry[2] += x.numel()
+    ``cursor`` says which window runs (a whole-model loop sets it per forward; a
+    layer-by-layer run per window of each layer), so both drive the same hooks.
+    """
 
-            handles.append(layer.linears[role].register_forward_pre_hook(record))
+    def __init__(self, adapter: ModelAdapter, windows: int, cursor: Cursor) -> None:
+        self.adapter, self.windows, self.cursor = adapter, windows, cursor
+        self.stats: dict[tuple[int, str], list] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
 
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[Tracer]:
+        handles = []
+        for layer in self.adapter.layers():
+            for role in TRACED_ROLES:
+                handles.append(
+                    layer.linears[role].register_forward_pre_hook(self._record((layer.index, role)))
+                )
+            handles.append(layer.module.register_forward_hook(self._keep(layer.index)))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _record(self, key: tuple[int, str]) -> Any:
+        def record(_m: nn.Module, args: tuple) -> None:
+            if self.cursor.window >= self.windows:
+                return
+            x = args[0].detach().double()
+            entry = self.stats.setdefault(key, [0.0, 0.0, 0])
+            entry[0] = max(entry[0], x.abs().max().item())
+            entry[1] += x.pow(2).sum().item()
+            entry[2] += x.numel()
+
+        return record
+
+    def _keep(self, index: int) -> Any:
         def keep(_m: nn.Module, _a: tuple, out: Any) -> None:
-            hidden = out[0] if isinstance(out, tuple) else out
-            outputs.append(hidden.detach()[0].double())
+            if self.cursor.window == 0:
+                hidden = out[0] if isinstance(out, tuple) else out
+                self.outputs[index] = hidden.detach()[0].double()
 
-        handles.append(layer.module.register_forward_hook(keep))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        return keep
+
+    def result(self) -> dict[str, Any]:
+        """Per-layer ``max|x| / RMS(x)`` of each traced input, and the layer outputs
+        ``[seq, hidden]`` of window 0 (float64), in layer order."""
+        layers = range(self.adapter.num_layers)
+        ratios = {
+            f"{role}_input": [
+                self.stats[(i, role)][0]
+                / math.sqrt(self.stats[(i, role)][1] / self.stats[(i, role)][2])
+                for i in layers
+            ]
+            for role in TRACED_ROLES
+        }
+        return {"ratios": ratios, "outputs": [self.outputs[i] for i in layers]}
 
 
 def trace(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor) -> dict[str, Any]:
-    """Per-layer ``max|x| / RMS(x)`` of the traced inputs over ``windows``, and the layer
-    outputs ``[seq, hidden]`` of the first window (float64)."""
-    stats: dict[tuple[int, str], list] = {}
-    outputs: list[torch.Tensor] = []
-    with torch.inference_mode():
+    """:class:`Tracer`'s records of a whole model over every window of ``windows``."""
+    cursor = Cursor()
+    tracer = Tracer(adapter, windows.shape[0], cursor)
+    with torch.inference_mode(), tracer.attached():
         for i, window in enumerate(windows):
-            keep: list[torch.Tensor] = [] if i else outputs
-            with _hooks(adapter, stats, keep):
-                model(input_ids=window[None], use_cache=False)
-    ratios = {
-        f"{role}_input": [
-            stats[(i, role)][0] / math.sqrt(stats[(i, role)][1] / stats[(i, role)][2])
-            for i in range(adapter.num_layers)
-        ]
-        for role in TRACED_ROLES
-    }
-    return {"ratios": ratios, "outputs": outputs}
+            cursor.window = i
+            model(input_ids=window[None], use_cache=False)
+    return tracer.result()
 
 
 def per_layer_similarity(

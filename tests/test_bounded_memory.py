@@ -1,0 +1,75 @@
+"""Steps that run one layer at a time stay under a memory cap half the model's float32 size.
+
+A random qwen2 in real-model proportions (hidden 1024, 42 layers, bf16 on disk like the
+hub's, sharded) whose float32 weights are more than twice ``MAX_MEMORY``: a whole-model
+step could not even hold it, yet ``make profile`` with rotation and ``make cpu`` build it
+within the cap, as measured by the step itself (``report.json["resources"]``, the
+process's VmHWM). The tokenizer is tiny-qwen2's (vocabulary 1024).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.core.memory import parse_size
+from common.export.random_checkpoint import write_random_checkpoint
+from common.models.streaming import float32_bytes
+from tests.conftest import assert_clean_error, run_python
+
+CAP = "1.25GB"
+#: Any recipe of the model's architecture takes MODEL_PATH; this one is a qwen2.
+RECIPE = "qwen1.5-1.8b"
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -> Path:
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=42, num_attention_heads=8,
+        num_key_value_heads=8, vocab_size=1024, max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    out = write_random_checkpoint(
+        config, tmp_path_factory.mktemp("big") / "model", tokenizer_dir=tiny_qwen2_dir
+    )
+    assert float32_bytes(out) >= 2 * parse_size(CAP)
+    return out
+
+
+def _peak(report: Path) -> int:
+    resources = json.loads(report.read_text())["resources"]
+    assert resources["estimated_peak_bytes"]["total"] <= parse_size(CAP)
+    return resources["peak_rss_bytes"]
+
+
+def test_rotated_profile_within_the_cap(big_model: Path, tmp_path: Path) -> None:
+    result = run_python(
+        "-m", "common.steps.profile_cli", "profile", "--model", RECIPE, "--model-path",
+        str(big_model), "--build-dir", str(tmp_path), "--rotate", "hadamard",
+        "--num-samples", "2", "--seq-len", "64", "--max-memory", CAP,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _peak(tmp_path / RECIPE / "profile-hadamard" / "report.json") <= parse_size(CAP)
+    whole = run_python(
+        "-m", "common.steps.profile_cli", "profile", "--model", RECIPE, "--model-path",
+        str(big_model), "--build-dir", str(tmp_path / "w"), "--sequential", "0",
+        "--max-memory", CAP,
+    )  # fmt: skip
+    assert_clean_error(whole, "make profile (whole model) needs about", "SEQUENTIAL=1")
+
+
+def test_cpu_within_the_cap(big_model: Path, tmp_path: Path) -> None:
+    result = run_python(
+        "targets/cpu-fp32-rotated/build.py", "--model", RECIPE, "--model-path", str(big_model),
+        "--build-dir", str(tmp_path), "--eval-windows", "2", "--seq-len", "64",
+        "--max-memory", CAP,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / RECIPE / "cpu-fp32-rotated"
+    assert _peak(out / "report.json") <= parse_size(CAP)
+    assert (out / "model" / "model.safetensors.index.json").is_file()  # fp32: sharded
+    assert (out / "model.mllm").stat().st_size > 2 * parse_size(CAP)
