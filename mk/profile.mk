@@ -5,7 +5,7 @@
 # PROFILE=<profile.json>, THRESHOLDS, NUM_WINDOWS (sweep).
 PROFILE_ARGS = $(if $(NUM_SAMPLES),--num-samples $(NUM_SAMPLES)) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) \
 	$(if $(SEED),--seed $(SEED)) $(if $(CORPUS),--corpus $(CORPUS))
-.PHONY: profile simulate sweep bench
+.PHONY: profile simulate sweep bench bench-scale
 
 profile: venv ## streaming activation profile: build/<MODEL>/profile[-<ROTATE>]/{profile.json,report.md}
 	$(PY) -m common.steps.profile_cli profile $(MODEL_ARGS) $(PROFILE_ARGS) \
@@ -29,3 +29,7 @@ sweep: venv ## threshold sweep on an existing profile: build/<MODEL>/sweep/{repo
 bench: venv ## profiling cost vs plain inference, sequential-mode RSS: build/bench/profile.json
 	$(PY) bench/profile_bench.py --build-dir $(BUILD_DIR) $(if $(NUM_SAMPLES),--num-samples $(NUM_SAMPLES)) \
 		$(if $(SEQ_LEN),--seq-len $(SEQ_LEN))
+
+bench-scale: venv ## real-size random checkpoints through the named steps: build/bench/scale.json
+	$(PY) bench/scale.py --build-dir $(BUILD_DIR) $(if $(MODELS),--models $(MODELS)) \
+		$(if $(STEPS),--steps $(STEPS)) $(if $(QUICK),--quick)

@@ -23,6 +23,7 @@ from common.models.streaming import StreamedModel
 from common.steps.model_build import build_model
 from tests.conftest import (
     QWEN1_SUPPORTED,
+    assert_clean_error,
     assert_no_prompt,
     assert_qwen1_refused,
     build_qwen1_checkpoint,
@@ -116,3 +117,13 @@ def test_steps_without_qwen1_support_refuse_it(
     )  # fmt: skip
     assert_qwen1_refused(result, named)
     assert not (tmp_path / "qwen-7b").exists()  # refused before writing anything
+
+
+def test_rotating_qwen1_is_refused_in_one_line(tiny_qwen1_dir: Path, tmp_path: Path) -> None:
+    """Qwen1 fuses q/k/v (c_attn): rotation would have to split it, so it is refused."""
+    result = run_python(
+        "-m", "common.steps.profile_cli", "profile", "--rotate", "hadamard",
+        "--model", "qwen-7b", "--model-path", str(tiny_qwen1_dir), "--build-dir", str(tmp_path),
+        "--num-samples", "1", "--seq-len", "16",
+    )  # fmt: skip
+    assert_clean_error(result, "residual rotation needs separate", "ROTATE=none")

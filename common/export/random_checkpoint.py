@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 from common.export.checkpoint_writer import MAX_SHARD_BYTES, CheckpointWriter, TensorSpec
-from common.models.loading import TOKENIZER_FILES
+
+#: Files of the tokenizer's folder that describe that folder's own model, not the tokenizer.
+_NOT_COPIED = {"config.json", "generation_config.json", "manifest.json"}
 
 
 def _seeded(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -47,7 +49,8 @@ def write_random_checkpoint(
 ) -> Path:
     """Write a random checkpoint of ``config`` (a transformers config) into ``out``: the
     weights in ``dtype`` (shards of at most ``max_shard_bytes``), ``config.json``, and
-    the tokenizer files of ``tokenizer_dir`` (its vocabulary must fit the config's)."""
+    every other file of ``tokenizer_dir`` (tokenizer, processor, chat template; its
+    vocabulary must fit the config's)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -62,8 +65,8 @@ def write_random_checkpoint(
         for spec in specs:
             writer.add(spec.name, _seeded(spec.name, spec.shape, seed).to(dtype))
     config.save_pretrained(out)
-    if tokenizer_dir is not None:
-        for name in (*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt"):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(tokenizer_dir) / name, out / name)
+    for path in sorted(Path(tokenizer_dir).iterdir()) if tokenizer_dir is not None else ():
+        weights = path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json")
+        if path.is_file() and not weights and path.name not in _NOT_COPIED:
+            shutil.copy2(path, out / path.name)
     return out

@@ -225,12 +225,11 @@ class StreamedModel:
         return self.weights.nbytes(prefix + ".")
 
     def largest_part_bytes(self) -> int:
-        """float32 bytes of the largest part a step holds: a decoder layer, or the
-        embedding and LM head together at the ends (the head read while the norm runs)."""
+        """float32 bytes of the largest part a step holds at once: a decoder layer, or the
+        embedding (the LM head, read at the other end, is as large or, tied, the same)."""
         adapter = self.adapter
         layers = max(self.part_bytes(layer.name) for layer in adapter.layers())
-        ends = self.part_bytes(adapter.name_of("embed_tokens")) * (1 if self.tied else 2)
-        return max(layers, ends)
+        return max(layers, self.part_bytes(adapter.name_of("embed_tokens")))
 
     def layer_kwargs(self, hidden: torch.Tensor) -> dict[str, Any]:
         """What the model's own decoder stack hands every layer for whole windows of

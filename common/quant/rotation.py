@@ -444,11 +444,30 @@ def rotation_bytes(adapter: ModelAdapter) -> int:
     )
 
 
+#: The linears of a decoder layer :func:`rotate_layer` transforms, by role.
+ROTATED_ROLES = frozenset({"q", "k", "v", "o", "gate", "up", "down"})
+
+
+def check_rotatable(adapter: ModelAdapter) -> None:
+    """One line unless every decoder layer has the separate projections rotation folds
+    into (Qwen1 fuses q/k/v into one ``c_attn``, whose rows would need splitting)."""
+    layers = adapter.layers()
+    roles = set(layers[0].linears) if layers else set()
+    if not ROTATED_ROLES <= roles:
+        missing = ", ".join(sorted(ROTATED_ROLES - roles))
+        raise EdgeforgeError(
+            f"{adapter.model_type}: residual rotation needs separate {missing} projections, "
+            f"which this model fuses ({', '.join(sorted(roles))}); build it without rotation "
+            "(ROTATE=none)"
+        )
+
+
 def rotation_for(
     adapter: ModelAdapter, *, mode: str, seed: int, r_path: Path | None = None
 ) -> Rotation:
     """The rotation a build uses: read from ``r_path`` (checked against the model) or drawn
-    fresh from ``(mode, seed)``."""
+    fresh from ``(mode, seed)``; the model must have the projections rotation transforms."""
+    check_rotatable(adapter)
     if r_path is not None:
         rotation = load_rotation(r_path)
         check_rotation(rotation, adapter, f"R_path={r_path}")
