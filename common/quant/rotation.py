@@ -453,7 +453,7 @@ def check_rotatable(adapter: ModelAdapter) -> None:
     into (Qwen1 fuses q/k/v into one ``c_attn``, whose rows would need splitting)."""
     layers = adapter.layers()
     roles = set(layers[0].linears) if layers else set()
-    if not ROTATED_ROLES <= roles:
+    if not roles >= ROTATED_ROLES:
         missing = ", ".join(sorted(ROTATED_ROLES - roles))
         raise EdgeforgeError(
             f"{adapter.model_type}: residual rotation needs separate {missing} projections, "
