@@ -54,7 +54,7 @@ model: venv ## build or resolve the model directory: build/<MODEL>/model
 	$(PY) -m common.steps.cli model $(MODEL_ARGS)
 
 eval: venv ## held-out perplexity + canary prompt: build/<MODEL>/eval/report.json
-	$(PY) -m common.steps.cli eval $(MODEL_ARGS)
+	$(PY) -m common.steps.cli eval $(MODEL_ARGS) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY))
 
 test: venv ## the test suite through tox: lint, unit + integration tests, one env per target
 	$(VENV)/bin/tox

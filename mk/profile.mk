@@ -19,12 +19,12 @@ simulate: venv ## W8A8 variants + threshold sweep: build/<MODEL>/simulate/{repor
 	$(PY) -m common.steps.profile_cli simulate $(MODEL_ARGS) $(PROFILE_ARGS) \
 		$(if $(T),--t $(T)) $(if $(CLIP_ALL),--clip-all $(CLIP_ALL)) \
 		$(if $(ROTATE),--rotate $(ROTATE)) $(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) \
-		$(if $(NUM_WINDOWS),--num-windows $(NUM_WINDOWS))
+		$(if $(NUM_WINDOWS),--num-windows $(NUM_WINDOWS)) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY))
 
 sweep: venv ## threshold sweep on an existing profile: build/<MODEL>/sweep/{report.json,shadow_layers.json}
 	$(PY) -m common.steps.profile_cli sweep $(MODEL_ARGS) $(if $(PROFILE),--profile $(PROFILE)) \
 		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) $(if $(NUM_WINDOWS),--num-windows $(NUM_WINDOWS)) \
-		$(if $(SEQ_LEN),--seq-len $(SEQ_LEN))
+		$(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY))
 
 bench: venv ## profiling cost vs plain inference, sequential-mode RSS: build/bench/profile.json
 	$(PY) bench/profile_bench.py --build-dir $(BUILD_DIR) $(if $(NUM_SAMPLES),--num-samples $(NUM_SAMPLES)) \

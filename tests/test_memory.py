@@ -100,3 +100,21 @@ def test_targets_stop_before_loading(
         "MAX_MEMORY",
         "expected a size such as 16GB",
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "step"),
+    [
+        (("-m", "common.steps.cli", "eval"), "make eval needs about"),
+        (("-m", "common.steps.profile_cli", "simulate"), "make simulate needs about"),
+    ],
+)
+def test_common_steps_stop_before_loading(
+    argv: tuple[str, ...], step: str, tmp_path: Path, tiny_qwen2_dir: Path
+) -> None:
+    result = run_python(
+        *argv, "--model", "tiny-qwen2", "--model-path", str(tiny_qwen2_dir),
+        "--build-dir", str(tmp_path), "--max-memory", "1MB",
+    )  # fmt: skip
+    assert_clean_error(result, step, "over MAX_MEMORY=0.00 GiB", "set MAX_MEMORY to")
+    assert not list(tmp_path.rglob("report.json"))  # stopped before writing an output

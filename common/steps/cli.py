@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--corpus", type=Path, default=None, help="default: the shipped eval split")
     ev.add_argument("--seq-len", type=int, default=None)
     ev.add_argument("--num-windows", type=int, default=None)
+    ev.add_argument("--max-memory", default=None, help="memory cap checked up front, e.g. 16GB")
     return parser
 
 
@@ -51,6 +52,7 @@ def main() -> int:
     recipe = load_recipe(args.model)
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     if args.step == "eval":
+        from common.core.memory import parse_size
         from common.inputs.data import EVAL_CORPUS
         from common.steps.eval_step import run_eval
 
@@ -61,6 +63,7 @@ def main() -> int:
             build_dir=args.build_dir,
             seq_len=args.seq_len,
             num_windows=args.num_windows,
+            max_memory=parse_size(args.max_memory) if args.max_memory else None,
         )
     return 0
 

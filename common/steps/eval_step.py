@@ -17,6 +17,7 @@ from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
 from common.core.resources import resources_line
 from common.steps.phases import Run
+from common.steps.preflight import whole_model_preflight
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_NUM_WINDOWS = 16
@@ -55,6 +56,7 @@ def run_eval(
     build_dir: Path | None = None,
     seq_len: int | None = None,
     num_windows: int | None = None,
+    max_memory: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model_dir``; write ``build/<MODEL>/eval/{report.json,report.md,manifest.json}``.
 
@@ -69,6 +71,7 @@ def run_eval(
     refuse_remote_code(model_dir, "make eval")
     run = Run("eval", ("load", "evaluate", "package"))
     run.phase("load")
+    whole_model_preflight(run, model_dir, "make eval", max_memory, {"float32 model": 1})
     defaults = recipe.eval_defaults
     seq_len = seq_len or defaults.get("seq_len", DEFAULT_SEQ_LEN)
     num_windows = num_windows or defaults.get("num_windows", DEFAULT_NUM_WINDOWS)

@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--thresholds", default=None, help="comma list of T for the sweep")
     sim.add_argument("--eval-corpus", default=None)
     sim.add_argument("--num-windows", type=int, default=None)
+    sim.add_argument("--max-memory", default=None, help="memory cap checked up front, e.g. 16GB")
     sweep = sub.add_parser("sweep", help="threshold sweep on an existing profile")
     sweep.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
     sweep.add_argument("--build-dir", type=Path, default=None)
@@ -85,11 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--eval-corpus", default=None)
     sweep.add_argument("--num-windows", type=int, default=None)
     sweep.add_argument("--seq-len", type=int, default=None)
+    sweep.add_argument("--max-memory", default=None, help="memory cap checked up front, e.g. 16GB")
     return parser
 
 
 def main() -> int:
     args = _parser().parse_args()
+    from common.core.memory import parse_size
     from common.core.recipes import load_recipe
     from common.inputs.data import CALIB_CORPUS, EVAL_CORPUS
     from common.steps.model_build import build_model
@@ -117,6 +120,7 @@ def main() -> int:
                 else DEFAULT_THRESHOLDS,
                 num_windows=args.num_windows,
                 seq_len=args.seq_len,
+                max_memory=parse_size(args.max_memory) if args.max_memory else None,
             ),
             args.build_dir,
         )
@@ -146,8 +150,6 @@ def main() -> int:
             write_bytes_atomic(request.save_rotation, rotation)
         return 0
     if args.step == "profile":
-        from common.core.memory import parse_size
-
         settings = ProfileSettings(
             **common,
             num_samples=128 if args.num_samples is None else args.num_samples,
@@ -175,7 +177,9 @@ def main() -> int:
 
     settings = SimulateSettings(
         calibration=ProfileSettings(
-            **common, num_samples=32 if args.num_samples is None else args.num_samples
+            **common,
+            num_samples=32 if args.num_samples is None else args.num_samples,
+            max_memory=parse_size(args.max_memory) if args.max_memory else None,
         ),
         threshold=DEFAULT_T if args.t is None else args.t,
         clip_all=args.clip_all,

@@ -30,6 +30,7 @@ from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
 from common.core.resources import resources_line
 from common.steps.phases import Run
+from common.steps.preflight import whole_model_preflight
 from common.steps.profile_step import ProfileSettings, calibration_windows
 
 #: W8A16 must cost at most this ppl ratio (a failed gate exits 1 after the report).
@@ -188,6 +189,13 @@ def run_simulate(
     refuse_remote_code(model_dir, "make simulate")
     run = Run("simulate", ("calibrate", "variants", "sweep", "package"))
     run.phase("calibrate")
+    whole_model_preflight(
+        run,
+        model_dir,
+        "make simulate",
+        settings.calibration.max_memory,
+        {"reference model": 1, "variant model": 1},
+    )
     held_out = held_out_windows(
         recipe, model_dir, settings.eval_corpus, settings.num_windows, settings.seq_len
     )

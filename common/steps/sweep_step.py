@@ -22,6 +22,7 @@ from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
 from common.core.resources import resources_line
 from common.steps.phases import Run
+from common.steps.preflight import whole_model_preflight
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class SweepSettings:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     num_windows: int | None = None
     seq_len: int | None = None
+    max_memory: int | None = None  # bytes; None: what the machine has available
 
 
 def default_profile(recipe: Recipe, build_dir: Path | None) -> Path:
@@ -70,6 +72,9 @@ def run_sweep_step(
     refuse_remote_code(model_dir, "make sweep")
     run = Run("sweep", ("reference", "sweep", "package"))
     run.phase("reference")
+    whole_model_preflight(
+        run, model_dir, "make sweep", settings.max_memory, {"reference model": 1, "plan model": 1}
+    )
     held_out = held_out_windows(
         recipe, model_dir, settings.eval_corpus, settings.num_windows, settings.seq_len
     )
