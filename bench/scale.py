@@ -158,6 +158,9 @@ def run_step(model: str, step: str, build_dir: Path, quick: bool, timeout: float
     variables.update(OVERRIDES.get((model, step), {}))
     variables.update(MODEL=model, MODEL_PATH=str(ckpt), BUILD_DIR=str(step_dir),
                      MAX_MEMORY=f"{target_gib}GB")  # fmt: skip
+    profiled = step_dir.parent / "profile" / model / "profile-hadamard" / "profile.json"
+    if step == "qnn" and profiled.is_file():  # else make qnn profiles first, at full size
+        variables["PROFILE"] = str(profiled)
     command = ["make", "--no-print-directory", step, *(f"{k}={v}" for k, v in variables.items())]
     print(f"[bench-scale] {' '.join(command)}", file=sys.stderr, flush=True)
     result = _run(command, step_dir / "log.txt", timeout)

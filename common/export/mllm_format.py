@@ -44,6 +44,8 @@ DTYPE_CODES: dict[str, int] = {"float32": 0, "float16": 1, "int8": 16, "int16": 
 CODE_DTYPES: dict[int, np.dtype] = {code: np.dtype(name) for name, code in DTYPE_CODES.items()}
 
 Alignment = Literal["element", "none"]
+#: Bytes of a stored tensor compared at a time (a 151936-token head is 1.2 GiB or more).
+_COMPARE_CHUNK = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ def write_mllm_lazily(
                     f"{array.dtype} × {array.size}"
                 )
             fh.write(b"\0" * pad)
-            fh.write(array.tobytes())
+            fh.write(array.data)  # the array's own buffer: no copy of a vocab-sized matrix
 
 
 def mllm_mismatches(
@@ -180,9 +182,15 @@ def mllm_mismatches(
                 continue
             want = _as_array(entry.name, read(entry.name))
             fh.seek(entry.offset)
-            stored = np.fromfile(fh, dtype=np.uint8, count=entry.length)
             raw = want.reshape(-1).view(np.uint8)
-            same = stored.size == raw.size and np.array_equal(stored, raw)
+            same = raw.size == entry.length
+            for start in range(0, entry.length if same else 0, _COMPARE_CHUNK):
+                stored = np.fromfile(
+                    fh, dtype=np.uint8, count=min(_COMPARE_CHUNK, raw.size - start)
+                )
+                if not np.array_equal(stored, raw[start : start + stored.size]):
+                    same = False
+                    break
             if entry.dtype_code != DTYPE_CODES[want.dtype.name] or not same:
                 problems.append(entry.name)
     return problems
