@@ -374,7 +374,12 @@ def run_pulsar2(dest: Path, model_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     from common.core.recipes import load_recipe, model_build_dir
     from common.models import get_adapter
-    from common.models.loading import load_model, load_processor, load_tokenizer
+    from common.models.loading import (
+        check_model_dir,
+        load_model,
+        load_processor,
+        load_tokenizer,
+    )
     from common.steps.model_build import build_model, check_packaged_tokenizer
 
     args = parse_args(argv)
@@ -384,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     opts = resolve_target(Options, args, recipe, TARGET)
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     # the vision tower's TorchScript export holds about 2.5x its weights (a fifth of a VL model)
+    vision = 0.5 if check_model_dir(model_dir).is_vision_language else 0.0
     whole_model_preflight(
-        run, model_dir, "make axera", opts.max_memory, {"float32 model": 1, "vision export": 0.5}
+        run, model_dir, "make axera", opts.max_memory, {"float32 model": 1, "vision export": vision}
     )
     model = load_model(model_dir)
     adapter = get_adapter(model)
