@@ -1,6 +1,7 @@
 """GPTQ rounding (common/quant/gptq.py, common/backends/sequential_gptq.py) against
 round-to-nearest: same grid, smaller output error on correlated inputs, exact RTN when
-inputs are white."""
+inputs are white; and bit for bit against a plain reference (the paper's loop in torch, one
+Hessian per linear over whole forward passes), which the fast paths must match."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from common.backends.sequential_gptq import sequential_gptq
+from common.backends.sequential_gptq import _round_and_run, sequential_gptq
 from common.core.errors import EdgeforgeError
-from common.models import get_adapter, iter_linears
+from common.export import piece_export as pe
+from common.models import ModelAdapter, get_adapter, iter_linears
 from common.models.loading import load_model
-from common.quant.gptq import HessianObserver, gptq_levels
-from common.quant.int8 import dequantize, quantize, quantize_weight, weight_scale
+from common.models.static_decoder import BlockPiece, piece_dims, rotary_table
+from common.quant.gptq import BLOCK, DAMP, HessianObserver, gptq_levels
+from common.quant.int8 import dequantize, qmax, quantize, quantize_weight, weight_scale
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -34,6 +38,109 @@ def _hessian(x: torch.Tensor) -> torch.Tensor:
     for part in x.split(100):
         observer.observe(part)
     return observer.hessian()
+
+
+def _reference_levels(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int = 8, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gptq_levels` as plain torch: the column loop tensor op by tensor op."""
+    w = weight.detach().float().clone()
+    columns = w.shape[1]
+    scale = weight_scale(weight, "per_channel", bits)
+    h = hessian.to(torch.float64).clone()
+    diag = torch.diagonal(h)
+    diag[diag == 0] = 1.0
+    order = torch.argsort(diag, descending=True, stable=True)
+    w, h = w[:, order], h[order][:, order]
+    h += torch.eye(columns, dtype=torch.float64) * (DAMP * torch.diagonal(h).mean())
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    h_inv = h_inv.float()
+    lo, hi = -qmax(bits) - 1, qmax(bits)
+    levels = torch.zeros_like(w)
+    for start in range(0, columns, block):
+        stop = min(start + block, columns)
+        chunk = w[:, start:stop].clone()
+        errors = torch.zeros_like(chunk)
+        inv = h_inv[start:stop, start:stop]
+        for i in range(stop - start):
+            q = torch.round(chunk[:, i : i + 1] / scale).clamp_(lo, hi)
+            levels[:, start + i] = q[:, 0]
+            error = (chunk[:, i] - (q * scale)[:, 0]) / inv[i, i]
+            chunk[:, i:] -= error[:, None] * inv[i, i:][None, :]
+            errors[:, i] = error
+        w[:, stop:] -= errors @ h_inv[start:stop, stop:]
+    return levels[:, torch.argsort(order)].to(torch.int8), scale
+
+
+def _reference_sequential(
+    adapter: ModelAdapter, windows: torch.Tensor, bits: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sequential_gptq` written plainly: an observer per linear, whole forward
+    passes, :func:`_reference_levels`."""
+    seq_len = windows.shape[1]
+    fixed = pe.prefill_inputs(windows[0].tolist(), seq_len)
+    positions = torch.from_numpy(fixed["position_ids"]).long()
+    mask = torch.from_numpy(fixed["attention_mask"])
+    dims, (cos, sin) = piece_dims(adapter, seq_len), rotary_table(adapter, seq_len)
+    stages = []
+    for layer in adapter.layers():
+        block = BlockPiece(layer, dims, cos, sin)
+        stages.append(
+            (
+                {layer.linear_names[r]: m for r, m in layer.linears.items()},
+                lambda h, b=block: b(h, positions, mask)[0],
+            )
+        )
+    norm, head = adapter.final_norm(), adapter.lm_head()
+    stages.append(({adapter.lm_head_path: head}, lambda h: head(norm(h))))
+    levels: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        hidden = [adapter.embed_tokens()(w[None].long()) for w in windows]
+        for linears, run in stages:
+            observers = {n: HessianObserver(m.in_features) for n, m in linears.items()}
+            hooks = [
+                m.register_forward_pre_hook(lambda _m, args, o=observers[n]: o.observe(args[0]))
+                for n, m in linears.items()
+            ]
+            for h in hidden:
+                run(h)
+            for hook in hooks:
+                hook.remove()
+            originals = {}
+            for name, linear in linears.items():
+                levels[name] = _reference_levels(linear.weight, observers[name].hessian(), bits)
+                originals[name] = linear.weight.data
+                linear.weight.data = dequantize(*levels[name])
+            hidden = [run(h) for h in hidden]
+            for name, linear in linears.items():
+                linear.weight.data = originals[name]
+    return levels
+
+
+@pytest.mark.parametrize(
+    ("out", "columns", "bits", "block", "dead"),
+    [
+        (48, 64, 8, BLOCK, ()),
+        (40, 300, 8, BLOCK, (5, 77, 299)),  # blocks of 128, 128, 44; inputs that never fire
+        (33, 100, 4, 16, ()),
+        (64, 257, 4, BLOCK, (0,)),
+    ],
+)
+def test_levels_equal_the_reference_loop(
+    out: int, columns: int, bits: int, block: int, dead: tuple[int, ...]
+) -> None:
+    """The kernel rounds exactly as the tensor loop: the same levels bit for bit, and the
+    Hessian (shared by linears that read one input) is left as it was."""
+    x = _correlated_inputs(1500, columns, seed=6, rows_seed=13)
+    x[:, list(dead)] = 0.0
+    hessian = _hessian(x)
+    kept = hessian.clone()
+    w = torch.randn(out, columns, generator=_gen(7))
+    levels, scale = gptq_levels(w, hessian, bits, block=block)
+    want, want_scale = _reference_levels(w, hessian, bits, block)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(levels, want), int((levels != want).sum())
+    assert torch.equal(hessian, kept)
 
 
 def test_white_inputs_give_round_to_nearest() -> None:
@@ -73,6 +180,37 @@ def test_dead_inputs_and_bad_shapes() -> None:
         gptq_levels(w, torch.eye(31))
     with pytest.raises(EdgeforgeError, match="no calibration rows"):
         HessianObserver(8).hessian()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sequential_gptq_equals_the_reference(tiny_qwen2_dir: Path, bits: int) -> None:
+    """Shared Hessians (q/k/v, gate/up), passes stopped at the last linear's input and the
+    kernel give the plain computation's levels bit for bit: a linear given another's
+    Hessian, or a Hessian missing rows, changes them."""
+    adapter = get_adapter(load_model(tiny_qwen2_dir))
+    calib = torch.randint(0, adapter.vocab_size, (6, 24), generator=_gen(8))
+    got = sequential_gptq(adapter, calib, bits, progress=False)
+    want = _reference_sequential(adapter, calib, bits)
+    assert list(got) == list(want)
+    for name, (levels, scale) in want.items():
+        assert torch.equal(got[name][1], scale), name
+        assert torch.equal(got[name][0], levels), name
+
+
+def test_inputs_must_be_shared_alike() -> None:
+    """Hessians are shared by input identity, so every pass must share as the first did;
+    a linear that never runs has no Hessian."""
+    a, b, c = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 4)
+    hidden = [torch.randn(1, 8, 8, generator=_gen(9)) for _ in range(2)]
+    passes = iter([True, False])
+
+    def run(h: torch.Tensor) -> torch.Tensor:
+        return a(h) + b(h if next(passes) else h.clone())
+
+    with pytest.raises(EdgeforgeError, match="shares its input unlike in the first pass"):
+        _round_and_run({"a": a, "b": b}, run, hidden, 8, {}, propagate=False)
+    with pytest.raises(EdgeforgeError, match="c saw no calibration rows"):
+        _round_and_run({"a": a, "c": c}, a, hidden, 8, {}, propagate=False)
 
 
 def test_sequential_gptq_on_tiny_model(tiny_qwen2_dir: Path) -> None:
