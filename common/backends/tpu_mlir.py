@@ -11,6 +11,8 @@ lines are in the error when a step fails. The tools print their own numerical ve
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -23,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from common.core.errors import EdgeforgeError
+from common.core.piece_cache import PieceCache, cache_key
+from common.export.onnx_files import data_file
 from common.export.piece_export import Piece, PieceRunner, example_inputs
 from common.models.base import ModelAdapter
 from common.quant.schemes import (
@@ -467,21 +471,52 @@ class Simulator:
         self.close()
 
 
+def _saved_build(entry: Path) -> PieceBuild:
+    """A :class:`PieceBuild` read back from its cache entry's ``build.json``."""
+    record = json.loads((entry / "build.json").read_text())
+    return PieceBuild(
+        record["name"],
+        entry / record["bmodel"],
+        tuple(Compare(**c) for c in record["compares"]),
+        tuple(entry / log for log in record["logs"]),
+        tuple(record["seconds"]),
+    )
+
+
+def _save_build(build: PieceBuild, entry: Path) -> None:
+    """Write ``build.json`` beside the piece's outputs (paths relative to the entry)."""
+    record = {
+        "name": build.name,
+        "bmodel": str(build.bmodel.relative_to(entry.absolute())),
+        "compares": [dataclasses.asdict(c) for c in build.compares],
+        "logs": [str(log.relative_to(entry.absolute())) for log in build.logs],
+        "seconds": list(build.seconds),
+    }
+    (entry / "build.json").write_text(json.dumps(record, indent=1))
+
+
 def compile_pieces(
     toolchain: Toolchain,
     pieces: Sequence[Piece],
     vocab_size: int,
     mode: str,
     chip: str,
-    workdir: Path,
+    cache: PieceCache,
     jobs: int | None = None,
     q_group_size: int = 64,
 ) -> list[PieceBuild]:
-    """Compile every piece in its own directory, up to ``jobs`` (default: the core count)
-    at once; each tool is a separate process, so threads are enough to overlap them."""
+    """Compile every piece in its own entry of ``cache``, up to ``jobs`` (default: the core
+    count) at once; each tool is a separate process, so threads are enough to overlap them.
+
+    A piece whose entry exists (same ONNX bytes, shapes, mode, chip, group size and
+    toolchain) was compiled by an earlier run, perhaps one that was killed: it is reused,
+    so a rerun continues from the last complete piece (``cache.reused`` names them).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
+
+    version = toolchain.version()
 
     def one(piece: Piece) -> PieceBuild:
         inputs = {
@@ -490,10 +525,20 @@ def compile_pieces(
                 piece.inputs, example_inputs(piece.inputs, vocab_size), strict=True
             )
         }
-        return compile_piece(
-            toolchain, piece.name, piece.kind, piece.path, inputs, mode, chip,
-            workdir / piece.name, q_group_size,
-        )  # fmt: skip
+        key = cache_key({
+            "onnx": piece.path, "onnx_data": data_file(piece.path), "kind": piece.kind,
+            "inputs": [list(spec) for spec in piece.inputs], "vocab_size": vocab_size,
+            "mode": mode, "chip": chip, "q_group_size": q_group_size, "tpu_mlir": version,
+        })  # fmt: skip
+
+        def build(entry: Path) -> None:
+            built = compile_piece(
+                toolchain, piece.name, piece.kind, piece.path, inputs, mode, chip, entry,
+                q_group_size,
+            )  # fmt: skip
+            _save_build(built, entry)
+
+        return _saved_build(cache.fetch_or_build(piece.name, key, build))
 
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         return list(tqdm(pool.map(one, pieces), total=len(pieces), desc=f"compile {mode}"))

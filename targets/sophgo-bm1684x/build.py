@@ -11,7 +11,10 @@ the simulated nets (prefill, then the KV-cache decode pieces) is compared token 
 Hugging Face ``generate``. The package — bmodel, tokenizer/config files, ``manifest.json``,
 ``report.json``/``report.md`` with per-step timings and, once both routes are built, a table
 comparing them — lands in ``build/<MODEL>/sophgo-bm1684x/<mode>[-<chip>][-llm_convert]/``;
-intermediates and per-step logs in ``.../work-<same>/``.
+intermediates in ``.../work-<same>/``. Each compiled piece (bmodel and tool logs) is kept in
+``.../compiled-<same>/<piece>.<key>/`` (:mod:`common.core.piece_cache`), keyed by its ONNX
+bytes, options and toolchain, so a run that is killed or fails continues, when run again,
+from the last complete piece; a successful run prunes the entries it did not use.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from common.core.options import (
     target_parser,
 )
 from common.core.paths import REPO_ROOT
+from common.core.piece_cache import PieceCache
 from common.core.records import atomic_path, build_manifest, dumps_json
 from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import copy_tokenizer_files, describe
@@ -352,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     label = package_name(opts)
     work = root / f"work-{label}"
     shutil.rmtree(work, ignore_errors=True)
+    # Compiled pieces outlive a killed run: the next one continues from the last complete one.
+    compiled = PieceCache(root / f"compiled-{label}")
     bmodel_name = f"{recipe.name}_{opts['mode']}_seq{dims.seq_len}_1dev.bmodel"
     watch = Stopwatch()
     run.phase("export")
@@ -370,11 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     compile_info: dict[str, tuple[list[float], list[float]]] = {}
     if opts["route"] == "onnx":
         builds = compile_pieces(
-            toolchain, pieces, dims.vocab_size, opts["mode"], opts["chip"], work / "compile",
+            toolchain, pieces, dims.vocab_size, opts["mode"], opts["chip"], compiled,
             options.jobs, opts["q_group_size"],
         )  # fmt: skip
         compile_info = {b.name: ([c.cos for c in b.compares], list(b.seconds)) for b in builds}
-        run.log(f"compiled {len(builds)} pieces in {watch.lap('compile pieces'):.0f} s")
+        reused = f" ({len(compiled.reused)} reused from an earlier run)" if compiled.reused else ""
+        run.log(f"compiled {len(builds)} pieces{reused} in {watch.lap('compile pieces'):.0f} s")
         bmodel = combine(toolchain, [b.bmodel for b in builds], work / bmodel_name, work)
         watch.lap("combine")
         notes.append(
@@ -526,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             "kv_decode_total_tokens": len(decode_expected),
             "notes": notes,
             "routes_compared": [other["route"] for other in others],
+            "compiled_pieces_reused": compiled.reused,
             "gates": records(checks),
             "passed": all(g.passed for g in checks),
         }
@@ -539,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             options=opts, toolchains={"tpu_mlir": version},
         )  # fmt: skip
         (tmp / "manifest.json").write_text(dumps_json(manifest))
+    compiled.prune()  # the package is written: only this build's pieces are worth keeping
     worst = min(scores.values())
     run.finish()
     run.log(

@@ -64,13 +64,19 @@ def test_missing_toolchain(session_build: Path, tmp_path: Path) -> None:
     assert_clean_error(result, "make sophgo-toolchain")
 
 
-def test_tiny_qwen2_bf16_package(session_build: Path, tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_bf16(session_build: Path, tiny_qwen2_dir: Path) -> Path:
+    """An uninterrupted bf16 build of tiny-qwen2 at SEQ 64; its package folder."""
     result = run_build(
         "--model", "tiny-qwen2", "--build-dir", str(session_build), "--seq-len", "64",
         "--max-new-tokens", "8",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    out = session_build / "tiny-qwen2" / "sophgo-bm1684x" / "bf16"
+    return session_build / "tiny-qwen2" / "sophgo-bm1684x" / "bf16"
+
+
+def test_tiny_qwen2_bf16_package(tiny_bf16: Path, tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    out = tiny_bf16
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "bf16" and report["chip"] == "bm1684x"
     assert report["tpu_mlir_version"] == "1.30.2"
@@ -167,3 +173,45 @@ def test_every_mode_has_gates() -> None:
     sophgo_build = import_target("sophgo-bm1684x")
     for table in ("PIECE_GATE", "GREEDY_GATE", "VENDOR_LOGITS_GATE"):
         assert set(getattr(sophgo_build, table)) == set(QUANTIZE), table
+
+
+def test_killed_build_continues_from_its_last_compiled_piece(
+    tmp_path: Path, tiny_qwen2_dir: Path, tiny_bf16: Path
+) -> None:
+    """Kill a build (SIGKILL, no cleanup) once three pieces are compiled; the same command
+    then compiles only the rest and gives the numbers of an uninterrupted build."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--model", "tiny-qwen2", "--model-path", str(tiny_qwen2_dir), "--build-dir",
+            str(tmp_path), "--seq-len", "64", "--max-new-tokens", "8"]  # fmt: skip
+    cache = tmp_path / "tiny-qwen2" / "sophgo-bm1684x" / "compiled-bf16"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [p for p in cache.glob("*") if not p.name.startswith(".")] if cache.is_dir() else []
+        if len(done) >= 3:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = {p.name for p in cache.iterdir() if not p.name.startswith(".")}
+    assert 3 <= len(kept) < 2 * 2 + 5, kept  # killed midway, complete entries only
+    result = run_build(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "tiny-qwen2/sophgo-bm1684x/bf16/report.json").read_text())
+    assert len(report["compiled_pieces_reused"]) >= 3
+    assert "reused from an earlier run" in result.stderr
+    assert kept <= {p.name for p in cache.iterdir()}  # the same entries served the rerun
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # dead temporaries gone
+    want = json.loads((tiny_bf16 / "report.json").read_text())  # uninterrupted, same inputs
+    assert [(p["name"], p["cos"]) for p in report["pieces"]] == [
+        (p["name"], p["cos"]) for p in want["pieces"]
+    ]
+    assert report["kv_decode_tokens"] == want["kv_decode_tokens"]
