@@ -216,6 +216,7 @@ def test_profile_cli_deterministic_and_complete(
         ({"corpus": "/nonexistent/corpus.jsonl"}, "dataset_path"),
         ({"corpus": str(REPO_ROOT / "pyproject.toml")}, "dataset_path"),
         ({"rotate": "hadamard", "r_path": "x.safetensors"}, "mutually exclusive"),
+        ({"rotate": "bogus"}, "ROTATE=bogus: expected one of hadamard, orthogonal or none"),
         ({"sequential": False, "max_memory": 1024}, "SEQUENTIAL=1 (one layer at a time) needs"),
         ({"max_memory": 1024}, "over MAX_MEMORY=0.00 GiB; lower NUM_SAMPLES"),
     ],

@@ -155,7 +155,7 @@ def main() -> int:
             num_samples=128 if args.num_samples is None else args.num_samples,
             sequential=args.sequential,
             max_memory=parse_size(args.max_memory) if args.max_memory else None,
-            rotate=args.rotate,
+            rotate=None if args.rotate in (None, "", "none") else args.rotate,
             r_path=args.r_path,
             online_down=args.online_down,
             images=args.images,

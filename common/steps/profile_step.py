@@ -21,6 +21,7 @@ from common.core.memory import Estimate, MemoryCap
 from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_json_atomic
 from common.core.resources import gib
+from common.quant.hadamard import ROTATE_MODES
 from common.steps.phases import Run
 
 DEFAULT_NUM_SAMPLES = 128
@@ -69,6 +70,10 @@ class ProfileSettings:
             raise EdgeforgeError(f"num_samples: must be an integer ≥ 1, got {self.num_samples!r}")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise EdgeforgeError(f"seq_len: must be an integer ≥ 2, got {self.seq_len!r}")
+        if self.rotate and self.rotate not in ROTATE_MODES:
+            raise EdgeforgeError(
+                f"ROTATE={self.rotate}: expected one of {', '.join(ROTATE_MODES)} or none"
+            )
         if self.rotate and self.r_path:
             raise EdgeforgeError(
                 "random_rotate and R_path are mutually exclusive: give one rotation source"
