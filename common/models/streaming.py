@@ -67,10 +67,19 @@ class LazyWeights:
 
     def read_into(self, key: str, out: torch.Tensor) -> None:
         """Fill the float32 ``out`` from ``key``: straight into its memory when the stored
-        tensor is float32 too (no second copy of the largest tensors)."""
-        file, data_start, entry = self.where.get(key, (None, 0, {}))
-        if file is None or entry["dtype"] != "F32" or list(out.shape) != entry["shape"]:
-            out.copy_(self.tensor(key))  # names the missing key / converts / shape-checks
+        tensor is float32 too (no second copy of the largest tensors), else from one
+        buffer of the stored size, converted as it is copied (a bf16 151936 × 4096
+        embedding needs 1.2 GiB beside ``out``, not 3.5)."""
+        if key not in self.where:
+            raise EdgeforgeError(f"{self.model_dir}: the checkpoint lacks tensor {key!r}")
+        file, data_start, entry = self.where[key]
+        if list(out.shape) != entry["shape"]:
+            raise EdgeforgeError(
+                f"{file}: tensor {key!r} has shape {entry['shape']} but config.json makes it "
+                f"{list(out.shape)}; the checkpoint does not match its config"
+            )
+        if entry["dtype"] != "F32":
+            out.copy_(self._stored(key))
             return
         begin, end = entry["data_offsets"]
         with file.open("rb") as fh:
@@ -79,8 +88,8 @@ class LazyWeights:
         if got != end - begin:
             raise EdgeforgeError(f"{file}: tensor {key!r} is truncated; copy the checkpoint again")
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """``key`` as a float32 tensor (one stored-size buffer while converting)."""
+    def _stored(self, key: str) -> torch.Tensor:
+        """``key`` in its stored dtype, read into a buffer of its own."""
         if key not in self.where:
             raise EdgeforgeError(f"{self.model_dir}: the checkpoint lacks tensor {key!r}")
         file, data_start, entry = self.where[key]
@@ -96,7 +105,11 @@ class LazyWeights:
             fh.seek(data_start + begin)
             fh.readinto(buffer)
         flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-        return flat.reshape(entry["shape"]).float()
+        return flat.reshape(entry["shape"])
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """``key`` as a float32 tensor (one stored-size buffer while converting)."""
+        return self._stored(key).float()
 
     def nbytes(self, prefix: str) -> int:
         """float32 bytes of every tensor under ``prefix`` (what materializing it costs)."""
@@ -231,15 +244,8 @@ class StreamedModel:
         layers = max(self.part_bytes(layer.name) for layer in adapter.layers())
         return max(layers, self.part_bytes(adapter.name_of("embed_tokens")))
 
-    def layer_kwargs(self, hidden: torch.Tensor) -> dict[str, Any]:
-        """What the model's own decoder stack hands every layer for whole windows of
-        ``hidden``'s length, without a cache (causal mask, rotary tables)."""
-        if isinstance(self.adapter, QwenAdapter):
-            return _qwen1_layer_kwargs(self.adapter, hidden.shape[1])
-        return _transformers_layer_kwargs(self.adapter, hidden)
-
     def check_layerwise(self, remedy: str) -> None:
-        """Refuse what :meth:`layer_kwargs` cannot feed a layer: a vision-language model
+        """Refuse what :func:`layer_kwargs` cannot feed a layer: a vision-language model
         (image tokens and their M-RoPE positions come from the vision tower) and layers
         that are not plain causal attention over the whole window (the one mask built).
         ``remedy`` tells the user what to run instead."""
@@ -254,6 +260,15 @@ class StreamedModel:
                 f"{self.path / 'config.json'}: {'; '.join(departures)}; layer-by-layer runs "
                 f"build one full causal mask for every layer — {remedy}"
             )
+
+
+def layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> dict[str, Any]:
+    """What the model's own decoder stack hands every layer for whole windows of
+    ``hidden``'s length, without a cache (causal mask, rotary tables). Only the adapter's
+    config and buffers are read, so a model on meta will do."""
+    if isinstance(adapter, QwenAdapter):
+        return _qwen1_layer_kwargs(adapter, hidden.shape[1])
+    return _transformers_layer_kwargs(adapter, hidden)
 
 
 def _transformers_layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> dict[str, Any]:
