@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.analysis.eval import compare_logits
-from common.analysis.layerwise import head, run_layers
+from common.analysis.layerwise import Parts, head, run_layers
 from common.core.errors import EdgeforgeError
 from common.export import checkpoint_writer
 from common.export.checkpoint_writer import CheckpointWriter, TensorSpec, write_transformed
@@ -102,9 +102,10 @@ def test_layerwise_logits_equal_the_whole_model(tiny_qwen2_dir: Path) -> None:
     """Embedding, layers one at a time, then the head: the whole model's logits bit for bit."""
     windows = eval_windows([EVAL_CORPUS], load_tokenizer(tiny_qwen2_dir), 3, 48)
     streamed = StreamedModel(tiny_qwen2_dir)
-    hidden = run_layers(streamed, windows)
+    parts = Parts(streamed.adapter, streamed)
+    hidden = run_layers(parts, windows)
     model = load_model(tiny_qwen2_dir)
-    with head(streamed) as logits, torch.inference_mode():
+    with head(parts) as logits, torch.inference_mode():
         for i, window in enumerate(windows):
             want = model(input_ids=window[None], use_cache=False).logits
             assert torch.equal(logits(hidden[i : i + 1]), want)

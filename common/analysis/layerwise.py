@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common.models.streaming import StreamedModel
+from common.models import DecoderLayer, ModelAdapter
+from common.models.streaming import StreamedModel, layer_kwargs
 from common.quant.transforms import Transforms
 
 
@@ -35,53 +36,95 @@ class Cursor:
     window: int = -1
 
 
+class Parts:
+    """A model's parts as a step uses them: each materialized (and transformed) for a
+    ``with`` block and released after it.
+
+    Over a :class:`~common.models.streaming.StreamedModel` each block reads its part from
+    the checkpoint; over a whole model already in memory (``streamed`` None, transformed
+    once up front) the blocks only hand out the modules, so one step's code serves both.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        streamed: StreamedModel | None = None,
+        transforms: Transforms | None = None,
+    ) -> None:
+        self.adapter, self.streamed = adapter, streamed
+        self.transforms = transforms or Transforms()
+
+    @contextmanager
+    def embedding(self) -> Iterator[torch.nn.Module]:
+        module = self.adapter.embed_tokens()
+        if self.streamed is None:
+            yield module
+            return
+        with self.streamed.loaded(module, self.adapter.name_of("embed_tokens")):
+            self.transforms.embedding(self.adapter)
+            yield module
+
+    @contextmanager
+    def layer(self, layer: DecoderLayer) -> Iterator[DecoderLayer]:
+        if self.streamed is None:
+            yield layer
+            return
+        with self.streamed.loaded(layer.module, layer.name):
+            handle = self.transforms.layer(self.adapter, layer)
+            try:
+                yield layer
+            finally:
+                if handle is not None:
+                    handle.remove()
+
+    @contextmanager
+    def head(self) -> Iterator[tuple[torch.nn.Module, torch.nn.Module]]:
+        """The final norm and the LM head."""
+        adapter = self.adapter
+        norm, lm_head = adapter.final_norm(), adapter.lm_head()
+        if self.streamed is None:
+            yield norm, lm_head
+            return
+        with (
+            self.streamed.loaded(norm, adapter.name_of("final_norm")),
+            self.streamed.loaded(lm_head, adapter.lm_head_path),
+        ):
+            self.transforms.head(adapter)
+            yield norm, lm_head
+
+
 def run_layers(
-    streamed: StreamedModel,
+    parts: Parts,
     windows: torch.Tensor,
     *,
-    transforms: Transforms | None = None,
     cursor: Cursor | None = None,
     bar: tqdm | None = None,
 ) -> torch.Tensor:
     """The hidden states ``[n, seq, hidden]`` after the last decoder layer (before the
-    final norm) of every window of ``windows`` ``[n, seq]``, each part transformed by
-    ``transforms`` as it is read; ``bar`` advances by each window's tokens per layer."""
-    adapter = streamed.adapter
-    transforms = transforms or Transforms()
+    final norm) of every window of ``windows`` ``[n, seq]``, each part read (and
+    transformed) by ``parts`` for its turn; ``bar`` advances by each window's tokens per
+    layer."""
     cursor = cursor or Cursor()
     with torch.inference_mode():
-        with streamed.loaded(adapter.embed_tokens(), adapter.name_of("embed_tokens")) as embed:
-            transforms.embedding(adapter)
+        with parts.embedding() as embed:
             hidden = embed(windows)
-        layer_kwargs = streamed.layer_kwargs(hidden)
-        for layer in adapter.layers():
-            with streamed.loaded(layer.module, layer.name):
-                handle = transforms.layer(adapter, layer)
+        kwargs = layer_kwargs(parts.adapter, hidden)
+        for layer in parts.adapter.layers():
+            with parts.layer(layer):
                 out = torch.empty_like(hidden)
                 for i in range(hidden.shape[0]):
                     cursor.window = i
-                    out[i] = layer.module(hidden[i : i + 1], **layer_kwargs)[0]
+                    out[i] = layer.module(hidden[i : i + 1], **kwargs)[0]
                     if bar is not None:
                         bar.update(windows.shape[1])
                 hidden = out
-                if handle is not None:
-                    handle.remove()
     cursor.window = -1
     return hidden
 
 
 @contextmanager
-def head(
-    streamed: StreamedModel, transforms: Transforms | None = None
-) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+def head(parts: Parts) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """The final norm and LM head, read (and transformed) for the block, as one function
     of ``[1, seq, hidden]`` hidden states to ``[1, seq, vocab]`` logits."""
-    adapter = streamed.adapter
-    norm, lm_head = adapter.final_norm(), adapter.lm_head()
-    with (
-        streamed.loaded(norm, adapter.name_of("final_norm")),
-        streamed.loaded(lm_head, adapter.lm_head_path),
-        torch.inference_mode(),
-    ):
-        (transforms or Transforms()).head(adapter)
+    with parts.head() as (norm, lm_head), torch.inference_mode():
         yield lambda hidden: lm_head(norm(hidden))

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.analysis.layerwise import head, run_layers
+from common.analysis.layerwise import Parts, head, run_layers
 from common.analysis.observers import TensorObserver
 from common.core.errors import EdgeforgeError
 from common.models import ModelAdapter, get_adapter, iter_linears
@@ -203,8 +203,9 @@ def profile_sequential(
     profiler = ActivationProfiler(adapter, no_bias=no_bias, exact=exact)
     bar = _progress(windows.numel() * (adapter.num_layers + 1), "profile (sequential)")
     with profiler.attached():
-        hidden = run_layers(streamed, windows, transforms=transforms, bar=bar)
-        with head(streamed, transforms) as logits:
+        parts = Parts(adapter, streamed, transforms)
+        hidden = run_layers(parts, windows, bar=bar)
+        with head(parts) as logits:
             for i in range(hidden.shape[0]):
                 logits(hidden[i : i + 1])
                 bar.update(windows.shape[1])

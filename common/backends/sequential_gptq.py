@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.analysis.layerwise import Parts
 from common.core.errors import EdgeforgeError
 from common.export import piece_export as pe
 from common.models import ModelAdapter
@@ -129,28 +130,37 @@ def _round_and_run(
 
 
 def sequential_gptq(
-    adapter: ModelAdapter, windows: torch.Tensor, bits: int, *, progress: bool = True
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    bits: int,
+    *,
+    progress: bool = True,
+    parts: Parts | None = None,
 ) -> Levels:
     """GPTQ levels of every decoder linear and the LM head, from ``windows`` ``[N, S]``
-    (token ids, each a full causal sequence from position 0)."""
+    (token ids, each a full causal sequence from position 0). ``parts`` reads a streamed
+    model's parts one at a time (:class:`~common.analysis.layerwise.Parts`)."""
     seq_len = windows.shape[1]
     dims = piece_dims(adapter, seq_len)
     cos, sin = rotary_table(adapter, seq_len)
     fixed = pe.prefill_inputs(windows[0].tolist(), seq_len)
     positions = torch.from_numpy(fixed["position_ids"]).long()
     mask = torch.from_numpy(fixed["attention_mask"])
-    with torch.no_grad():
-        hidden = [adapter.embed_tokens()(w[None].long()) for w in windows]
+    parts = parts or Parts(adapter)
+    with torch.no_grad(), parts.embedding() as embed:
+        hidden = [embed(w[None].long()) for w in windows]
     levels: Levels = {}
     layers = adapter.layers()
     for layer in tqdm(layers, desc="gptq", disable=not progress):
-        block = BlockPiece(layer, dims, cos, sin)
-        linears = {layer.linear_names[r]: m for r, m in layer.linears.items()}
-        hidden = _round_and_run(
-            linears, lambda h, b=block: b(h, positions, mask)[0], hidden, bits, levels
-        )
-    norm, head = adapter.final_norm(), adapter.lm_head()
-    _round_and_run(
-        {adapter.lm_head_path: head}, lambda h: head(norm(h)), hidden, bits, levels, propagate=False
-    )
+        with parts.layer(layer):
+            block = BlockPiece(layer, dims, cos, sin)
+            linears = {layer.linear_names[r]: m for r, m in layer.linears.items()}
+            hidden = _round_and_run(
+                linears, lambda h, b=block: b(h, positions, mask)[0], hidden, bits, levels
+            )
+    with parts.head() as (norm, head):
+        _round_and_run(
+            {adapter.lm_head_path: head}, lambda h: head(norm(h)), hidden, bits, levels,
+            propagate=False,
+        )  # fmt: skip
     return levels

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.analysis.layerwise import Parts
 from common.core.errors import EdgeforgeError
 from common.export.onnx_files import onnx_destination
 from common.models.base import ModelAdapter
@@ -158,17 +159,28 @@ def _export(module: nn.Module, dest: Path, specs: tuple, outputs: tuple[str, ...
         )
 
 
-def iter_pieces(adapter: ModelAdapter, dims: PieceDims) -> Iterator[tuple[str, str, nn.Module]]:
+def iter_pieces(
+    adapter: ModelAdapter, dims: PieceDims, parts: Parts | None = None
+) -> Iterator[tuple[str, str, nn.Module]]:
     """``(piece name, piece kind, wrapper module)`` for every piece of the model, in the
-    order a runtime calls them."""
+    order a runtime calls them. With ``parts`` over a streamed model, each part is read
+    (and transformed) while its pieces are handed out and released before the next."""
+    parts = parts or Parts(adapter)
     cos, sin = rotary_table(adapter, dims.seq_len)
-    embed = EmbeddingPiece(adapter.embed_tokens())
-    yield "embedding", "embedding", embed
-    yield "embedding_cache", "embedding_cache", embed
+    with parts.embedding() as module:
+        embed = EmbeddingPiece(module)
+        yield "embedding", "embedding", embed
+        yield "embedding_cache", "embedding_cache", embed
     for layer in adapter.layers():
-        yield f"block_{layer.index}", "block", BlockPiece(layer, dims, cos, sin)
-        yield f"block_cache_{layer.index}", "block_cache", BlockCachePiece(layer, dims, cos, sin)
-    yield "lm_head", "lm_head", LmHeadPiece(adapter.final_norm(), adapter.lm_head())
+        with parts.layer(layer):
+            yield f"block_{layer.index}", "block", BlockPiece(layer, dims, cos, sin)
+            yield (
+                f"block_cache_{layer.index}",
+                "block_cache",
+                BlockCachePiece(layer, dims, cos, sin),
+            )
+    with parts.head() as (norm, lm_head):
+        yield "lm_head", "lm_head", LmHeadPiece(norm, lm_head)
     yield "greedy_head", "greedy_head", GreedyHead()
     yield "penalty_sample_head", "penalty_sample_head", PenaltySampleHead()
 
@@ -179,10 +191,12 @@ def export_pieces(
     out_dir: Path,
     only: Callable[[str], bool] | None = None,
     progress: bool = True,
+    parts: Parts | None = None,
 ) -> list[Piece]:
     """Export every piece (or those ``only`` accepts) to ``out_dir/<name>.onnx`` (with
     ``<name>.onnx.data`` beside a piece over
-    :data:`common.export.onnx_files.EXTERNAL_DATA_BYTES`: copy both).
+    :data:`common.export.onnx_files.EXTERNAL_DATA_BYTES`: copy both); ``parts`` reads a
+    streamed model's parts one at a time (:func:`iter_pieces`).
 
     The model must be float32 (the export fixes dtypes into the graph). Returns the pieces
     in call order with their signatures, which the compile step passes on as input shapes.
@@ -190,7 +204,7 @@ def export_pieces(
     if adapter.embed_tokens().weight.dtype != torch.float32:
         raise EdgeforgeError("piece export: load the model in float32 (load_model default)")
     dims = piece_dims(adapter, seq_len)
-    return export_modules(iter_pieces(adapter, dims), dims, out_dir, only, progress)
+    return export_modules(iter_pieces(adapter, dims, parts), dims, out_dir, only, progress)
 
 
 def export_modules(
@@ -202,18 +216,24 @@ def export_modules(
 ) -> list[Piece]:
     """Export ``(name, kind, module)`` wrappers with :func:`piece_signatures` ``(dims)``'s
     inputs and outputs for their kind: the one export loop for every family's pieces (a
-    family with its own wrappers, such as Qwen1's remote-code blocks, passes them here)."""
+    family with its own wrappers, such as Qwen1's remote-code blocks, passes them here).
+    ``modules`` is consumed one at a time, each exported before the next is asked for (a
+    streamed model releases a part once its pieces are out)."""
     from tqdm import tqdm
 
     signatures = piece_signatures(dims)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in modules if only is None or only(p[0])]
     pieces: list[Piece] = []
-    for name, kind, module in tqdm(todo, desc="export pieces", disable=not progress):
+    bar = tqdm(desc="export pieces", unit="piece", disable=not progress)
+    for name, kind, module in modules:
+        if only is not None and not only(name):
+            continue
         specs, outputs = signatures[kind]
         path = out_dir / f"{name}.onnx"
         _export(module, path, specs, outputs, dims.vocab_size)
         pieces.append(Piece(name, kind, path, specs, outputs))
+        bar.update()
+    bar.close()
     return pieces
 
 

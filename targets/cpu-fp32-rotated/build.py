@@ -188,7 +188,7 @@ def _verify_layerwise(
     from tqdm import tqdm
 
     from common.analysis.eval import LogitComparison
-    from common.analysis.layerwise import Cursor, head, run_layers
+    from common.analysis.layerwise import Cursor, Parts, head, run_layers
 
     cursor = Cursor()
     traces, finals = [], []
@@ -198,11 +198,16 @@ def _verify_layerwise(
         bar = tqdm(total=windows.numel() * streamed.adapter.num_layers, desc=name,
                    unit="tok", unit_scale=True, disable=None)  # fmt: skip
         with tracer.attached():
-            finals.append(run_layers(streamed, windows, cursor=cursor, bar=bar))
+            finals.append(
+                run_layers(Parts(streamed.adapter, streamed), windows, cursor=cursor, bar=bar)
+            )
         bar.close()
         traces.append(tracer.result())
     comparison = LogitComparison()
-    with head(rotated) as got, head(reference) as want:
+    with (
+        head(Parts(rotated.adapter, rotated)) as got,
+        head(Parts(reference.adapter, reference)) as want,
+    ):
         for i, window in enumerate(windows):
             comparison.add(got(finals[1][i : i + 1])[0], want(finals[0][i : i + 1])[0], window)
     return comparison.result(), traces[0], traces[1]

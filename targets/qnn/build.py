@@ -36,6 +36,7 @@ import report as rep
 from common.backends import qdq, qnn_ep
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli
 from common.core.gates import failures, records
+from common.core.memory import Estimate, MemoryCap
 from common.core.options import (
     Boolean,
     Choice,
@@ -58,7 +59,7 @@ from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import write_tokenizer_dir
 from common.quant.hadamard import ROTATE_MODES
 from common.steps.phases import Run
-from common.steps.preflight import max_memory_option, whole_model_preflight
+from common.steps.preflight import max_memory_option
 
 TARGET = "qnn"
 #: The phases of a run (common/steps/phases.py), in order.
@@ -215,6 +216,19 @@ def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
     return plan
 
 
+def memory_estimate(streamed: Any) -> Estimate:
+    """The larger of the build's two peaks: quantizing the largest piece (onnxruntime's
+    QDQ calibration measured at 5x the piece, on top of the part itself) and the int8
+    .mllm phase, which loads the whole transformed model (plus its int8 copies)."""
+    from common.models.streaming import float32_bytes
+
+    piece = 6 * streamed.largest_part_bytes()
+    mllm = float32_bytes(streamed.path) * 5 // 4
+    if mllm >= piece:
+        return Estimate("make qnn", {"whole float32 model and its int8 copy (.mllm)": mllm})
+    return Estimate("make qnn", {"largest piece while quantized (6x its weights)": piece})
+
+
 def mllm_check(adapter: Any, plan: dict[str, Any], path: Path, ids: list[int]) -> dict[str, Any]:
     """Logits of the fake-quant model vs the model rebuilt from ``path`` alone.
 
@@ -239,6 +253,7 @@ def mllm_check(adapter: Any, plan: dict[str, Any], path: Path, ids: list[int]) -
 
 
 def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
+    from common.analysis.layerwise import Parts
     from common.analysis.profiling import load_profile
     from common.analysis.quant_plan import PlanOptions, build_plan
     from common.analysis.simulate import transformed_model
@@ -246,8 +261,10 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     from common.core.recipes import load_recipe, model_build_dir
     from common.export import piece_export as pe
     from common.inputs.data import CALIB_CORPUS, EVAL_CORPUS, eval_windows, sample_windows
-    from common.models import get_adapter, iter_linears
+    from common.models import get_adapter
     from common.models.loading import load_tokenizer
+    from common.models.streaming import StreamedModel
+    from common.quant.transforms import Transforms
     from common.steps.model_build import build_model, check_packaged_tokenizer
     from common.steps.profile_step import profile_dir_name
 
@@ -264,13 +281,6 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     default_profile = build_dir / profile_dir_name(rotate) / "profile.json"
     profile_path = Path(args.profile) if args.profile else default_profile
     model_dir = build_model(recipe, args.build_dir, args.model_path)
-    whole_model_preflight(
-        run,
-        model_dir,
-        "make qnn",
-        options.max_memory,
-        {"float32 model": 1, "GPTQ int8 levels": 0.25, "ONNX pieces at work": 0.25},
-    )
     out_dir = build_dir / TARGET
     inputs = {"profile": profile_path, "model_config": model_dir / "config.json"}
     decision = build_dir / "simulate" / "shadow_layers.json"
@@ -321,9 +331,20 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             transforms=transforms,
         )
     )
-    with transformed_model(model_dir, transforms) as (model, _), atomic_path(out_dir) as tmp:
-        adapter = get_adapter(model)
-        load_profile(profile_path, adapter)  # covers every linear of this model
+    # One part of the model in memory at a time: read from the checkpoint and transformed
+    # as the profile was (rotation) whenever a phase needs it, released after.
+    streamed = StreamedModel(model_dir)
+    streamed.check_layerwise("make qnn builds text models (Qwen-VL on QNN is not done yet)")
+    adapter = streamed.adapter
+    run.preflight(
+        memory_estimate(streamed),
+        MemoryCap.resolve(options.max_memory),
+        "the int8 .mllm phase still holds the whole model in float32: free memory, use a "
+        "machine with more, or set MAX_MEMORY to what you have to go ahead anyway",
+    )
+    load_profile(profile_path, adapter)  # covers every linear of this model
+    parts = Parts(adapter, streamed, Transforms.of(adapter, transforms))
+    with atomic_path(out_dir) as tmp:
         run.phase("reference")
         work = tmp / "_work"
         float_dir = work / "float"
@@ -332,11 +353,15 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             lengths[0],
             float_dir,
             only=lambda n: (n.startswith("block_") and "cache" not in n) or n == "lm_head",
+            parts=parts,
         )
-        pe.export_pieces(adapter, lengths[1], float_dir, only=lambda n: "block_cache" in n)
-        golden = pipeline.capture(
-            pe.onnx_runner(float_dir), adapter, golden_ids, calib_ids, lengths
+        pe.export_pieces(
+            adapter, lengths[1], float_dir, only=lambda n: "block_cache" in n, parts=parts
         )
+        with parts.embedding():  # the chain embeds its windows on the host
+            golden = pipeline.capture(
+                pe.onnx_runner(float_dir), adapter, golden_ids, calib_ids, lengths
+            )
         run.phase("quantize")
         # The binaries' plan is written first and read back: the QDQ step sees only the file.
         binaries_plan = qdq.qdq_plan(
@@ -346,15 +371,13 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         plan = qdq.load_qdq_plan(tmp / "quant_plan.json")
         weight_bits = plan.scheme.weights.bits
         levels = (
-            sequential_gptq(adapter, gptq_ids, weight_bits)
+            sequential_gptq(adapter, gptq_ids, weight_bits, parts=parts)
             if plan.scheme.weights.rounding == "gptq"
-            else qdq.nearest_levels(
-                {n: m.weight for n, _r, m in iter_linears(adapter)}, weight_bits
-            )
+            else pipeline.nearest_levels(parts, weight_bits)
         )
         run.phase("compile")
         rows, hiddens = pipeline.build_all(
-            adapter,
+            parts,
             float_dir,
             work,
             tmp,
@@ -368,7 +391,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             e2e_ids,
         )
         run.phase("verify")
-        e2e = pipeline.end_to_end(adapter, hiddens, e2e_ids)
+        e2e = pipeline.end_to_end(parts, hiddens, e2e_ids)
         write_json_atomic(tmp / "model.int8.plan.json", mllm_plan)
         write_json_atomic(
             tmp / "shadow_layers.json",
@@ -379,8 +402,12 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                 "summary": mllm_plan["summary"],
             },
         )
-        mllm_int8.write_int8_mllm(tmp / "model.int8.mllm", adapter, mllm_plan, stats)
-        mllm = mllm_check(adapter, mllm_plan, tmp / "model.int8.mllm", golden_ids)
+        # The int8 .mllm file is still made from the whole transformed model (the one
+        # phase that holds it), after every ONNX session of the pieces has closed.
+        with transformed_model(model_dir, transforms) as (model, _):
+            whole = get_adapter(model)
+            mllm_int8.write_int8_mllm(tmp / "model.int8.mllm", whole, mllm_plan, stats)
+            mllm = mllm_check(whole, mllm_plan, tmp / "model.int8.mllm", golden_ids)
         tokenizer_dir = write_tokenizer_dir(model_dir, tmp / "tokenizer")  # what the app reads
         tokenizer_check = check_packaged_tokenizer(
             recipe, tokenizer_dir, out_dir / "tokenizer", args.build_dir, args.model_path

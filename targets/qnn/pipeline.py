@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.analysis.layerwise import Parts, head, run_layers
 from common.backends import qdq, qnn_ep
 from common.export import piece_export as pe
 from common.models import ModelAdapter, iter_linears
@@ -151,6 +152,20 @@ def capture(
     return golden
 
 
+def nearest_levels(parts: Parts, bits: int) -> qdq.WeightLevels:
+    """Round-to-nearest levels of every decoder linear and the LM head, one part of the
+    model in memory at a time."""
+    adapter = parts.adapter
+    levels: qdq.WeightLevels = {}
+    for layer in adapter.layers():
+        with parts.layer(layer):
+            weights = {layer.linear_names[r]: m.weight for r, m in layer.linears.items()}
+            levels.update(qdq.nearest_levels(weights, bits))
+    with parts.head() as (_norm, lm_head):
+        levels.update(qdq.nearest_levels({adapter.lm_head_path: lm_head.weight}, bits))
+    return levels
+
+
 def piece_linears(adapter: ModelAdapter, piece: str) -> dict[str, torch.Tensor]:
     """The float weights of the linears inside ``piece`` (by qualified name)."""
     if piece == "lm_head":
@@ -246,7 +261,7 @@ def build_piece(
 
 
 def build_all(
-    adapter: ModelAdapter,
+    parts: Parts,
     float_dir: Path,
     work_dir: Path,
     out_dir: Path,
@@ -260,7 +275,9 @@ def build_all(
     chain_ids: Sequence[Sequence[int]],
 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """Every piece's report row, and the last hidden state of the QNN prefill chain for
-    each window of ``chain_ids`` (``PREFILL_LEN`` tokens each, embedded on the host)."""
+    each window of ``chain_ids`` (``PREFILL_LEN`` tokens each, embedded on the host).
+    Each piece's part of the model is read (``parts``) while its piece is built."""
+    adapter = parts.adapter
     common = dict(
         adapter=adapter,
         qdq_dir=qdq_dir,
@@ -272,9 +289,9 @@ def build_all(
         opt_mode=opt_mode,
     )
     rows: list[dict[str, Any]] = []
-    with torch.no_grad():
-        embed = adapter.embed_tokens()
+    with torch.no_grad(), parts.embedding() as embed:
         hiddens = [embed(torch.tensor([list(ids)])).numpy() for ids in chain_ids]
+    layers = adapter.layers()
     names = [f"block_{i}" for i in range(adapter.num_layers)]
     names += [f"block_cache_{i}" for i in range(adapter.num_layers)] + ["lm_head"]
     for name in tqdm(names, desc=f"qnn {plan.scheme.name}"):
@@ -282,7 +299,11 @@ def build_all(
         if name.startswith("block_") and not name.startswith("block_cache"):
             # Same length, no padding: every window shares the golden positions and mask.
             chain = [{**golden.inputs[name], "input_states": h} for h in hiddens]
-        row, chained = build_piece(name, float_dir, work_dir, out_dir, chain_inputs=chain, **common)
+        part = parts.head() if name == "lm_head" else parts.layer(layers[int(name.rsplit("_")[-1])])
+        with part:
+            row, chained = build_piece(
+                name, float_dir, work_dir, out_dir, chain_inputs=chain, **common
+            )
         if chained:
             hiddens = [outs[0] for outs in chained]
         rows.append(row)
@@ -290,17 +311,19 @@ def build_all(
 
 
 def end_to_end(
-    adapter: ModelAdapter, hiddens: Sequence[np.ndarray], windows: Sequence[Sequence[int]]
+    parts: Parts, hiddens: Sequence[np.ndarray], windows: Sequence[Sequence[int]]
 ) -> dict[str, Any]:
     """Final norm + LM head (float, host) on the QNN chain's hidden states vs the FP32
-    model's logits on the same windows: cosine over all logits and top-1 agreement over
-    every token (one window of 32 tokens would measure top-1 in steps of 3 %)."""
+    model's logits on the same windows (run a part at a time through ``parts``): cosine
+    over all logits and top-1 agreement over every token (one window of 32 tokens would
+    measure top-1 in steps of 3 %)."""
+    reference = run_layers(parts, torch.tensor([list(ids) for ids in windows]))
     got, want = [], []
-    with torch.no_grad():
-        for hidden, ids in zip(hiddens, windows, strict=True):
+    with head(parts) as logits:
+        for i, (hidden, ids) in enumerate(zip(hiddens, windows, strict=True)):
             h = torch.from_numpy(np.asarray(hidden[:, : len(ids)], np.float32))
-            got.append(adapter.lm_head()(adapter.final_norm()(h))[0].numpy())
-            want.append(adapter.model(torch.tensor([list(ids)])).logits[0].float().numpy())
+            got.append(logits(h)[0].numpy())
+            want.append(logits(reference[i : i + 1])[0].float().numpy())
     got_all, want_all = np.concatenate(got), np.concatenate(want)
     return {
         "cos": pe.cosine(got_all, want_all),

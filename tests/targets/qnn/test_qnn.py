@@ -380,3 +380,21 @@ def test_qwen1_is_refused(tiny_qwen1_dir: Path, tmp_path: Path) -> None:
         run_target(tmp_path, "--model", "qwen-7b", "--model-path", str(tiny_qwen1_dir))
     )
     assert not (tmp_path / "qwen-7b").exists()
+
+
+def test_vision_language_is_refused_before_any_heavy_work(
+    tiny_qwen2_vl_dir: Path, tmp_path: Path
+) -> None:
+    """A VL model (its language model needs M-RoPE positions and image tokens) stops with
+    one line before a piece is exported, not with an onnxruntime traceback later."""
+    profiled = run_python(
+        "-m", "common.steps.profile_cli", "profile", "--model", "tiny-qwen2-vl",
+        "--model-path", str(tiny_qwen2_vl_dir), "--build-dir", str(tmp_path),
+        "--rotate", "hadamard", "--num-samples", "2", "--seq-len", "32",
+    )  # fmt: skip
+    assert profiled.returncode == 0, profiled.stderr[-2000:]
+    result = run_target(
+        tmp_path, "--model", "tiny-qwen2-vl", "--model-path", str(tiny_qwen2_vl_dir)
+    )
+    assert_clean_error(result, "is vision-language", "make qnn builds text models")
+    assert not (tmp_path / "tiny-qwen2-vl" / "qnn").exists()
