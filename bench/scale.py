@@ -179,21 +179,24 @@ def run_step(model: str, step: str, build_dir: Path, quick: bool, timeout: float
 def table(results: dict) -> str:
     """The README table: one row per model and step."""
     rows = [
-        "| model | step | outcome | peak RSS (tree) | time | MAX_MEMORY |",
-        "|---|---|---|---|---|---|",
+        "| model | step | outcome | peak RSS (tree) | within target | time | MAX_MEMORY |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key in sorted(results):
         r = results[key]
         model, step = key.split("/")
+        within = "—"
         if r["exit_code"] == 0:
             outcome = "completed"
+            within = "yes" if r["within_target"] else "**no**"
         elif r["error"] and "needs about" in r["error"]:
             outcome = "stopped by preflight: " + r["error"].split(" needs about ")[1].split(" (")[0]
         else:
             outcome = f"exit {r['exit_code']}: {(r['error'] or 'see log')[:80]}"
         rows.append(
             f"| {model} | `make {step}` | {outcome} | {r['tree_peak_rss_bytes'] / GIB:.2f} GiB "
-            f"| {r['seconds'] / 60:.1f} min | {r['max_memory_gib']} GiB |"
+            f"| {within} | {r['seconds'] / 60:.1f} min "
+            f"| {r['max_memory_gib']} GiB |"
         )
     return "\n".join(rows)
 

@@ -132,6 +132,13 @@ def float32_bytes(model_dir: Path) -> int:
     return 2 * sum(f.stat().st_size for f in checked.weight_files)
 
 
+def stored_bytes(model_dir: Path) -> int:
+    """The size of ``model_dir``'s weight files as stored."""
+    from common.models.loading import check_model_dir
+
+    return sum(f.stat().st_size for f in check_model_dir(model_dir).weight_files)
+
+
 def release(module: nn.Module) -> None:
     """Send ``module``'s parameters back to meta and return their memory to the OS."""
     module.to("meta")

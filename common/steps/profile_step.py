@@ -178,7 +178,7 @@ def plan_profile(
     """Choose the mode and estimate its peak. Text models run one layer at a time unless
     ``SEQUENTIAL=0`` (their statistics are identical either way); vision-language models,
     image calibration and layers that are not plain causal attention run whole."""
-    from common.models.streaming import StreamedModel
+    from common.models.streaming import StreamedModel, stored_bytes
     from common.quant.rotation import rotation_bytes
 
     streamed = StreamedModel(model_dir, trust_remote_code=trust_remote_code)
@@ -205,6 +205,7 @@ def plan_profile(
         "make profile (whole model)",
         {
             "float32 model": streamed.weights.nbytes(""),
+            "checkpoint mapped while loading": stored_bytes(model_dir),
             "untied LM head": streamed.part_bytes(adapter.name_of("embed_tokens")) if untie else 0,
             "rotation (float64)": rotation,
             "one window's logits": settings.seq_len * adapter.vocab_size * 4,

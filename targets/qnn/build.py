@@ -219,11 +219,12 @@ def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
 def memory_estimate(streamed: Any) -> Estimate:
     """The larger of the build's two peaks: quantizing the largest piece (onnxruntime's
     QDQ calibration measured at 5x the piece, on top of the part itself) and the int8
-    .mllm phase, which loads the whole transformed model (plus its int8 copies)."""
-    from common.models.streaming import float32_bytes
+    .mllm phase, which loads the whole transformed model (plus its int8 copies, and the
+    checkpoint's files mapped while they load)."""
+    from common.models.streaming import float32_bytes, stored_bytes
 
     piece = 6 * streamed.largest_part_bytes()
-    mllm = float32_bytes(streamed.path) * 5 // 4
+    mllm = float32_bytes(streamed.path) * 5 // 4 + stored_bytes(streamed.path)
     if mllm >= piece:
         return Estimate("make qnn", {"whole float32 model and its int8 copy (.mllm)": mllm})
     return Estimate("make qnn", {"largest piece while quantized (6x its weights)": piece})
