@@ -125,3 +125,24 @@ def test_lazy_mllm_is_byte_identical(tmp_path: Path, tiny_qwen2_dir: Path) -> No
     assert mllm_mismatches(tmp_path / "b.mllm", [*tensors, "extra"], tensors.__getitem__) == [
         "extra"
     ]
+
+
+def test_pickled_checkpoint_streams_too(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    """A pytorch_model.bin has no header: it is memory-mapped, counted in the estimates,
+    and gives the whole model's logits part by part like safetensors."""
+    import shutil
+
+    model = load_model(tiny_qwen2_dir)
+    (tmp_path / "bin").mkdir()
+    # transformers 5 writes only safetensors; older hub checkpoints are pickles like this
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    shutil.copy(tiny_qwen2_dir / "config.json", tmp_path / "bin" / "config.json")
+    streamed = StreamedModel(tmp_path / "bin")
+    assert streamed.weights.mapped_bytes > 0
+    windows = eval_windows([EVAL_CORPUS], load_tokenizer(tiny_qwen2_dir), 2, 32)
+    parts = Parts(streamed.adapter, streamed)
+    hidden = run_layers(parts, windows)
+    with head(parts) as logits, torch.inference_mode():
+        for i, window in enumerate(windows):
+            want = model(input_ids=window[None], use_cache=False).logits
+            assert torch.equal(logits(hidden[i : i + 1]), want)

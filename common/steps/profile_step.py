@@ -190,6 +190,7 @@ def plan_profile(
             "largest part (float32)": streamed.largest_part_bytes(),
             "hidden states": 2 * _window_bytes(adapter, settings),
             "rotation (float64)": rotation,
+            "pickled .bin pages (mapped)": streamed.weights.mapped_bytes,
         },
     )
     fits_layers = not (

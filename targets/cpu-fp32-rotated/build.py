@@ -229,6 +229,7 @@ def _layerwise_estimate(streamed: Any, windows: int, seq_len: int) -> Any:
             "hidden states": 3 * windows * seq_len * adapter.hidden_size * 4,
             "rotation (float64)": rotation_bytes(adapter),
             "one window's logits (float64)": 2 * seq_len * adapter.vocab_size * 8,
+            "pickled .bin pages (mapped)": streamed.weights.mapped_bytes,
         },
     )
 

@@ -223,7 +223,7 @@ def memory_estimate(streamed: Any) -> Estimate:
     checkpoint's files mapped while they load)."""
     from common.models.streaming import float32_bytes, stored_bytes
 
-    piece = 6 * streamed.largest_part_bytes()
+    piece = 6 * streamed.largest_part_bytes() + streamed.weights.mapped_bytes
     mllm = float32_bytes(streamed.path) * 5 // 4 + stored_bytes(streamed.path)
     if mllm >= piece:
         return Estimate("make qnn", {"whole float32 model and its int8 copy (.mllm)": mllm})
