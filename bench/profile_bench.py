@@ -100,8 +100,9 @@ def _interleaved(model_dir: str, windows) -> dict:
 
 def _rss_bytes() -> int:
     """This process's resident set now (``VmRSS``), in bytes."""
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+    from common.core.resources import kib_field
+
+    return kib_field(Path("/proc/self/status"), "VmRSS") or 0
 
 
 def _child(mode: str, model_dir: str, num_samples: int, seq_len: int) -> dict:

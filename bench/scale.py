@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -58,32 +57,10 @@ STEPS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
 OVERRIDES = {("qwen-7b", "profile"): {"ROTATE": ""}}
 
 
-def _tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and every live descendant (what the machine must hold)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-            status = Path(entry.path, "status").read_text()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss[pid] = int(line.split()[1]) * 1024
-    tree, frontier = {root}, {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
-        tree |= frontier
-    return sum(rss.get(pid, 0) for pid in tree)
-
-
 def _run(command: list[str], log: Path, timeout: float) -> dict[str, Any]:
     """Run ``command``, sampling its tree's RSS; exit code, seconds, peak, error line."""
+    from common.core.resources import tree_rss_bytes
+
     peak = [0]
     started = time.monotonic()
     with log.open("w") as out:
@@ -92,7 +69,7 @@ def _run(command: list[str], log: Path, timeout: float) -> dict[str, Any]:
 
         def sample() -> None:
             while not done.wait(0.5):
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                peak[0] = max(peak[0], tree_rss_bytes(proc.pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()

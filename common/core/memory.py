@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.core.errors import EdgeforgeError
-from common.core.resources import gib
+from common.core.resources import gib, kib_field
 
 GIB = 2**30
 
@@ -38,17 +38,6 @@ def parse_size(text: str, option: str = "MAX_MEMORY") -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
-def _meminfo_available(meminfo: Path) -> int | None:
-    try:
-        text = meminfo.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
 def _cgroup_room(cgroup: Path) -> int | None:
     """``memory.max − memory.current`` of this process's cgroup (v2), None if unlimited."""
     try:
@@ -66,7 +55,8 @@ def available_bytes(
 ) -> int | None:
     """What this process may still allocate: the smaller of the machine's ``MemAvailable``
     and its cgroup's room; None where neither can be read (then no cap applies)."""
-    found = [x for x in (_meminfo_available(meminfo), _cgroup_room(cgroup)) if x is not None]
+    machine = kib_field(meminfo, "MemAvailable")
+    found = [x for x in (machine, _cgroup_room(cgroup)) if x is not None]
     return min(found) if found else None
 
 

@@ -21,16 +21,22 @@ _MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 CHILD_SAMPLE_SECONDS = 0.5
 
 
-def _vmhwm(pid: int | str) -> int | None:
-    """``VmHWM`` of a live process in bytes (None without /proc, or once it has exited)."""
+def kib_field(path: Path, name: str) -> int | None:
+    """The ``<name>:  N kB`` field of a /proc file (``status``, ``meminfo``) in bytes; None
+    when the file cannot be read (no /proc, a process that has exited) or lacks it."""
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        text = path.read_text()
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{name}:"):
             return int(line.split()[1]) * 1024
     return None
+
+
+def _vmhwm(pid: int | str) -> int | None:
+    """``VmHWM`` of a live process in bytes (None without /proc, or once it has exited)."""
+    return kib_field(Path(f"/proc/{pid}/status"), "VmHWM")
 
 
 def peak_rss_bytes() -> int:
@@ -47,7 +53,7 @@ def peak_rss_bytes() -> int:
     return hwm
 
 
-def _descendants(root: int) -> set[int]:
+def descendants(root: int) -> set[int]:
     """Every live process below ``root`` (children of children too: tools run via a shell)."""
     parents: dict[int, int] = {}
     for entry in os.scandir("/proc"):
@@ -63,6 +69,13 @@ def _descendants(root: int) -> set[int]:
         frontier = {pid for pid, parent in parents.items() if parent in frontier}
         found |= frontier
     return found
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident bytes of ``root`` and every live descendant now: what the machine holds for
+    a command that runs through make, shells and tools."""
+    pids = {root, *descendants(root)}
+    return sum(kib_field(Path(f"/proc/{pid}/status"), "VmRSS") or 0 for pid in pids)
 
 
 class ChildPeak:
@@ -90,7 +103,7 @@ class ChildPeak:
         """Look at the live descendants now; the largest peak seen so far."""
         if self.bytes is None:
             return None
-        peaks = [_vmhwm(pid) or 0 for pid in _descendants(os.getpid())]
+        peaks = [_vmhwm(pid) or 0 for pid in descendants(os.getpid())]
         with self._lock:
             self.bytes = max([self.bytes, *peaks])
             return self.bytes

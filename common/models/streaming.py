@@ -55,6 +55,8 @@ class LazyWeights:
         from common.models.loading import check_model_dir
 
         checked = check_model_dir(model_dir)
+        #: The checked checkpoint directory (config, model type, weight files).
+        self.checked = checked
         self.model_dir = Path(model_dir)
         self.where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         #: Tensors of pickled shards, memory-mapped (empty for a safetensors checkpoint).
@@ -133,15 +135,9 @@ class LazyWeights:
 
 
 def float32_bytes(model_dir: Path) -> int:
-    """What ``model_dir``'s weights take in float32 (from the safetensors headers). A
-    pickled ``.bin`` tells its dtype only when unpickled: it counts as half precision, the
-    larger float32 figure."""
-    from common.models.loading import check_model_dir
-
-    checked = check_model_dir(model_dir)
-    if all(f.suffix == ".safetensors" for f in checked.weight_files):
-        return LazyWeights(model_dir).nbytes("")
-    return 2 * sum(f.stat().st_size for f in checked.weight_files)
+    """What ``model_dir``'s weights take in float32: from the safetensors headers, or the
+    shapes of a pickled ``.bin`` (memory-mapped, not read)."""
+    return LazyWeights(model_dir).nbytes("")
 
 
 def stored_bytes(model_dir: Path) -> int:
@@ -194,11 +190,9 @@ class StreamedModel:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-        from common.models.loading import check_model_dir
-
         self.path = Path(model_dir)
         self.weights = LazyWeights(model_dir)
-        checked = check_model_dir(model_dir)
+        checked = self.weights.checked
         self.remote = checked.remote_code
         if self.remote is not None and not trust_remote_code:
             raise EdgeforgeError(

@@ -221,10 +221,10 @@ def memory_estimate(streamed: Any) -> Estimate:
     QDQ calibration measured at 5x the piece, on top of the part itself) and the int8
     .mllm phase, which loads the whole transformed model (plus its int8 copies, and the
     checkpoint's files mapped while they load)."""
-    from common.models.streaming import float32_bytes, stored_bytes
+    from common.models.streaming import stored_bytes
 
     piece = 6 * streamed.largest_part_bytes() + streamed.weights.mapped_bytes
-    mllm = float32_bytes(streamed.path) * 5 // 4 + stored_bytes(streamed.path)
+    mllm = streamed.weights.nbytes("") * 5 // 4 + stored_bytes(streamed.path)
     if mllm >= piece:
         return Estimate("make qnn", {"whole float32 model and its int8 copy (.mllm)": mllm})
     return Estimate("make qnn", {"largest piece while quantized (6x its weights)": piece})
