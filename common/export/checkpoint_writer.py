@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.analysis.layerwise import Parts
 from common.core.errors import EdgeforgeError
 from common.models.streaming import StreamedModel
 from common.quant.transforms import Transforms
@@ -209,26 +210,21 @@ def write_transformed(
             f"{type(streamed.model).__name__}: parameters outside the embedding, layers, "
             f"norm and LM head cannot be written part by part: {', '.join(outside[:5])}"
         )
-    embed, *layers, (norm_name, norm), (head_name, head) = parts
+    read = Parts(adapter, streamed, transforms)
     with CheckpointWriter(dest, specs) as writer, torch.no_grad():
 
         def write(prefix: str, module: nn.Module) -> None:
             for name, p in module.named_parameters():
                 writer.add(f"{prefix}.{name}", p.detach())
 
-        with streamed.loaded(embed[1], embed[0]):
-            transforms.embedding(adapter)
-            write(*embed)
-        for layer, (prefix, module) in tqdm(
-            list(zip(adapter.layers(), layers, strict=True)), desc=desc, unit="layer", disable=None
-        ):
-            with streamed.loaded(module, prefix):
-                transforms.layer(adapter, layer)
-                write(prefix, module)
-        with streamed.loaded(norm, norm_name), streamed.loaded(head, head_name):
-            transforms.head(adapter)
-            write(norm_name, norm)
-            write(head_name, head)
+        with read.embedding() as embed:
+            write(adapter.name_of("embed_tokens"), embed)
+        for layer in tqdm(adapter.layers(), desc=desc, unit="layer", disable=None):
+            with read.layer(layer):
+                write(layer.name, layer.module)
+        with read.head() as (norm, head):
+            write(adapter.name_of("final_norm"), norm)
+            write(adapter.lm_head_path, head)
     config = copy.deepcopy(streamed.model.config)
     config.tie_word_embeddings = False
     config.dtype = torch.float32
