@@ -30,11 +30,12 @@ KEY_CHARS = 16
 
 
 def cache_key(parts: Mapping[str, Any]) -> str:
-    """The hash of ``parts`` (JSON-able values; paths by their file's sha256)."""
+    """The hash of ``parts`` (JSON-able values; a path by its file's sha256, or None when
+    there is no such file: where the build folder lies never changes a key)."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, Path):
-            return {"sha256": sha256_file(value)} if value.is_file() else {"missing": str(value)}
+            return {"sha256": sha256_file(value)} if value.is_file() else None
         if isinstance(value, Mapping):
             return {str(k): plain(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
