@@ -49,7 +49,10 @@ def online_hadamard_layer(layer: DecoderLayer) -> tuple[dict[str, Any], Removabl
     """Fold ``Q`` into ``layer``'s down_proj weight and transform its input at run time.
 
     Returns the layer's plan entry (keyed by the linear's name) and the pre-hook's handle.
-    Needs only this layer, so a streamed model transforms each layer as it is read.
+    Needs only this layer, so a streamed model transforms each layer as it is read. The
+    hook goes before any pre-hook already there: it is part of the layer's function, so
+    a fake-quant hook registered on the (streamed) module before the layer was read must
+    still see the transformed activation.
     """
     linear: nn.Linear = layer.linears[ROLE]
     n = linear.in_features
@@ -57,7 +60,9 @@ def online_hadamard_layer(layer: DecoderLayer) -> tuple[dict[str, Any], Removabl
     with torch.no_grad():
         linear.weight.copy_((linear.weight.double() @ q).to(linear.weight.dtype))
     q_run = q.to(linear.weight.dtype)
-    handle = linear.register_forward_pre_hook(lambda _m, args, q=q_run: (args[0] @ q,))
+    handle = linear.register_forward_pre_hook(
+        lambda _m, args, q=q_run: (args[0] @ q,), prepend=True
+    )
     return {layer.linear_names[ROLE]: describe(n)}, handle
 
 
@@ -65,8 +70,8 @@ def apply_online_hadamard(adapter: ModelAdapter) -> tuple[dict[str, Any], list[R
     """:func:`online_hadamard_layer` on every decoder layer of a whole model.
 
     Returns the per-linear plan entries and the hook handles (the model computes the same
-    function as before, up to float32 rounding). The pre-hooks are registered first, so
-    observers and fake-quant hooks added later see the transformed activation.
+    function as before, up to float32 rounding). The pre-hooks run first, so observers and
+    fake-quant hooks see the transformed activation.
     """
     entries: dict[str, Any] = {}
     handles: list[RemovableHandle] = []
