@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from common.models import DecoderLayer, ModelAdapter
@@ -50,39 +51,59 @@ class Parts:
         adapter: ModelAdapter,
         streamed: StreamedModel | None = None,
         transforms: Transforms | None = None,
+        after: tuple[Callable[[nn.Module], None], ...] = (),
     ) -> None:
         self.adapter, self.streamed = adapter, streamed
         self.transforms = transforms or Transforms()
+        self.after = after
+
+    def then(self, step: Callable[[nn.Module], None]) -> Parts:
+        """These parts with ``step`` run on each module handed out (the embedding, a
+        decoder layer's module, the final norm, the LM head), after the transforms: a
+        change of weights, such as fake quantization, that a streamed part must get each
+        time it is read. Over a whole model it runs at each hand-out too, so a step meant
+        for one pass (one :func:`run_layers`) must be one."""
+        return Parts(self.adapter, self.streamed, self.transforms, (*self.after, step))
+
+    def _finish(self, *modules: nn.Module) -> None:
+        for module in modules:
+            for step in self.after:
+                step(module)
 
     @contextmanager
-    def embedding(self) -> Iterator[torch.nn.Module]:
+    def embedding(self) -> Iterator[nn.Module]:
         module = self.adapter.embed_tokens()
         if self.streamed is None:
+            self._finish(module)
             yield module
             return
         with self.streamed.loaded(module, self.adapter.name_of("embed_tokens")):
             self.transforms.embedding(self.adapter)
+            self._finish(module)
             yield module
 
     @contextmanager
     def layer(self, layer: DecoderLayer) -> Iterator[DecoderLayer]:
         if self.streamed is None:
+            self._finish(layer.module)
             yield layer
             return
         with self.streamed.loaded(layer.module, layer.name):
             handle = self.transforms.layer(self.adapter, layer)
             try:
+                self._finish(layer.module)
                 yield layer
             finally:
                 if handle is not None:
                     handle.remove()
 
     @contextmanager
-    def head(self) -> Iterator[tuple[torch.nn.Module, torch.nn.Module]]:
+    def head(self) -> Iterator[tuple[nn.Module, nn.Module]]:
         """The final norm and the LM head."""
         adapter = self.adapter
         norm, lm_head = adapter.final_norm(), adapter.lm_head()
         if self.streamed is None:
+            self._finish(norm, lm_head)
             yield norm, lm_head
             return
         with (
@@ -90,6 +111,7 @@ class Parts:
             self.streamed.loaded(lm_head, adapter.lm_head_path),
         ):
             self.transforms.head(adapter)
+            self._finish(norm, lm_head)
             yield norm, lm_head
 
 

@@ -15,7 +15,7 @@ position's argmax with the FP32 model's, and last-token accuracy (the argmax at 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,27 +55,41 @@ def _activation_hook(entry: dict[str, Any]):
     return lambda x: fake_quantize(x, scale, bits, clip=clip)
 
 
-def apply_plan(adapter: ModelAdapter, plan: dict[str, Any]) -> list[RemovableHandle]:
-    """Fake-quantize ``adapter``'s model in place as ``plan`` says; returns the hooks.
-
-    Raises when the plan and the model disagree (a linear missing from the plan).
-    """
-    handles: list[RemovableHandle] = []
-    tensors = plan["tensors"]
-    for name, _role, linear in iter_linears(adapter):
-        if name not in tensors:
+def _planned_linears(adapter: ModelAdapter, plan: dict[str, Any]) -> list[tuple[str, nn.Linear]]:
+    """``(name, linear)`` of every linear, each checked to have an entry in ``plan``."""
+    linears = [(name, linear) for name, _role, linear in iter_linears(adapter)]
+    for name, _ in linears:
+        if name not in plan["tensors"]:
             raise EdgeforgeError(
                 f"quant plan {plan.get('name')!r} has no entry for {name}; it was made for "
                 "another model"
             )
-        entry = tensors[name]
-        with torch.no_grad():
+    return linears
+
+
+def quantize_weights(linears: Iterable[tuple[str, nn.Linear]], plan: dict[str, Any]) -> None:
+    """Round the weights (and int32 biases) of ``linears`` to their grids in place, as
+    ``plan`` says: the weight half of :func:`apply_plan`, for the linears of one part
+    of a streamed model as it is read."""
+    tensors = plan["tensors"]
+    with torch.no_grad():
+        for name, linear in linears:
+            entry = tensors[name]
             if entry["weight"]["dtype"] == "int8":
                 scale = weight_scale(linear.weight, entry["weight"]["granularity"])
                 linear.weight.copy_(fake_quantize(linear.weight, scale))
             if entry["bias"] == "int32" and linear.bias is not None:
                 q, s = quantize_bias(linear.bias)
                 linear.bias.copy_(q.float() * s)
+
+
+def activation_hooks(adapter: ModelAdapter, plan: dict[str, Any]) -> list[RemovableHandle]:
+    """Hooks rounding every planned linear input and output (the activation half of
+    :func:`apply_plan`). They live on the modules, so they stay across a streamed part's
+    loads and releases."""
+    handles: list[RemovableHandle] = []
+    for name, linear in _planned_linears(adapter, plan):
+        entry = plan["tensors"][name]
         if entry["input"]["dtype"] != "float32":
             quant_in = _activation_hook(entry["input"])
             handles.append(
@@ -90,6 +104,29 @@ def apply_plan(adapter: ModelAdapter, plan: dict[str, Any]) -> list[RemovableHan
                 return f(y - module.bias) + module.bias  # bias added in float after dequant
 
             handles.append(linear.register_forward_hook(out_hook))
+    return handles
+
+
+def plan_weights(adapter: ModelAdapter, plan: dict[str, Any]) -> Callable[[nn.Module], None]:
+    """A :meth:`~common.analysis.layerwise.Parts.then` step rounding the weights of the
+    planned linears inside each module it is given (the linears are found once, by
+    identity: a streamed part keeps its modules and gets new parameters)."""
+    planned = _planned_linears(adapter, plan)
+
+    def step(module: nn.Module) -> None:
+        inside = set(module.modules())
+        quantize_weights([(n, linear) for n, linear in planned if linear in inside], plan)
+
+    return step
+
+
+def apply_plan(adapter: ModelAdapter, plan: dict[str, Any]) -> list[RemovableHandle]:
+    """Fake-quantize ``adapter``'s model in place as ``plan`` says; returns the hooks.
+
+    Raises when the plan and the model disagree (a linear missing from the plan).
+    """
+    handles = activation_hooks(adapter, plan)
+    quantize_weights(_planned_linears(adapter, plan), plan)
     return handles
 
 

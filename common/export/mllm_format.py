@@ -230,6 +230,20 @@ def read_mllm_index(path: Path) -> list[MllmEntry]:
     return entries
 
 
+def _decoded(path: Path, entry: MllmEntry, raw: np.ndarray) -> np.ndarray:
+    """``raw`` bytes of ``entry`` as its numpy dtype (raw ``uint8`` for codes this module
+    does not write: quantized block formats)."""
+    dtype = CODE_DTYPES.get(entry.dtype_code)
+    if dtype is None:
+        return raw
+    if entry.length % dtype.itemsize:
+        raise EdgeforgeError(
+            f"{path}: tensor {entry.name!r} has {entry.length} bytes, not a multiple "
+            f"of its {dtype} element size"
+        )
+    return raw.view(dtype.newbyteorder("<"))
+
+
 def read_mllm(path: Path) -> dict[str, tuple[int, np.ndarray]]:
     """Every tensor of a v1 ``.mllm`` file as ``name → (dtype code, 1-D array)``.
 
@@ -237,20 +251,40 @@ def read_mllm(path: Path) -> dict[str, tuple[int, np.ndarray]]:
     formats) comes back as raw ``uint8`` bytes.
     """
     path = Path(path)
-    out: dict[str, tuple[int, np.ndarray]] = {}
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    for entry in read_mllm_index(path):
-        raw = np.array(data[entry.offset : entry.offset + entry.length])
-        dtype = CODE_DTYPES.get(entry.dtype_code)
-        if dtype is not None:
-            if entry.length % dtype.itemsize:
-                raise EdgeforgeError(
-                    f"{path}: tensor {entry.name!r} has {entry.length} bytes, not a multiple "
-                    f"of its {dtype} element size"
-                )
-            raw = raw.view(dtype.newbyteorder("<"))
-        out[entry.name] = (entry.dtype_code, raw)
-    return out
+    return {
+        entry.name: (
+            entry.dtype_code,
+            _decoded(path, entry, np.array(data[entry.offset : entry.offset + entry.length])),
+        )
+        for entry in read_mllm_index(path)
+    }
+
+
+class MllmReader:
+    """One tensor of a v1 ``.mllm`` file at a time, by name, with plain file reads: a
+    7B model's file is larger than the memory a step may use, and the pages of a mapping
+    would stay resident while it is open. Use as a context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entries = {entry.name: entry for entry in read_mllm_index(self.path)}
+        self._fh = self.path.open("rb")
+
+    def __enter__(self) -> MllmReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._fh.close()
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a 1-D array of its stored dtype (see :func:`read_mllm`)."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise EdgeforgeError(f"{self.path}: tensor {name!r} is missing")
+        self._fh.seek(entry.offset)
+        raw = np.fromfile(self._fh, dtype=np.uint8, count=entry.length)
+        return _decoded(self.path, entry, raw)
 
 
 def mllm_tensors_equal(path: Path, expected: Mapping[str, torch.Tensor | np.ndarray]) -> list[str]:
@@ -266,6 +300,15 @@ def mllm_tensors_equal(path: Path, expected: Mapping[str, torch.Tensor | np.ndar
     return problems
 
 
+def _named_roots(adapter: ModelAdapter) -> list[tuple[str, nn.Module]]:
+    """The modules whose parameters mllm names, with the name prefix mllm gives them."""
+    roots: list[tuple[str, nn.Module]] = [("model", adapter.language_model())]
+    vision = adapter.vision_tower()
+    if vision is not None:
+        roots.append(("visual", vision))
+    return [*roots, ("lm_head", adapter.lm_head())]
+
+
 def mllm_parameters(adapter: ModelAdapter) -> list[tuple[str, nn.Parameter]]:
     """Every parameter of the model under the name mllm's C++ loaders look up.
 
@@ -276,16 +319,11 @@ def mllm_parameters(adapter: ModelAdapter) -> list[tuple[str, nn.Parameter]]:
     so names are rebuilt from the adapter's parts. Layout is HF's ``[out, in]``, as
     ``converter.py`` writes a state dict. Fails if any parameter would be left out.
     """
-    parts: list[tuple[str, nn.Module]] = [("model", adapter.language_model())]
-    vision = adapter.vision_tower()
-    if vision is not None:
-        parts.append(("visual", vision))
-    named: list[tuple[str, nn.Parameter]] = []
-    for prefix, module in parts:
-        named += [(f"{prefix}.{name}", p) for name, p in module.named_parameters()]
-    head = adapter.lm_head()
-    named += [(f"lm_head.{name}", p) for name, p in head.named_parameters()]
-    covered = {id(p) for _, m in [*parts, ("lm_head", head)] for p in m.parameters()}
+    roots = _named_roots(adapter)
+    named = [
+        (f"{prefix}.{name}", p) for prefix, module in roots for name, p in module.named_parameters()
+    ]
+    covered = {id(p) for _, m in roots for p in m.parameters()}
     missing = [n for n, p in adapter.model.named_parameters() if id(p) not in covered]
     if missing:
         raise EdgeforgeError(
@@ -293,6 +331,17 @@ def mllm_parameters(adapter: ModelAdapter) -> list[tuple[str, nn.Parameter]]:
             f"tower and LM head have no mllm name: {', '.join(missing[:5])}"
         )
     return named
+
+
+def mllm_module_names(adapter: ModelAdapter) -> dict[nn.Module, str]:
+    """Every module under the roots :func:`mllm_parameters` names, with the prefix of its
+    parameters' mllm names (``model.layers.3``, ``lm_head``): how a part of a streamed
+    model, materialized alone, finds its tensors in a file."""
+    names: dict[nn.Module, str] = {}
+    for prefix, root in _named_roots(adapter):
+        for name, module in root.named_modules():
+            names.setdefault(module, f"{prefix}.{name}" if name else prefix)
+    return names
 
 
 def mllm_named_tensors(adapter: ModelAdapter) -> list[tuple[str, torch.Tensor]]:

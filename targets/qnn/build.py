@@ -217,52 +217,21 @@ def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
 
 
 def memory_estimate(streamed: Any) -> Estimate:
-    """The larger of the build's two peaks: quantizing the largest piece (onnxruntime's
-    QDQ calibration measured at 5x the piece, on top of the part itself) and the int8
-    .mllm phase, which loads the whole transformed model (plus its int8 copies, and the
-    checkpoint's files mapped while they load)."""
-    from common.models.streaming import stored_bytes
-
+    """The build's peak: quantizing the largest piece (onnxruntime's QDQ calibration
+    measured at 5x the piece, on top of the part itself), with the checkpoint's pickled
+    files mapped while they load. Every other phase holds one part at a time."""
     piece = 6 * streamed.largest_part_bytes() + streamed.weights.mapped_bytes
-    mllm = streamed.weights.nbytes("") * 5 // 4 + stored_bytes(streamed.path)
-    if mllm >= piece:
-        return Estimate("make qnn", {"whole float32 model and its int8 copy (.mllm)": mllm})
     return Estimate("make qnn", {"largest piece while quantized (6x its weights)": piece})
-
-
-def mllm_check(adapter: Any, plan: dict[str, Any], path: Path, ids: list[int]) -> dict[str, Any]:
-    """Logits of the fake-quant model vs the model rebuilt from ``path`` alone.
-
-    Mutates ``adapter``'s model (fake-quant weights, then the file's): run last.
-    """
-    import torch
-
-    from common.analysis.simulate import apply_plan
-
-    batch = torch.tensor([ids])
-    handles = apply_plan(adapter, plan)
-    with torch.no_grad():
-        want = adapter.model(batch).logits.float()
-    for h in handles:
-        h.remove()
-    handles = mllm_int8.load_int8_mllm(path, adapter, plan)
-    with torch.no_grad():
-        got = adapter.model(batch).logits.float()
-    for h in handles:
-        h.remove()
-    return {"max_abs_diff": float((got - want).abs().max()), "tokens": len(ids)}
 
 
 def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     from common.analysis.layerwise import Parts
     from common.analysis.profiling import load_profile
     from common.analysis.quant_plan import PlanOptions, build_plan
-    from common.analysis.simulate import transformed_model
     from common.backends.sequential_gptq import sequential_gptq
     from common.core.recipes import load_recipe, model_build_dir
     from common.export import piece_export as pe
     from common.inputs.data import CALIB_CORPUS, EVAL_CORPUS, eval_windows, sample_windows
-    from common.models import get_adapter
     from common.models.loading import load_tokenizer
     from common.models.streaming import StreamedModel
     from common.quant.transforms import Transforms
@@ -340,8 +309,8 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     run.preflight(
         memory_estimate(streamed),
         MemoryCap.resolve(options.max_memory),
-        "the int8 .mllm phase still holds the whole model in float32: free memory, use a "
-        "machine with more, or set MAX_MEMORY to what you have to go ahead anyway",
+        "free memory, use a machine with more, or set MAX_MEMORY to what you have to go "
+        "ahead anyway",
     )
     load_profile(profile_path, adapter)  # covers every linear of this model
     parts = Parts(adapter, streamed, Transforms.of(adapter, transforms))
@@ -403,12 +372,8 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                 "summary": mllm_plan["summary"],
             },
         )
-        # The int8 .mllm file is still made from the whole transformed model (the one
-        # phase that holds it), after every ONNX session of the pieces has closed.
-        with transformed_model(model_dir, transforms) as (model, _):
-            whole = get_adapter(model)
-            mllm_int8.write_int8_mllm(tmp / "model.int8.mllm", whole, mllm_plan, stats)
-            mllm = mllm_check(whole, mllm_plan, tmp / "model.int8.mllm", golden_ids)
+        mllm_int8.write_int8_mllm(tmp / "model.int8.mllm", parts, mllm_plan, stats)
+        mllm = mllm_int8.check_int8_mllm(parts, mllm_plan, tmp / "model.int8.mllm", golden_ids)
         tokenizer_dir = write_tokenizer_dir(model_dir, tmp / "tokenizer")  # what the app reads
         tokenizer_check = check_packaged_tokenizer(
             recipe, tokenizer_dir, out_dir / "tokenizer", args.build_dir, args.model_path

@@ -18,12 +18,15 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from common.analysis.layerwise import Parts
 from common.analysis.simulate import apply_plan, transformed_model
 from common.backends import qdq, qnn_ep
 from common.core.errors import EdgeforgeError
 from common.export.mllm_format import read_mllm
 from common.models import get_adapter, iter_linears
+from common.models.streaming import StreamedModel
 from common.quant.schemes import int_bits
+from common.quant.transforms import Transforms
 from tests.conftest import (
     REPO_ROOT,
     CliResult,
@@ -295,15 +298,25 @@ def test_int8_mllm_tensor_list_and_logits(tiny_run: Path, tiny_qwen2_dir: Path) 
         want = adapter.model(ids).logits
     for h in handles:
         h.remove()
-    with transformed_model(tiny_qwen2_dir, plan["transforms"]) as (model, _):
-        fresh = get_adapter(model)
-    with torch.no_grad():
-        for p in fresh.model.parameters():
-            p.mul_(0.0)  # nothing of the float model may survive: all comes from the file
-    handles = mllm_int8.load_int8_mllm(tiny_run / "model.int8.mllm", fresh, plan)
-    with torch.no_grad():
-        got = fresh.model(ids).logits
+    # Read part by part, rotated as the plan says, every parameter zeroed before the
+    # file's values go in: nothing of the float model may survive, all comes from the file.
+    streamed = StreamedModel(tiny_qwen2_dir)
+    parts = Parts(streamed.adapter, streamed, Transforms.of(streamed.adapter, plan["transforms"]))
+    zeroed = parts.then(lambda module: [p.data.zero_() for p in module.parameters()])
+    got = mllm_int8.file_logits(zeroed, plan, tiny_run / "model.int8.mllm", ids)
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_int8_mllm_streamed_equals_whole(
+    tiny_run: Path, tiny_qwen2_dir: Path, tiny_profile: Path, tmp_path: Path
+) -> None:
+    """The build writes the file one part at a time; written again from the whole
+    transformed model in memory, the bytes are the same."""
+    plan = json.loads((tiny_run / "model.int8.plan.json").read_text())
+    stats = json.loads(tiny_profile.read_text())["edgeforge"]["stats"]
+    with transformed_model(tiny_qwen2_dir, plan["transforms"]) as (model, _):
+        mllm_int8.write_int8_mllm(tmp_path / "whole.mllm", Parts(get_adapter(model)), plan, stats)
+    assert (tmp_path / "whole.mllm").read_bytes() == (tiny_run / "model.int8.mllm").read_bytes()
 
 
 @pytest.mark.parametrize(
