@@ -1,7 +1,7 @@
 # Activation profiling, W8A8 simulation and the profiling benchmark.
-# Knobs: NUM_SAMPLES, SEQ_LEN, SEED, SEQUENTIAL=0|1, MAX_MEMORY=8GB, ROTATE=hadamard|orthogonal,
-# R_PATH=file, ONLINE_DOWN=1, CONFIG=<mllm QNN config>, IMAGES=<folder>, IMAGE_SIZE,
-# EXACT_PERCENTILES=1 (profile); T, CLIP_ALL, THRESHOLDS (simulate);
+# Knobs: NUM_SAMPLES, SEQ_LEN, SEED, SEQUENTIAL=0|1 (also simulate, sweep), MAX_MEMORY=8GB,
+# ROTATE=hadamard|orthogonal, R_PATH=file, ONLINE_DOWN=1, CONFIG=<mllm QNN config>,
+# IMAGES=<folder>, IMAGE_SIZE, EXACT_PERCENTILES=1 (profile); T, CLIP_ALL, THRESHOLDS (simulate);
 # PROFILE=<profile.json>, THRESHOLDS, NUM_WINDOWS (sweep).
 PROFILE_ARGS = $(if $(NUM_SAMPLES),--num-samples $(NUM_SAMPLES)) $(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) \
 	$(if $(SEED),--seed $(SEED)) $(if $(CORPUS),--corpus $(CORPUS))
@@ -19,12 +19,14 @@ simulate: venv ## W8A8 variants + threshold sweep: build/<MODEL>/simulate/{repor
 	$(PY) -m common.steps.profile_cli simulate $(MODEL_ARGS) $(PROFILE_ARGS) \
 		$(if $(T),--t $(T)) $(if $(CLIP_ALL),--clip-all $(CLIP_ALL)) \
 		$(if $(ROTATE),--rotate $(ROTATE)) $(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) \
-		$(if $(NUM_WINDOWS),--num-windows $(NUM_WINDOWS)) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY))
+		$(if $(NUM_WINDOWS),--num-windows $(NUM_WINDOWS)) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY)) \
+		$(if $(SEQUENTIAL),--sequential $(SEQUENTIAL))
 
 sweep: venv ## threshold sweep on an existing profile: build/<MODEL>/sweep/{report.json,shadow_layers.json}
 	$(PY) -m common.steps.profile_cli sweep $(MODEL_ARGS) $(if $(PROFILE),--profile $(PROFILE)) \
 		$(if $(THRESHOLDS),--thresholds $(THRESHOLDS)) $(if $(NUM_WINDOWS),--num-windows $(NUM_WINDOWS)) \
-		$(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY))
+		$(if $(SEQ_LEN),--seq-len $(SEQ_LEN)) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY)) \
+		$(if $(SEQUENTIAL),--sequential $(SEQUENTIAL))
 
 bench: venv ## profiling cost vs plain inference, sequential-mode RSS: build/bench/profile.json
 	$(PY) bench/profile_bench.py --build-dir $(BUILD_DIR) $(if $(NUM_SAMPLES),--num-samples $(NUM_SAMPLES)) \

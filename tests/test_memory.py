@@ -103,18 +103,27 @@ def test_targets_stop_before_loading(
 
 
 @pytest.mark.parametrize(
-    ("argv", "step"),
+    ("argv", "step", "remedy"),
     [
-        (("-m", "common.steps.cli", "eval"), "make eval needs about"),
-        (("-m", "common.steps.profile_cli", "simulate"), "make simulate needs about"),
+        (("-m", "common.steps.cli", "eval"), "make eval needs about", "set MAX_MEMORY to"),
+        (
+            ("-m", "common.steps.profile_cli", "simulate"),
+            "make simulate (one layer at a time) needs about",
+            "lower NUM_WINDOWS, NUM_SAMPLES or SEQ_LEN",
+        ),
+        (
+            ("-m", "common.steps.profile_cli", "simulate", "--sequential", "0"),
+            "make simulate (whole model) needs about",
+            "set MAX_MEMORY to",
+        ),
     ],
 )
 def test_common_steps_stop_before_loading(
-    argv: tuple[str, ...], step: str, tmp_path: Path, tiny_qwen2_dir: Path
+    argv: tuple[str, ...], step: str, remedy: str, tmp_path: Path, tiny_qwen2_dir: Path
 ) -> None:
     result = run_python(
         *argv, "--model", "tiny-qwen2", "--model-path", str(tiny_qwen2_dir),
         "--build-dir", str(tmp_path), "--max-memory", "1MB",
     )  # fmt: skip
-    assert_clean_error(result, step, "over MAX_MEMORY=0.00 GiB", "set MAX_MEMORY to")
+    assert_clean_error(result, step, "over MAX_MEMORY=0.00 GiB", remedy)
     assert not list(tmp_path.rglob("report.json"))  # stopped before writing an output

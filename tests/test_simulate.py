@@ -12,12 +12,19 @@ import torch
 from common.analysis.eval import perplexity
 from common.analysis.profiling import profile_document, profile_model
 from common.analysis.quant_plan import PlanOptions, build_plan
-from common.analysis.simulate import apply_plan, evaluate, simulate_plan, transformed_model
+from common.analysis.simulate import (
+    apply_plan,
+    evaluate,
+    score_model,
+    simulate_plan,
+    transformed_model,
+)
 from common.core.errors import EdgeforgeError
 from common.core.recipes import load_recipe
 from common.inputs.data import CALIB_CORPUS, sample_windows
 from common.models import get_adapter
 from common.models.loading import load_model, load_tokenizer
+from common.models.streaming import StreamedModel
 from common.quant.int8 import dequantize, fake_quantize, quantize_weight, shadow_input_correction
 from common.steps.profile_step import ProfileSettings, run_profile
 from tests.conftest import assert_clean_error, assert_gates
@@ -122,6 +129,28 @@ def test_fp32_evaluation_matches_foundation(tiny_qwen2_dir: Path, windows: torch
     )
     assert again["top1_agreement"] > 0.9
     assert abs(again["ppl"] / scores["ppl"] - 1) < 0.01
+
+
+@pytest.mark.parametrize(
+    "transforms", [{}, {"rotation": {"mode": "hadamard", "seed": 0}, "online_hadamard": True}]
+)
+def test_layerwise_scores_equal_whole_model_scores(
+    tiny_qwen2_dir: Path, windows: torch.Tensor, transforms: dict
+) -> None:
+    """make simulate and make sweep score one part at a time: the same numbers, bit for
+    bit, as the whole model transformed and fake-quantized in memory."""
+    plan = _plan(tiny_qwen2_dir, windows, PlanOptions(), transforms)
+    scores = {}
+    for mode, streamed in (("whole", None), ("layers", StreamedModel(tiny_qwen2_dir))):
+        fp32 = score_model(tiny_qwen2_dir, windows, streamed=streamed)
+        quantized = score_model(
+            tiny_qwen2_dir, windows, streamed=streamed, plan=plan, reference_argmax=fp32["argmax"]
+        )
+        scores[mode] = (fp32, quantized)
+    for whole, layers in zip(scores["whole"], scores["layers"], strict=True):
+        assert torch.equal(whole.pop("argmax"), layers.pop("argmax"))
+        assert whole == layers
+    assert scores["whole"][1]["ppl"] != scores["whole"][0]["ppl"]  # the plan did round
 
 
 def test_plan_for_another_model_is_rejected(tiny_qwen2_dir: Path, windows: torch.Tensor) -> None:

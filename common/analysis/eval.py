@@ -56,13 +56,13 @@ def check_windows(
     return windows.long()
 
 
-def _logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+def model_logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     """Float32 logits ``[seq_len, vocab]`` of one window (half-precision models upcast)."""
     out = model(input_ids=window.to(_device(model))[None], use_cache=False)
     return out.logits[0].float()
 
 
-def _window_nll_sum(logits: torch.Tensor, window: torch.Tensor) -> float:
+def window_nll_sum(logits: torch.Tensor, window: torch.Tensor) -> float:
     """Summed next-token negative log-likelihood of one window (float64 sum: exact for long
     windows)."""
     targets = window[1:].to(logits.device)
@@ -81,7 +81,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, progress: bool = True
     total = 0.0
     with torch.inference_mode():
         for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
-            total += _window_nll_sum(_logits(model, window), window)
+            total += window_nll_sum(model_logits(model, window), window)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = total / tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens}
@@ -104,8 +104,8 @@ class LogitComparison:
                 f"compare_logits: logits of shape {list(got.shape)} vs reference "
                 f"{list(want.shape)}; the two models have different vocabularies"
             )
-        self.nll_sum += _window_nll_sum(got, window)
-        self.nll_sum_reference += _window_nll_sum(want, window)
+        self.nll_sum += window_nll_sum(got, window)
+        self.nll_sum_reference += window_nll_sum(want, window)
         self.ppl_tokens += window.shape[0] - 1
         cosine = F.cosine_similarity(got, want, dim=-1)
         self.cosine_sum += cosine.sum().item()
@@ -148,7 +148,7 @@ def compare_logits(
     comparison = LogitComparison()
     with torch.inference_mode():
         for window in tqdm(windows, desc="compare logits", unit="window", disable=not progress):
-            comparison.add(_logits(model, window), _logits(reference, window), window)
+            comparison.add(model_logits(model, window), model_logits(reference, window), window)
     return comparison.result()
 
 

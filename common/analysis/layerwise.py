@@ -150,3 +150,13 @@ def head(parts: Parts) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     of ``[1, seq, hidden]`` hidden states to ``[1, seq, vocab]`` logits."""
     with parts.head() as (norm, lm_head), torch.inference_mode():
         yield lambda hidden: lm_head(norm(hidden))
+
+
+def window_logits(parts: Parts, windows: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Float32 logits ``[seq, vocab]`` of each window of ``windows`` ``[n, seq]``, in order:
+    the layers run first (:func:`run_layers`), then the head, one window at a time, so
+    one window's logits are in memory at once."""
+    hidden = run_layers(parts, windows)
+    with head(parts) as logits_of:
+        for i in range(hidden.shape[0]):
+            yield logits_of(hidden[i : i + 1])[0].float()

@@ -15,6 +15,7 @@ position's argmax with the FP32 model's, and last-token accuracy (the argmax at 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,9 +25,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from common.analysis.layerwise import Parts, window_logits
 from common.analysis.quant_plan import bits_of
 from common.core.errors import EdgeforgeError
 from common.models import ModelAdapter, get_adapter, iter_linears
+from common.models.streaming import StreamedModel
 from common.quant.int8 import fake_quantize, quantize_bias, weight_scale
 
 
@@ -130,31 +133,27 @@ def apply_plan(adapter: ModelAdapter, plan: dict[str, Any]) -> list[RemovableHan
     return handles
 
 
-def evaluate(
-    model: nn.Module, windows: torch.Tensor, reference_argmax: torch.Tensor | None = None
+def score_logits(
+    logits: Iterable[torch.Tensor], windows: torch.Tensor, reference_argmax: torch.Tensor | None
 ) -> dict[str, Any]:
-    """Perplexity, top-1 agreement with ``reference_argmax`` and last-token accuracy.
+    """Perplexity, top-1 agreement with ``reference_argmax`` and last-token accuracy of
+    each window's logits ``[seq, vocab]`` (one per window of ``windows``, in order), as
+    :func:`common.analysis.eval.perplexity` computes them. Returns the argmax too (the
+    FP32 run's becomes the reference)."""
+    from common.analysis.eval import window_nll_sum
 
-    The argmax of every window's logits is captured by a hook during the perplexity pass,
-    so the model runs once. Returns the argmax too (the FP32 run's becomes the reference).
-    """
-    from common.analysis.eval import perplexity
-
-    argmaxes: list[torch.Tensor] = []
-
-    def capture(_m: nn.Module, _a: Any, out: Any) -> None:
-        argmaxes.append(out.logits[0].argmax(-1))
-
-    handle = model.register_forward_hook(capture)
-    try:
-        scores = perplexity(model, windows, progress=False)
-    finally:
-        handle.remove()
+    total, argmaxes = 0.0, []
+    with torch.inference_mode():
+        for window, window_logits in zip(windows, logits, strict=True):
+            total += window_nll_sum(window_logits, window)
+            argmaxes.append(window_logits.argmax(-1))
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    nll = total / tokens
     argmax = torch.stack(argmaxes)
     result: dict[str, Any] = {
-        "ppl": scores["ppl"],
-        "nll": scores["nll"],
-        "tokens": scores["tokens"],
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "tokens": tokens,
         "last_token_accuracy": float((argmax[:, -2] == windows[:, -1]).double().mean()),
     }
     if reference_argmax is not None:
@@ -162,17 +161,63 @@ def evaluate(
     return result | {"argmax": argmax}
 
 
+def evaluate(
+    model: nn.Module, windows: torch.Tensor, reference_argmax: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """:func:`score_logits` of ``model`` run whole on every window."""
+    from common.analysis.eval import check_windows, model_logits
+
+    windows = check_windows(windows, model, min_len=2)
+    with torch.inference_mode():
+        return score_logits((model_logits(model, w) for w in windows), windows, reference_argmax)
+
+
+def score_model(
+    model_dir: Path,
+    windows: torch.Tensor,
+    *,
+    streamed: StreamedModel | None,
+    plan: dict[str, Any] | None = None,
+    reference_argmax: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Score the model of ``model_dir`` (transformed and fake-quantized as ``plan`` says;
+    float without one) on ``windows``: one part at a time from ``streamed``, else loaded
+    whole. Both give the same numbers (the layers run the same windows, batch 1)."""
+    transforms = (plan or {}).get("transforms", {})
+    if streamed is None:
+        with transformed_model(model_dir, transforms) as (model, _):
+            handles = apply_plan(get_adapter(model), plan) if plan else []
+            try:
+                return evaluate(model, windows, reference_argmax)
+            finally:
+                for handle in handles:
+                    handle.remove()
+    from common.analysis.eval import check_windows
+    from common.quant.transforms import Transforms
+
+    adapter = streamed.adapter
+    windows = check_windows(windows, streamed.model, min_len=2)
+    parts = Parts(adapter, streamed, Transforms.of(adapter, transforms))
+    handles = []
+    if plan:
+        handles = activation_hooks(adapter, plan)
+        parts = parts.then(plan_weights(adapter, plan))
+    try:
+        return score_logits(window_logits(parts, windows), windows, reference_argmax)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def simulate_plan(
     model_dir: Path,
     plan: dict[str, Any],
     windows: torch.Tensor,
     reference_argmax: torch.Tensor | None,
+    streamed: StreamedModel | None = None,
 ) -> dict[str, Any]:
-    """Build the plan's fake-quant model and score it."""
-    with transformed_model(model_dir, plan.get("transforms", {})) as (model, _):
-        handles = apply_plan(get_adapter(model), plan)
-        try:
-            return evaluate(model, windows, reference_argmax)
-        finally:
-            for handle in handles:
-                handle.remove()
+    """Build the plan's fake-quant model and score it (one part at a time from
+    ``streamed`` when given)."""
+    return score_model(
+        model_dir, windows, streamed=streamed, plan=plan, reference_argmax=reference_argmax
+    )

@@ -1,16 +1,16 @@
-"""The memory preflight of target steps that still hold the whole model in float32.
+"""The memory preflight of steps, before any weight is loaded.
 
-Layer-by-layer steps (``make profile``) estimate their peak from the part they hold; the
-target builds that load the whole model estimate it as multiples of the checkpoint's
-float32 size, each multiple named after what holds it (a reference copy, GPTQ levels, the
-simulator), so the error line tells a user where the memory goes. Every target declares
-``MAX_MEMORY`` with :func:`max_memory_option` and calls :func:`whole_model_preflight`
-after resolving the model and before loading it.
+Layer-by-layer steps estimate their peak from the part they hold plus what they keep
+across parts (:func:`layerwise_preflight`); steps that load the whole model estimate it as
+multiples of the checkpoint's float32 size, each multiple named after what holds it (a
+reference copy, GPTQ levels, the simulator), so the error line tells a user where the
+memory goes. Every target declares ``MAX_MEMORY`` with :func:`max_memory_option` and
+runs a preflight after resolving the model and before loading it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +63,44 @@ def whole_model_preflight(
     parts = {name: int(model * factor) for name, factor in copies.items()}
     parts["checkpoint mapped while loading"] = stored_bytes(model_dir)
     run.preflight(Estimate(step, parts), MemoryCap.resolve(max_memory), WHOLE_MODEL_REMEDY)
+
+
+def layerwise_preflight(
+    run: Run,
+    model_dir: Path,
+    step: str,
+    max_memory: int | None,
+    *,
+    held: Callable[[Any], Mapping[str, int]],
+    copies: Mapping[str, float],
+    sequential: bool | None = None,
+    lower: str,
+) -> Any:
+    """Run ``step`` one part at a time where the model allows it (a text model with plain
+    causal layers; ``sequential`` False forces a whole-model run), else whole; estimate
+    the peak of that mode and stop with one line over the cap. Returns the
+    :class:`~common.models.streaming.StreamedModel` to read parts from, or None for a
+    whole-model run (then estimated as :func:`whole_model_preflight` does with ``copies``).
+
+    A layer-by-layer peak is the largest part, pickled checkpoint pages mapped while they
+    load, and ``held(adapter)``: what the step keeps across parts (hidden states of its
+    windows, a window's logits), named; ``lower`` says which options shrink that."""
+    from common.models.streaming import StreamedModel
+
+    streamed = StreamedModel(model_dir)
+    adapter = streamed.adapter
+    fits = not (adapter.is_vision_language or adapter.attention_departures())
+    if sequential and not fits:
+        streamed.check_layerwise("run it with SEQUENTIAL=0")  # says why it cannot
+    if not fits or sequential is False:
+        whole_model_preflight(run, model_dir, f"{step} (whole model)", max_memory, copies)
+        return None
+    parts = {
+        "largest part (float32)": streamed.largest_part_bytes(),
+        "pickled .bin pages (mapped)": streamed.weights.mapped_bytes,
+        **held(adapter),
+    }
+    run.preflight(
+        Estimate(f"{step} (one layer at a time)", parts), MemoryCap.resolve(max_memory), lower
+    )
+    return streamed

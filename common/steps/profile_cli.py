@@ -34,17 +34,21 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bias", type=_bool, default=True, help="observe Wx without bias")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeforge-profile", description=__doc__)
-    sub = parser.add_subparsers(dest="step", required=True)
-    prof = sub.add_parser("profile", help="streaming activation statistics of every linear")
-    _add_common(prof)
-    prof.add_argument(
+def _add_sequential(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--sequential",
         type=_bool,
         default=None,
         help="1: one layer at a time, 0: whole model (default: layers where the model allows)",
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeforge-profile", description=__doc__)
+    sub = parser.add_subparsers(dest="step", required=True)
+    prof = sub.add_parser("profile", help="streaming activation statistics of every linear")
+    _add_common(prof)
+    _add_sequential(prof)
     prof.add_argument(
         "--max-memory",
         default=None,
@@ -75,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--eval-corpus", default=None)
     sim.add_argument("--num-windows", type=int, default=None)
     sim.add_argument("--max-memory", default=None, help="memory cap checked up front, e.g. 16GB")
+    _add_sequential(sim)
     sweep = sub.add_parser("sweep", help="threshold sweep on an existing profile")
     sweep.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
     sweep.add_argument("--build-dir", type=Path, default=None)
@@ -87,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-windows", type=int, default=None)
     sweep.add_argument("--seq-len", type=int, default=None)
     sweep.add_argument("--max-memory", default=None, help="memory cap checked up front, e.g. 16GB")
+    _add_sequential(sweep)
     return parser
 
 
@@ -121,6 +127,7 @@ def main() -> int:
                 num_windows=args.num_windows,
                 seq_len=args.seq_len,
                 max_memory=parse_size(args.max_memory) if args.max_memory else None,
+                sequential=args.sequential,
             ),
             args.build_dir,
         )
@@ -179,6 +186,7 @@ def main() -> int:
         calibration=ProfileSettings(
             **common,
             num_samples=32 if args.num_samples is None else args.num_samples,
+            sequential=args.sequential,
             max_memory=parse_size(args.max_memory) if args.max_memory else None,
         ),
         threshold=DEFAULT_T if args.t is None else args.t,

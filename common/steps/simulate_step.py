@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.analysis.quant_plan import PlanOptions, build_plan, npu_precision_map
 from common.analysis.threshold_sweep import (
@@ -30,8 +30,11 @@ from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
 from common.core.resources import resources_line
 from common.steps.phases import Run
-from common.steps.preflight import whole_model_preflight
+from common.steps.preflight import layerwise_preflight
 from common.steps.profile_step import ProfileSettings, calibration_windows
+
+if TYPE_CHECKING:
+    from common.models.streaming import StreamedModel
 
 #: W8A16 must cost at most this ppl ratio (a failed gate exits 1 after the report).
 W8A16_GATE = 1.01
@@ -81,16 +84,45 @@ def _variants(settings: SimulateSettings) -> dict[str, tuple[dict[str, Any], Opt
 
 
 def _profile(
-    model_dir: Path, transforms: dict[str, Any], windows: Any, no_bias: bool
+    model_dir: Path,
+    transforms: dict[str, Any],
+    windows: Any,
+    no_bias: bool,
+    streamed: StreamedModel | None,
 ) -> dict[str, Any]:
-    from common.analysis.profiling import profile_document, profile_model
+    """The profile of the model as ``transforms`` make it: one part at a time from
+    ``streamed``, else whole."""
+    from common.analysis.profiling import profile_document, profile_model, profile_sequential
     from common.analysis.simulate import transformed_model
+    from common.quant.transforms import Transforms
 
-    with transformed_model(model_dir, transforms) as (model, _):
-        stats = profile_model(model, windows, no_bias=no_bias).results()
+    if streamed is not None:
+        resolved = Transforms.of(streamed.adapter, transforms)
+        profiler = profile_sequential(streamed, windows, transforms=resolved, no_bias=no_bias)
+        stats = profiler.results()
+    else:
+        with transformed_model(model_dir, transforms) as (model, _):
+            stats = profile_model(model, windows, no_bias=no_bias).results()
     return profile_document(
         stats, {"model": str(model_dir), "transforms": transforms, "tokens": windows.numel()}
     )
+
+
+def held_bytes(held_out: Any, calibration: Any) -> Callable[[Any], dict[str, int]]:
+    """What a layer-by-layer simulation keeps across parts: the hidden states of the
+    held-out and calibration windows (in and out of a layer), a window's logits and the
+    rotation matrices (float64)."""
+    from common.quant.rotation import rotation_bytes
+
+    def held(adapter: Any) -> dict[str, int]:
+        windows = max(held_out.numel(), 0 if calibration is None else calibration.numel())
+        return {
+            "hidden states": 2 * windows * adapter.hidden_size * 4,
+            "one window's logits": held_out.shape[1] * adapter.vocab_size * 4,
+            "rotation (float64)": rotation_bytes(adapter),
+        }
+
+    return held
 
 
 def render(report: dict[str, Any]) -> str:
@@ -160,9 +192,11 @@ def sweep_profile(
     thresholds: Sequence[float],
     held_out: Any,
     reference: dict[str, Any],
+    streamed: StreamedModel | None,
 ) -> dict[str, Any]:
     """Score every candidate plan of ``profile`` (made on the model as its ``transforms``
-    say) against the FP32 ``reference`` scores; returns :func:`run_sweep`'s decision."""
+    say) against the FP32 ``reference`` scores, one part at a time from ``streamed``
+    when given; returns :func:`run_sweep`'s decision."""
     from common.analysis.simulate import simulate_plan
 
     transforms = profile["edgeforge"].get("transforms", {})
@@ -170,7 +204,7 @@ def sweep_profile(
 
     def score(plan: dict[str, Any]) -> dict[str, Any]:
         print(f"[sweep] {plan['name']}", file=sys.stderr, flush=True)
-        s = simulate_plan(model_dir, plan, held_out, reference["argmax"])
+        s = simulate_plan(model_dir, plan, held_out, reference["argmax"], streamed)
         return {**s, "ppl_ratio": s["ppl"] / reference["ppl"]}
 
     return run_sweep(candidates, score)
@@ -182,25 +216,28 @@ def run_simulate(
     """Profile, plan, simulate and score every variant; write ``build/<MODEL>/simulate/``.
     A model that runs its own code (Qwen1) is refused first: every variant loads through
     transformers' Auto classes."""
-    from common.analysis.simulate import evaluate, simulate_plan, transformed_model
+    from common.analysis.simulate import score_model, simulate_plan
     from common.models.loading import refuse_remote_code
 
     settings.check()
     refuse_remote_code(model_dir, "make simulate")
     run = Run("simulate", ("calibrate", "variants", "sweep", "package"))
     run.phase("calibrate")
-    whole_model_preflight(
-        run,
-        model_dir,
-        "make simulate",
-        settings.calibration.max_memory,
-        {"reference model": 1, "variant model": 1},
-    )
     held_out = held_out_windows(
         recipe, model_dir, settings.eval_corpus, settings.num_windows, settings.seq_len
     )
     num_windows, seq_len = held_out.shape
     calib = calibration_windows(model_dir, settings.calibration)
+    streamed = layerwise_preflight(
+        run,
+        model_dir,
+        "make simulate",
+        settings.calibration.max_memory,
+        held=held_bytes(held_out, calib),
+        copies={"reference model": 1, "variant model": 1},
+        sequential=settings.calibration.sequential,
+        lower="lower NUM_WINDOWS, NUM_SAMPLES or SEQ_LEN",
+    )
     no_bias = settings.calibration.no_bias
     profiles: dict[str, dict[str, Any]] = {}
     plans: dict[str, dict[str, Any]] = {}
@@ -210,19 +247,18 @@ def run_simulate(
     for name, (transforms, options) in _variants(settings).items():
         print(f"[simulate] {name}", file=sys.stderr, flush=True)
         if options is None:
-            with transformed_model(model_dir, {}) as (model, _):
-                scores = evaluate(model, held_out)
+            scores = score_model(model_dir, held_out, streamed=streamed)
             reference = scores
             scores["top1_agreement"] = 1.0
         else:
             key = repr(sorted(transforms.items()))
             if key not in profiles:
-                profiles[key] = _profile(model_dir, transforms, calib, no_bias)
+                profiles[key] = _profile(model_dir, transforms, calib, no_bias, streamed)
             if callable(options):
                 options = options(profiles[key])
             plan = build_plan(profiles[key], options, name=name, transforms=transforms)
             plans[name] = plan
-            scores = simulate_plan(model_dir, plan, held_out, reference["argmax"])
+            scores = simulate_plan(model_dir, plan, held_out, reference["argmax"], streamed)
         results[name] = {k: v for k, v in scores.items() if k != "argmax"}
     fp32_ppl = results["fp32"]["ppl"]
     run.phase("sweep")
@@ -233,6 +269,7 @@ def run_simulate(
         settings.thresholds,
         held_out,
         reference,
+        streamed,
     )
     best = sweep["plan"]
     best_row = next(r for r in sweep["rows"] if r["name"] == sweep["chosen"])

@@ -22,7 +22,7 @@ from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
 from common.core.resources import resources_line
 from common.steps.phases import Run
-from common.steps.preflight import whole_model_preflight
+from common.steps.preflight import layerwise_preflight
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class SweepSettings:
     num_windows: int | None = None
     seq_len: int | None = None
     max_memory: int | None = None  # bytes; None: what the machine has available
+    sequential: bool | None = None  # None: one layer at a time where the model allows
 
 
 def default_profile(recipe: Recipe, build_dir: Path | None) -> Path:
@@ -63,26 +64,32 @@ def run_sweep_step(
     A model that runs its own code (Qwen1) is refused first: the plans are simulated on
     models loaded through transformers' Auto classes."""
     from common.analysis.profiling import load_profile
-    from common.analysis.simulate import evaluate, transformed_model
-    from common.models import get_adapter
+    from common.analysis.simulate import score_model
     from common.models.loading import refuse_remote_code
-    from common.steps.simulate_step import held_out_windows, sweep_profile
+    from common.models.streaming import StreamedModel
+    from common.steps.simulate_step import held_bytes, held_out_windows, sweep_profile
 
     thresholds = check_thresholds(settings.thresholds)
     refuse_remote_code(model_dir, "make sweep")
     run = Run("sweep", ("reference", "sweep", "package"))
     run.phase("reference")
-    whole_model_preflight(
-        run, model_dir, "make sweep", settings.max_memory, {"reference model": 1, "plan model": 1}
-    )
     held_out = held_out_windows(
         recipe, model_dir, settings.eval_corpus, settings.num_windows, settings.seq_len
     )
-    with transformed_model(model_dir, {}) as (model, _):
-        profile = load_profile(settings.profile, get_adapter(model))
-        reference = evaluate(model, held_out)
+    profile = load_profile(settings.profile, StreamedModel(model_dir).adapter)
+    streamed = layerwise_preflight(
+        run,
+        model_dir,
+        "make sweep",
+        settings.max_memory,
+        held=held_bytes(held_out, None),
+        copies={"reference model": 1, "plan model": 1},
+        sequential=settings.sequential,
+        lower="lower NUM_WINDOWS or SEQ_LEN",
+    )
+    reference = score_model(model_dir, held_out, streamed=streamed)
     run.phase("sweep")
-    sweep = sweep_profile(model_dir, profile, thresholds, held_out, reference)
+    sweep = sweep_profile(model_dir, profile, thresholds, held_out, reference, streamed)
     run.phase("package")
     report = {
         "model": recipe.name,
