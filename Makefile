@@ -54,7 +54,8 @@ model: venv ## build or resolve the model directory: build/<MODEL>/model
 	$(PY) -m common.steps.cli model $(MODEL_ARGS)
 
 eval: venv ## held-out perplexity + canary prompt: build/<MODEL>/eval/report.json
-	$(PY) -m common.steps.cli eval $(MODEL_ARGS) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY))
+	$(PY) -m common.steps.cli eval $(MODEL_ARGS) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY)) \
+		$(if $(SEQUENTIAL),--sequential $(SEQUENTIAL))
 
 test: venv ## the test suite through tox: lint, unit + integration tests, one env per target
 	$(VENV)/bin/tox

@@ -18,11 +18,18 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.analysis.eval import compare_logits, greedy_generate, perplexity, prompt_ids
+from common.analysis.eval import (
+    compare_logits,
+    greedy_answer_layerwise,
+    greedy_generate,
+    perplexity,
+    prompt_ids,
+)
 from common.core.errors import EdgeforgeError
 from common.inputs.data import CALIB_CORPUS, iter_texts
 from common.models import get_adapter
 from common.models.loading import load_model, load_tokenizer
+from common.models.streaming import StreamedModel
 from common.models.tiny_models import build_tiny_model
 
 PROMPT = "What is the capital of France?"
@@ -217,6 +224,14 @@ def test_greedy_generate_matches_argmax_loop(tiny_dirs: dict[str, Path], tokeniz
     with torch.inference_mode():
         penalised = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
     assert penalised[0, ids.shape[1] :].tolist() != expected
+
+
+def test_layerwise_answer_equals_generate(tiny_dirs: dict[str, Path], tokenizer: Any) -> None:
+    """One part at a time, the canary answer is generate()'s: the same tokens, cut at EOS."""
+    streamed = StreamedModel(tiny_dirs["qwen2"])
+    for steps in (1, 8, 30):
+        want = greedy_generate(load_model(tiny_dirs["qwen2"]), tokenizer, PROMPT, steps)
+        assert greedy_answer_layerwise(streamed, tokenizer, PROMPT, steps) == want
 
 
 def test_greedy_generate_without_chat_template(model: nn.Module, tokenizer: Any) -> None:

@@ -105,7 +105,16 @@ def test_targets_stop_before_loading(
 @pytest.mark.parametrize(
     ("argv", "step", "remedy"),
     [
-        (("-m", "common.steps.cli", "eval"), "make eval needs about", "set MAX_MEMORY to"),
+        (
+            ("-m", "common.steps.cli", "eval"),
+            "make eval (one layer at a time) needs about",
+            "lower NUM_WINDOWS or SEQ_LEN",
+        ),
+        (
+            ("-m", "common.steps.cli", "eval", "--sequential", "0"),
+            "make eval (whole model) needs about",
+            "set MAX_MEMORY to",
+        ),
         (
             ("-m", "common.steps.profile_cli", "simulate"),
             "make simulate (one layer at a time) needs about",

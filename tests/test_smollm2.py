@@ -51,6 +51,25 @@ def test_real_perplexity_and_canary(smollm2_report: dict) -> None:
     assert "Paris" in smollm2_report["generation"]["output"]
 
 
+def test_layer_by_layer_eval_equals_whole_model(
+    smollm2_report: dict, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """make eval reads a text model one part at a time; SEQUENTIAL=0 loads it whole. Same
+    perplexity, bit for bit, and the same canary answer."""
+    assert smollm2_report["layer_by_layer"] is True
+    result = run_cli(
+        "eval", "--model", "smollm2-135m", "--model-path", str(smollm2_dir),
+        "--build-dir", str(tmp_path), "--sequential", "0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    whole = json.loads((tmp_path / "smollm2-135m" / "eval" / "report.json").read_text())
+    assert whole["layer_by_layer"] is False
+    assert (whole["ppl"], whole["generation"]) == (
+        smollm2_report["ppl"],
+        smollm2_report["generation"],
+    )
+
+
 def test_qwen2_version_has_same_perplexity(
     session_build: Path, smollm2_qwen2_dir: Path, smollm2_report: dict
 ) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.core.errors import EdgeforgeError
+from common.models.streaming import StreamedModel
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -190,20 +191,9 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_token
     """
     from transformers import GenerationConfig
 
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise EdgeforgeError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
-    text_tokenizer = _text_tokenizer(tokenizer)
-    ids = prompt_ids(text_tokenizer, prompt)
-    check_windows(ids, model, what="prompt token ids")
+    text_tokenizer, ids = _greedy_prompt(model, tokenizer, prompt, max_new_tokens)
     saved = getattr(model, "generation_config", None)
-    eos = getattr(saved, "eos_token_id", None)
-    if eos is None:
-        eos = text_tokenizer.eos_token_id
-    pad = getattr(saved, "pad_token_id", None)
-    if pad is None:
-        pad = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else eos
-    if isinstance(pad, list):
-        pad = pad[0]
+    eos, pad = _eos_and_pad(saved, text_tokenizer)
     greedy = GenerationConfig(
         do_sample=False,
         num_beams=1,
@@ -222,3 +212,52 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_token
     finally:
         model.generation_config = saved
     return text_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def _greedy_prompt(
+    model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int
+) -> tuple[Any, torch.Tensor]:
+    """The text tokenizer and the checked prompt ids ``[1, len]`` of a greedy answer."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise EdgeforgeError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    text_tokenizer = _text_tokenizer(tokenizer)
+    ids = prompt_ids(text_tokenizer, prompt)
+    check_windows(ids, model, what="prompt token ids")
+    return text_tokenizer, ids
+
+
+def _eos_and_pad(generation_config: Any, text_tokenizer: Any) -> tuple[Any, Any]:
+    """The end-of-sequence id(s) and pad id a greedy answer uses: the checkpoint's
+    generation config's, else the tokenizer's (pad falls back to EOS)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = text_tokenizer.eos_token_id
+    pad = getattr(generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else eos
+    if isinstance(pad, list):
+        pad = pad[0]
+    return eos, pad
+
+
+def greedy_answer_layerwise(
+    streamed: StreamedModel, tokenizer: Any, prompt: str, max_new_tokens: int
+) -> str:
+    """:func:`greedy_generate`'s answer computed one part at a time
+    (:func:`common.analysis.layerwise_decode.reference_greedy`): the same tokens up to the
+    first EOS, which ends the answer as it ends ``generate``. Every new token reads the
+    checkpoint once more, so the canary costs ``max_new_tokens`` passes over it."""
+    from transformers import GenerationConfig
+
+    from common.analysis.layerwise import Parts
+    from common.analysis.layerwise_decode import reference_greedy
+
+    text_tokenizer, ids = _greedy_prompt(streamed.model, tokenizer, prompt, max_new_tokens)
+    saved = streamed.model.generation_config
+    if (streamed.path / "generation_config.json").is_file():  # what from_pretrained reads
+        saved = GenerationConfig.from_pretrained(streamed.path, local_files_only=True)
+    eos, _pad = _eos_and_pad(saved, text_tokenizer)
+    stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    tokens = reference_greedy(Parts(streamed.adapter, streamed), ids, max_new_tokens)
+    end = next((i + 1 for i, token in enumerate(tokens) if token in stop), len(tokens))
+    return text_tokenizer.decode(tokens[:end], skip_special_tokens=True)

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from common.core.errors import run_cli
+from common.steps.profile_cli import add_sequential
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=None)
     ev.add_argument("--num-windows", type=int, default=None)
     ev.add_argument("--max-memory", default=None, help="memory cap checked up front, e.g. 16GB")
+    add_sequential(ev)
     return parser
 
 
@@ -64,6 +66,7 @@ def main() -> int:
             seq_len=args.seq_len,
             num_windows=args.num_windows,
             max_memory=parse_size(args.max_memory) if args.max_memory else None,
+            sequential=args.sequential,
         )
     return 0
 

@@ -17,7 +17,7 @@ from common.core.recipes import Recipe, model_build_dir
 from common.core.records import atomic_path, build_manifest, write_bytes_atomic, write_json_atomic
 from common.core.resources import resources_line
 from common.steps.phases import Run
-from common.steps.preflight import whole_model_preflight
+from common.steps.preflight import layerwise_preflight
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_NUM_WINDOWS = 16
@@ -57,29 +57,47 @@ def run_eval(
     seq_len: int | None = None,
     num_windows: int | None = None,
     max_memory: int | None = None,
+    sequential: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model_dir``; write ``build/<MODEL>/eval/{report.json,report.md,manifest.json}``.
 
     Raises :class:`CheckFailed` (after writing the report) when the canary answer lacks
     the recipe's expected text. A model that runs its own code (Qwen1) is refused first:
-    only the steps built for it load it.
+    only the steps built for it load it. Text models run one part at a time (the same
+    numbers and answer; ``sequential`` False loads the whole model), others whole.
     """
-    from common.analysis.eval import greedy_generate, perplexity
+    from common.analysis.eval import greedy_answer_layerwise, greedy_generate, perplexity
+    from common.analysis.simulate import score_model
     from common.inputs.data import eval_windows
     from common.models.loading import load_model, load_tokenizer, refuse_remote_code
 
     refuse_remote_code(model_dir, "make eval")
     run = Run("eval", ("load", "evaluate", "package"))
     run.phase("load")
-    whole_model_preflight(run, model_dir, "make eval", max_memory, {"float32 model": 1})
     defaults = recipe.eval_defaults
     seq_len = seq_len or defaults.get("seq_len", DEFAULT_SEQ_LEN)
     num_windows = num_windows or defaults.get("num_windows", DEFAULT_NUM_WINDOWS)
     tokenizer = load_tokenizer(model_dir)
     windows = eval_windows([corpus], tokenizer, num_windows, seq_len)
-    model = load_model(model_dir)
+    streamed = layerwise_preflight(
+        run,
+        model_dir,
+        "make eval",
+        max_memory,
+        held=lambda adapter: {
+            "hidden states": 2 * windows.numel() * adapter.hidden_size * 4,
+            "one window's logits": seq_len * adapter.vocab_size * 4,
+        },
+        copies={"float32 model": 1},
+        sequential=sequential,
+        lower="lower NUM_WINDOWS or SEQ_LEN",
+    )
+    model = None if streamed is not None else load_model(model_dir)
     run.phase("evaluate")
-    scores = perplexity(model, windows)
+    if model is None:
+        scores = score_model(model_dir, windows, streamed=streamed)
+    else:
+        scores = perplexity(model, windows)
     report: dict[str, Any] = {
         "model": recipe.name,
         "model_type": recipe.model_type,
@@ -87,15 +105,18 @@ def run_eval(
         "corpus": str(corpus),
         "seq_len": seq_len,
         "num_windows": num_windows,
+        "layer_by_layer": model is None,
         "tokens": scores["tokens"],
         "nll": scores["nll"],
         "ppl": scores["ppl"],
     }
     prompt = defaults.get("prompt")
     if prompt:
-        output = greedy_generate(
-            model, tokenizer, prompt, defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-        )
+        max_new_tokens = defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        if model is None:
+            output = greedy_answer_layerwise(streamed, tokenizer, prompt, max_new_tokens)
+        else:
+            output = greedy_generate(model, tokenizer, prompt, max_new_tokens)
         expect = defaults.get("expect")
         report["generation"] = {
             "prompt": prompt,

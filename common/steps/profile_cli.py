@@ -34,7 +34,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bias", type=_bool, default=True, help="observe Wx without bias")
 
 
-def _add_sequential(parser: argparse.ArgumentParser) -> None:
+def add_sequential(parser: argparse.ArgumentParser) -> None:
+    """``--sequential`` (make's ``SEQUENTIAL``) of the steps that run layer by layer."""
     parser.add_argument(
         "--sequential",
         type=_bool,
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="step", required=True)
     prof = sub.add_parser("profile", help="streaming activation statistics of every linear")
     _add_common(prof)
-    _add_sequential(prof)
+    add_sequential(prof)
     prof.add_argument(
         "--max-memory",
         default=None,
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--eval-corpus", default=None)
     sim.add_argument("--num-windows", type=int, default=None)
     sim.add_argument("--max-memory", default=None, help="memory cap checked up front, e.g. 16GB")
-    _add_sequential(sim)
+    add_sequential(sim)
     sweep = sub.add_parser("sweep", help="threshold sweep on an existing profile")
     sweep.add_argument("--model", required=True, help="recipe name (models/<name>.json)")
     sweep.add_argument("--build-dir", type=Path, default=None)
@@ -92,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-windows", type=int, default=None)
     sweep.add_argument("--seq-len", type=int, default=None)
     sweep.add_argument("--max-memory", default=None, help="memory cap checked up front, e.g. 16GB")
-    _add_sequential(sweep)
+    add_sequential(sweep)
     return parser
 
 

@@ -1,0 +1,86 @@
+"""The float decode reference one part at a time equals the whole model's, bit for bit.
+
+``make sophgo`` gates its simulated bmodel on these tokens and logits, so a text model's
+layer-by-layer reference must be the very numbers ``reference_greedy`` and
+``reference_logits`` give over the whole model: tokens identical and logits within a
+tolerance of zero (same modules, inputs, cache and mask, hence the same float ops).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.analysis import layerwise_decode
+from common.analysis.eval import prompt_ids
+from common.analysis.layerwise import Parts
+from common.export.piece_export import reference_greedy, reference_logits
+from common.models.loading import load_model, load_tokenizer
+from common.models.streaming import StreamedModel
+
+PROMPT = "What is the capital of France?"
+
+
+def assert_same_reference(model_dir: Path, max_new_tokens: int) -> list[int]:
+    """Greedy tokens and teacher-forced logits from the streamed parts equal the whole
+    model's; returns the tokens."""
+    ids = prompt_ids(load_tokenizer(model_dir), PROMPT)
+    model = load_model(model_dir)
+    want = reference_greedy(model, ids, max_new_tokens)
+    want_logits = reference_logits(model, ids, want)
+    streamed = StreamedModel(model_dir)
+    parts = Parts(streamed.adapter, streamed)
+    got = layerwise_decode.reference_greedy(parts, ids, max_new_tokens)
+    assert got == want
+    got_logits = layerwise_decode.reference_logits(parts, ids, got)
+    assert got_logits.shape == (max_new_tokens, streamed.adapter.vocab_size)
+    np.testing.assert_array_equal(got_logits, want_logits)
+    return got
+
+
+def test_tiny_qwen2_reference_equals_the_whole_model(tiny_qwen2_dir: Path) -> None:
+    assert_same_reference(tiny_qwen2_dir, 8)
+
+
+@pytest.mark.smollm2
+def test_smollm2_reference_equals_the_whole_model(smollm2_dir: Path) -> None:
+    tokens = assert_same_reference(smollm2_dir, 12)
+    assert len(set(tokens)) > 3  # a real model's varied answer, not one repeated token
+
+
+def test_teacher_forced_logits_pick_the_greedy_tokens(tiny_qwen2_dir: Path) -> None:
+    """Each row of the logits is the step that chose that token; a wrong continuation
+    changes the rows after it, not before."""
+    streamed = StreamedModel(tiny_qwen2_dir)
+    parts = Parts(streamed.adapter, streamed)
+    ids = prompt_ids(load_tokenizer(tiny_qwen2_dir), PROMPT)
+    tokens = layerwise_decode.reference_greedy(parts, ids, 4)
+    logits = layerwise_decode.reference_logits(parts, ids, tokens)
+    assert [int(row.argmax()) for row in logits] == tokens
+    wrong = [*tokens[:2], (tokens[2] + 1) % streamed.adapter.vocab_size, tokens[3]]
+    forced = layerwise_decode.reference_logits(parts, ids, wrong)
+    np.testing.assert_array_equal(forced[:3], logits[:3])
+    assert not np.array_equal(forced[3], logits[3])
+
+
+def test_one_part_in_memory_at_a_time(tiny_qwen2_dir: Path) -> None:
+    """Whenever a part is read, nothing else is materialized but the final norm (read
+    together with the LM head), and nothing is left after the decode."""
+    streamed = StreamedModel(tiny_qwen2_dir)
+    held: list[int] = []
+    load = streamed.load
+
+    def counting_load(module: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        held.append(sum(p.numel() for p in streamed.model.parameters() if not p.is_meta))
+        return load(module, prefix)
+
+    streamed.load = counting_load  # type: ignore[method-assign]
+    ids = prompt_ids(load_tokenizer(tiny_qwen2_dir), PROMPT)
+    layerwise_decode.reference_greedy(Parts(streamed.adapter, streamed), ids, 2)
+    layers = streamed.adapter.num_layers
+    assert len(held) == 2 * (1 + layers + 2)  # per token: embedding, layers, norm + head
+    assert max(held) == streamed.adapter.hidden_size  # the final norm's gain
+    assert all(p.is_meta for p in streamed.model.parameters())
