@@ -2,9 +2,10 @@
 
 A random qwen2 in real-model proportions (hidden 1024, 42 layers, bf16 on disk like the
 hub's, sharded) whose float32 weights are more than twice ``MAX_MEMORY``: a whole-model
-step could not even hold it, yet ``make profile`` with rotation and ``make cpu`` build it
-within the cap, as measured by the step itself (``report.json["resources"]``, the
-process's VmHWM). The tokenizer is tiny-qwen2's (vocabulary 1024).
+step could not even hold it, yet ``make profile`` with rotation, ``make cpu`` and ``make
+axera`` (text) build it within the cap, as measured by the step itself
+(``report.json["resources"]``, the process's VmHWM). The tokenizer is tiny-qwen2's
+(vocabulary 1024).
 """
 
 from __future__ import annotations
@@ -73,3 +74,16 @@ def test_cpu_within_the_cap(big_model: Path, tmp_path: Path) -> None:
     assert _peak(out / "report.json") <= parse_size(CAP)
     assert (out / "model" / "model.safetensors.index.json").is_file()  # fp32: sharded
     assert (out / "model.mllm").stat().st_size > 2 * parse_size(CAP)
+
+
+def test_axera_within_the_cap(big_model: Path, tmp_path: Path) -> None:
+    """The text path: the bf16 embedding table, and the greedy checks with float and bf16
+    embeddings, each token through every layer as it is read."""
+    result = run_python(
+        "targets/axera-ax650/build.py", "--model", RECIPE, "--model-path", str(big_model),
+        "--build-dir", str(tmp_path), "--max-new-tokens", "2", "--max-memory", CAP,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = tmp_path / RECIPE / "axera-ax650" / "report.json"
+    assert _peak(report) <= parse_size(CAP)
+    assert json.loads(report.read_text())["bf16_embeddings_greedy_match"] is True

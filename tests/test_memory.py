@@ -78,7 +78,12 @@ def test_default_cap_is_what_is_available() -> None:
         (
             "targets/axera-ax650/build.py",
             "tiny-qwen2.5-vl",
-            ("make axera needs about", "float32 model", "set MAX_MEMORY to"),
+            ("make axera (whole model) needs about", "float32 model", "set MAX_MEMORY to"),
+        ),
+        (
+            "targets/axera-ax650/build.py",
+            "tiny-qwen2",
+            ("make axera (one layer at a time) needs about", "bf16 embedding table"),
         ),
     ],
 )
@@ -86,8 +91,8 @@ def test_targets_stop_before_loading(
     script: str, model: str, fragments: tuple, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Over MAX_MEMORY, a target stops with one line naming its estimate, the cap and what
-    lowers it, before it loads the model or writes an output. (qnn, sophgo and autoround
-    make the whole-model call axera makes; their suites run in their own tox envs.)"""
+    lowers it, before it loads the model or writes an output. (The qnn, sophgo and autoround
+    preflights are tested in their own tox envs.)"""
     request.getfixturevalue("tiny_qwen2_5_vl_dir" if "vl" in model else "tiny_qwen2_dir")
     build_dir = request.getfixturevalue("session_build")
     result = run_python(

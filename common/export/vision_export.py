@@ -319,16 +319,25 @@ def vision_features_replaced(adapter: ModelAdapter, features: torch.Tensor) -> I
 
 
 def greedy_tokens(model: nn.Module, inputs: dict[str, Any], new_tokens: int) -> list[int]:
-    """Exactly ``new_tokens`` greedy tokens after the prompt (EOS does not stop it, so the
-    comparison always covers the same length)."""
+    """Exactly ``new_tokens`` greedy tokens after the prompt, each the model's own argmax:
+    EOS neither stops the run nor is suppressed (as the layer-by-layer
+    :func:`common.analysis.layerwise_decode.reference_greedy` decodes), so the comparison
+    always covers the same length and equals what a runtime's argmax loop emits."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
         do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         eos_token_id=None, pad_token_id=0,
     )  # fmt: skip
-    with torch.no_grad():
-        out = model.generate(**inputs, generation_config=config)
+    saved = model.generation_config
+    # generate() fills unset options (EOS among them) from the model's own config, and
+    # min_new_tokens would then push EOS down; with this config there is no EOS to use.
+    model.generation_config = config
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, generation_config=config)
+    finally:
+        model.generation_config = saved
     return [int(t) for t in out[0, inputs["input_ids"].shape[1] :]]
 
 

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from common.export.calibration_pack import read_calibration_tar
+from common.export.vision_export import greedy_tokens
+from common.models.loading import load_model, load_tokenizer
 from common.quant.bf16 import bf16_to_fp32
 from tests.conftest import (
     REPO_ROOT,
@@ -188,6 +190,11 @@ def test_llm_only_path_smollm2(session_build: Path, smollm2_dir: Path) -> None:
     assert_gates(report, {"embeddings_bf16_max_rel"})
     assert report["onnx_cos_vs_torch"] is None and report["prefill_len"] == 128
     assert report["bf16_embeddings_greedy_match"] is True
+    # Read one part at a time, the greedy check still decodes what generate() does.
+    inputs = build.text_inputs(load_tokenizer(smollm2_dir), "What is the capital of France?")
+    want = greedy_tokens(load_model(smollm2_dir), inputs, 8)
+    assert report["bf16_embeddings_greedy_tokens"]["float"] == want
+    assert report["resources"]["estimated_peak_bytes"]["largest part (float32)"] > 0
     assert (out / pulsar2_embed_name()).stat().st_size == 49152 * 576 * 2
     assert not (out / "vision").exists()
     assert "pulsar2 llm_build" in (out / "build.sh").read_text()
