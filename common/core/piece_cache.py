@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.core.records import atomic_path, sha256_file
 
 #: Hex digits of the key in an entry's name (64 bits: no collisions among a build's pieces).
@@ -31,11 +33,18 @@ KEY_CHARS = 16
 
 def cache_key(parts: Mapping[str, Any]) -> str:
     """The hash of ``parts`` (JSON-able values; a path by its file's sha256, or None when
-    there is no such file: where the build folder lies never changes a key)."""
+    there is no such file: where the build folder lies never changes a key; an array or
+    tensor by its dtype, shape and bytes)."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, Path):
             return {"sha256": sha256_file(value)} if value.is_file() else None
+        if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray):
+            data = np.ascontiguousarray(value)
+            digest = hashlib.sha256(data.reshape(-1).view(np.uint8)).hexdigest()
+            return {"dtype": str(data.dtype), "shape": list(data.shape), "sha256": digest}
         if isinstance(value, Mapping):
             return {str(k): plain(v) for k, v in value.items()}
         if isinstance(value, list | tuple):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from common.core.options import (
     resolve_target,
     target_parser,
 )
+from common.core.piece_cache import PieceCache, cache_key
 from common.core.records import (
     atomic_path,
     build_manifest,
@@ -224,6 +226,44 @@ def memory_estimate(streamed: Any) -> Estimate:
     return Estimate("make qnn", {"largest piece while quantized (6x its weights)": piece})
 
 
+#: Layout version of the cached GPTQ levels: bump it when GPTQ computes other levels for
+#: the same inputs, so no older entry is reused.
+LEVELS_FORMAT = 1
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """The files that make a checkpoint's weights (hashed into cache keys)."""
+    weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    return [model_dir / "config.json", *weights]
+
+
+def rotation_file(rotation: dict[str, Any] | None) -> Path | None:
+    """The rotation file a profile's transforms name, if any (hashed into cache keys)."""
+    return Path(rotation["path"]) if rotation and rotation.get("path") else None
+
+
+def gptq_levels(
+    cache: PieceCache, inputs: dict[str, Any], compute: Callable[[], qdq.WeightLevels]
+) -> qdq.WeightLevels:
+    """GPTQ's levels for ``inputs`` (everything they depend on), computed by ``compute``
+    once and kept in ``cache``: a build killed while compiling pieces does not run GPTQ,
+    its longest phase at 1.8B, again."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def build(folder: Path) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, (levels, scale) in compute().items():
+            tensors[f"{name}.levels"] = levels.contiguous()
+            tensors[f"{name}.scale"] = scale.contiguous()
+        save_file(tensors, str(folder / "levels.safetensors"))
+
+    key = cache_key({"format": LEVELS_FORMAT, **inputs})
+    stored = load_file(str(cache.fetch_or_build("gptq", key, build) / "levels.safetensors"))
+    names = sorted({name.rsplit(".", 1)[0] for name in stored})
+    return {name: (stored[f"{name}.levels"], stored[f"{name}.scale"]) for name in names}
+
+
 def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     from common.analysis.layerwise import Parts
     from common.analysis.profiling import load_profile
@@ -314,6 +354,9 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     )
     load_profile(profile_path, adapter)  # covers every linear of this model
     parts = Parts(adapter, streamed, Transforms.of(adapter, transforms))
+    # GPTQ's levels and every compiled piece outlive a killed run: the same command then
+    # continues from the last complete step (build/<MODEL>/qnn-pieces/).
+    cache = PieceCache(build_dir / f"{TARGET}-pieces")
     with atomic_path(out_dir) as tmp:
         run.phase("reference")
         work = tmp / "_work"
@@ -340,11 +383,16 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         write_json_atomic(tmp / "quant_plan.json", binaries_plan.to_json())
         plan = qdq.load_qdq_plan(tmp / "quant_plan.json")
         weight_bits = plan.scheme.weights.bits
-        levels = (
-            sequential_gptq(adapter, gptq_ids, weight_bits, parts=parts)
-            if plan.scheme.weights.rounding == "gptq"
-            else pipeline.nearest_levels(parts, weight_bits)
-        )
+        if plan.scheme.weights.rounding == "gptq":
+            levels = gptq_levels(
+                cache,
+                {"model": model_files(model_dir), "transforms": transforms,
+                 "rotation_file": rotation_file(rotation), "windows": gptq_ids,
+                 "bits": weight_bits},
+                lambda: sequential_gptq(adapter, gptq_ids, weight_bits, parts=parts),
+            )  # fmt: skip
+        else:
+            levels = pipeline.nearest_levels(parts, weight_bits)
         run.phase("compile")
         rows, hiddens = pipeline.build_all(
             parts,
@@ -359,7 +407,12 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             opts["vtcm_mb"],
             opts["opt_mode"],
             e2e_ids,
+            cache,
+            versions,
         )
+        reused = cache.reused
+        if reused:
+            run.log(f"reused from an earlier run: {len(reused)} steps ({', '.join(reused)})")
         run.phase("verify")
         e2e = pipeline.end_to_end(parts, hiddens, e2e_ids)
         write_json_atomic(tmp / "model.int8.plan.json", mllm_plan)
@@ -397,6 +450,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             "float_linears": sorted(plan.float_linears()),
             "mllm_int8": mllm,
             "tokenizer": tokenizer_check,
+            "reused_from_cache": reused,
         }
         checks = rep.gates(report, GATES[scheme.name], MLLM_MAX_ABS)
         report["gates"] = records(checks)
@@ -415,6 +469,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             toolchains=versions,
         )
         write_json_atomic(tmp / "manifest.json", manifest)
+    cache.prune()  # the package is written: only this build's steps are worth keeping
     return report
 
 

@@ -16,6 +16,9 @@ runtime runs them), giving end-to-end logits to compare with the FP32 model.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,9 @@ from tqdm import tqdm
 
 from common.analysis.layerwise import Parts, head, run_layers
 from common.backends import qdq, qnn_ep
+from common.core.piece_cache import PieceCache, cache_key
 from common.export import piece_export as pe
+from common.export.onnx_files import data_file
 from common.models import ModelAdapter, iter_linears
 
 Feeds = dict[str, np.ndarray]
@@ -45,6 +50,11 @@ class Golden:
 #: Calibration rows/steps per calibration window for the one-token graphs (decode blocks,
 #: LM head): a MinMax range from one token per window misses the next token's values.
 CALIB_POSITIONS = 8
+#: Layout version of a cached piece (:func:`build_all`): bump it when :func:`build_piece`
+#: writes other files or other bytes for the same inputs, so no older entry is reused.
+PIECE_FORMAT = 1
+#: The folder of a piece's entry that holds its QDQ model (the others are one per SoC).
+QDQ_FOLDER = "qdq"
 
 
 def _positions(last: int, count: int) -> list[int]:
@@ -204,7 +214,6 @@ def build_piece(
     out_dir: Path,
     *,
     adapter: ModelAdapter,
-    qdq_dir: Path,
     plan: qdq.QdqPlan,
     levels: qdq.WeightLevels,
     golden: Golden,
@@ -214,11 +223,11 @@ def build_piece(
     chain_inputs: Sequence[Feeds] = (),
 ) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
     """QDQ from ``plan`` (with ``levels`` as the integer weights) into
-    ``qdq_dir/<name>.onnx``, compile it for each SoC, verify on the emulator; returns the
-    report row and the QNN outputs on each of ``chain_inputs``."""
+    ``out_dir/qdq/<name>.onnx``, compile it into ``out_dir/<soc>/`` for each SoC, verify on
+    the emulator; returns the report row and the QNN outputs on each of ``chain_inputs``."""
     weights = piece_linears(adapter, name)
     static = qdq.static_float_model(float_dir / f"{name}.onnx", work_dir / f"{name}.static.onnx")
-    qdq_path = qdq_dir / f"{name}.onnx"
+    qdq_path = out_dir / QDQ_FOLDER / f"{name}.onnx"
     qdq_path.parent.mkdir(parents=True, exist_ok=True)
     qdq.quantize_piece(
         static,
@@ -260,6 +269,57 @@ def build_piece(
     return row, [session.run(None, feeds) for feeds in chain_inputs]
 
 
+def piece_key(
+    name: str,
+    float_dir: Path,
+    chain_inputs: Sequence[Feeds],
+    *,
+    adapter: ModelAdapter,
+    plan: qdq.QdqPlan,
+    levels: qdq.WeightLevels,
+    golden: Golden,
+    socs: Sequence[qnn_ep.Soc],
+    vtcm_mb: int,
+    opt_mode: int,
+    versions: dict[str, str],
+) -> str:
+    """The cache key of a piece: every input :func:`build_piece` reads (the float piece's
+    bytes, the plan, the piece's integer weights, its calibration, golden and chain
+    inputs), the SoCs and HTP options, and the QNN versions. Linear names are read on the
+    meta model, so the key needs no weights in memory."""
+    float_model = float_dir / f"{name}.onnx"
+    return cache_key(
+        {
+            "format": PIECE_FORMAT,
+            "float": float_model,
+            "float_data": data_file(float_model),
+            "plan": plan.to_json(),
+            "levels": {n: levels[n] for n in sorted(piece_linears(adapter, name))},
+            "calibration": golden.calibration[name],
+            "inputs": golden.inputs[name],
+            "outputs": golden.outputs[name],
+            "chain": list(chain_inputs),
+            "socs": [soc.name for soc in socs],
+            "vtcm_mb": vtcm_mb,
+            "opt_mode": opt_mode,
+            "versions": versions,
+        }
+    )
+
+
+def _link_tree(src: Path, dest: Path) -> None:
+    """Hard-link every file under ``src`` into the same place under ``dest`` (a copy where
+    the file system refuses), so a cached piece costs no second copy of its binaries."""
+    for path in sorted(src.rglob("*")):
+        if path.is_file():
+            target = dest / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+
+
 def build_all(
     parts: Parts,
     float_dir: Path,
@@ -273,14 +333,18 @@ def build_all(
     vtcm_mb: int,
     opt_mode: int,
     chain_ids: Sequence[Sequence[int]],
+    cache: PieceCache,
+    versions: dict[str, str],
 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
     """Every piece's report row, and the last hidden state of the QNN prefill chain for
     each window of ``chain_ids`` (``PREFILL_LEN`` tokens each, embedded on the host).
-    Each piece's part of the model is read (``parts``) while its piece is built."""
+
+    Each piece is built into its ``cache`` entry (its part of the model read through
+    ``parts`` meanwhile) and linked from there into ``out_dir`` (context binaries per
+    SoC) and ``qdq_dir``; an entry a killed run completed is used as it is."""
     adapter = parts.adapter
     common = dict(
         adapter=adapter,
-        qdq_dir=qdq_dir,
         plan=plan,
         levels=levels,
         golden=golden,
@@ -299,14 +363,26 @@ def build_all(
         if name.startswith("block_") and not name.startswith("block_cache"):
             # Same length, no padding: every window shares the golden positions and mask.
             chain = [{**golden.inputs[name], "input_states": h} for h in hiddens]
-        part = parts.head() if name == "lm_head" else parts.layer(layers[int(name.rsplit("_")[-1])])
-        with part:
-            row, chained = build_piece(
-                name, float_dir, work_dir, out_dir, chain_inputs=chain, **common
-            )
-        if chained:
-            hiddens = [outs[0] for outs in chained]
-        rows.append(row)
+
+        def build(folder: Path, name: str = name, chain: list[Feeds] = chain) -> None:
+            index = int(name.rsplit("_")[-1]) if name != "lm_head" else 0
+            part = parts.head() if name == "lm_head" else parts.layer(layers[index])
+            with part:
+                row, chained = build_piece(
+                    name, float_dir, work_dir, folder, chain_inputs=chain, **common
+                )
+            (folder / "row.json").write_text(json.dumps(row))
+            np.savez(folder / "chained.npz", *[outs[0] for outs in chained])
+
+        key = piece_key(name, float_dir, chain, versions=versions, **common)
+        entry = cache.fetch_or_build(name, key, build)
+        rows.append(json.loads((entry / "row.json").read_text()))
+        with np.load(entry / "chained.npz") as chained:
+            if chained.files:
+                hiddens = [chained[f"arr_{i}"] for i in range(len(chained.files))]
+        for path in entry.iterdir():
+            if path.is_dir():
+                _link_tree(path, qdq_dir if path.name == QDQ_FOLDER else out_dir / path.name)
     return rows, hiddens
 
 

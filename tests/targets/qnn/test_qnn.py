@@ -159,6 +159,53 @@ def tiny_run(session_build: Path, tiny_profile: Path) -> Path:
     return session_build / "tiny-qwen2" / "qnn"
 
 
+def test_killed_build_continues_from_its_last_complete_piece(
+    tiny_run: Path, tiny_profile: Path, tiny_qwen2_dir: Path, tmp_path: Path
+) -> None:
+    """Kill a build (SIGKILL, no cleanup) once GPTQ and two pieces are done; the same
+    command then reuses them, builds only the rest, and reports the numbers and writes
+    the binaries of an uninterrupted build (``tiny_run``)."""
+    import signal
+    import time
+
+    args = [
+        str(SCRIPT), "--build-dir", str(tmp_path), "--model", "tiny-qwen2", "--model-path",
+        str(tiny_qwen2_dir), "--profile", str(tiny_profile), "--prefill-len", "16",
+        "--kv-len", "24", "--socs", "SM8650,SM8850", "--keep-qdq",
+    ]  # fmt: skip
+    cache = tmp_path / "tiny-qwen2" / "qnn-pieces"
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=REPO_ROOT, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [p for p in cache.glob("*") if not p.name.startswith(".")] if cache.is_dir() else []
+        if len(done) >= 3:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = {p.name for p in cache.iterdir() if not p.name.startswith(".")}
+    assert 3 <= len(kept) < 6, kept  # killed midway: GPTQ's levels and complete pieces only
+    result = run_python(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "tiny-qwen2" / "qnn"
+    report = json.loads((out / "report.json").read_text())
+    assert "gptq" in report["reused_from_cache"] and len(report["reused_from_cache"]) >= 3
+    assert "reused from an earlier run" in result.stderr
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # dead temporaries gone
+    want = json.loads((tiny_run / "report.json").read_text())  # uninterrupted, same inputs
+    for key in ("layers", "end_to_end", "mllm_int8", "float_linears"):
+        assert report[key] == want[key], key
+    # The context binaries are complete and where the report says; their bytes are not
+    # compared: QNN numbers its tensors per process and names graphs after the model path.
+    for row in want["layers"]:
+        for binary in row["binaries"].values():
+            assert (out / binary["ctx"]).is_file() and (out / binary["bin"]).is_file()
+    assert (out / "model.int8.mllm").read_bytes() == (tiny_run / "model.int8.mllm").read_bytes()
+
+
 def test_tiny_report_and_binaries(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     report = json.loads((tiny_run / "report.json").read_text())
     assert_same_tokenizer(report["tokenizer"], tiny_run / "tokenizer", tiny_qwen2_dir)
