@@ -74,6 +74,11 @@ GATES: dict[str, dict[str, float]] = {
 }
 #: The int8 .mllm must reproduce the fake-quant model's logits this closely.
 MLLM_MAX_ABS = 1e-4
+#: What the compile phase holds beside the piece being quantized, over the runtime the
+#: preflight adds: onnxruntime's and the QNN backend's allocations and the golden and
+#: calibration activations of every piece (measured on SmolLM2: 2.05 GiB peak against
+#: 0.75 GiB runtime and 0.63 GiB for its largest piece).
+BUILD_OVERHEAD = int(0.7 * 2**30)
 
 
 @dataclass(frozen=True)
@@ -218,12 +223,23 @@ def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
     return plan
 
 
-def memory_estimate(streamed: Any) -> Estimate:
-    """The build's peak: quantizing the largest piece (onnxruntime's QDQ calibration
-    measured at 5x the piece, on top of the part itself), with the checkpoint's pickled
-    files mapped while they load. Every other phase holds one part at a time."""
-    piece = 6 * streamed.largest_part_bytes() + streamed.weights.mapped_bytes
-    return Estimate("make qnn", {"largest piece while quantized (6x its weights)": piece})
+def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
+    """The larger of the build's two peaks: quantizing the largest piece (onnxruntime's
+    QDQ calibration measured at 5x the piece, on top of the part itself), and, with GPTQ,
+    the end of GPTQ (every linear's levels, one byte per weight, before they go to disk,
+    beside the layer at work and its Hessians). Both with the checkpoint's pickled files
+    mapped while they load. Every other phase holds one part at a time."""
+    largest, mapped = streamed.largest_part_bytes(), streamed.weights.mapped_bytes
+    piece = {
+        "largest piece while quantized (6x its weights)": 6 * largest,
+        "onnxruntime, QNN backend, captured activations": BUILD_OVERHEAD,
+    }
+    levels = {
+        "GPTQ levels of every linear (1 byte per weight)": streamed.weights.nbytes("") // 4,
+        "layer at work and its Hessians (2x its weights)": 2 * largest,
+    }
+    parts = levels if gptq and sum(levels.values()) > sum(piece.values()) else piece
+    return Estimate("make qnn", {**parts, "pickled .bin pages (mapped)": mapped})
 
 
 #: Layout version of the cached GPTQ levels: bump it when GPTQ computes other levels for
@@ -244,12 +260,14 @@ def rotation_file(rotation: dict[str, Any] | None) -> Path | None:
 
 def gptq_levels(
     cache: PieceCache, inputs: dict[str, Any], compute: Callable[[], qdq.WeightLevels]
-) -> qdq.WeightLevels:
+) -> tuple[qdq.WeightLevels, str]:
     """GPTQ's levels for ``inputs`` (everything they depend on), computed by ``compute``
-    once and kept in ``cache``: a build killed while compiling pieces does not run GPTQ,
-    its longest phase at 1.8B, again."""
+    once and kept in ``cache`` (a build killed while compiling pieces does not run GPTQ,
+    its longest phase at 1.8B, again), and the key they are kept under. They are read
+    back a piece at a time (:class:`pipeline.StoredLevels`): one byte per weight of the
+    whole model is not held through the compile phase."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     def build(folder: Path) -> None:
         tensors: dict[str, torch.Tensor] = {}
@@ -259,9 +277,8 @@ def gptq_levels(
         save_file(tensors, str(folder / "levels.safetensors"))
 
     key = cache_key({"format": LEVELS_FORMAT, **inputs})
-    stored = load_file(str(cache.fetch_or_build("gptq", key, build) / "levels.safetensors"))
-    names = sorted({name.rsplit(".", 1)[0] for name in stored})
-    return {name: (stored[f"{name}.levels"], stored[f"{name}.scale"]) for name in names}
+    entry = cache.fetch_or_build("gptq", key, build)
+    return pipeline.StoredLevels(entry / "levels.safetensors"), key
 
 
 def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
@@ -347,7 +364,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     streamed.check_layerwise("make qnn builds text models (Qwen-VL on QNN is not done yet)")
     adapter = streamed.adapter
     run.preflight(
-        memory_estimate(streamed),
+        memory_estimate(streamed, opts["rounding"] == "gptq"),
         MemoryCap.resolve(options.max_memory),
         "free memory, use a machine with more, or set MAX_MEMORY to what you have to go "
         "ahead anyway",
@@ -383,16 +400,17 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         write_json_atomic(tmp / "quant_plan.json", binaries_plan.to_json())
         plan = qdq.load_qdq_plan(tmp / "quant_plan.json")
         weight_bits = plan.scheme.weights.bits
+        source = {"model": model_files(model_dir), "transforms": transforms,
+                  "rotation_file": rotation_file(rotation), "bits": weight_bits}  # fmt: skip
         if plan.scheme.weights.rounding == "gptq":
-            levels = gptq_levels(
+            levels, levels_key = gptq_levels(
                 cache,
-                {"model": model_files(model_dir), "transforms": transforms,
-                 "rotation_file": rotation_file(rotation), "windows": gptq_ids,
-                 "bits": weight_bits},
+                {**source, "windows": gptq_ids},
                 lambda: sequential_gptq(adapter, gptq_ids, weight_bits, parts=parts),
-            )  # fmt: skip
-        else:
-            levels = pipeline.nearest_levels(parts, weight_bits)
+            )
+        else:  # rounded by each piece as it is built
+            levels = pipeline.NearestLevels(adapter, weight_bits)
+            levels_key = cache_key({"rounding": "nearest", **source})
         run.phase("compile")
         rows, hiddens = pipeline.build_all(
             parts,
@@ -403,6 +421,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             golden,
             plan,
             levels,
+            levels_key,
             socs,
             opts["vtcm_mb"],
             opts["opt_mode"],

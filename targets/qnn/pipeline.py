@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,18 +162,50 @@ def capture(
     return golden
 
 
-def nearest_levels(parts: Parts, bits: int) -> qdq.WeightLevels:
-    """Round-to-nearest levels of every decoder linear and the LM head, one part of the
-    model in memory at a time."""
-    adapter = parts.adapter
-    levels: qdq.WeightLevels = {}
-    for layer in adapter.layers():
-        with parts.layer(layer):
-            weights = {layer.linear_names[r]: m.weight for r, m in layer.linears.items()}
-            levels.update(qdq.nearest_levels(weights, bits))
-    with parts.head() as (_norm, lm_head):
-        levels.update(qdq.nearest_levels({adapter.lm_head_path: lm_head.weight}, bits))
-    return levels
+class NearestLevels(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Round-to-nearest levels of every decoder linear and the LM head, computed when a
+    piece asks for its own, from the part of the model in memory then: the whole model's
+    levels (one byte per weight, 1.8 GB at 1.8B) are never held at once."""
+
+    def __init__(self, adapter: ModelAdapter, bits: int) -> None:
+        self.bits = bits
+        self.linears = {name: m for name, _role, m in iter_linears(adapter)}
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return qdq.nearest_levels({name: self.linears[name].weight}, self.bits)[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.linears)
+
+    def __len__(self) -> int:
+        return len(self.linears)
+
+
+class StoredLevels(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Levels and scales kept in a safetensors file (``<name>.levels``, ``<name>.scale``),
+    each linear's read when a piece asks for it."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        with safe_open(str(path), "pt") as stored:
+            self.names = sorted({key.rsplit(".", 1)[0] for key in stored.keys()})  # noqa: SIM118
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), "pt") as stored:
+            return (
+                stored.get_tensor(f"{name}.levels").clone(),
+                stored.get_tensor(f"{name}.scale").clone(),
+            )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def piece_linears(adapter: ModelAdapter, piece: str) -> dict[str, torch.Tensor]:
@@ -274,9 +306,8 @@ def piece_key(
     float_dir: Path,
     chain_inputs: Sequence[Feeds],
     *,
-    adapter: ModelAdapter,
     plan: qdq.QdqPlan,
-    levels: qdq.WeightLevels,
+    levels_key: str,
     golden: Golden,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
@@ -284,9 +315,9 @@ def piece_key(
     versions: dict[str, str],
 ) -> str:
     """The cache key of a piece: every input :func:`build_piece` reads (the float piece's
-    bytes, the plan, the piece's integer weights, its calibration, golden and chain
-    inputs), the SoCs and HTP options, and the QNN versions. Linear names are read on the
-    meta model, so the key needs no weights in memory."""
+    bytes, the plan, its integer weights by ``levels_key`` (the hash of what made them:
+    GPTQ's inputs, or the checkpoint and rounding), its calibration, golden and chain
+    inputs), the SoCs and HTP options, and the QNN versions. No weight is read."""
     float_model = float_dir / f"{name}.onnx"
     return cache_key(
         {
@@ -294,7 +325,8 @@ def piece_key(
             "float": float_model,
             "float_data": data_file(float_model),
             "plan": plan.to_json(),
-            "levels": {n: levels[n] for n in sorted(piece_linears(adapter, name))},
+            "levels": levels_key,
+            "piece": name,
             "calibration": golden.calibration[name],
             "inputs": golden.inputs[name],
             "outputs": golden.outputs[name],
@@ -329,6 +361,7 @@ def build_all(
     golden: Golden,
     plan: qdq.QdqPlan,
     levels: qdq.WeightLevels,
+    levels_key: str,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
     opt_mode: int,
@@ -341,7 +374,9 @@ def build_all(
 
     Each piece is built into its ``cache`` entry (its part of the model read through
     ``parts`` meanwhile) and linked from there into ``out_dir`` (context binaries per
-    SoC) and ``qdq_dir``; an entry a killed run completed is used as it is."""
+    SoC) and ``qdq_dir``; an entry a killed run completed is used as it is. ``levels`` may
+    compute or read a piece's integer weights when asked (:class:`NearestLevels`,
+    :class:`StoredLevels`); ``levels_key`` names where they come from."""
     adapter = parts.adapter
     common = dict(
         adapter=adapter,
@@ -374,7 +409,10 @@ def build_all(
             (folder / "row.json").write_text(json.dumps(row))
             np.savez(folder / "chained.npz", *[outs[0] for outs in chained])
 
-        key = piece_key(name, float_dir, chain, versions=versions, **common)
+        key = piece_key(
+            name, float_dir, chain, plan=plan, levels_key=levels_key, golden=golden,
+            socs=socs, vtcm_mb=vtcm_mb, opt_mode=opt_mode, versions=versions,
+        )  # fmt: skip
         entry = cache.fetch_or_build(name, key, build)
         rows.append(json.loads((entry / "row.json").read_text()))
         with np.load(entry / "chained.npz") as chained:

@@ -458,3 +458,31 @@ def test_vision_language_is_refused_before_any_heavy_work(
     )
     assert_clean_error(result, "is vision-language", "make qnn builds text models")
     assert not (tmp_path / "tiny-qwen2-vl" / "qnn").exists()
+
+
+def test_levels_come_a_piece_at_a_time(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    """Round-to-nearest levels are computed from the part in memory when a piece asks,
+    GPTQ's are read back from their cache entry: the same tensors as the whole model's,
+    and a second build finds GPTQ's entry instead of running it again."""
+    from common.core.piece_cache import PieceCache
+    from common.models.loading import load_model
+
+    pipeline, qnn_build = import_target("qnn", "pipeline"), import_target("qnn")
+    whole = get_adapter(load_model(tiny_qwen2_dir))
+    want = qdq.nearest_levels({n: m.weight for n, _r, m in iter_linears(whole)}, 8)
+    streamed = StreamedModel(tiny_qwen2_dir)
+    parts, lazy = Parts(streamed.adapter, streamed), pipeline.NearestLevels(streamed.adapter, 8)
+    assert sorted(lazy) == sorted(want)
+    seen = []
+    for layer in streamed.adapter.layers():
+        with parts.layer(layer):
+            seen += [(n, lazy[n]) for n in layer.linear_names.values()]
+    with parts.head():
+        seen.append((streamed.adapter.lm_head_path, lazy[streamed.adapter.lm_head_path]))
+    stored, key = qnn_build.gptq_levels(PieceCache(tmp_path), {"inputs": 1}, lambda: want)
+    again, same_key = qnn_build.gptq_levels(
+        PieceCache(tmp_path), {"inputs": 1}, lambda: pytest.fail("GPTQ ran again")
+    )
+    assert same_key == key and sorted(stored) == sorted(want)
+    for name, got in [*seen, *((n, stored[n]) for n in want), *((n, again[n]) for n in want)]:
+        assert torch.equal(got[0], want[name][0]) and torch.equal(got[1], want[name][1]), name
