@@ -201,6 +201,22 @@ QWEN1_CONFIG = {
 }
 
 
+def random_qwen2(dest: Path, tokenizer_dir: Path, layers: int) -> Path:
+    """A random qwen2 in real-model proportions for memory-cap tests: hidden 1024, 64 MiB
+    float32 layers, a 1024-token vocabulary (``tokenizer_dir``'s), tied head, stored bf16
+    and sharded like the hub's."""
+    from transformers import Qwen2Config
+
+    from common.export.random_checkpoint import write_random_checkpoint
+
+    config = Qwen2Config(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=8, vocab_size=1024,
+        max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    return write_random_checkpoint(config, dest, tokenizer_dir=tokenizer_dir)
+
+
 def _qwen1_seeded(name: str, shape: torch.Size) -> torch.Tensor:
     """N(0, 4/fan_in) matrices, norm gains around 1, from a per-tensor seed (same bytes
     always). At std 1/sqrt(fan_in) this random network falls into repeating one token, which

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from common.core.memory import parse_size
-from common.export.random_checkpoint import write_random_checkpoint
 from common.models.streaming import float32_bytes
-from tests.conftest import assert_clean_error, run_python
+from tests.conftest import assert_clean_error, random_qwen2, run_python
 
 CAP = "1.25GB"
 #: Any recipe of the model's architecture takes MODEL_PATH; this one is a qwen2.
@@ -27,16 +26,7 @@ RECIPE = "qwen1.5-1.8b"
 
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -> Path:
-    from transformers import Qwen2Config
-
-    config = Qwen2Config(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=42, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=1024, max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    out = write_random_checkpoint(
-        config, tmp_path_factory.mktemp("big") / "model", tokenizer_dir=tiny_qwen2_dir
-    )
+    out = random_qwen2(tmp_path_factory.mktemp("big") / "model", tiny_qwen2_dir, layers=42)
     assert float32_bytes(out) >= 2 * parse_size(CAP)
     return out
 

@@ -12,7 +12,7 @@ argmax after token ``t`` went through the whole stack. Each step therefore reads
 part once and runs only the new tokens through it (the prompt, then one token), while
 the keys and values of earlier tokens stay in memory in one transformers
 ``DynamicCache`` shared by the layers — layers × tokens × 2 × KV heads × head dim
-floats, at most 1 MiB per token (Qwen1.5-7B), against the 0.9 GiB of one of its layers.
+floats, at most 1 MiB per token (Qwen1.5-7B), against the 0.75 GiB of one of its layers.
 Cost: ``max_new_tokens`` passes over the checkpoint (each reads the stored weights once
 and converts them to float32), plus one for the teacher-forced logits; the compute is
 that of Hugging Face's cached decode. Re-running the prefix instead would read the parts
@@ -29,7 +29,7 @@ Text models with plain causal attention only:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from tqdm import tqdm
 
 from common.analysis.layerwise import Parts, head
 from common.models import ModelAdapter
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 
 def reference_greedy(
@@ -62,7 +65,8 @@ def reference_greedy(
 def reference_logits(parts: Parts, prompt: torch.Tensor, tokens: Sequence[int]) -> np.ndarray:
     """The logits ``[n, V]`` that predicted each of ``tokens`` after ``prompt`` ``[1, L]``:
     one teacher-forced pass over the prompt and all but the last token, as the
-    whole-model ``reference_logits`` runs it (with a fresh cache, as its forward makes)."""
+    whole-model ``reference_logits`` runs it (into a fresh cache, as the forward of a
+    config with ``use_cache`` does)."""
     from transformers import DynamicCache
 
     ids = torch.cat([prompt, torch.tensor([list(tokens)], dtype=prompt.dtype)], dim=1)
@@ -72,12 +76,12 @@ def reference_logits(parts: Parts, prompt: torch.Tensor, tokens: Sequence[int]) 
     return logits[0, prompt.shape[1] - 1 :].float().numpy()
 
 
-def _forward(parts: Parts, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+def _forward(parts: Parts, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
     """Logits ``[1, n, V]`` of the tokens ``ids`` ``[1, n]`` following those in ``cache``,
     each part read for its turn; every layer appends its keys and values to ``cache``."""
     with parts.embedding() as embed:
         hidden = embed(ids)
-    kwargs = cached_layer_kwargs(parts.adapter, hidden, cache)
+    kwargs = _cached_layer_kwargs(parts.adapter, hidden, cache)
     for layer in parts.adapter.layers():
         with parts.layer(layer):
             hidden = layer.module(hidden, **kwargs)
@@ -85,7 +89,9 @@ def _forward(parts: Parts, ids: torch.Tensor, cache: Any) -> torch.Tensor:
         return logits(hidden)
 
 
-def cached_layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor, cache: Any) -> dict[str, Any]:
+def _cached_layer_kwargs(
+    adapter: ModelAdapter, hidden: torch.Tensor, cache: Cache
+) -> dict[str, Any]:
     """What the model's decoder stack hands every layer for ``hidden`` ``[1, n, H]``
     following the tokens already in ``cache``: positions after them, the causal mask built
     against the cache, the rotary tables, and the cache itself. Built before any layer

@@ -8,7 +8,13 @@ one-shot converter builds the bmodel straight from a half-precision copy of the 
 Either way the combined bmodel is then loaded once into tpu-mlir's chip simulator: every net
 is run against the float ONNX pieces on onnxruntime (same inputs), and a greedy decode through
 the simulated nets (prefill, then the KV-cache decode pieces) is compared token for token with
-Hugging Face ``generate``. The package — bmodel, tokenizer/config files, ``manifest.json``,
+Hugging Face's greedy decode. Text models are read one part at a time
+(:mod:`common.models.streaming`): the float reference (:mod:`common.analysis.layerwise_decode`)
+and the export hold one decoder layer or the embedding at a time, so the build holds the
+largest part's export or the simulated bmodel rather than the float32 model
+(:func:`memory_estimate`); Qwen1, vision-language models and ``ROUTE=llm_convert`` still
+load it whole (:func:`layer_by_layer`).
+The package — bmodel, tokenizer/config files, ``manifest.json``,
 ``report.json``/``report.md`` with per-step timings and, once both routes are built, a table
 comparing them — lands in ``build/<MODEL>/sophgo-bm1684x/<mode>[-<chip>][-llm_convert]/``;
 intermediates in ``.../work-<same>/``. Each compiled piece (bmodel and tool logs) is kept in
@@ -39,6 +45,7 @@ from sophgo_verify import (
 from common.backends.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli
 from common.core.gates import failures, gate, markdown_table, records
+from common.core.memory import Estimate, MemoryCap
 from common.core.options import (
     Choice,
     FilePath,
@@ -75,6 +82,24 @@ COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 #: is 4x4 merged tokens on the Qwen2-VL family.
 VL_IMAGE = REPO_ROOT / "data" / "images" / "astronaut.jpg"
 VL_IMAGE_SIZE = 112
+#: The simulator's share of the float32 model: it holds the whole combined bmodel, whose
+#: weights are bf16 in the largest mode.
+SIMULATOR_SHARE = 0.5
+#: What a whole-model build holds, in multiples of the float32 model (the preflight's).
+WHOLE_MODEL_COPIES = {"float32 model": 1.0, "simulator (bf16 bmodel)": SIMULATOR_SHARE}
+#: Memory while one part's pieces are exported, in multiples of its float32 weights: the
+#: part, the traced graph's constants, the ONNX model and its serialized bytes (measured
+#: 4.1x for SmolLM2's 108 MiB embedding, 4.6x for a 256 MiB layer, 5.7x for a 64 MiB one).
+EXPORT_FACTOR = 6
+#: An onnxruntime session of a piece, in multiples of its float32 weights (measured 2.8x
+#: for SmolLM2's embedding, 1.8x for a 256 MiB layer: a fixed part shrinks with size).
+SESSION_FACTOR = 2
+#: What to do when a layer-by-layer build does not fit: no option of its own lowers it.
+LAYERWISE_REMEDY = (
+    "no option of this step lowers it (its peaks are the largest part's export and the "
+    "simulator holding the whole bmodel): free memory, use a machine with more, or set "
+    "MAX_MEMORY to what you have to go ahead anyway"
+)
 
 
 @dataclass(frozen=True)
@@ -267,11 +292,47 @@ def net_kind(name: str) -> str:
     return name.rstrip("0123456789").rstrip("_") or name
 
 
+def layer_by_layer(model_type: str, vision_language: bool, route: str) -> bool:
+    """Whether the build reads the model one part at a time (:mod:`common.models.streaming`)
+    instead of loading it whole. Text models do; these still need it whole: Qwen1 (its
+    remote code is patched and exported by ``qwen1.py``), vision-language models (the
+    image-prompt check runs the float vision tower and Hugging Face's M-RoPE forward), and
+    ``ROUTE=llm_convert`` (the vendor's converter reads a whole half-precision copy, which
+    :func:`~common.backends.tpu_mlir.save_half_checkpoint` writes from the loaded model)."""
+    return model_type != "qwen" and not vision_language and route == "onnx"
+
+
+def memory_estimate(streamed: Any) -> Estimate:
+    """The larger of a layer-by-layer build's two peaks: exporting the largest part's
+    pieces (:data:`EXPORT_FACTOR`), and verifying, when the simulator holds the whole
+    bmodel beside one onnxruntime session of the largest piece (:data:`SESSION_FACTOR`).
+    Either way the pages of a pickled ``.bin`` checkpoint stay mapped. The float reference
+    (one part and a small KV cache) needs less than the export.
+
+    Not counted, as in the whole-model estimate: the tpu-mlir compile processes, up to
+    ``--jobs`` at once, each measured at 0.4 GiB plus 10x its piece's float32 weights."""
+    largest = streamed.largest_part_bytes()
+    mapped = {"pickled .bin pages (mapped)": streamed.weights.mapped_bytes}
+    export = {
+        f"largest part exported ({EXPORT_FACTOR}x its float32 weights)": EXPORT_FACTOR * largest
+    }
+    verify = {
+        "simulator (bf16 bmodel)": int(SIMULATOR_SHARE * streamed.weights.nbytes("")),
+        f"onnxruntime session of the largest piece ({SESSION_FACTOR}x)": SESSION_FACTOR * largest,
+    }
+    step = "make sophgo (one layer at a time)"
+    if sum(export.values()) >= sum(verify.values()):
+        return Estimate(step, {**export, **mapped})
+    return Estimate(step, {**verify, **mapped})
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
+    from common.analysis import layerwise_decode
     from common.analysis.eval import prompt_ids
+    from common.analysis.layerwise import Parts
     from common.backends.tpu_mlir import (
         Simulator,
         bmodel_plan,
@@ -291,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         reference_logits,
     )
     from common.models import get_adapter, iter_linears
-    from common.models.loading import load_model, load_tokenizer
+    from common.models.loading import check_model_dir, load_model, load_tokenizer
     from common.models.static_decoder import piece_dims
+    from common.models.streaming import StreamedModel
     from common.steps.model_build import build_model, check_packaged_tokenizer
 
     args = parse_args(argv)
@@ -304,26 +366,41 @@ def main(argv: list[str] | None = None) -> int:
     toolchain = Toolchain(options.venv)
     version = toolchain.version()
     model_dir = build_model(recipe, args.build_dir, args.model_path)
-    whole_model_preflight(
-        run,
-        model_dir,
-        "make sophgo",
-        options.max_memory,
-        {"float32 model": 1, "simulator (bf16 bmodel)": 0.5},
-        remote_code=True,
-    )
     qwen1 = None
-    if recipe.model_type == "qwen":  # remote code: patched copy, own pieces (qwen1.py)
-        import qwen1
-
-        model, tokenizer, dims = qwen1.load_reference(model_dir, opts["seq_len"], opts["route"])
-    else:
-        model = load_model(model_dir)
-        adapter = get_adapter(model)
+    parts = None  # the parts of a model read one at a time; else ``model`` is whole
+    vision_language = check_model_dir(model_dir).is_vision_language
+    if layer_by_layer(recipe.model_type, vision_language, opts["route"]):
+        streamed = StreamedModel(model_dir)
+        adapter = streamed.adapter
+        # Refuses what the pieces cannot compute (sliding windows, soft-capping): the
+        # attention that layer-by-layer runs refuse too (StreamedModel.check_layerwise).
         dims = piece_dims(adapter, opts["seq_len"])
+        run.preflight(
+            memory_estimate(streamed), MemoryCap.resolve(options.max_memory), LAYERWISE_REMEDY
+        )
+        parts = Parts(adapter, streamed)
         tokenizer = load_tokenizer(model_dir)
+    else:
+        whole_model_preflight(
+            run,
+            model_dir,
+            "make sophgo",
+            options.max_memory,
+            WHOLE_MODEL_COPIES,
+            remote_code=True,
+        )
+        if recipe.model_type == "qwen":  # remote code: patched copy, own pieces (qwen1.py)
+            import qwen1
+
+            model, tokenizer, dims = qwen1.load_reference(model_dir, opts["seq_len"], opts["route"])
+            adapter = get_adapter(model)
+        else:
+            model = load_model(model_dir)
+            adapter = get_adapter(model)
+            dims = piece_dims(adapter, opts["seq_len"])
+            tokenizer = load_tokenizer(model_dir)
     # The language model's linears, named in the plan written beside the bmodel.
-    linears = [(name, role) for name, role, _ in iter_linears(get_adapter(model))]
+    linears = [(name, role) for name, role, _ in iter_linears(adapter)]
     prompt = options.prompt or recipe.eval_defaults.get("prompt", "What is the capital of France?")
     ids = prompt_ids(tokenizer, prompt)
     if ids.shape[1] + options.max_new_tokens - 1 > dims.seq_len:
@@ -339,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             f"DECODE_TOKENS={decode_tokens}: expected 1..max_new_tokens ({options.max_new_tokens})"
         )
     image_inputs = None
-    if qwen1 is None and adapter.is_vision_language:  # image prompt too; fits SEQ_LEN?
+    if adapter.is_vision_language:  # image prompt too; fits SEQ_LEN?
         image_inputs = image_prompt_inputs(model_dir, prompt, VL_IMAGE, VL_IMAGE_SIZE)
         length = image_inputs["input_ids"].shape[1]
         if length + decode_tokens > dims.seq_len:
@@ -348,9 +425,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"tokens with the picture) + {decode_tokens} new tokens"
             )
     run.phase("reference")
-    with torch.no_grad():
-        expected = reference_greedy(model, ids, options.max_new_tokens)
-        ref_logits = reference_logits(model, ids, expected)
+    if parts is not None:  # each new token reads every part again (layerwise_decode)
+        with tqdm(total=options.max_new_tokens, desc="reference greedy", unit="token") as bar:
+            expected = layerwise_decode.reference_greedy(
+                parts, ids, options.max_new_tokens, bar=bar
+            )
+        ref_logits = layerwise_decode.reference_logits(parts, ids, expected)
+    else:
+        with torch.no_grad():
+            expected = reference_greedy(model, ids, options.max_new_tokens)
+            ref_logits = reference_logits(model, ids, expected)
 
     root = model_build_dir(recipe, args.build_dir) / TARGET
     label = package_name(opts)
@@ -366,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         del model  # the reference's numbers are taken; the patched copy loads next
         pieces = qwen1.export_patched(model_dir, dims.seq_len, work)
     else:
-        pieces = export_pieces(adapter, dims.seq_len, work / "onnx")
+        pieces = export_pieces(adapter, dims.seq_len, work / "onnx", parts=parts)
     watch.lap("export onnx pieces")
     # One float session open at a time: ScoredRunner and compare_runners ask the reference
     # once per net, so each piece's session opens once and closes when the next one opens.

@@ -1,0 +1,80 @@
+"""``make sophgo`` reads a text model one part at a time, so it builds under a memory cap
+that its whole-model estimate exceeds.
+
+A random qwen2 (hidden 1024, 6 layers of 64 MiB in float32, bf16 on disk like the hub's)
+with tiny-qwen2's tokenizer: the whole-model preflight (float32 model, its checkpoint
+mapped while loading, the simulator's bf16 bmodel) stops it at ``CAP``, while the
+layer-by-layer estimate is under it and the build completes there, measured by the step
+itself. A cap below the float32 size itself is out of reach at a test's size: the
+runtime alone is 0.75 GiB, and the simulator holds the whole bmodel (half of it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.core.errors import EdgeforgeError
+from common.core.memory import parse_size
+from common.models.streaming import StreamedModel
+from common.steps.phases import Run
+from common.steps.preflight import whole_model_preflight
+from tests.conftest import import_target, random_qwen2, run_python
+
+REPO = Path(__file__).resolve().parents[3]
+SCRIPT = REPO / "targets" / "sophgo-bm1684x" / "build.py"
+sophgo_build = import_target("sophgo-bm1684x")
+CAP = "1.25GB"
+#: Any recipe of the model's architecture takes MODEL_PATH; this one is a qwen2.
+RECIPE = "qwen1.5-1.8b"
+
+
+@pytest.fixture(scope="module")
+def six_layers(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -> Path:
+    return random_qwen2(tmp_path_factory.mktemp("six") / "model", tiny_qwen2_dir, layers=6)
+
+
+def test_text_models_stream_the_others_load_whole() -> None:
+    assert sophgo_build.layer_by_layer("qwen2", False, "onnx")
+    assert sophgo_build.layer_by_layer("llama", False, "onnx")
+    assert not sophgo_build.layer_by_layer("qwen", False, "onnx")  # Qwen1: patched remote code
+    assert not sophgo_build.layer_by_layer("qwen2_vl", True, "onnx")  # image-prompt check
+    assert not sophgo_build.layer_by_layer("qwen2", False, "llm_convert")  # a whole copy
+
+
+def test_estimate_is_the_larger_phase(six_layers: Path) -> None:
+    """Six 64 MiB layers: the export of one (6x) outweighs the simulator's bmodel (half of
+    0.38 GiB) beside a session of one; the whole-model preflight stops at the cap."""
+    streamed = StreamedModel(six_layers)
+    largest = streamed.largest_part_bytes()
+    parts = dict(sophgo_build.memory_estimate(streamed).parts)
+    assert parts == {
+        "largest part exported (6x its float32 weights)": 6 * largest,
+        "pickled .bin pages (mapped)": 0,
+    }
+    assert 6 * largest > 0.5 * streamed.weights.nbytes("") + 2 * largest
+    with pytest.raises(EdgeforgeError, match=r"^make sophgo needs about 1\.5\d GiB"):
+        whole_model_preflight(
+            Run("sophgo", sophgo_build.PHASES),
+            six_layers,
+            "make sophgo",
+            parse_size(CAP),
+            sophgo_build.WHOLE_MODEL_COPIES,
+        )
+
+
+def test_builds_layer_by_layer_within_the_cap(six_layers: Path, tmp_path: Path) -> None:
+    result = run_python(
+        str(SCRIPT), "--model", RECIPE, "--model-path", str(six_layers), "--build-dir",
+        str(tmp_path), "--seq-len", "64", "--max-new-tokens", "2", "--max-memory", CAP,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / RECIPE / "sophgo-bm1684x" / "bf16" / "report.json").read_text())
+    resources = report["resources"]
+    estimate = sophgo_build.memory_estimate(StreamedModel(six_layers)).to_json()
+    assert resources["estimated_peak_bytes"] == estimate
+    assert resources["peak_rss_bytes"] <= estimate["total"] <= parse_size(CAP)
+    assert report["passed"] is True
+    assert report["greedy_match_tokens"] == report["greedy_total_tokens"] == 2
