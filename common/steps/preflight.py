@@ -85,8 +85,10 @@ def layerwise_preflight(
     A layer-by-layer peak is the largest part, pickled checkpoint pages mapped while they
     load, and ``held(adapter)``: what the step keeps across parts (hidden states of its
     windows, a window's logits), named; ``lower`` says which options shrink that."""
+    from common.models.loading import refuse_remote_code
     from common.models.streaming import StreamedModel
 
+    refuse_remote_code(model_dir)  # "not supported" is the answer, not "too big"
     streamed = StreamedModel(model_dir)
     adapter = streamed.adapter
     fits = not (adapter.is_vision_language or adapter.attention_departures())
