@@ -201,6 +201,30 @@ QWEN1_CONFIG = {
 }
 
 
+def kill_after_entries(argv: list[str], cache: Path, entries: int = 3) -> set[str]:
+    """Run ``python <argv>`` from the repo root and SIGKILL it (its whole process group, no
+    cleanup) once ``cache`` holds ``entries`` complete entries (a name not starting with
+    ``.``: temporaries do); returns the complete entries left behind."""
+    import signal
+    import time
+
+    def complete() -> set[str]:
+        if not cache.is_dir():
+            return set()
+        return {p.name for p in cache.iterdir() if not p.name.startswith(".")}
+
+    proc = subprocess.Popen(
+        [sys.executable, *argv], cwd=REPO_ROOT, start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None and len(complete()) < entries:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return complete()
+
+
 def random_qwen2(dest: Path, tokenizer_dir: Path, layers: int) -> Path:
     """A random qwen2 in real-model proportions for memory-cap tests: hidden 1024, 64 MiB
     float32 layers, a 1024-token vocabulary (``tokenizer_dir``'s), tied head, stored bf16

@@ -35,6 +35,7 @@ from tests.conftest import (
     assert_qwen1_refused,
     assert_same_tokenizer,
     import_target,
+    kill_after_entries,
     run_python,
 )
 
@@ -165,28 +166,13 @@ def test_killed_build_continues_from_its_last_complete_piece(
     """Kill a build (SIGKILL, no cleanup) once GPTQ and two pieces are done; the same
     command then reuses them, builds only the rest, and reports the numbers and writes
     the binaries of an uninterrupted build (``tiny_run``)."""
-    import signal
-    import time
-
     args = [
         str(SCRIPT), "--build-dir", str(tmp_path), "--model", "tiny-qwen2", "--model-path",
         str(tiny_qwen2_dir), "--profile", str(tiny_profile), "--prefill-len", "16",
         "--kv-len", "24", "--socs", "SM8650,SM8850", "--keep-qdq",
     ]  # fmt: skip
     cache = tmp_path / "tiny-qwen2" / "qnn-pieces"
-    proc = subprocess.Popen(
-        [sys.executable, *args], cwd=REPO_ROOT, start_new_session=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [p for p in cache.glob("*") if not p.name.startswith(".")] if cache.is_dir() else []
-        if len(done) >= 3:
-            break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kept = {p.name for p in cache.iterdir() if not p.name.startswith(".")}
+    kept = kill_after_entries(args, cache)
     assert 3 <= len(kept) < 6, kept  # killed midway: GPTQ's levels and complete pieces only
     result = run_python(*args)
     assert result.returncode == 0, result.stderr[-3000:]

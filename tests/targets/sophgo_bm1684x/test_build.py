@@ -21,6 +21,7 @@ from tests.conftest import (
     assert_gates,
     assert_same_tokenizer,
     import_target,
+    kill_after_entries,
     run_python,
 )
 
@@ -180,28 +181,10 @@ def test_killed_build_continues_from_its_last_compiled_piece(
 ) -> None:
     """Kill a build (SIGKILL, no cleanup) once three pieces are compiled; the same command
     then compiles only the rest and gives the numbers of an uninterrupted build."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     args = ["--model", "tiny-qwen2", "--model-path", str(tiny_qwen2_dir), "--build-dir",
             str(tmp_path), "--seq-len", "64", "--max-new-tokens", "8"]  # fmt: skip
     cache = tmp_path / "tiny-qwen2" / "sophgo-bm1684x" / "compiled-bf16"
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args], cwd=REPO, start_new_session=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = [p for p in cache.glob("*") if not p.name.startswith(".")] if cache.is_dir() else []
-        if len(done) >= 3:
-            break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kept = {p.name for p in cache.iterdir() if not p.name.startswith(".")}
+    kept = kill_after_entries([str(SCRIPT), *args], cache)
     assert 3 <= len(kept) < 2 * 2 + 5, kept  # killed midway, complete entries only
     result = run_build(*args)
     assert result.returncode == 0, result.stderr[-3000:]
