@@ -452,3 +452,60 @@ def test_large_pieces_keep_their_data_file(
         want = ort.InferenceSession(str(one), providers=["CPUExecutionProvider"]).run(None, feeds)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("preset", ["w8a16", "w4a16"])
+def test_narrow_head_gives_the_whole_heads_bytes(
+    tiny_qwen2_dir: Path, tmp_path: Path, preset: str
+) -> None:
+    """The LM head quantized from its narrow copy (``NARROW_ROWS`` of tiny-qwen2's 1024
+    rows: onnxruntime never holds the vocab-wide weights) is the QDQ model of the whole
+    head, byte for byte, and so computes the same logits."""
+    adapter = get_adapter(load_model(tiny_qwen2_dir))
+    pe.export_pieces(adapter, SEQ, tmp_path, only=lambda n: n == "lm_head", progress=False)
+    ((name, head),) = [(n, m) for n, r, m in iter_linears(adapter) if r == "lm_head"]
+    scheme = qdq.preset_by_name(preset)
+    bits = int_bits(scheme.activations)
+    plan = qdq.QdqPlan(
+        "lm_head",
+        scheme,
+        {},
+        {
+            name: qdq.LinearPlan(
+                "lm_head",
+                scheme.weights,
+                qdq.Encoding.grid(6.0, bits),
+                qdq.Encoding.grid(30.0, bits),
+            )
+        },
+    )
+    gen = torch.Generator().manual_seed(0)
+    feeds = [{"hidden_states": torch.randn(1, head.in_features, generator=gen).numpy()}]
+    weights = {name: head.weight.detach()}
+    levels = qdq.nearest_levels(weights, scheme.weights.bits)
+    common = dict(plan=plan, weights=weights, calibration=feeds * 4, levels=levels)
+    static = qdq.static_float_model(tmp_path / "lm_head.onnx", tmp_path / "static.onnx")
+    qdq.quantize_piece(static, tmp_path / "whole.onnx", **common)
+    narrow = pe.export_narrow_head(adapter, tmp_path / "narrow", qdq.NARROW_ROWS)
+    assert onnx.load(str(narrow)).graph.output[0].type.tensor_type.shape.dim[-1].dim_value == 16
+    qdq.quantize_narrow(narrow, tmp_path / "built.onnx", work_dir=tmp_path, **common)
+    assert (tmp_path / "built.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
+    floats = qdq.QdqPlan(
+        "lm_head",
+        scheme,
+        {},
+        {
+            name: qdq.LinearPlan(
+                "lm_head",
+                Weights(qdq.HTP_FLOAT),
+                qdq.Encoding.kept_float(6.0, "ratio"),
+                qdq.Encoding.kept_float(30.0, "linear"),
+            )
+        },
+    )
+    assert not qdq.narrowable(floats, weights)
+    with pytest.raises(EdgeforgeError, match="only a quantized linear's QDQ"):
+        qdq.quantize_narrow(
+            narrow, tmp_path / "no.onnx", work_dir=tmp_path, **{**common, "plan": floats}
+        )
+    assert not (tmp_path / "no.onnx").exists()

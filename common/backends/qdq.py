@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from common.core.errors import EdgeforgeError
+from common.export import onnx_files
 from common.export.onnx_files import INLINE_TENSOR_BYTES, data_file, onnx_destination
 from common.quant.int8 import qmax, quantize_weight, symmetric_scale
 from common.quant.schemes import (
@@ -648,6 +649,21 @@ def nearest_levels(
     return {name: quantize_weight(w, "per_channel", bits) for name, w in weights.items()}
 
 
+def _weight_dq(model: Any, site: LinearSite) -> Any:
+    """The DequantizeLinear that feeds ``site``'s MatMul its integer weight initializer."""
+    inits = {init.name for init in model.graph.initializer}
+    matmul = next((n for n in model.graph.node if n.name == site.matmul), None)
+    for node in model.graph.node:
+        if (
+            matmul is not None
+            and node.op_type == "DequantizeLinear"
+            and node.output[0] == matmul.input[1]
+            and node.input[0] in inits
+        ):
+            return node
+    raise EdgeforgeError(f"{site.name}: quantizer left no weight DequantizeLinear")
+
+
 def replace_weights(
     model: Any, sites: Mapping[str, LinearSite], levels: WeightLevels, bits: Mapping[str, int]
 ) -> None:
@@ -660,12 +676,8 @@ def replace_weights(
     from onnx import numpy_helper
 
     inits = {init.name: init for init in model.graph.initializer}
-    dq_by_output = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    matmuls = {n.name: n for n in model.graph.node}
     for name, site in sites.items():
-        dq = dq_by_output.get(matmuls[site.matmul].input[1])
-        if dq is None or dq.input[0] not in inits:
-            raise EdgeforgeError(f"{name}: quantizer left no weight DequantizeLinear")
+        dq = _weight_dq(model, site)
         q = levels[name][0].T.contiguous().numpy().astype(np.int8)
         scale = levels[name][1].reshape(-1).numpy().astype(np.float32)
         if tuple(inits[dq.input[0]].dims) != q.shape:
@@ -921,4 +933,77 @@ def quantize_piece(
         replace_weights(qdq, quantized, chosen, bits)
         tighten_masked_scores(qdq, model)
         _save_edited(qdq, written)
+    return sites
+
+
+#: Output rows of the narrow copy of a piece that :func:`quantize_narrow` quantizes.
+NARROW_ROWS = 16
+
+
+def narrowable(plan: QdqPlan, names: Iterable[str]) -> bool:
+    """Whether :func:`quantize_narrow` can build the piece of these linears: each is
+    quantized, so both its encodings are the plan's and its weights are replaced."""
+    return all(not plan.linears[name].is_float for name in names)
+
+
+def quantize_narrow(
+    narrow_model: Path,
+    dest: Path,
+    *,
+    plan: QdqPlan,
+    weights: Mapping[str, torch.Tensor],
+    calibration: Iterable[Mapping[str, np.ndarray]],
+    levels: WeightLevels,
+    work_dir: Path,
+) -> dict[str, LinearSite]:
+    """Write the QDQ model of a piece whose linears each write a graph output (the LM head)
+    from ``narrow_model``, the same piece exported with each linear's first
+    :data:`NARROW_ROWS` output rows only (:func:`common.export.piece_export.export_narrow_head`):
+    the narrow piece is quantized (:func:`static_float_model`, :func:`quantize_piece`),
+    then each linear gets its whole ``levels`` and its output its whole width.
+
+    Why: onnxruntime's ``quantize`` holds about 5x a piece's float weights (6.6 GiB for
+    Qwen1.5-1.8B's 1.24 GB LM head: the 8 GiB build's peak) to round weights that
+    :func:`replace_weights` discards anyway. With each linear quantized
+    (:func:`narrowable`), both its encodings are fixed by the plan and its output is the
+    graph's, so nothing onnxruntime decides depends on the rows left out: the bytes equal
+    :func:`quantize_piece` on the whole piece (tested). ``weights`` are the whole float
+    ``[out, in]`` weights; scratch files go to ``work_dir``."""
+    import onnx
+
+    if not narrowable(plan, weights):
+        raise EdgeforgeError(
+            f"{plan.name}: a linear of {', '.join(weights)} is float in the plan; only a "
+            "quantized linear's QDQ can be built from a narrow copy"
+        )
+    rows = NARROW_ROWS
+    static = static_float_model(narrow_model, work_dir / f"{narrow_model.stem}.narrow.static.onnx")
+    narrow_qdq = work_dir / f"{narrow_model.stem}.narrow.qdq.onnx"
+    sites = quantize_piece(
+        static,
+        narrow_qdq,
+        plan=plan,
+        weights={name: w[:rows] for name, w in weights.items()},
+        calibration=calibration,
+        levels={name: (levels[name][0][:rows], levels[name][1][:rows]) for name in weights},
+    )
+    model = onnx.load(str(narrow_qdq))
+    outputs = {out.name: out for out in model.graph.output}
+    inits = {init.name: init for init in model.graph.initializer}
+    for name, site in sites.items():
+        if site.output not in outputs:  # its Q/DQ pair keeps the graph output's name
+            raise EdgeforgeError(f"{name}: its output is not a graph output of {narrow_model}")
+        width = weights[name].shape[0]
+        outputs[site.output].type.tensor_type.shape.dim[-1].dim_value = width
+        inits[_weight_dq(model, site).input[0]].dims[-1] = width  # as replace_weights checks
+    bits = {name: plan.linears[name].weight.bits for name in sites}
+    replace_weights(model, sites, levels, bits)
+    with onnx_destination(dest) as written:
+        onnx.save_model(
+            model,
+            str(written),
+            save_as_external_data=model.ByteSize() > onnx_files.EXTERNAL_DATA_BYTES,
+            location=data_file(written).name,
+            size_threshold=INLINE_TENSOR_BYTES,
+        )
     return sites

@@ -48,6 +48,7 @@ from common.models.static_decoder import (
     LmHeadPiece,
     PenaltySampleHead,
     PieceDims,
+    dims_of,
     piece_dims,
     rotary_table,
 )
@@ -235,6 +236,24 @@ def export_modules(
         bar.update()
     bar.close()
     return pieces
+
+
+def export_narrow_head(adapter: ModelAdapter, out_dir: Path, rows: int) -> Path:
+    """Export ``out_dir/lm_head.onnx``: the ``lm_head`` piece of ``adapter`` (its final norm
+    and LM head in memory) with only the head's first ``rows`` output rows.
+
+    The same graph as the whole piece, node for node and name for name, at a fraction of
+    its weights: what a quantizer that only needs the graph and its calibrated encodings
+    reads in place of a vocab-wide head (:func:`common.backends.qdq.quantize_narrow`)."""
+    head = adapter.lm_head()
+    narrow = nn.Linear(head.in_features, rows, bias=head.bias is not None)
+    with torch.no_grad():
+        narrow.weight.copy_(head.weight[:rows])
+        if head.bias is not None:
+            narrow.bias.copy_(head.bias[:rows])
+    module = LmHeadPiece(adapter.final_norm(), narrow)
+    dims = dims_of(adapter, 2)  # the head's signature reads the hidden size only
+    return export_modules([("lm_head", "lm_head", module)], dims, out_dir, progress=False)[0].path
 
 
 # -- the host protocol ------------------------------------------------------------------

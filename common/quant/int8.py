@@ -85,13 +85,29 @@ def weight_scale(
     )
 
 
+#: Rows of a weight :func:`quantize_weight` rounds at a time.
+WEIGHT_ROWS = 4096
+
+
 def quantize_weight(
     weight: torch.Tensor, granularity: str = "per_channel", bits: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(levels [out, in], float32 scale)`` on the ``bits`` grid (int8 storage for 4 and 8
-    bits); the scale has shape ``[out, 1]`` or ``[]``."""
-    scale = weight_scale(weight, granularity, bits)
-    return quantize(weight.detach().float(), scale, bits), scale
+    bits); the scale has shape ``[out, 1]`` or ``[]``.
+
+    :data:`WEIGHT_ROWS` rows at a time, into one int8 result: every step is elementwise
+    or a per-row/whole maximum, so the values are those of one pass, while the float
+    temporaries stay a chunk's (one pass over a vocab-wide LM head held 2.7x its float32
+    weights, 3.4 GiB at Qwen1.5-1.8B)."""
+    rows = weight.detach().split(WEIGHT_ROWS)
+    if granularity == "per_tensor":
+        scale = symmetric_scale(torch.stack([r.abs().max() for r in rows]).max().float(), bits)
+        scales = [scale] * len(rows)
+    else:
+        scales = [weight_scale(r, granularity, bits) for r in rows]
+        scale = torch.cat(scales)
+    levels = [quantize(r.float(), s, bits) for r, s in zip(rows, scales, strict=True)]
+    return torch.cat(levels), scale
 
 
 def quantize_bias(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
