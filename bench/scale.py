@@ -27,7 +27,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,32 +58,23 @@ OVERRIDES = {("qwen-7b", "profile"): {"ROTATE": ""}}
 
 def _run(command: list[str], log: Path, timeout: float) -> dict[str, Any]:
     """Run ``command``, sampling its tree's RSS; exit code, seconds, peak, error line."""
-    from common.core.resources import tree_rss_bytes
+    from common.core.resources import TreePeak
 
-    peak = [0]
     started = time.monotonic()
     with log.open("w") as out:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.5):
-                peak[0] = max(peak[0], tree_rss_bytes(proc.pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+        sampler = TreePeak(proc.pid)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.terminate()
             code = proc.wait()
-        done.set()
-        sampler.join()
+        peak = sampler.stop()
     errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
     return {
         "exit_code": code,
         "seconds": round(time.monotonic() - started, 1),
-        "tree_peak_rss_bytes": peak[0],
+        "tree_peak_rss_bytes": peak,
         "error": errors[-1] if errors else None,
         "log": str(log),
     }

@@ -96,6 +96,26 @@ def run_python(*argv: str, env: dict[str, str] | None = None) -> CliResult:
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def run_python_peak(*argv: str) -> tuple[CliResult, int]:
+    """:func:`run_python`, and the peak RSS of its whole process tree (the step and the
+    tools it starts, sampled every 0.2 s): what a ``MAX_MEMORY`` cap bounds."""
+    from common.core.resources import TreePeak
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    sampler = TreePeak(proc.pid, seconds=0.2)
+    stdout, stderr = proc.communicate()
+    return CliResult(proc.returncode, stdout, stderr), sampler.stop()
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> CliResult:
     """Run ``python -m common.steps.cli`` (the Makefile's model/eval steps)."""
     extra = {**os.environ, **env} if env else None

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from common.core.errors import EdgeforgeError
+from common.core.memory import MemoryGate
 from common.core.piece_cache import PieceCache, cache_key
+from common.core.progress import progress
 from common.export.onnx_files import data_file
 from common.export.piece_export import Piece, PieceRunner, example_inputs
 from common.models.base import ModelAdapter
@@ -204,11 +206,45 @@ def shapes_arg(shapes: Sequence[Sequence[int]]) -> str:
     return "[" + ",".join("[" + ",".join(str(d) for d in s) + "]" for s in shapes) + "]"
 
 
+#: Piece kinds whose graph onnx-simplifier and constant folding leave as it is (a
+#: ``Gather``; a norm and one ``MatMul``), so ``model_transform`` skips both for them:
+#: Qwen1.5-1.8B's lm_head and embedding gave the same top MLIR and weights either way, in
+#: 17 s and 5.0 GiB instead of 89 s and 13.1 GiB (the simplifier copies the model
+#: several times over).
+PLAIN_KINDS = ("embedding", "embedding_cache", "lm_head")
+#: What ``model_transform`` adds to one compile, whatever the piece.
+COMPILE_BASE_BYTES = int(0.4 * 2**30)
+#: Peak of one piece's compile (its largest tool process) over its float32 weights:
+#: simplified (11x: the 1.8B lm_head's 13.1 GiB, blocks measured at 10x) and plain
+#: (:data:`PLAIN_KINDS`: 4.2x transform, 2.8x deploy, with a margin).
+COMPILE_FACTOR = {"simplified": 11.0, "plain": 4.5}
+
+
+def compile_bytes(kind: str, weight_bytes: int) -> int:
+    """Estimated peak of compiling a piece of ``kind`` with ``weight_bytes`` of float32
+    weights (its ``.onnx`` and data file): what :func:`compile_pieces` admits it at."""
+    factor = COMPILE_FACTOR["plain" if kind in PLAIN_KINDS else "simplified"]
+    return COMPILE_BASE_BYTES + int(factor * weight_bytes)
+
+
+def weight_bytes(onnx: Path) -> int:
+    """Bytes of an exported piece on disk, its data file included: its float32 weights."""
+    data = data_file(onnx)
+    return onnx.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def transform_args(
-    name: str, onnx: Path, shapes: Sequence[Sequence[int]], test_input: Path, mlir: Path
+    name: str,
+    onnx: Path,
+    shapes: Sequence[Sequence[int]],
+    test_input: Path,
+    mlir: Path,
+    simplify: bool = True,
 ) -> list[str]:
     """``model_transform`` flags: ONNX → top MLIR, checked against onnxruntime on
-    ``test_input`` (the reference outputs land next to the MLIR as ``<name>_top_out.npz``)."""
+    ``test_input`` (the reference outputs land next to the MLIR as ``<name>_top_out.npz``).
+    Without ``simplify``, no onnx-simplifier or constant folding (:data:`PLAIN_KINDS`):
+    the tool parses ``--do_onnx_sim`` with ``type=bool``, so only an empty value is false."""
     return [
         "--model_name", name,
         "--model_def", str(onnx),
@@ -216,6 +252,7 @@ def transform_args(
         "--test_input", str(test_input),
         "--test_result", f"{name}_top_out.npz",
         "--mlir", str(mlir),
+        *([] if simplify else ["--do_onnx_sim", ""]),
     ]  # fmt: skip
 
 
@@ -317,7 +354,7 @@ def compile_piece(
     start = time.monotonic()
     out = toolchain.run(
         "model_transform",
-        transform_args(name, onnx, shapes, sample, mlir),
+        transform_args(name, onnx, shapes, sample, mlir, simplify=kind not in PLAIN_KINDS),
         workdir,
         workdir / "model_transform.log",
     )
@@ -504,9 +541,12 @@ def compile_pieces(
     cache: PieceCache,
     jobs: int | None = None,
     q_group_size: int = 64,
+    budget: int | None = None,
 ) -> list[PieceBuild]:
     """Compile every piece in its own entry of ``cache``, up to ``jobs`` (default: the core
-    count) at once; each tool is a separate process, so threads are enough to overlap them.
+    count) at once, and only as many as ``budget`` bytes hold (:func:`compile_bytes` each;
+    a piece larger than the budget compiles alone); each tool is a separate process, so
+    threads are enough to overlap them.
 
     A piece whose entry exists (same ONNX bytes, shapes, mode, chip, group size and
     toolchain) was compiled by an earlier run, perhaps one that was killed: it is reused,
@@ -514,9 +554,8 @@ def compile_pieces(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
-
     version = toolchain.version()
+    gate = MemoryGate(budget)
 
     def one(piece: Piece) -> PieceBuild:
         inputs = {
@@ -532,16 +571,17 @@ def compile_pieces(
         })  # fmt: skip
 
         def build(entry: Path) -> None:
-            built = compile_piece(
-                toolchain, piece.name, piece.kind, piece.path, inputs, mode, chip, entry,
-                q_group_size,
-            )  # fmt: skip
+            with gate.admitted(compile_bytes(piece.kind, weight_bytes(piece.path))):
+                built = compile_piece(
+                    toolchain, piece.name, piece.kind, piece.path, inputs, mode, chip, entry,
+                    q_group_size,
+                )  # fmt: skip
             _save_build(built, entry)
 
         return _saved_build(cache.fetch_or_build(piece.name, key, build))
 
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        return list(tqdm(pool.map(one, pieces), total=len(pieces), desc=f"compile {mode}"))
+        return list(progress(pool.map(one, pieces), total=len(pieces), desc=f"compile {mode}"))
 
 
 def save_half_checkpoint(model_dir: Path, dest: Path, mode: str, keep: Sequence[str]) -> Path:

@@ -13,7 +13,8 @@ The measured peak is recorded afterwards in every ``report.json``
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +107,44 @@ def preflight(estimate: Estimate, cap: MemoryCap | None, lower: str) -> None:
         raise EdgeforgeError(
             f"{estimate.step} needs about {estimate.describe()}, over {cap.source}; {lower}"
         )
+
+
+def room_bytes(max_memory: str | int | None) -> int | None:
+    """What this process's children may still use: ``MAX_MEMORY`` less what this process
+    holds now, or else what the machine has available now (which already counts it);
+    None where neither can be read."""
+    if max_memory is None or max_memory == "":
+        return available_bytes()
+    cap = MemoryCap.resolve(max_memory)
+    assert cap is not None  # a given MAX_MEMORY always resolves
+    return cap.bytes - (kib_field(Path("/proc/self/status"), "VmRSS") or 0)
+
+
+class MemoryGate:
+    """Admits concurrent work while the bytes it is admitted at stay within ``budget``.
+
+    Parallel jobs (tool processes) each need a known amount of memory; a job waits until
+    the running ones leave room for it. One job is always admitted when nothing else runs,
+    however large (the preflight has checked that the largest fits on its own). ``budget``
+    None admits everything (no cap could be read)."""
+
+    def __init__(self, budget: int | None) -> None:
+        import threading
+
+        self.budget = budget
+        self.used = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def admitted(self, nbytes: int) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget while the block runs."""
+        with self._changed:
+            while self.used and self.budget is not None and self.used + nbytes > self.budget:
+                self._changed.wait()
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= nbytes
+                self._changed.notify_all()

@@ -78,6 +78,28 @@ def tree_rss_bytes(root: int) -> int:
     return sum(kib_field(Path(f"/proc/{pid}/status"), "VmRSS") or 0 for pid in pids)
 
 
+class TreePeak:
+    """The largest :func:`tree_rss_bytes` of process ``root`` seen while it runs, sampled
+    every ``seconds`` in a background thread until :meth:`stop` (which returns it): what a
+    command and all the tools it starts held at once, as a ``MAX_MEMORY`` cap means it."""
+
+    def __init__(self, root: int, seconds: float = CHILD_SAMPLE_SECONDS) -> None:
+        self.bytes = 0
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(seconds):
+                self.bytes = max(self.bytes, tree_rss_bytes(root))
+
+        self._thread = threading.Thread(target=loop, name="tree-rss", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.bytes
+
+
 class ChildPeak:
     """The largest peak RSS of this process's children, sampled in a background thread.
 

@@ -46,9 +46,11 @@ def whole_model_preflight(
     copies: Mapping[str, float],
     *,
     remote_code: bool = False,
+    held: Mapping[str, int] | None = None,
 ) -> None:
     """Estimate ``step``'s peak as ``copies`` (``{"what holds it": multiple of the float32
-    checkpoint}``) plus the checkpoint's own files, which ``from_pretrained`` maps while
+    checkpoint}``) and ``held`` (``{"what": bytes}``, for what is not a multiple of the
+    model) plus the checkpoint's own files, which ``from_pretrained`` maps while
     it converts them (their pages count in RSS: 11.0 GiB measured loading a bf16 1.8B
     model whose float32 weights are 6.8 GiB), and stop with one line over the cap. A model
     that runs its own code is refused first unless the step supports it (``remote_code``):
@@ -60,7 +62,7 @@ def whole_model_preflight(
         refuse_remote_code(model_dir)
 
     model = float32_bytes(model_dir)
-    parts = {name: int(model * factor) for name, factor in copies.items()}
+    parts = {name: int(model * factor) for name, factor in copies.items()} | dict(held or {})
     parts["checkpoint mapped while loading"] = stored_bytes(model_dir)
     run.preflight(Estimate(step, parts), MemoryCap.resolve(max_memory), WHOLE_MODEL_REMEDY)
 

@@ -45,7 +45,7 @@ from sophgo_verify import (
 from common.backends.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli
 from common.core.gates import failures, gate, markdown_table, records
-from common.core.memory import Estimate, MemoryCap
+from common.core.memory import Estimate, MemoryCap, room_bytes
 from common.core.options import (
     Choice,
     FilePath,
@@ -57,6 +57,7 @@ from common.core.options import (
 )
 from common.core.paths import REPO_ROOT
 from common.core.piece_cache import PieceCache
+from common.core.progress import progress
 from common.core.records import atomic_path, build_manifest, dumps_json
 from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import copy_tokenizer_files, describe
@@ -85,8 +86,9 @@ VL_IMAGE_SIZE = 112
 #: The simulator's share of the float32 model: it holds the whole combined bmodel, whose
 #: weights are bf16 in the largest mode.
 SIMULATOR_SHARE = 0.5
-#: What a whole-model build holds, in multiples of the float32 model (the preflight's).
-WHOLE_MODEL_COPIES = {"float32 model": 1.0, "simulator (bf16 bmodel)": SIMULATOR_SHARE}
+#: What a whole-model build holds throughout, in multiples of the float32 model; beside
+#: it, the simulator's bmodel or the largest compile (:func:`verify_or_compile`).
+WHOLE_MODEL_COPIES = {"float32 model": 1.0}
 #: Memory while one part's pieces are exported, in multiples of its float32 weights: the
 #: part, the traced graph's constants, the ONNX model and its serialized bytes (measured
 #: 4.1x for SmolLM2's 108 MiB embedding, 4.6x for a 256 MiB layer, 5.7x for a 64 MiB one).
@@ -302,33 +304,57 @@ def layer_by_layer(model_type: str, vision_language: bool, route: str) -> bool:
     return model_type != "qwen" and not vision_language and route == "onnx"
 
 
-def memory_estimate(streamed: Any) -> Estimate:
-    """The larger of a layer-by-layer build's two peaks: exporting the largest part's
-    pieces (:data:`EXPORT_FACTOR`), and verifying, when the simulator holds the whole
-    bmodel beside one onnxruntime session of the largest piece (:data:`SESSION_FACTOR`).
-    Either way the pages of a pickled ``.bin`` checkpoint stay mapped. The float reference
-    (one part and a small KV cache) needs less than the export.
+def largest_compile(streamed: Any) -> dict[str, int]:
+    """The largest piece's tpu-mlir compile (:func:`~common.backends.tpu_mlir.compile_bytes`:
+    a block over its layer's weights, the embedding and LM head pieces over theirs). The
+    build admits compiles while they fit the memory left (``compile_pieces``' budget), so
+    the largest one on its own is the phase's peak when the cap is tight."""
+    from common.backends.tpu_mlir import compile_bytes
 
-    Not counted, as in the whole-model estimate: the tpu-mlir compile processes, up to
-    ``--jobs`` at once, each measured at 0.4 GiB plus 10x its piece's float32 weights."""
+    adapter = streamed.adapter
+    layer = max(streamed.part_bytes(layer.name) for layer in adapter.layers())
+    embedding = streamed.part_bytes(adapter.name_of("embed_tokens"))
+    head = embedding if streamed.tied else streamed.part_bytes(adapter.lm_head_path)
+    compiles = {
+        "block": compile_bytes("block", layer),
+        "embedding": compile_bytes("embedding", embedding),
+        "lm_head": compile_bytes("lm_head", head),
+    }
+    kind = max(compiles, key=compiles.__getitem__)
+    return {f"tpu-mlir compiling the largest piece ({kind})": compiles[kind]}
+
+
+def verify_or_compile(streamed: Any, beside: int) -> dict[str, int]:
+    """The larger of the verify phase (the simulator holding the whole bf16 bmodel, with
+    ``beside`` bytes held next to it) and the compile phase (:func:`largest_compile`)."""
+    verify = {"simulator (bf16 bmodel)": int(SIMULATOR_SHARE * streamed.weights.nbytes(""))}
+    compile_ = largest_compile(streamed)
+    return verify if sum(verify.values()) + beside >= sum(compile_.values()) else compile_
+
+
+def memory_estimate(streamed: Any) -> Estimate:
+    """The largest of a layer-by-layer build's three peaks: exporting the largest part's
+    pieces (:data:`EXPORT_FACTOR`), compiling the largest piece (:func:`largest_compile`),
+    and verifying, when the simulator holds the whole bmodel beside one onnxruntime
+    session of the largest piece (:data:`SESSION_FACTOR`). Each with the pages of a
+    pickled ``.bin`` checkpoint mapped. The float reference (one part and a small KV cache)
+    needs less than the export."""
     largest = streamed.largest_part_bytes()
     mapped = {"pickled .bin pages (mapped)": streamed.weights.mapped_bytes}
     export = {
         f"largest part exported ({EXPORT_FACTOR}x its float32 weights)": EXPORT_FACTOR * largest
     }
-    verify = {
-        "simulator (bf16 bmodel)": int(SIMULATOR_SHARE * streamed.weights.nbytes("")),
-        f"onnxruntime session of the largest piece ({SESSION_FACTOR}x)": SESSION_FACTOR * largest,
-    }
+    session = SESSION_FACTOR * largest
+    later = verify_or_compile(streamed, session)
+    if "simulator (bf16 bmodel)" in later:
+        later[f"onnxruntime session of the largest piece ({SESSION_FACTOR}x)"] = session
     step = "make sophgo (one layer at a time)"
-    if sum(export.values()) >= sum(verify.values()):
-        return Estimate(step, {**export, **mapped})
-    return Estimate(step, {**verify, **mapped})
+    peak = max((export, later), key=lambda phase: sum(phase.values()))
+    return Estimate(step, {**peak, **mapped})
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    from tqdm import tqdm
 
     from common.analysis import layerwise_decode
     from common.analysis.eval import prompt_ids
@@ -388,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             options.max_memory,
             WHOLE_MODEL_COPIES,
             remote_code=True,
+            held=verify_or_compile(
+                StreamedModel(model_dir, trust_remote_code=recipe.trust_remote_code), 0
+            ),
         )
         if recipe.model_type == "qwen":  # remote code: patched copy, own pieces (qwen1.py)
             import qwen1
@@ -426,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     run.phase("reference")
     if parts is not None:  # each new token reads every part again (layerwise_decode)
-        with tqdm(total=options.max_new_tokens, desc="reference greedy", unit="token") as bar:
+        with progress(total=options.max_new_tokens, desc="reference greedy", unit="token") as bar:
             expected = layerwise_decode.reference_greedy(
                 parts, ids, options.max_new_tokens, bar=bar
             )
@@ -461,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts["route"] == "onnx":
         builds = compile_pieces(
             toolchain, pieces, dims.vocab_size, opts["mode"], opts["chip"], compiled,
-            options.jobs, opts["q_group_size"],
+            options.jobs, opts["q_group_size"], room_bytes(options.max_memory),
         )  # fmt: skip
         compile_info = {b.name: ([c.cos for c in b.compares], list(b.seconds)) for b in builds}
         reused = f" ({len(compiled.reused)} reused from an earlier run)" if compiled.reused else ""
@@ -499,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         # One bar over every simulated call of the greedy run (seconds each on the chip model).
         layers = dims.num_layers
         total = 1 + layers + len(expected) + (decode_tokens - 1) * (layers + 3)
-        bar = tqdm(total=total, desc="simulate", unit="net")
+        bar = progress(total=total, desc="simulate", unit="net")
         scored = ScoredRunner(counted(sim, bar), reference)
         prefill_tokens, step_logits, *cache = prefill_greedy(scored, dims, prompt_list, expected)
         watch.lap("simulate greedy (prefill, teacher-forced)")
