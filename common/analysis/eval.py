@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from common.core.errors import EdgeforgeError
+from common.core.progress import progress as progress_bar
 from common.models.streaming import StreamedModel
 
 
@@ -81,7 +81,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, progress: bool = True
     windows = check_windows(windows, model, min_len=2)
     total = 0.0
     with torch.inference_mode():
-        for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
+        for window in progress_bar(windows, desc="perplexity", unit="window", enabled=progress):
             total += window_nll_sum(model_logits(model, window), window)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
     nll = total / tokens
@@ -148,7 +148,7 @@ def compare_logits(
     check_windows(windows, reference, min_len=2)
     comparison = LogitComparison()
     with torch.inference_mode():
-        for window in tqdm(windows, desc="compare logits", unit="window", disable=not progress):
+        for window in progress_bar(windows, desc="compare logits", unit="window", enabled=progress):
             comparison.add(model_logits(model, window), model_logits(reference, window), window)
     return comparison.result()
 

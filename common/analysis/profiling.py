@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from common.analysis.layerwise import Parts, head, run_layers
 from common.analysis.observers import TensorObserver
 from common.core.errors import EdgeforgeError
+from common.core.progress import progress
 from common.models import ModelAdapter, get_adapter, iter_linears
 from common.models.streaming import StreamedModel
 from common.quant.transforms import Transforms
@@ -146,8 +146,8 @@ class ActivationProfiler:
         }
 
 
-def _progress(total_tokens: int, desc: str) -> tqdm:
-    return tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, disable=None)
+def _progress(total_tokens: int, desc: str) -> Any:
+    return progress(total=total_tokens, desc=desc, unit="tok", unit_scale=True)
 
 
 def profile_model(

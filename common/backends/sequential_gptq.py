@@ -24,10 +24,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from common.analysis.layerwise import Parts
 from common.core.errors import EdgeforgeError
+from common.core.progress import progress as progress_bar
 from common.export import piece_export as pe
 from common.models import ModelAdapter
 from common.models.static_decoder import BlockPiece, piece_dims, rotary_table
@@ -151,7 +151,7 @@ def sequential_gptq(
         hidden = [embed(w[None].long()) for w in windows]
     levels: Levels = {}
     layers = adapter.layers()
-    for layer in tqdm(layers, desc="gptq", disable=not progress):
+    for layer in progress_bar(layers, desc="gptq", enabled=progress):
         with parts.layer(layer):
             block = BlockPiece(layer, dims, cos, sin)
             linears = {layer.linear_names[r]: m for r, m in layer.linears.items()}

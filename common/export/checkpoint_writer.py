@@ -26,10 +26,10 @@ from typing import BinaryIO
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from common.analysis.layerwise import Parts
 from common.core.errors import EdgeforgeError
+from common.core.progress import progress
 from common.models.streaming import StreamedModel
 from common.quant.transforms import Transforms
 
@@ -219,7 +219,7 @@ def write_transformed(
 
         with read.embedding() as embed:
             write(adapter.name_of("embed_tokens"), embed)
-        for layer in tqdm(adapter.layers(), desc=desc, unit="layer", disable=None):
+        for layer in progress(adapter.layers(), desc=desc, unit="layer"):
             with read.layer(layer):
                 write(layer.name, layer.module)
         with read.head() as (norm, head):

@@ -36,6 +36,7 @@ from torch import nn
 
 from common.analysis.layerwise import Parts
 from common.core.errors import EdgeforgeError
+from common.core.progress import progress as progress_bar
 from common.export.onnx_files import onnx_destination
 from common.models.base import ModelAdapter
 from common.models.static_decoder import (
@@ -220,12 +221,10 @@ def export_modules(
     family with its own wrappers, such as Qwen1's remote-code blocks, passes them here).
     ``modules`` is consumed one at a time, each exported before the next is asked for (a
     streamed model releases a part once its pieces are out)."""
-    from tqdm import tqdm
-
     signatures = piece_signatures(dims)
     out_dir.mkdir(parents=True, exist_ok=True)
     pieces: list[Piece] = []
-    bar = tqdm(desc="export pieces", unit="piece", disable=not progress)
+    bar = progress_bar(desc="export pieces", unit="piece", enabled=progress)
     for name, kind, module in modules:
         if only is not None and not only(name):
             continue

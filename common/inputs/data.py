@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import zstandard
-from tqdm import tqdm
 
 from common.core.errors import EdgeforgeError
 from common.core.paths import REPO_ROOT
+from common.core.progress import progress
 
 if TYPE_CHECKING:
     import torch
@@ -351,7 +351,7 @@ def sample_windows(
     rng = random.Random(seed)
     reservoir: list[tuple[int, np.ndarray]] = []
     seen = 0
-    for window in tqdm(stream, desc="calibration windows", unit="win", disable=None):
+    for window in progress(stream, desc="calibration windows", unit="win"):
         if seen < num_samples:
             reservoir.append((seen, window.copy()))
         else:
@@ -378,7 +378,7 @@ def eval_windows(
     _check_sizes(num_windows=num_windows, seq_len=seq_len)
     stream = _WindowStream(paths, tokenizer, seq_len)
     windows: list[np.ndarray] = []
-    with tqdm(total=num_windows, desc="eval windows", unit="win", disable=None) as bar:
+    with progress(total=num_windows, desc="eval windows", unit="win") as bar:
         for window in stream:
             windows.append(window.copy())
             bar.update()

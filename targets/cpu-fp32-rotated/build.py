@@ -28,6 +28,7 @@ from common.core.errors import CheckFailed, EdgeforgeError, run_cli
 from common.core.gates import failures, gate, records
 from common.core.options import Choice, FilePath, Integer, option, resolve_target, target_parser
 from common.core.paths import REPO_ROOT
+from common.core.progress import progress
 from common.core.records import (
     atomic_path,
     build_manifest,
@@ -185,8 +186,6 @@ def _verify_layerwise(
     through each layer of the original, then of the rotated model read back from its
     files, then both heads window by window. Returns the logit comparison and both
     traces, the numbers a whole-model comparison gives, bit for bit."""
-    from tqdm import tqdm
-
     from common.analysis.eval import LogitComparison
     from common.analysis.layerwise import Cursor, Parts, head, run_layers
 
@@ -195,8 +194,8 @@ def _verify_layerwise(
     for name, streamed in (("original", reference), ("rotated", rotated)):
         run.log(f"running the {name} model layer by layer")
         tracer = rep.Tracer(streamed.adapter, stats_windows, cursor)
-        bar = tqdm(total=windows.numel() * streamed.adapter.num_layers, desc=name,
-                   unit="tok", unit_scale=True, disable=None)  # fmt: skip
+        bar = progress(total=windows.numel() * streamed.adapter.num_layers, desc=name,
+                       unit="tok", unit_scale=True)  # fmt: skip
         with tracer.attached():
             finals.append(
                 run_layers(Parts(streamed.adapter, streamed), windows, cursor=cursor, bar=bar)

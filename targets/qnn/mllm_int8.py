@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from tqdm import tqdm
 
 from common.analysis.layerwise import Parts, head, run_layers
 from common.analysis.quant_plan import bits_of
 from common.analysis.simulate import activation_hooks, plan_weights
 from common.core.errors import EdgeforgeError
+from common.core.progress import progress
 from common.export.mllm_format import (
     MllmReader,
     mllm_module_names,
@@ -185,7 +185,7 @@ def _tensors(parts: Parts, groups: list[_Group]) -> Iterator[tuple[str, Tensor]]
     later: dict[int, list[Tensor]] = {}
     held: tuple[PartKey, ExitStack] | None = None
     try:
-        for i, group in enumerate(tqdm(groups, desc="int8 .mllm", unit="group", disable=None)):
+        for i, group in enumerate(progress(groups, desc="int8 .mllm", unit="group")):
             made = later.pop(i, None)
             if made is None:
                 if held is not None and held[0] != group.part:

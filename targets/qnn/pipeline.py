@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common.analysis.layerwise import Parts, head, run_layers
 from common.backends import qdq, qnn_ep
 from common.core.piece_cache import PieceCache, cache_key
+from common.core.progress import progress
 from common.export import piece_export as pe
 from common.export.onnx_files import data_file
 from common.models import ModelAdapter, iter_linears
@@ -401,7 +401,7 @@ def build_all(
     layers = adapter.layers()
     names = [f"block_{i}" for i in range(adapter.num_layers)]
     names += [f"block_cache_{i}" for i in range(adapter.num_layers)] + ["lm_head"]
-    for name in tqdm(names, desc=f"qnn {plan.scheme.name}"):
+    for name in progress(names, desc=f"qnn {plan.scheme.name}", unit="piece"):
         chain: list[Feeds] = []
         if name.startswith("block_") and not name.startswith("block_cache"):
             # Same length, no padding: every window shares the golden positions and mask.
