@@ -34,12 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from sophgo_verify import (
+    VERIFY_CHOICES,
     ScoredRunner,
+    dispatch,
     first_mismatch,
     image_prompt_check,
     image_prompt_inputs,
     kv_decode,
     prefill_greedy,
+    verify_policy,
 )
 
 from common.backends.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain
@@ -139,6 +142,15 @@ class Options:
     jobs: int | None = option(
         None, Integer(1), "parallel compiles (core count)", flag="--jobs", recipe=False
     )
+    #: How much of the checks runs on the simulator (sophgo_verify.verify_policy): a full
+    #: simulation of Qwen1.5-1.8B at seq 256 takes about 5 h on 2 cores, Qwen-7B's days.
+    verify: str = option(
+        "auto",
+        Choice(VERIFY_CHOICES),
+        "full: every net simulated; sample: first/middle/last blocks; auto: by cost",
+        make="VERIFY",
+        recipe=False,
+    )
     venv: Path = option(
         REPO_ROOT / ".venv-tpu-mlir", FilePath(), "tpu-mlir venv", flag="--venv", recipe=False
     )
@@ -158,6 +170,7 @@ def options_record(opts: Options) -> dict[str, Any]:
         "seq_len": opts.seq_len,
         "q_group_size": opts.q_group_size,
         "max_new_tokens": opts.max_new_tokens,
+        "verify": opts.verify,
     }
 
 
@@ -194,7 +207,7 @@ def route_table(reports: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for rep in reports:
-        worst = min(piece["cos"] for piece in rep["pieces"])
+        worst = min(piece["cos"] for piece in rep["pieces"] if piece["cos"] is not None)
         lines.append(
             f"| {rep['route']} | {rep['build_seconds']:.0f} | {rep['bmodel_bytes']:,} | "
             f"{worst:.6f} | {rep['greedy_match_tokens']}/{rep['greedy_total_tokens']} |"
@@ -206,7 +219,7 @@ def route_table(reports: list[dict[str, Any]]) -> list[str]:
     lines += ["", "| piece | " + " | ".join(r["route"] for r in reports) + " |"]
     lines.append("|---|" + "---|" * len(reports))
     for name in names:
-        cells = [f"{c[name]:.6f}" if name in c else "—" for c in cos]
+        cells = [f"{c[name]:.6f}" if c.get(name) is not None else "—" for c in cos]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -239,9 +252,8 @@ def report_markdown(report: dict[str, Any], others: list[dict[str, Any]]) -> str
     for piece in report["pieces"]:
         tools = ", ".join(f"{c:.6f}" for c in piece["tool_cos"]) or "—"
         spent = "+".join(f"{s:.0f}" for s in piece["compile_seconds"]) or "—"
-        lines.append(
-            f"| {piece['name']} | {piece['cos']:.6f} | {piece['inputs']} | {tools} | {spent} |"
-        )
+        cos = "—" if piece["cos"] is None else f"{piece['cos']:.6f}"
+        lines.append(f"| {piece['name']} | {cos} | {piece['inputs']} | {tools} | {spent} |")
     lines += ["", "| step | wall s |", "|---|---|"]
     lines += [f"| {step} | {sec:.1f} |" for step, sec in report["timings"].items()]
     lines += ["", "| simulated net kind | calls | mean s |", "|---|---|---|"]
@@ -287,6 +299,13 @@ def counted(run: Any, bar: Any) -> Any:
         return outputs
 
     return call
+
+
+def piece_inputs(name: str, greedy: dict[str, float], scores: dict[str, float]) -> str:
+    """What a piece's simulator score was measured on, for the report's table."""
+    if name in greedy:
+        return "greedy run"
+    return "example" if name in scores else "not simulated (VERIFY=sample)"
 
 
 def net_kind(name: str) -> str:
@@ -522,35 +541,57 @@ def main(argv: list[str] | None = None) -> int:
         build_steps = ("save half checkpoint", "llm_convert")
     build_seconds = sum(watch.seconds[step] for step in build_steps)
     run.phase("verify")
+    policy = verify_policy(
+        options.verify,
+        dims.num_layers,
+        sum(p.numel() for p in adapter.layers()[0].module.parameters()),
+        adapter.lm_head().weight.numel(),
+        dims.seq_len,
+        len(expected),
+        decode_tokens,
+    )
+    run.log(
+        f"VERIFY={policy.mode} ({policy.reason}): blocks {list(policy.blocks)} on the "
+        f"simulator, {policy.decode_tokens} decode steps, about "
+        f"{policy.estimated_seconds / 60:.0f} min"
+    )
     with Simulator(toolchain, bmodel, work / "simulator") as sim:
         watch.lap("simulator load")
         checked = [piece for piece in pieces if piece.name in sim.nets]
         # One bar over every simulated call of the greedy run (seconds each on the chip model).
-        layers = dims.num_layers
-        total = 1 + layers + len(expected) + (decode_tokens - 1) * (layers + 3)
+        layers = len(policy.blocks)
+        total = 1 + layers + len(expected) + (policy.decode_tokens - 1) * (layers + 3)
         bar = progress(total=total, desc="simulate", unit="net")
-        scored = ScoredRunner(counted(sim, bar), reference)
+        # Nets the policy leaves out run float in the same chain and are not scored.
+        chain = dispatch(policy, counted(sim, bar), reference)
+        scored = ScoredRunner(chain, reference, policy.simulated)
         prefill_tokens, step_logits, *cache = prefill_greedy(scored, dims, prompt_list, expected)
         watch.lap("simulate greedy (prefill, teacher-forced)")
         decoded = kv_decode(
             scored, dims, len(prompt_list), prefill_tokens[0], (cache[0], cache[1]),
-            decode_tokens,
+            policy.decode_tokens,
         )  # fmt: skip
         bar.close()
         watch.lap("simulate greedy (kv-cache decode)")
         image = None
         if image_inputs is not None:
-            image = image_prompt_check(scored, model, adapter, image_inputs, dims, decode_tokens)
+            image = image_prompt_check(
+                scored, model, adapter, image_inputs, dims, policy.decode_tokens
+            )
             image |= {"image": VL_IMAGE.name, "image_size": VL_IMAGE_SIZE}
             watch.lap("simulate image prompt (kv-cache decode)")
-        rest = [piece for piece in checked if piece.name not in scored.scores]
+        rest = [
+            piece
+            for piece in checked
+            if piece.name not in scored.scores and policy.simulated(piece.name)
+        ]
         scores = scored.scores | compare_runners(sim, reference, rest, dims.vocab_size)
         watch.lap("simulate other pieces vs onnxruntime")
         calls: dict[str, list[float]] = {}
         for name, spent in sim.calls.items():
             calls.setdefault(net_kind(name), []).extend(spent)
     matched = first_mismatch(prefill_tokens, expected)
-    decode_expected = expected[:decode_tokens]
+    decode_expected = expected[: policy.decode_tokens]
     decode_matched = first_mismatch(decoded, decode_expected)
     step_cos = [cosine(a, b) for a, b in zip(step_logits, ref_logits, strict=True)]
     piece_floor = PIECE_GATE[opts["mode"]]
@@ -586,6 +627,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         notes.append(note)
 
+    if policy.mode == "sample":
+        notes.append(
+            f"VERIFY=sample ({policy.reason}): blocks {list(policy.blocks)} of "
+            f"{dims.num_layers} ran on the simulator, the others on onnxruntime (float) in "
+            f"the same chain, so the greedy tokens check the sampled nets in context, not the "
+            f"whole bmodel; {policy.decode_tokens} decode steps. The other blocks are "
+            "compiled and passed tpu-mlir's own compares (tool column); a full simulation "
+            f"would take about {policy.estimated_full_seconds / 3600:.1f} h (VERIFY=full)."
+        )
     out = root / label
     run.phase("package")
     others = sibling_reports(root, opts, dims.seq_len)
@@ -620,11 +670,12 @@ def main(argv: list[str] | None = None) -> int:
                 kind: [len(spent), round(sum(spent) / len(spent), 3)]
                 for kind, spent in calls.items()
             },
+            "verify": policy.to_json(),
             "pieces": [
                 {
                     "name": piece.name,
-                    "cos": scores[piece.name],
-                    "inputs": "greedy run" if piece.name in scored.scores else "example",
+                    "cos": scores.get(piece.name),
+                    "inputs": piece_inputs(piece.name, scored.scores, scores),
                     "tool_cos": compile_info.get(piece.name, ([], []))[0],
                     "compile_seconds": compile_info.get(piece.name, ([], []))[1],
                 }

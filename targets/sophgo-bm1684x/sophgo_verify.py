@@ -7,6 +7,9 @@ against onnxruntime without the simulator.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,113 @@ def kv_decode(
     return decode_steps(run, dims, (cache_k, cache_v), first_token, prompt_length, count)
 
 
+#: ``VERIFY=``: ``full`` simulates every net of every check; ``sample`` simulates the
+#: embedding, the head nets and :data:`SAMPLE_BLOCKS` of the blocks, the other blocks
+#: running on onnxruntime (float) in the same chain, over :data:`SAMPLE_DECODE_TOKENS`
+#: decode steps; ``auto`` picks ``full`` when its estimate is within
+#: :data:`FULL_BUDGET_SECONDS`.
+VERIFY_CHOICES = ("auto", "full", "sample")
+#: The longest full simulation ``VERIFY=auto`` runs.
+FULL_BUDGET_SECONDS = 2 * 3600
+#: Blocks a sample simulates, as fractions of the depth: the first, the middle and the
+#: last (where activations differ most in range and outliers).
+SAMPLE_BLOCKS = (0.0, 0.5, 1.0)
+#: Decode steps a sample runs through the KV-cache nets.
+SAMPLE_DECODE_TOKENS = 4
+#: Simulator seconds on this machine kind (2 cores) per call, by what a call costs:
+#: prefill blocks per parameter and token, one-token blocks and the LM head per
+#: parameter. Measured on SmolLM2 at seq 256 (block 21 s, block_cache 0.9 s, lm_head 1.3 s);
+#: Qwen1.5-1.8B's block (280 s), block_cache (13 s) and lm_head (14 s) follow the same rates.
+PREFILL_SECONDS_PER_PARAM_TOKEN = 2.4e-8
+DECODE_SECONDS_PER_PARAM = 2.6e-7
+HEAD_SECONDS_PER_PARAM = 4.6e-8
+
+
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """Which nets the end-to-end checks run on the simulator, how many decode steps, and
+    why: recorded in the report, so a sampled verification is never taken for a full one."""
+
+    mode: str
+    blocks: tuple[int, ...]
+    num_layers: int
+    decode_tokens: int
+    estimated_full_seconds: float
+    estimated_seconds: float
+    reason: str
+
+    def simulated(self, name: str) -> bool:
+        """Whether net ``name`` runs on the simulator (a block not sampled runs float)."""
+        match = re.fullmatch(r"block(?:_cache)?_(\d+)", name)
+        return match is None or int(match.group(1)) in self.blocks
+
+    def to_json(self) -> dict[str, Any]:
+        skipped = [i for i in range(self.num_layers) if i not in self.blocks]
+        return {
+            "mode": self.mode,
+            "simulated_blocks": list(self.blocks),
+            "blocks_on_onnxruntime": skipped,
+            "decode_tokens": self.decode_tokens,
+            "estimated_full_seconds": round(self.estimated_full_seconds),
+            "estimated_seconds": round(self.estimated_seconds),
+            "reason": self.reason,
+        }
+
+
+def simulation_seconds(
+    blocks: int, layer_params: int, head_params: int, seq_len: int, rows: int, decode: int
+) -> float:
+    """Estimated simulator seconds of the checks with ``blocks`` blocks simulated: one
+    prefill pass (``seq_len`` tokens) and ``decode`` one-token passes through them, and the
+    LM head on ``rows`` teacher-forced rows plus once per decode step."""
+    prefill = blocks * layer_params * seq_len * PREFILL_SECONDS_PER_PARAM_TOKEN
+    decoding = decode * blocks * layer_params * DECODE_SECONDS_PER_PARAM
+    return prefill + decoding + (rows + decode) * head_params * HEAD_SECONDS_PER_PARAM
+
+
+def verify_policy(
+    choice: str,
+    num_layers: int,
+    layer_params: int,
+    head_params: int,
+    seq_len: int,
+    rows: int,
+    decode_tokens: int,
+) -> VerifyPolicy:
+    """The policy ``VERIFY=choice`` names for a model of ``num_layers`` layers of
+    ``layer_params`` parameters, whose checks read ``rows`` teacher-forced rows and run
+    ``decode_tokens`` decode steps (``auto``: full within :data:`FULL_BUDGET_SECONDS`)."""
+    full = simulation_seconds(num_layers, layer_params, head_params, seq_len, rows, decode_tokens)
+    budget = f"{FULL_BUDGET_SECONDS / 3600:g} h"
+    if choice == "full" or (choice == "auto" and full <= FULL_BUDGET_SECONDS):
+        why = "asked for (VERIFY=full)" if choice == "full" else f"estimate within {budget}"
+        return VerifyPolicy(
+            "full", tuple(range(num_layers)), num_layers, decode_tokens, full, full, why
+        )
+    blocks = tuple(sorted({round(f * (num_layers - 1)) for f in SAMPLE_BLOCKS}))
+    decode = min(decode_tokens, SAMPLE_DECODE_TOKENS)
+    why = (
+        "asked for (VERIFY=sample)"
+        if choice == "sample"
+        else f"a full simulation would take about {full / 3600:.1f} h, over {budget} "
+        "(VERIFY=full runs it anyway)"
+    )
+    sample = simulation_seconds(len(blocks), layer_params, head_params, seq_len, rows, decode)
+    return VerifyPolicy("sample", blocks, num_layers, decode, full, sample, why)
+
+
+def dispatch(
+    policy: VerifyPolicy, simulator: Callable[..., Any], reference: Callable[..., Any]
+) -> Callable[[str, dict[str, np.ndarray]], Any]:
+    """A runner that sends each net to the simulator or, where ``policy`` leaves it out,
+    to the float reference: one chain in which the sampled nets see real inputs."""
+
+    def run(name: str, inputs: dict[str, np.ndarray]) -> Any:
+        return (simulator if policy.simulated(name) else reference)(name, inputs)
+
+    return run
+
+
 class ScoredRunner:
     """Runs ``candidate`` and, on the first call of each net, ``reference`` on the very same
     inputs, keeping the worst output agreement (cosine; integer outputs 1.0/0.0 for equal or
@@ -85,15 +195,21 @@ class ScoredRunner:
 
     Asking the reference once per net is also what keeps it cheap to hold: a one-session
     :func:`~common.export.piece_export.onnx_runner` opens each float piece once, in the
-    run's order, and never re-opens one for the decode loop's later tokens."""
+    run's order, and never re-opens one for the decode loop's later tokens. Nets that
+    ``scored`` rejects (those the candidate runs on the reference itself) are not scored."""
 
-    def __init__(self, candidate: PieceRunner, reference: PieceRunner):
-        self.candidate, self.reference = candidate, reference
+    def __init__(
+        self,
+        candidate: PieceRunner,
+        reference: PieceRunner,
+        scored: Callable[[str], bool] = lambda _name: True,
+    ):
+        self.candidate, self.reference, self.scored = candidate, reference, scored
         self.scores: dict[str, float] = {}
 
     def __call__(self, name: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         got = self.candidate(name, inputs)
-        if name not in self.scores:
+        if name not in self.scores and self.scored(name):
             want = self.reference(name, inputs)
             rows = live_rows(inputs)
             self.scores[name] = min(agreement(g, w, rows) for g, w in zip(got, want, strict=True))

@@ -18,12 +18,12 @@ else
 endif
 
 # make sophgo MODEL=<recipe> [MODE=bf16|f16|w8bf16|w4bf16] [CHIP=bm1684x|bm1688] [SEQ_LEN=n]
-#             [ROUTE=onnx|llm_convert] [Q_GROUP_SIZE=64] [DECODE_TOKENS=n]
+#             [ROUTE=onnx|llm_convert] [Q_GROUP_SIZE=64] [DECODE_TOKENS=n] [VERIFY=auto|full|sample]
 # MODE is shared with other targets (axera defines it empty), so the default is applied here.
 # ROUTE=llm_convert runs in its own venv (SOPHGO_LLM_VENV, from LLM_CONVERT=1 below).
 #: The make variables of build.py's Options, in declaration order. ROUTE also picks the
 #: tpu-mlir venv below, so it has its default here too.
-SOPHGO_OPTIONS := MODE CHIP ROUTE SEQ_LEN Q_GROUP_SIZE DECODE_TOKENS MAX_MEMORY
+SOPHGO_OPTIONS := MODE CHIP ROUTE SEQ_LEN Q_GROUP_SIZE DECODE_TOKENS VERIFY MAX_MEMORY
 ROUTE ?= onnx
 SOPHGO_ARGS = $(call option_args,$(SOPHGO_OPTIONS))
 .PHONY: sophgo

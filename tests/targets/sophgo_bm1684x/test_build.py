@@ -169,6 +169,46 @@ def test_scored_runner_scores_first_calls_on_live_rows(tiny_onnx) -> None:
     assert pre["attention_mask"][0, 0, 5, 5] == MASK_BLOCKED
 
 
+def test_verify_policy_samples_what_a_full_run_cannot_afford() -> None:
+    """``VERIFY=auto`` simulates SmolLM2 in full (about 26 min at seq 256) and samples
+    Qwen1.5-1.8B (about 5 h in full): its first, middle and last blocks, 4 decode steps."""
+    policy = sophgo_verify.verify_policy
+    smollm2 = policy("auto", 30, 3_200_000, 28_311_552, 256, 32, 32)
+    assert smollm2.mode == "full" and smollm2.blocks == tuple(range(30))
+    assert smollm2.estimated_seconds == smollm2.estimated_full_seconds < 2 * 3600
+    qwen = policy("auto", 24, 50_343_936, 311_164_928, 256, 32, 32)
+    assert qwen.mode == "sample" and qwen.blocks == (0, 12, 23) and qwen.decode_tokens == 4
+    assert 4 * 3600 < qwen.estimated_full_seconds < 6 * 3600
+    assert qwen.estimated_seconds < 3600 and "VERIFY=full runs it anyway" in qwen.reason
+    forced = policy("full", 24, 50_343_936, 311_164_928, 256, 32, 32)
+    assert forced.mode == "full" and forced.decode_tokens == 32
+    assert policy("sample", 30, 3_200_000, 28_311_552, 256, 32, 32).blocks == (0, 14, 29)
+    record = qwen.to_json()
+    assert record["simulated_blocks"] == [0, 12, 23] and len(record["blocks_on_onnxruntime"]) == 21
+    assert qwen.simulated("block_cache_12") and not qwen.simulated("block_5")
+    assert qwen.simulated("lm_head") and qwen.simulated("embedding_cache")
+
+
+def test_sampled_chain_simulates_and_scores_only_the_sampled_nets(tiny_onnx) -> None:
+    """Blocks the policy leaves out run on the reference in the same chain and get no
+    score (not a 1.0 from comparing the reference with itself)."""
+    run, dims, prompt = tiny_onnx
+    simulated: list[str] = []
+
+    def simulator(name: str, inputs: dict) -> list[np.ndarray]:
+        simulated.append(name)
+        return run(name, inputs)
+
+    policy = sophgo_verify.VerifyPolicy("sample", (1,), 2, 2, 0.0, 0.0, "test")
+    chain = sophgo_verify.dispatch(policy, simulator, run)
+    scored = sophgo_verify.ScoredRunner(chain, run, policy.simulated)
+    reference = greedy_decode(run, dims, prompt, 4)
+    tokens, *_ = sophgo_verify.prefill_greedy(scored, dims, prompt, reference)
+    assert tokens == reference
+    assert simulated == ["embedding", "block_1", *["lm_head"] * 4]
+    assert scored.scores.keys() == {"embedding", "block_1", "lm_head"}
+
+
 def test_every_mode_has_gates() -> None:
     """A mode without gates would fail with a KeyError after the compile and simulation."""
     sophgo_build = import_target("sophgo-bm1684x")

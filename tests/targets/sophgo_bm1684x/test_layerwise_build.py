@@ -73,6 +73,7 @@ def test_builds_layer_by_layer_within_the_cap(six_layers: Path, tmp_path: Path) 
     result, tree_peak = run_python_peak(
         str(SCRIPT), "--model", RECIPE, "--model-path", str(six_layers), "--build-dir",
         str(tmp_path), "--seq-len", "64", "--max-new-tokens", "2", "--max-memory", CAP,
+        "--verify", "sample",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / RECIPE / "sophgo-bm1684x" / "bf16" / "report.json").read_text())
@@ -85,3 +86,12 @@ def test_builds_layer_by_layer_within_the_cap(six_layers: Path, tmp_path: Path) 
     assert tree_peak <= parse_size(CAP), tree_peak
     assert report["passed"] is True
     assert report["greedy_match_tokens"] == report["greedy_total_tokens"] == 2
+    # VERIFY=sample: the first, middle and last blocks on the simulator, the rest float in
+    # the same chain, unscored and said so
+    assert report["verify"]["mode"] == "sample"
+    assert report["verify"]["simulated_blocks"] == [0, 2, 5]
+    pieces = {p["name"]: p for p in report["pieces"]}
+    assert pieces["block_1"]["cos"] is None and pieces["block_cache_3"]["cos"] is None
+    assert pieces["block_1"]["inputs"] == "not simulated (VERIFY=sample)"
+    assert pieces["block_2"]["cos"] > 0.999 and pieces["block_cache_5"]["cos"] > 0.999
+    assert any(note.startswith("VERIFY=sample") for note in report["notes"])
