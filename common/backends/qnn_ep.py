@@ -18,6 +18,9 @@ session names, so a successful run proves nothing about the target.
 from __future__ import annotations
 
 import ctypes
+import json
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -27,6 +30,8 @@ from typing import Any
 from common.core.errors import EdgeforgeError
 
 EP_NAME = "QNNExecutionProvider"
+#: Lines of a failed compile process's stderr quoted in the error.
+LOG_TAIL_LINES = 6
 
 
 @dataclass(frozen=True)
@@ -182,21 +187,46 @@ def strict_session(model: Path, options: Mapping[str, str]) -> Any:
 
 def compile_context(model: Path, dest: Path, options: Mapping[str, str]) -> Path:
     """Compile a QDQ ``model`` into an EPContext model ``dest`` plus its ``.bin`` (embed
-    mode 0: the binary stays outside the protobuf, which caps at 2 GB). Returns the bin."""
+    mode 0: the binary stays outside the protobuf, which caps at 2 GB). Returns the bin.
+
+    In a fresh Python process, from the model's bytes: QNN numbers tensors with a
+    per-process counter and onnxruntime names the compiled graph after a hash of the
+    model's path, so a piece compiled in-process after others, or from another folder,
+    came out with other bytes. From bytes in a process of its own the same piece gives
+    the same ``.onnx`` and ``.bin`` every time (tested), and the compiler's memory is
+    returned when the process ends."""
+    command = [sys.executable, "-m", __name__, str(model), str(dest), json.dumps(dict(options))]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        if errors:
+            raise EdgeforgeError(errors[-1].removeprefix("error: "))
+        tail = " | ".join(done.stderr.strip().splitlines()[-LOG_TAIL_LINES:])
+        raise EdgeforgeError(f"{model}: the QNN compile process failed ({done.returncode}): {tail}")
+    return context_bin_path(dest)
+
+
+def _compile_here(model: Path, dest: Path, options: Mapping[str, str]) -> None:
+    """:func:`compile_context`'s work, in the process it starts."""
     import onnxruntime as ort
 
+    from common.export.onnx_files import data_file
+
     so = strict_options(options)
+    if data_file(model).is_file():  # bytes carry no folder to resolve the data file in
+        so.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(model.parent)
+        )
     compiler = ort.ModelCompiler(
         so,
-        str(model),
+        model.read_bytes(),
         embed_compiled_data_into_model=False,
         flags=ort.OrtCompileApiFlags.ERROR_IF_NO_NODES_COMPILED,
     )
     try:
         compiler.compile_to_file(str(dest))
     except Exception as exc:
-        raise _qnn_rejection(Path(model), options, exc) from None
-    return context_bin_path(dest)
+        raise _qnn_rejection(model, options, exc) from None
 
 
 def context_bin_path(ctx_model: Path) -> Path:
@@ -378,3 +408,9 @@ def check_binary_target(
             f"{path}: built for socModel/arch/VTCM MB/opt level {got}, expected {soc.name} {want}"
         )
     return info
+
+
+if __name__ == "__main__":  # compile_context's process: model, dest, options as JSON
+    from common.core.errors import run_cli
+
+    run_cli(lambda: _compile_here(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])))

@@ -52,7 +52,7 @@ class Golden:
 CALIB_POSITIONS = 8
 #: Layout version of a cached piece (:func:`build_all`): bump it when :func:`build_piece`
 #: writes other files or other bytes for the same inputs, so no older entry is reused.
-PIECE_FORMAT = 1
+PIECE_FORMAT = 2  # 2: binaries compiled from bytes in their own process
 #: The folder of a piece's entry that holds its QDQ model (the others are one per SoC).
 QDQ_FOLDER = "qdq"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,24 @@ def test_strict_session_and_context_metadata(tmp_path: Path) -> None:
         )
     with pytest.raises(EdgeforgeError, match=r"socModel/arch/VTCM MB/opt level \(69, 79"):
         qnn_ep.check_binary_target(binary, qnn_ep.soc_by_name("SM8650"))
+
+
+def test_context_binaries_are_reproducible(tmp_path: Path) -> None:
+    """The same QDQ model compiled again, and from another folder, after other compiles
+    in this process: the same EPContext model and binary, byte for byte (compiled
+    in-process from a path, both the graph name and QNN's tensor ids differed)."""
+    model = _qdq_matmul(tmp_path / "mm.qdq.onnx", 4)
+    moved = tmp_path / "elsewhere" / "mm.qdq.onnx"
+    moved.parent.mkdir()
+    shutil.copy(model, moved)
+    options = qnn_ep.provider_options(qnn_ep.soc_by_name("SM8650"))
+    built = []
+    for i, source in enumerate((model, model, moved)):
+        ctx = tmp_path / f"out{i}" / "mm_ctx.onnx"
+        ctx.parent.mkdir()
+        binary = qnn_ep.compile_context(source, ctx, options)
+        built.append((ctx.read_bytes(), binary.read_bytes()))
+    assert built[0] == built[1] == built[2]
 
 
 def test_rejected_graph_names_the_ops_instead_of_falling_back(tmp_path: Path) -> None:
