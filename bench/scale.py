@@ -137,9 +137,12 @@ def run_step(model: str, step: str, build_dir: Path, quick: bool, timeout: float
         within_target=result["tree_peak_rss_bytes"] <= target_gib * GIB,
         resources=_report_resources(step_dir, model, step),
     )
-    for big in step_dir.rglob("*"):  # keep logs and reports, not gigabytes of artifacts
-        if big.is_file() and big.suffix in (".safetensors", ".mllm", ".onnx", ".data", ".bin"):
-            big.unlink()
+    if result["exit_code"] == 0:  # keep logs and reports, not gigabytes of artifacts
+        for big in step_dir.rglob("*"):
+            if big.is_file() and big.suffix in (".safetensors", ".mllm", ".onnx", ".data", ".bin"):
+                big.unlink()
+    # A failed step keeps its piece caches: the same command continues from its last
+    # complete piece once the cause is fixed (the next bench run of the step starts over).
     return result
 
 

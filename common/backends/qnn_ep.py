@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -201,8 +202,11 @@ def compile_context(model: Path, dest: Path, options: Mapping[str, str]) -> Path
         errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         if errors:
             raise EdgeforgeError(errors[-1].removeprefix("error: "))
-        tail = " | ".join(done.stderr.strip().splitlines()[-LOG_TAIL_LINES:])
-        raise EdgeforgeError(f"{model}: the QNN compile process failed ({done.returncode}): {tail}")
+        how = f"exit {done.returncode}"
+        if done.returncode < 0:
+            how = f"killed by {signal.Signals(-done.returncode).name}"
+        tail = " | ".join(done.stderr.strip().splitlines()[-LOG_TAIL_LINES:]) or "no output"
+        raise EdgeforgeError(f"{model}: the QNN compiler process failed ({how}): {tail}")
     return context_bin_path(dest)
 
 

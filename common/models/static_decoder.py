@@ -289,8 +289,10 @@ class _Attention(nn.Module):
         d = self.dims
         group = d.num_heads // d.num_kv_heads
         q = q.transpose(1, 2)  # [1, NH, L, D]
-        k = k.transpose(1, 2).repeat_interleave(group, dim=1)  # [1, NH, T, D]
-        v = v.transpose(1, 2).repeat_interleave(group, dim=1)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [1, KVH, T, D]
+        if group > 1:  # MHA exports no repeat: QNN HTP's compiler crashed on a 1-fold Tile
+            k = k.repeat_interleave(group, dim=1)  # [1, NH, T, D]
+            v = v.repeat_interleave(group, dim=1)
         scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d.head_dim) + mask
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(1, q.shape[2], -1)

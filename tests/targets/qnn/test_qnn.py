@@ -118,6 +118,54 @@ def test_context_binaries_are_reproducible(tmp_path: Path) -> None:
     assert built[0] == built[1] == built[2]
 
 
+def test_multi_head_attention_block_compiles(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    """A block whose KV heads are all its heads (Qwen1.5-1.8B, Qwen-7B) exports no KV
+    repeat, and its QDQ graph compiles: a 1-fold ``Tile`` there crashed QNN's compiler
+    (SIGSEGV) at the first block of a 1.8B build."""
+    from transformers import Qwen2Config
+
+    from common.export import piece_export as pe
+    from common.export.random_checkpoint import write_random_checkpoint
+
+    config = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512,
+    )  # fmt: skip
+    model_dir = write_random_checkpoint(config, tmp_path / "mha", tokenizer_dir=tiny_qwen2_dir)
+    streamed = StreamedModel(model_dir)
+    adapter = streamed.adapter
+    pe.export_pieces(adapter, 8, tmp_path, only=lambda n: n == "block_0",
+                     parts=Parts(adapter, streamed), progress=False)  # fmt: skip
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "block_0.onnx")).graph.node}
+    assert not ops & {"Tile", "Expand"}, ops
+    scheme = qdq.preset_by_name("w8a16")
+    with Parts(adapter, streamed).layer(adapter.layers()[0]) as layer:
+        weights = {
+            n: m.weight.detach()
+            for n, m in zip(layer.linear_names.values(), layer.linears.values(), strict=True)
+        }
+        roles = dict(zip(layer.linear_names.values(), layer.linears, strict=True))
+        plan = qdq.QdqPlan("block_0", scheme, {}, {
+            name: qdq.LinearPlan(role, scheme.weights, qdq.Encoding.grid(8.0, 16),
+                                 qdq.Encoding.grid(40.0, 16))
+            for name, role in roles.items()
+        })  # fmt: skip
+        specs = pe.piece_signatures(pe.piece_dims(adapter, 8))["block"][0]
+        feeds = [
+            {
+                spec[0]: t.numpy()
+                for spec, t in zip(specs, pe.example_inputs(specs, 1024), strict=True)
+            }
+        ]
+        static = qdq.static_float_model(tmp_path / "block_0.onnx", tmp_path / "static.onnx")
+        qdq.quantize_piece(static, tmp_path / "qdq.onnx", plan=plan, weights=weights,
+                           calibration=feeds * 2)  # fmt: skip
+    options = qnn_ep.provider_options(qnn_ep.soc_by_name("SM8650"))
+    (tmp_path / "ctx").mkdir()
+    binary = qnn_ep.compile_context(tmp_path / "qdq.onnx", tmp_path / "ctx" / "b_ctx.onnx", options)
+    assert binary.is_file()
+
+
 def test_rejected_graph_names_the_ops_instead_of_falling_back(tmp_path: Path) -> None:
     model = _qdq_matmul(tmp_path / "dyn.qdq.onnx", "N")  # HTP needs static shapes
     options = qnn_ep.provider_options(qnn_ep.soc_by_name("SM8650"))
