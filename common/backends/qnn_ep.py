@@ -170,7 +170,10 @@ def _qnn_rejection(model: Path, options: Mapping[str, str], exc: Exception) -> E
             f"which is disabled): {listed}"
         )
     text = " ".join(str(exc).split())
-    return EdgeforgeError(f"{model}: QNN HTP rejected the graph: {text}")
+    hint = ""
+    if "MEM_ALLOC" in text and options.get("htp_graph_finalization_optimization_mode") != "1":
+        hint = " (graph finalization at a lower optimization mode, OPT_MODE=1, may succeed)"
+    return EdgeforgeError(f"{model}: QNN HTP rejected the graph: {text}{hint}")
 
 
 def strict_session(model: Path, options: Mapping[str, str]) -> Any:
