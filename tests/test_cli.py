@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from tests.conftest import assert_clean_error, run_cli
+from tests.conftest import assert_clean_error, run_cli, run_python
 
 
 def _leftovers(build: Path) -> list[str]:
@@ -136,3 +136,21 @@ def test_tiny_eval_writes_report(session_build: Path, tiny_qwen2_dir: Path) -> N
     assert manifest["versions"]["torch"] == "2.14.1"
     assert set(manifest["outputs"]) == {"report.json", "report.md"}
     assert "perplexity" in result.stdout
+
+
+def test_a_full_disk_is_one_error_line() -> None:
+    """Disk full mid-write (a 1.8B build's 3.5 GB ``.mllm``): one ``error:`` line saying
+    what to do, not an OSError traceback; other OS errors still surface as they are."""
+    code = (
+        "import errno\n"
+        "from common.core.errors import run_cli\n"
+        "def main():\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', 'out/model.mllm')\n"
+        "run_cli(main)\n"
+    )
+    result = run_python("-c", code)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: no space left on the device writing")
+    assert "Traceback" not in result.stderr and "run the same command again" in result.stderr
+    other = run_python("-c", code.replace("errno.ENOSPC", "errno.EACCES"))
+    assert other.returncode == 1 and "PermissionError" in other.stderr

@@ -8,6 +8,7 @@ mistakes.
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 from collections.abc import Callable
@@ -63,4 +64,13 @@ def run_cli(main: Callable[[], int | None]) -> NoReturn:
     except Terminated:
         print("error: terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        # The write that failed removed its temporary on the way out (atomic_path).
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: no space left on the device{where}; free disk space (a 1.8B "
+              "build needs several GB under BUILD_DIR) and run the same command again: "
+              "complete pieces are reused", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
     sys.exit(code or 0)
