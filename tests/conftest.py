@@ -74,6 +74,20 @@ class CliResult:
         return [line for line in self.stderr.splitlines() if line.startswith("error:")]
 
 
+def _start_python(argv: tuple[str, ...], env: dict[str, str] | None) -> subprocess.Popen:
+    """``python <argv>`` started from the repo root, offline, stdin closed, output piped."""
+    base = os.environ if env is None else env  # the venv's edgeforge.pth finds the checkout
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**base, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
+
+
 def run_python(*argv: str, env: dict[str, str] | None = None) -> CliResult:
     """Run ``python <argv>`` from the repo root, offline, and capture everything.
 
@@ -82,18 +96,9 @@ def run_python(*argv: str, env: dict[str, str] | None = None) -> CliResult:
     closed (``/dev/null``): a step that asks anything (transformers' remote-code prompt) fails
     at once instead of waiting on the terminal.
     """
-    base = os.environ if env is None else env  # the venv's edgeforge.pth finds the checkout
-    full_env = {**base, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, *argv],
-        cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env=full_env,
-        check=False,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    proc = _start_python(argv, env)
+    stdout, stderr = proc.communicate()
+    return CliResult(proc.returncode, stdout, stderr)
 
 
 def run_python_peak(*argv: str) -> tuple[CliResult, int]:
@@ -101,16 +106,7 @@ def run_python_peak(*argv: str) -> tuple[CliResult, int]:
     tools it starts, sampled every 0.2 s): what a ``MAX_MEMORY`` cap bounds."""
     from common.core.resources import TreePeak
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, *argv],
-        cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = _start_python(argv, None)
     sampler = TreePeak(proc.pid, seconds=0.2)
     stdout, stderr = proc.communicate()
     return CliResult(proc.returncode, stdout, stderr), sampler.stop()

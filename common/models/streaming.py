@@ -250,12 +250,15 @@ class StreamedModel:
         """float32 bytes of the checkpoint's tensors under ``prefix``."""
         return self.weights.nbytes(prefix + ".")
 
+    def largest_layer_bytes(self) -> int:
+        """float32 bytes of the largest decoder layer."""
+        return max(self.part_bytes(layer.name) for layer in self.adapter.layers())
+
     def largest_part_bytes(self) -> int:
         """float32 bytes of the largest part a step holds at once: a decoder layer, or the
         embedding (the LM head, read at the other end, is as large or, tied, the same)."""
-        adapter = self.adapter
-        layers = max(self.part_bytes(layer.name) for layer in adapter.layers())
-        return max(layers, self.part_bytes(adapter.name_of("embed_tokens")))
+        embedding = self.part_bytes(self.adapter.name_of("embed_tokens"))
+        return max(self.largest_layer_bytes(), embedding)
 
     def check_layerwise(self, remedy: str) -> None:
         """Refuse what :func:`layer_kwargs` cannot feed a layer: a vision-language model

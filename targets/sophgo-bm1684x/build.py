@@ -11,9 +11,9 @@ the simulated nets (prefill, then the KV-cache decode pieces) is compared token 
 Hugging Face's greedy decode. Text models are read one part at a time
 (:mod:`common.models.streaming`): the float reference (:mod:`common.analysis.layerwise_decode`)
 and the export hold one decoder layer or the embedding at a time, so the build holds the
-largest part's export or the simulated bmodel rather than the float32 model
-(:func:`memory_estimate`); Qwen1, vision-language models and ``ROUTE=llm_convert`` still
-load it whole (:func:`layer_by_layer`).
+largest part's export, the largest piece's compile or the simulated bmodel rather than
+the float32 model (:func:`memory_estimate`); Qwen1, vision-language models and
+``ROUTE=llm_convert`` still load it whole (:func:`layer_by_layer`).
 The package — bmodel, tokenizer/config files, ``manifest.json``,
 ``report.json``/``report.md`` with per-step timings and, once both routes are built, a table
 comparing them — lands in ``build/<MODEL>/sophgo-bm1684x/<mode>[-<chip>][-llm_convert]/``;
@@ -29,6 +29,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,9 @@ EXPORT_FACTOR = 6
 SESSION_FACTOR = 2
 #: What to do when a layer-by-layer build does not fit: no option of its own lowers it.
 LAYERWISE_REMEDY = (
-    "no option of this step lowers it (its peaks are the largest part's export and the "
-    "simulator holding the whole bmodel): free memory, use a machine with more, or set "
+    "no option of this step lowers it (its peaks are the largest part's export, the "
+    "largest piece's compile and the simulator holding the whole bmodel): free memory, "
+    "use a machine with more, or set "
     "MAX_MEMORY to what you have to go ahead anyway"
 )
 
@@ -331,7 +333,7 @@ def largest_compile(streamed: Any) -> dict[str, int]:
     from common.backends.tpu_mlir import compile_bytes
 
     adapter = streamed.adapter
-    layer = max(streamed.part_bytes(layer.name) for layer in adapter.layers())
+    layer = streamed.largest_layer_bytes()
     embedding = streamed.part_bytes(adapter.name_of("embed_tokens"))
     head = embedding if streamed.tied else streamed.part_bytes(adapter.lm_head_path)
     compiles = {
@@ -343,12 +345,12 @@ def largest_compile(streamed: Any) -> dict[str, int]:
     return {f"tpu-mlir compiling the largest piece ({kind})": compiles[kind]}
 
 
-def verify_or_compile(streamed: Any, beside: int) -> dict[str, int]:
+def verify_or_compile(streamed: Any, beside: Mapping[str, int]) -> dict[str, int]:
     """The larger of the verify phase (the simulator holding the whole bf16 bmodel, with
-    ``beside`` bytes held next to it) and the compile phase (:func:`largest_compile`)."""
-    verify = {"simulator (bf16 bmodel)": int(SIMULATOR_SHARE * streamed.weights.nbytes(""))}
-    compile_ = largest_compile(streamed)
-    return verify if sum(verify.values()) + beside >= sum(compile_.values()) else compile_
+    ``beside`` held next to it) and the compile phase (:func:`largest_compile`)."""
+    simulator = int(SIMULATOR_SHARE * streamed.weights.nbytes(""))
+    verify = {"simulator (bf16 bmodel)": simulator, **beside}
+    return max((verify, largest_compile(streamed)), key=lambda phase: sum(phase.values()))
 
 
 def memory_estimate(streamed: Any) -> Estimate:
@@ -363,13 +365,12 @@ def memory_estimate(streamed: Any) -> Estimate:
     export = {
         f"largest part exported ({EXPORT_FACTOR}x its float32 weights)": EXPORT_FACTOR * largest
     }
-    session = SESSION_FACTOR * largest
+    session = {
+        f"onnxruntime session of the largest piece ({SESSION_FACTOR}x)": SESSION_FACTOR * largest
+    }
     later = verify_or_compile(streamed, session)
-    if "simulator (bf16 bmodel)" in later:
-        later[f"onnxruntime session of the largest piece ({SESSION_FACTOR}x)"] = session
-    step = "make sophgo (one layer at a time)"
     peak = max((export, later), key=lambda phase: sum(phase.values()))
-    return Estimate(step, {**peak, **mapped})
+    return Estimate("make sophgo (one layer at a time)", {**peak, **mapped})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             WHOLE_MODEL_COPIES,
             remote_code=True,
             held=verify_or_compile(
-                StreamedModel(model_dir, trust_remote_code=recipe.trust_remote_code), 0
+                StreamedModel(model_dir, trust_remote_code=recipe.trust_remote_code), {}
             ),
         )
         if recipe.model_type == "qwen":  # remote code: patched copy, own pieces (qwen1.py)

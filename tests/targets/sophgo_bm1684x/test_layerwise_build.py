@@ -65,7 +65,7 @@ def test_estimate_is_the_larger_phase(six_layers: Path) -> None:
             "make sophgo",
             parse_size(CAP),
             sophgo_build.WHOLE_MODEL_COPIES,
-            held=sophgo_build.verify_or_compile(streamed, 0),
+            held=sophgo_build.verify_or_compile(streamed, {}),
         )
 
 
