@@ -18,10 +18,12 @@ from common.analysis import layerwise_decode
 from common.analysis.eval import prompt_ids
 from common.analysis.layerwise import Parts
 from common.export.piece_export import reference_greedy, reference_logits
+from common.models import get_adapter
 from common.models.loading import load_model, load_tokenizer
 from common.models.streaming import StreamedModel
 
 PROMPT = "What is the capital of France?"
+IMAGES = Path(__file__).resolve().parent.parent / "data" / "images"
 
 
 def assert_same_reference(model_dir: Path, max_new_tokens: int) -> list[int]:
@@ -84,3 +86,40 @@ def test_one_part_in_memory_at_a_time(tiny_qwen2_dir: Path) -> None:
     assert len(held) == 2 * (1 + layers + 2)  # per token: embedding, layers, norm + head
     assert max(held) == streamed.adapter.hidden_size  # the final norm's gain
     assert all(p.is_meta for p in streamed.model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["image", "video"])
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_5_vl_dir", "tiny_qwen2_vl_dir"])
+def test_vision_language_reference_equals_the_whole_model(
+    request: pytest.FixtureRequest, fixture: str, mode: str
+) -> None:
+    """A Qwen-VL prompt read part by part (the checkpoint in the hub's tensor names, the
+    vision tower then each language layer) gives ``generate``'s greedy tokens and the
+    whole model's prompt logits; features from elsewhere (ONNX) replace the tower's."""
+    from common.export import vision_export as ve
+    from common.inputs import vl_preprocess as vp
+    from common.models.loading import load_processor
+
+    model_dir = request.getfixturevalue(fixture)
+    processor = load_processor(model_dir)
+    geo = vp.geometry(processor, 112)
+    frames = vp.prepare_frames(vp.list_frames(IMAGES, "images"), geo, processor)
+    inputs = ve.vl_prompt_inputs(processor, PROMPT, frames[:1] if mode == "image" else frames,
+                                 geo, mode)  # fmt: skip
+    model = load_model(model_dir)
+    want = ve.greedy_tokens(model, inputs, 6)
+    want_logits = ve.prompt_logits(model, inputs).numpy()
+    streamed = StreamedModel(model_dir)
+    parts = Parts(streamed.adapter, streamed)
+    prompt = layerwise_decode.VisualPrompt(inputs, layerwise_decode.vision_features(parts, inputs))
+    assert list(prompt.features) == [mode]
+    assert layerwise_decode.reference_greedy(parts, prompt, 6) == want
+    np.testing.assert_array_equal(layerwise_decode.reference_logits(parts, prompt, []), want_logits)
+    # teacher-forced rows after the prompt are the decode's steps
+    forced = layerwise_decode.reference_logits(parts, prompt, want)
+    assert [int(row.argmax()) for row in forced] == want
+    zeros = {mode: torch.zeros_like(prompt.features[mode])}
+    with ve.vision_features_replaced(get_adapter(model), zeros[mode]):
+        swapped = ve.greedy_tokens(model, inputs, 6)
+    fed = layerwise_decode.VisualPrompt(inputs, zeros)
+    assert layerwise_decode.reference_greedy(parts, fed, 6) == swapped

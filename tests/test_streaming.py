@@ -146,3 +146,26 @@ def test_pickled_checkpoint_streams_too(tmp_path: Path, tiny_qwen2_dir: Path) ->
         for i, window in enumerate(windows):
             want = model(input_ids=window[None], use_cache=False).logits
             assert torch.equal(logits(hidden[i : i + 1]), want)
+
+
+def test_vision_language_checkpoint_in_the_hubs_names(
+    tmp_path: Path, tiny_qwen2_5_vl_dir: Path
+) -> None:
+    """A random Qwen2.5-VL checkpoint is stored under the hub's tensor names (what
+    ``save_pretrained`` writes, not transformers 5's module paths), loads with plain
+    ``from_pretrained``, and each part read by name equals the loaded model's."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_qwen2_5_vl_dir)
+    out = write_random_checkpoint(config, tmp_path / "vl", tokenizer_dir=tiny_qwen2_5_vl_dir)
+    stored = {k for f in out.glob("*.safetensors") for k in load_file(f)}
+    assert any(k.startswith("model.layers.0.") for k in stored)
+    assert any(k.startswith("visual.blocks.0.") for k in stored)
+    assert not any(k.startswith(("model.language_model.", "model.visual.")) for k in stored)
+    model = load_model(out)
+    streamed = StreamedModel(out)
+    for prefix in ("model.visual", "model.language_model.layers.1", "lm_head"):
+        module = streamed.model.get_submodule(prefix)
+        with streamed.loaded(module, prefix):
+            for name, param in module.named_parameters():
+                assert torch.equal(param, model.get_parameter(f"{prefix}.{name}")), name

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.core.errors import EdgeforgeError
 from common.models import DecoderLayer, ModelAdapter
 from common.models.streaming import StreamedModel, layer_kwargs
 from common.quant.transforms import Transforms
@@ -96,6 +97,20 @@ class Parts:
             finally:
                 if handle is not None:
                     handle.remove()
+
+    @contextmanager
+    def vision_tower(self) -> Iterator[nn.Module]:
+        """A vision-language model's vision tower (patch embedding, blocks, merger), read
+        whole: its largest part is a fraction of the language model's, and its export and
+        checks run it as one module. Transforms and steps apply to the language model only."""
+        tower = self.adapter.vision_tower()
+        if tower is None:
+            raise EdgeforgeError(f"{self.adapter.model_type} is a text model: no vision tower")
+        if self.streamed is None:
+            yield tower
+            return
+        with self.streamed.loaded(tower, self.adapter.name_of("vision_tower")):
+            yield tower
 
     @contextmanager
     def head(self) -> Iterator[tuple[nn.Module, nn.Module]]:

@@ -22,13 +22,21 @@ Each step feeds the layers what the model's own forward does — the cache, the 
 mask built against it, positions after the cached tokens, the rotary tables — and the
 head sees every position of the step, as ``lm_head(model(ids))`` does, so the tokens and
 logits equal the whole-model reference bit for bit on tiny-qwen2 and SmolLM2 (tested).
-Text models with plain causal attention only:
+
+A vision-language prompt (:class:`VisualPrompt`) is the processor's inputs plus the vision
+tower's merged tokens, computed first with the tower read alone (:func:`vision_features`)
+or taken from another runtime (the exported vision ONNX); they replace the placeholder
+rows after the embedding, and the prompt's M-RoPE positions (``get_rope_index``) and its
+decode offset take the place of the 1-D count, as Qwen2-VL/Qwen2.5-VL's forward does:
+``generate``'s tokens and the prompt logits, bit for bit (tested on both tiny models,
+image and video). Plain causal attention only:
 :meth:`~common.models.streaming.StreamedModel.check_layerwise` refuses the rest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,52 +44,121 @@ import torch
 from tqdm import tqdm
 
 from common.analysis.layerwise import Parts, head
+from common.core.errors import EdgeforgeError
 from common.models import ModelAdapter
 
 if TYPE_CHECKING:
     from transformers import Cache
 
 
+@dataclass(frozen=True)
+class VisualPrompt:
+    """A vision-language prompt as the language model sees it: the processor's ``inputs``
+    (``input_ids``, the grids, ``mm_token_type_ids``) and the vision tower's merged tokens
+    for each kind of placeholder they hold (``{"image": [n, H]}`` or ``"video"``): from
+    the PyTorch tower (:func:`vision_features`) or another runtime (the exported ONNX)."""
+
+    inputs: Mapping[str, Any]
+    features: Mapping[str, torch.Tensor]
+
+
+def vision_features(parts: Parts, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The vision tower's merged tokens for the pictures in processor ``inputs``, as
+    ``get_image_features``/``get_video_features`` compute them, the tower read for the call."""
+    pixels = {"image": ("pixel_values", "image_grid_thw"),
+              "video": ("pixel_values_videos", "video_grid_thw")}  # fmt: skip
+    features: dict[str, torch.Tensor] = {}
+    with parts.vision_tower() as tower, torch.inference_mode():
+        for kind, (values, grid) in pixels.items():
+            if inputs.get(values) is not None:
+                out = tower(inputs[values].to(torch.float32), grid_thw=inputs[grid])
+                features[kind] = out.pooler_output
+    return features
+
+
 def reference_greedy(
-    parts: Parts, prompt: torch.Tensor, max_new_tokens: int, *, bar: tqdm | None = None
+    parts: Parts,
+    prompt: torch.Tensor | VisualPrompt,
+    max_new_tokens: int,
+    *,
+    bar: tqdm | None = None,
 ) -> list[int]:
-    """Hugging Face's greedy tokens for ``prompt`` ``[1, L]``, exactly ``max_new_tokens`` of
-    them (EOS neither stops nor is suppressed, as in the whole-model reference); ``bar``
-    advances once per token."""
+    """Hugging Face's greedy tokens for ``prompt`` (ids ``[1, L]``, or a
+    :class:`VisualPrompt`), exactly ``max_new_tokens`` of them (EOS neither stops nor is
+    suppressed, as in the whole-model reference); ``bar`` advances once per token."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=parts.adapter.text_config)
     tokens: list[int] = []
-    step = prompt
+    step = _Step.first(parts.adapter, prompt)
     with torch.inference_mode():
         while len(tokens) < max_new_tokens:
             tokens.append(int(_forward(parts, step, cache)[0, -1].argmax()))
-            step = torch.tensor([[tokens[-1]]], dtype=prompt.dtype)
+            step = step.next(tokens[-1])
             if bar is not None:
                 bar.update(1)
     return tokens
 
 
-def reference_logits(parts: Parts, prompt: torch.Tensor, tokens: Sequence[int]) -> np.ndarray:
-    """The logits ``[n, V]`` that predicted each of ``tokens`` after ``prompt`` ``[1, L]``:
-    one teacher-forced pass over the prompt and all but the last token, as the
-    whole-model ``reference_logits`` runs it (into a fresh cache, as the forward of a
-    config with ``use_cache`` does)."""
+def reference_logits(
+    parts: Parts, prompt: torch.Tensor | VisualPrompt, tokens: Sequence[int]
+) -> np.ndarray:
+    """The logits ``[n, V]`` that predicted each of ``tokens`` after ``prompt`` (ids
+    ``[1, L]`` or a :class:`VisualPrompt`): one teacher-forced pass over the prompt and
+    all but the last token, as the whole-model ``reference_logits`` runs it (into a fresh
+    cache, as the forward of a config with ``use_cache`` does). With no ``tokens``, the
+    logits over the whole prompt ``[L, V]`` (as ``model(**inputs).logits[0]``)."""
     from transformers import DynamicCache
 
-    ids = torch.cat([prompt, torch.tensor([list(tokens)], dtype=prompt.dtype)], dim=1)
+    first = _Step.first(parts.adapter, prompt)
+    length = first.ids.shape[1]
+    step = first.extended(list(tokens)[:-1]) if tokens else first
     cache = DynamicCache(config=parts.adapter.text_config)
     with torch.inference_mode():
-        logits = _forward(parts, ids[:, :-1], cache)
-    return logits[0, prompt.shape[1] - 1 :].float().numpy()
+        logits = _forward(parts, step, cache)
+    return logits[0, length - 1 if tokens else 0 :].float().numpy()
 
 
-def _forward(parts: Parts, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
-    """Logits ``[1, n, V]`` of the tokens ``ids`` ``[1, n]`` following those in ``cache``,
-    each part read for its turn; every layer appends its keys and values to ``cache``."""
+@dataclass(frozen=True)
+class _Step:
+    """The tokens one forward feeds (``ids`` ``[1, n]``), what replaces their vision
+    placeholders, and their rotary positions (None: the text model's 1-D count after the
+    cache; else M-RoPE rows ``[3, 1, n]``, with ``delta`` what decode positions add)."""
+
+    ids: torch.Tensor
+    features: Mapping[str, torch.Tensor]
+    positions: torch.Tensor | None
+    delta: torch.Tensor | None
+
+    @classmethod
+    def first(cls, adapter: ModelAdapter, prompt: torch.Tensor | VisualPrompt) -> _Step:
+        if isinstance(prompt, torch.Tensor):
+            return cls(prompt, {}, None, None)
+        positions, delta = adapter.rope_index(prompt.inputs)
+        return cls(prompt.inputs["input_ids"], prompt.features, positions, delta)
+
+    def extended(self, tokens: list[int]) -> _Step:
+        """This step with ``tokens`` appended (text tokens: positions count on)."""
+        ids = torch.cat([self.ids, torch.tensor([tokens], dtype=self.ids.dtype)], dim=1)
+        if self.positions is None or not tokens:
+            return _Step(ids, self.features, self.positions, self.delta)
+        after = self.positions.amax() + 1 + torch.arange(len(tokens))
+        added = after.view(1, 1, -1).expand(3, 1, -1)
+        return _Step(ids, self.features, torch.cat([self.positions, added], -1), self.delta)
+
+    def next(self, token: int) -> _Step:
+        """The step that feeds ``token`` after this one's tokens went into the cache."""
+        return _Step(torch.tensor([[token]], dtype=self.ids.dtype), {}, None, self.delta)
+
+
+def _forward(parts: Parts, step: _Step, cache: Cache) -> torch.Tensor:
+    """Logits ``[1, n, V]`` of ``step``'s tokens following those in ``cache``, each part
+    read for its turn; every layer appends its keys and values to ``cache``."""
     with parts.embedding() as embed:
-        hidden = embed(ids)
-    kwargs = _cached_layer_kwargs(parts.adapter, hidden, cache)
+        hidden = embed(step.ids)
+    for kind, features in step.features.items():
+        hidden = _scatter(parts.adapter, step.ids, hidden, kind, features)
+    kwargs = _cached_layer_kwargs(parts.adapter, hidden, cache, step)
     for layer in parts.adapter.layers():
         with parts.layer(layer):
             hidden = layer.module(hidden, **kwargs)
@@ -89,28 +166,56 @@ def _forward(parts: Parts, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
         return logits(hidden)
 
 
+def _scatter(
+    adapter: ModelAdapter,
+    ids: torch.Tensor,
+    hidden: torch.Tensor,
+    kind: str,
+    features: torch.Tensor,
+) -> torch.Tensor:
+    """``hidden`` with the ``kind`` placeholders' rows replaced by ``features`` in order,
+    as the model's ``masked_scatter`` does; a count that differs is named."""
+    token = getattr(adapter.config, f"{kind}_token_id")
+    mask = ids == token
+    if int(mask.sum()) != features.shape[0]:
+        raise EdgeforgeError(
+            f"the prompt has {int(mask.sum())} {kind} placeholder tokens but the vision "
+            f"tower gave {features.shape[0]} {kind} features"
+        )
+    return hidden.masked_scatter(mask[..., None].expand_as(hidden), features.to(hidden.dtype))
+
+
 def _cached_layer_kwargs(
-    adapter: ModelAdapter, hidden: torch.Tensor, cache: Cache
+    adapter: ModelAdapter, hidden: torch.Tensor, cache: Cache, step: _Step
 ) -> dict[str, Any]:
     """What the model's decoder stack hands every layer for ``hidden`` ``[1, n, H]``
-    following the tokens already in ``cache``: positions after them, the causal mask built
-    against the cache, the rotary tables, and the cache itself. Built before any layer
-    appends to the cache, as the stack builds them; only config and buffers are read, so
-    a model on meta will do."""
+    following the tokens already in ``cache``: positions after them (M-RoPE rows for a
+    vision-language model: the prompt's grid positions, then the cache row plus the
+    prompt's offset), the causal mask built against the cache, the rotary tables, and the
+    cache itself. Built before any layer appends to the cache, as the stack builds them;
+    only config and buffers are read, so a model on meta will do."""
     from transformers.masking_utils import create_causal_mask
 
-    position_ids = (torch.arange(hidden.shape[1]) + cache.get_seq_length())[None]
+    count = (torch.arange(hidden.shape[1]) + cache.get_seq_length())[None]
+    if step.positions is not None:
+        rotary_positions = step.positions
+    elif step.delta is not None:
+        rotary_positions = count[None].expand(3, 1, -1) + step.delta
+    else:
+        rotary_positions = count
+    vision_language = step.delta is not None
     mask = create_causal_mask(
         config=adapter.text_config,
         inputs_embeds=hidden,
         attention_mask=None,
         past_key_values=cache,
-        position_ids=position_ids,
+        position_ids=None if vision_language else count,
     )
     return {
         "attention_mask": mask,
-        "position_embeddings": adapter.rotary_embedding()(hidden, position_ids=position_ids),
-        "position_ids": position_ids,
+        "position_embeddings": adapter.rotary_embedding()(hidden, position_ids=rotary_positions),
+        # a VL decoder takes 1-D text positions only for packed rows (not here)
+        "position_ids": None if vision_language else count,
         "past_key_values": cache,
         "use_cache": True,
     }

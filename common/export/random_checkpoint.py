@@ -2,11 +2,12 @@
 
 There is no hub here, yet memory and time at real size (1.8B–7B) must be measured and
 tested. A model's ``config.json`` fixes every tensor's shape, so a checkpoint with random
-weights in those shapes, stored like the hub's (bf16, sharded, with an index), exercises
-every byte a real one would. The module tree is built on the meta device and each tensor
-is generated and written before the next (:class:`~common.export.checkpoint_writer.
-CheckpointWriter`), so writing a 7B checkpoint needs one tensor of memory. Values are
-seeded per tensor name, so the same config and seed give the same bytes.
+weights in those shapes, stored like the hub's (bf16, sharded, with an index, under the
+hub's tensor names), exercises every byte a real one would. The module tree is built on
+the meta device and each tensor is generated and written before the next
+(:class:`~common.export.checkpoint_writer.CheckpointWriter`), so writing a 7B checkpoint
+needs one tensor of memory. Values are seeded per tensor name, so the same config and
+seed give the same bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from common.export.checkpoint_writer import MAX_SHARD_BYTES, CheckpointWriter, TensorSpec
+from common.models.streaming import stored_names
 
 #: Files of the tokenizer's folder that describe that folder's own model, not the tokenizer.
 _NOT_COPIED = {"config.json", "generation_config.json", "manifest.json"}
@@ -58,12 +60,16 @@ def write_random_checkpoint(
     auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     with init_empty_weights():
         skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+    skeleton.tie_weights()  # not done on meta for every class (Qwen-VL); from_pretrained does
     named = list(skeleton.named_parameters())  # a tied head is listed once, as the embedding
-    specs = [TensorSpec(name, dtype, tuple(p.shape)) for name, p in named]
+    # Stored under the hub's names (Qwen-VL: ``model.layers.N``, ``visual.*``), seeded by
+    # the model's own, so a renamed layout gives the same values.
+    stored = stored_names(skeleton)
+    specs = [TensorSpec(stored[name], dtype, tuple(p.shape)) for name, p in named]
     out.mkdir(parents=True, exist_ok=True)
     with CheckpointWriter(out, specs, max_shard_bytes) as writer:
-        for spec in specs:
-            writer.add(spec.name, _seeded(spec.name, spec.shape, seed).to(dtype))
+        for (name, _), spec in zip(named, specs, strict=True):
+            writer.add(spec.name, _seeded(name, spec.shape, seed).to(dtype))
     config.save_pretrained(out)
     for path in sorted(Path(tokenizer_dir).iterdir()) if tokenizer_dir is not None else ():
         weights = path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json")

@@ -77,6 +77,16 @@ class LazyWeights:
             for key, entry in header.items():
                 self.where[key] = (file, 8 + length, entry)
 
+    def rename(self, model_key: Callable[[str], str]) -> None:
+        """Key every tensor by the model's own parameter name, ``model_key(stored name)``.
+
+        A checkpoint keeps the names of the transformers version that saved it: the hub's
+        Qwen2-VL/Qwen2.5-VL files say ``model.layers.N`` and ``visual.blocks.N`` where
+        transformers 5 builds ``model.language_model.layers.N`` and ``model.visual``.
+        """
+        self.where = {model_key(key): place for key, place in self.where.items()}
+        self.mapped = {model_key(key): tensor for key, tensor in self.mapped.items()}
+
     def read_into(self, key: str, out: torch.Tensor) -> None:
         """Fill the float32 ``out`` from ``key``: straight into its memory when the stored
         tensor is float32 too (no second copy of the largest tensors), else from one
@@ -132,6 +142,51 @@ class LazyWeights:
             for key, (_, _, entry) in self.where.items()
             if key.startswith(prefix)
         )
+
+
+def checkpoint_renamer(model: nn.Module, source: Path) -> Callable[[str], str]:
+    """The stored name → parameter name map ``from_pretrained`` applies for ``model``:
+    transformers' own renamings for its class (legacy prefixes, ``LayerNorm.gamma``, the
+    base-model prefix). A tensor that would need a conversion beyond a rename (split,
+    merged, permuted on load) cannot be read one tensor at a time: it is refused, naming
+    the tensor and ``source``."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    names = dict.fromkeys(model.state_dict())  # meta tensors: names only
+
+    def model_key(key: str) -> str:
+        renamed, converter = rename_source_key(
+            key, renamings, converters, model.base_model_prefix, names
+        )
+        if converter is not None:
+            raise EdgeforgeError(
+                f"{source}: tensor {key!r} is converted on load ({converter}), which "
+                "layer-by-layer steps cannot do one tensor at a time; save the model with "
+                "this transformers version first (save_pretrained) and use that directory"
+            )
+        return renamed
+
+    return model_key
+
+
+def stored_names(model: nn.Module) -> dict[str, str]:
+    """Each parameter's name → the name ``save_pretrained`` stores it under (the hub's
+    layout, :func:`checkpoint_renamer` read backwards), for a model built on meta."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    params = dict(model.named_parameters())
+    name_of = {id(tensor): name for name, tensor in params.items()}
+    stored = revert_weight_conversion(model, params)
+    if not all(id(tensor) in name_of for tensor in stored.values()):
+        raise EdgeforgeError(
+            f"{type(model).__name__}: transformers converts some of its tensors on save; "
+            "only renamed tensors can be written one at a time"
+        )
+    return {name_of[id(tensor)]: key for key, tensor in stored.items()}
 
 
 def float32_bytes(model_dir: Path) -> int:
@@ -211,16 +266,16 @@ class StreamedModel:
                 config, dtype=torch.float32, trust_remote_code=trust_remote_code
             )
         self.model.eval()
+        self.weights.rename(checkpoint_renamer(self.model, self.path))
         self.adapter: ModelAdapter = get_adapter(self.model)
         head_key = f"{self.adapter.lm_head_path}.weight"
         embed_key = f"{self.adapter.name_of('embed_tokens')}.weight"
-        #: Whether the LM head is the embedding (stored once, read for both), as
-        #: ``from_pretrained`` decides: the config says so, or the checkpoint has no head.
-        #: Not the adapter's identity check: modules built on meta are not tied, and
-        #: materializing a part gives its parameters new objects anyway.
-        self.tied = head_key not in self.weights.where or bool(
-            getattr(config, "tie_word_embeddings", False)
-        )
+        #: Whether the LM head is the embedding (stored once, read for both). As
+        #: ``from_pretrained`` decides it: a head stored in the checkpoint is used even when
+        #: the config ties it (transformers then does not tie tensors that differ), a head
+        #: missing from it is the embedding. Not the adapter's identity check: modules
+        #: built on meta are not tied, and materializing a part gives new objects anyway.
+        self.tied = head_key not in self.weights.where
         self.alias = {head_key: embed_key} if self.tied else {}
 
     def load(self, module: nn.Module, prefix: str) -> nn.Module:
