@@ -77,3 +77,33 @@ def test_axera_within_the_cap(big_model: Path, tmp_path: Path) -> None:
     report = tmp_path / RECIPE / "axera-ax650" / "report.json"
     assert _peak(report) <= parse_size(CAP)
     assert json.loads(report.read_text())["bf16_embeddings_greedy_match"] is True
+
+
+def test_axera_vision_language_within_the_cap(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, tiny_qwen2_5_vl_dir: Path
+) -> None:
+    """A Qwen2.5-VL whose language model alone is twice the cap: the vision tower is read
+    whole for its export and checks, then each language layer per greedy token."""
+    from transformers import AutoConfig
+
+    from common.export.random_checkpoint import write_random_checkpoint
+
+    config = AutoConfig.from_pretrained(tiny_qwen2_5_vl_dir)
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 1024, 4096, 42
+    text.num_attention_heads = text.num_key_value_heads = 8
+    text.layer_types = ["full_attention"] * text.num_hidden_layers
+    config.vision_config.out_hidden_size = text.hidden_size  # the merger feeds the LM
+    text.rope_parameters["mrope_section"] = [16, 24, 24]  # head_dim 128, as in the 3B
+    model = tmp_path_factory.mktemp("big-vl") / "model"
+    write_random_checkpoint(config, model, tokenizer_dir=tiny_qwen2_5_vl_dir)
+    assert float32_bytes(model) >= 2 * parse_size(CAP)
+    result = run_python(
+        "targets/axera-ax650/build.py", "--model", "qwen2.5-vl-3b", "--model-path", str(model),
+        "--build-dir", str(tmp_path), "--max-new-tokens", "2", "--image-size", "112",
+        "--max-memory", CAP,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = tmp_path / "qwen2.5-vl-3b" / "axera-ax650" / "report.json"
+    assert _peak(report) <= parse_size(CAP)
+    assert json.loads(report.read_text())["greedy_match"] is True

@@ -111,7 +111,10 @@ def test_vision_language_reference_equals_the_whole_model(
     want_logits = ve.prompt_logits(model, inputs).numpy()
     streamed = StreamedModel(model_dir)
     parts = Parts(streamed.adapter, streamed)
-    prompt = layerwise_decode.VisualPrompt(inputs, layerwise_decode.vision_features(parts, inputs))
+    with parts.vision_tower() as tower:
+        prompt = layerwise_decode.VisualPrompt(
+            inputs, layerwise_decode.vision_features(tower, inputs)
+        )
     assert list(prompt.features) == [mode]
     assert layerwise_decode.reference_greedy(parts, prompt, 6) == want
     np.testing.assert_array_equal(layerwise_decode.reference_logits(parts, prompt, []), want_logits)

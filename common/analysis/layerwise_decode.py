@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from common.analysis.layerwise import Parts, head
@@ -62,13 +63,14 @@ class VisualPrompt:
     features: Mapping[str, torch.Tensor]
 
 
-def vision_features(parts: Parts, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The vision tower's merged tokens for the pictures in processor ``inputs``, as
-    ``get_image_features``/``get_video_features`` compute them, the tower read for the call."""
+def vision_features(tower: nn.Module, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The vision ``tower``'s merged tokens for the pictures in processor ``inputs``, as
+    ``get_image_features``/``get_video_features`` compute them (read the tower with
+    :meth:`~common.analysis.layerwise.Parts.vision_tower`)."""
     pixels = {"image": ("pixel_values", "image_grid_thw"),
               "video": ("pixel_values_videos", "video_grid_thw")}  # fmt: skip
     features: dict[str, torch.Tensor] = {}
-    with parts.vision_tower() as tower, torch.inference_mode():
+    with torch.inference_mode():
         for kind, (values, grid) in pixels.items():
             if inputs.get(values) is not None:
                 out = tower(inputs[values].to(torch.float32), grid_thw=inputs[grid])
@@ -134,6 +136,7 @@ class _Step:
     def first(cls, adapter: ModelAdapter, prompt: torch.Tensor | VisualPrompt) -> _Step:
         if isinstance(prompt, torch.Tensor):
             return cls(prompt, {}, None, None)
+        adapter.mrope_section  # noqa: B018 (checks the split covers head_dim, naming it)
         positions, delta = adapter.rope_index(prompt.inputs)
         return cls(prompt.inputs["input_ids"], prompt.features, positions, delta)
 
@@ -174,13 +177,13 @@ def _scatter(
     features: torch.Tensor,
 ) -> torch.Tensor:
     """``hidden`` with the ``kind`` placeholders' rows replaced by ``features`` in order,
-    as the model's ``masked_scatter`` does; a count that differs is named."""
+    as the model's ``masked_scatter`` does; a count or width that differs is named."""
     token = getattr(adapter.config, f"{kind}_token_id")
     mask = ids == token
-    if int(mask.sum()) != features.shape[0]:
+    if int(mask.sum()) != features.shape[0] or features.shape[-1] != hidden.shape[-1]:
         raise EdgeforgeError(
-            f"the prompt has {int(mask.sum())} {kind} placeholder tokens but the vision "
-            f"tower gave {features.shape[0]} {kind} features"
+            f"the prompt has {int(mask.sum())} {kind} placeholder tokens of width "
+            f"{hidden.shape[-1]} but the vision features are {tuple(features.shape)}"
         )
     return hidden.masked_scatter(mask[..., None].expand_as(hidden), features.to(hidden.dtype))
 

@@ -76,6 +76,7 @@ def layerwise_preflight(
     held: Callable[[Any], Mapping[str, int]],
     copies: Mapping[str, float],
     sequential: bool | None = None,
+    vision: float = 0.0,
     lower: str,
 ) -> Any:
     """Run ``step`` one part at a time where the model allows it (a text model with plain
@@ -86,14 +87,18 @@ def layerwise_preflight(
 
     A layer-by-layer peak is the largest part, pickled checkpoint pages mapped while they
     load, and ``held(adapter)``: what the step keeps across parts (hidden states of its
-    windows, a window's logits), named; ``lower`` says which options shrink that."""
+    windows, a window's logits), named; ``lower`` says which options shrink that.
+
+    A vision-language model runs part by part only in a step that reads its vision tower
+    whole (``vision``: the multiple of the tower's float32 weights it holds meanwhile, e.g.
+    an export); counted beside the largest language part, as if both were held at once."""
     from common.models.loading import refuse_remote_code
     from common.models.streaming import StreamedModel
 
     refuse_remote_code(model_dir)  # "not supported" is the answer, not "too big"
     streamed = StreamedModel(model_dir)
     adapter = streamed.adapter
-    fits = not (adapter.is_vision_language or adapter.attention_departures())
+    fits = not ((adapter.is_vision_language and not vision) or adapter.attention_departures())
     if sequential and not fits:
         streamed.check_layerwise("run it with SEQUENTIAL=0")  # says why it cannot
     if not fits or sequential is False:
@@ -104,6 +109,9 @@ def layerwise_preflight(
         "pickled .bin pages (mapped)": streamed.weights.mapped_bytes,
         **held(adapter),
     }
+    if adapter.is_vision_language:
+        tower = streamed.part_bytes(adapter.name_of("vision_tower"))
+        parts[f"vision tower ({vision:g}x its float32 weights)"] = int(vision * tower)
     run.preflight(
         Estimate(f"{step} (one layer at a time)", parts), MemoryCap.resolve(max_memory), lower
     )
