@@ -25,6 +25,7 @@ from common.analysis.eval import (
     perplexity,
     prompt_ids,
 )
+from common.analysis.simulate import score_model
 from common.core.errors import EdgeforgeError
 from common.inputs.data import CALIB_CORPUS, iter_texts
 from common.models import get_adapter
@@ -269,3 +270,8 @@ def test_vision_language_model_text_only(tiny_dirs: dict[str, Path]) -> None:
     expected = manual_greedy(model, ids, 6, eos_ids(model))
     output = greedy_generate(model, processor, PROMPT, max_new_tokens=6)
     assert output == processor.tokenizer.decode(expected, skip_special_tokens=True)
+    # One part at a time (M-RoPE's three rows counting the text): the same numbers
+    streamed = StreamedModel(tiny_dirs["qwen2_vl"])
+    layers = score_model(tiny_dirs["qwen2_vl"], windows, streamed=streamed)
+    assert layers["nll"] == score_model(tiny_dirs["qwen2_vl"], windows, streamed=None)["nll"]
+    assert greedy_answer_layerwise(streamed, processor, PROMPT, 6) == output

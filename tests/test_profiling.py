@@ -47,6 +47,22 @@ def test_sequential_equals_whole_model_tiny(tiny_qwen2_dir: Path) -> None:
     assert len(whole) == 2 * 7 + 1  # every decoder linear and the LM head
 
 
+@pytest.mark.parametrize("fixture", ["tiny_qwen2_5_vl_dir", "tiny_qwen2_vl_dir"])
+def test_sequential_equals_whole_model_vision_language(
+    request: pytest.FixtureRequest, fixture: str
+) -> None:
+    """A Qwen-VL model on text calibration, one language layer at a time (M-RoPE's rows
+    all counting the tokens), and rotated part by part: the whole model's statistics."""
+    model_dir = request.getfixturevalue(fixture)
+    windows = _windows(model_dir, 2, 32)
+    whole = profile_model(load_model(model_dir), windows).results()
+    assert whole == profile_sequential(StreamedModel(model_dir), windows).results()
+    rotated, sequential = _transformed_profiles(
+        model_dir, {"rotation": {"mode": "hadamard", "seed": 3}}, windows
+    )
+    assert rotated == sequential
+
+
 def _transformed_profiles(model_dir: Path, transforms: dict, windows: torch.Tensor) -> tuple:
     """The whole transformed model's statistics and the streamed ones, each part
     transformed as it is read."""

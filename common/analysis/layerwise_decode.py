@@ -136,7 +136,8 @@ class _Step:
     def first(cls, adapter: ModelAdapter, prompt: torch.Tensor | VisualPrompt) -> _Step:
         if isinstance(prompt, torch.Tensor):
             return cls(prompt, {}, None, None)
-        adapter.mrope_section  # noqa: B018 (checks the split covers head_dim, naming it)
+        if adapter.mrope_section is None:  # for a VL model: checks its split, naming it
+            raise EdgeforgeError(f"{adapter.model_type} is a text model: it takes no pictures")
         positions, delta = adapter.rope_index(prompt.inputs)
         return cls(prompt.inputs["input_ids"], prompt.features, positions, delta)
 
@@ -200,13 +201,14 @@ def _cached_layer_kwargs(
     from transformers.masking_utils import create_causal_mask
 
     count = (torch.arange(hidden.shape[1]) + cache.get_seq_length())[None]
-    if step.positions is not None:
+    vision_language = adapter.mrope_section is not None
+    if step.positions is not None:  # a picture's prompt: its grid positions
         rotary_positions = step.positions
-    elif step.delta is not None:
-        rotary_positions = count[None].expand(3, 1, -1) + step.delta
+    elif vision_language:  # tokens after it (offset), or text alone: three equal rows
+        offset = step.delta if step.delta is not None else 0
+        rotary_positions = count[None].expand(3, 1, -1) + offset
     else:
         rotary_positions = count
-    vision_language = step.delta is not None
     mask = create_causal_mask(
         config=adapter.text_config,
         inputs_embeds=hidden,

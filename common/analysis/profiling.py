@@ -199,7 +199,7 @@ def profile_sequential(
     own stack would hand them.
     """
     adapter = streamed.adapter
-    streamed.check_layerwise("profile it with SEQUENTIAL=0")
+    streamed.check_layerwise("profile it with SEQUENTIAL=0", text_windows=True)
     profiler = ActivationProfiler(adapter, no_bias=no_bias, exact=exact)
     bar = _progress(windows.numel() * (adapter.num_layers + 1), "profile (sequential)")
     with profiler.attached():

@@ -315,12 +315,14 @@ class StreamedModel:
         embedding = self.part_bytes(self.adapter.name_of("embed_tokens"))
         return max(self.largest_layer_bytes(), embedding)
 
-    def check_layerwise(self, remedy: str) -> None:
+    def check_layerwise(self, remedy: str, *, text_windows: bool = False) -> None:
         """Refuse what :func:`layer_kwargs` cannot feed a layer: a vision-language model
-        (image tokens and their M-RoPE positions come from the vision tower) and layers
-        that are not plain causal attention over the whole window (the one mask built).
-        ``remedy`` tells the user what to run instead."""
-        if self.adapter.is_vision_language:
+        (image tokens and their M-RoPE positions come from the vision tower) unless the
+        caller runs ``text_windows`` only (its language model on text, as the whole model
+        runs text without pictures), and layers that are not plain causal attention over
+        the whole window (the one mask built). ``remedy`` tells the user what to run
+        instead."""
+        if self.adapter.is_vision_language and not text_windows:
             raise EdgeforgeError(
                 f"{self.path}: layer-by-layer runs support text models; "
                 f"{self.adapter.model_type} is vision-language — {remedy}"
@@ -349,16 +351,20 @@ def _transformers_layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> d
 
     rotary = adapter.rotary_embedding()  # real: only parameters were built on meta
     position_ids = torch.arange(hidden.shape[1])[None]
+    # A vision-language stack on text alone: M-RoPE's three rows all count the tokens,
+    # and the layers get no 1-D positions (as its forward passes them for packed rows only).
+    vision_language = adapter.mrope_section is not None
+    rotary_positions = position_ids[None].expand(3, 1, -1) if vision_language else position_ids
     return {
         "attention_mask": create_causal_mask(
             config=adapter.text_config,
             inputs_embeds=hidden[:1],
             attention_mask=None,
             past_key_values=None,
-            position_ids=position_ids,
+            position_ids=None if vision_language else position_ids,
         ),
-        "position_embeddings": rotary(hidden[:1], position_ids=position_ids),
-        "position_ids": position_ids,
+        "position_embeddings": rotary(hidden[:1], position_ids=rotary_positions),
+        "position_ids": None if vision_language else position_ids,
         "past_key_values": None,
         "use_cache": False,
     }

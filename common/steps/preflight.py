@@ -79,8 +79,9 @@ def layerwise_preflight(
     vision: float = 0.0,
     lower: str,
 ) -> Any:
-    """Run ``step`` one part at a time where the model allows it (a text model with plain
-    causal layers; ``sequential`` False forces a whole-model run), else whole; estimate
+    """Run ``step`` one part at a time where the model allows it (plain causal layers; a
+    vision-language model's language model on text, as the whole model runs text;
+    ``sequential`` False forces a whole-model run), else whole; estimate
     the peak of that mode and stop with one line over the cap. Returns the
     :class:`~common.models.streaming.StreamedModel` to read parts from, or None for a
     whole-model run (then estimated as :func:`whole_model_preflight` does with ``copies``).
@@ -89,18 +90,18 @@ def layerwise_preflight(
     load, and ``held(adapter)``: what the step keeps across parts (hidden states of its
     windows, a window's logits), named; ``lower`` says which options shrink that.
 
-    A vision-language model runs part by part only in a step that reads its vision tower
-    whole (``vision``: the multiple of the tower's float32 weights it holds meanwhile, e.g.
-    an export); counted beside the largest language part, as if both were held at once."""
+    A step that also runs a vision-language model's vision tower reads it whole
+    (``vision``: the multiple of the tower's float32 weights it holds meanwhile, e.g. an
+    export); counted beside the largest language part, as if both were held at once."""
     from common.models.loading import refuse_remote_code
     from common.models.streaming import StreamedModel
 
     refuse_remote_code(model_dir)  # "not supported" is the answer, not "too big"
     streamed = StreamedModel(model_dir)
     adapter = streamed.adapter
-    fits = not ((adapter.is_vision_language and not vision) or adapter.attention_departures())
-    if sequential and not fits:
-        streamed.check_layerwise("run it with SEQUENTIAL=0")  # says why it cannot
+    fits = not adapter.attention_departures()
+    if sequential and not fits:  # says why it cannot
+        streamed.check_layerwise("run it with SEQUENTIAL=0", text_windows=True)
     if not fits or sequential is False:
         whole_model_preflight(run, model_dir, f"{step} (whole model)", max_memory, copies)
         return None
@@ -109,7 +110,7 @@ def layerwise_preflight(
         "pickled .bin pages (mapped)": streamed.weights.mapped_bytes,
         **held(adapter),
     }
-    if adapter.is_vision_language:
+    if adapter.is_vision_language and vision:
         tower = streamed.part_bytes(adapter.name_of("vision_tower"))
         parts[f"vision tower ({vision:g}x its float32 weights)"] = int(vision * tower)
     run.preflight(

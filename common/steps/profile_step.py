@@ -176,8 +176,9 @@ def plan_profile(
     model_dir: Path, settings: ProfileSettings, *, trust_remote_code: bool = False
 ) -> ProfilePlan:
     """Choose the mode and estimate its peak. Text models run one layer at a time unless
-    ``SEQUENTIAL=0`` (their statistics are identical either way); vision-language models,
-    image calibration and layers that are not plain causal attention run whole."""
+    ``SEQUENTIAL=0`` (their statistics are identical either way), vision-language ones
+    too on text calibration; image calibration and layers that are not plain causal
+    attention run whole."""
     from common.models.streaming import StreamedModel, stored_bytes
     from common.quant.rotation import rotation_bytes
 
@@ -193,9 +194,9 @@ def plan_profile(
             "pickled .bin pages (mapped)": streamed.weights.mapped_bytes,
         },
     )
-    fits_layers = not (
-        adapter.is_vision_language or settings.images or adapter.attention_departures()
-    )
+    # A vision-language model calibrated on text runs its language model alone, as the
+    # whole model runs text; with --images its vision tower needs the pictures' tokens.
+    fits_layers = not (settings.images or adapter.attention_departures())
     sequential = fits_layers if settings.sequential is None else settings.sequential
     if sequential:
         return ProfilePlan(
@@ -215,8 +216,8 @@ def plan_profile(
     lower = (
         f"SEQUENTIAL=1 (one layer at a time) needs about {gib(layered.total)}"
         if fits_layers
-        else "this model is profiled whole (vision-language, image calibration or "
-        "non-causal layers); use a machine with more memory"
+        else "this model is profiled whole (image calibration or non-causal layers); "
+        "use a machine with more memory"
     )
     return ProfilePlan(None, whole, lower)
 
