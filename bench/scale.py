@@ -80,6 +80,27 @@ def _run(command: list[str], log: Path, timeout: float) -> dict[str, Any]:
     }
 
 
+#: Config fields naming the vision placeholders, and their tokens.
+VISION_TOKENS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+
+
+def borrow_vision_token_ids(config: Any, tokenizer_dir: Path) -> None:
+    """Point a VL config's placeholder ids at the borrowed tokenizer's tokens: it numbers
+    them its own way (the model's own tokenizer is not here), and a prompt's pictures are
+    found by these ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for key, token in VISION_TOKENS.items():
+        if hasattr(config, key):
+            setattr(config, key, tokenizer.convert_tokens_to_ids(token))
+
+
 def checkpoint(model: str, build_dir: Path) -> Path:
     """The model's random checkpoint, written once (atomically) and reused."""
     from transformers import AutoConfig
@@ -102,6 +123,7 @@ def checkpoint(model: str, build_dir: Path) -> Path:
             for name in ("configuration_qwen.py", "modeling_qwen.py"):
                 shutil.copy(QWEN1_CODE / name, tmp / name)
         config = AutoConfig.from_pretrained(tmp, trust_remote_code=remote, local_files_only=True)
+        borrow_vision_token_ids(config, tokenizer_dir)
         print(f"[bench-scale] writing the random {model} checkpoint", file=sys.stderr)
         write_random_checkpoint(config, tmp, tokenizer_dir=tokenizer_dir, trust_remote_code=remote)
     return out

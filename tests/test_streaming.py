@@ -164,8 +164,11 @@ def test_vision_language_checkpoint_in_the_hubs_names(
     assert not any(k.startswith(("model.language_model.", "model.visual.")) for k in stored)
     model = load_model(out)
     streamed = StreamedModel(out)
-    for prefix in ("model.visual", "model.language_model.layers.1", "lm_head"):
+    for prefix in ("model.visual", "model.language_model.layers.1", "lm_head", "model.visual"):
         module = streamed.model.get_submodule(prefix)
         with streamed.loaded(module, prefix):
             for name, param in module.named_parameters():
                 assert torch.equal(param, model.get_parameter(f"{prefix}.{name}")), name
+            # read again, a part keeps the buffers its constructor computed (rotary tables)
+            for name, buffer in module.named_buffers():
+                assert torch.equal(buffer, model.get_buffer(f"{prefix}.{name}")), name

@@ -102,7 +102,8 @@ class Parts:
     def vision_tower(self) -> Iterator[nn.Module]:
         """A vision-language model's vision tower (patch embedding, blocks, merger), read
         whole: its largest part is a fraction of the language model's, and its export and
-        checks run it as one module. Transforms and steps apply to the language model only."""
+        checks run it as one module. Of the transforms, the rotation reaches its merger's
+        output (it writes into the stream); steps apply to the language model only."""
         tower = self.adapter.vision_tower()
         if tower is None:
             raise EdgeforgeError(f"{self.adapter.model_type} is a text model: no vision tower")
@@ -110,6 +111,7 @@ class Parts:
             yield tower
             return
         with self.streamed.loaded(tower, self.adapter.name_of("vision_tower")):
+            self.transforms.vision_tower(self.adapter)
             yield tower
 
     @contextmanager

@@ -163,10 +163,12 @@ class CheckpointWriter:
 
 
 def _part_modules(streamed: StreamedModel) -> list[tuple[str, nn.Module]]:
-    """``(checkpoint prefix, module)`` of every part, in state-dict order: the embedding,
-    each decoder layer, the final norm, the LM head."""
+    """``(checkpoint prefix, module)`` of every part, in state-dict order: a vision tower,
+    the embedding, each decoder layer, the final norm, the LM head."""
     adapter = streamed.adapter
-    parts = [(adapter.name_of("embed_tokens"), adapter.embed_tokens())]
+    tower = adapter.vision_tower()
+    parts = [] if tower is None else [(adapter.name_of("vision_tower"), tower)]
+    parts += [(adapter.name_of("embed_tokens"), adapter.embed_tokens())]
     parts += [(layer.name, layer.module) for layer in adapter.layers()]
     return [
         *parts,
@@ -182,9 +184,11 @@ def write_transformed(
     float32 Hugging Face checkpoint (weights and ``config.json``), one part in memory at
     a time; returns the weight files.
 
-    A tied LM head is written as a head of its own (``tie_word_embeddings`` false): the
-    rotation folds the final norm into it, so it no longer equals the embedding. The
-    online Hadamard is a run-time op no checkpoint can hold, so it is refused.
+    A vision-language model's vision tower is written first, whole (its merger rotated
+    with the stream). A tied LM head is written as a head of its own
+    (``tie_word_embeddings`` false): the rotation folds the final norm into it, so it no
+    longer equals the embedding. The online Hadamard is a run-time op no checkpoint can
+    hold, so it is refused.
     """
     if transforms.online_down:
         raise EdgeforgeError(
@@ -192,11 +196,6 @@ def write_transformed(
             "cannot hold it — write the model without it"
         )
     adapter = streamed.adapter
-    if adapter.is_vision_language:
-        raise EdgeforgeError(
-            f"{streamed.path}: writing a checkpoint part by part supports text models; "
-            f"{adapter.model_type} is vision-language"
-        )
     parts = _part_modules(streamed)
     specs = [
         TensorSpec(f"{prefix}.{name}", torch.float32, tuple(p.shape))
@@ -217,6 +216,9 @@ def write_transformed(
             for name, p in module.named_parameters():
                 writer.add(f"{prefix}.{name}", p.detach())
 
+        if adapter.is_vision_language:
+            with read.vision_tower() as tower:
+                write(adapter.name_of("vision_tower"), tower)
         with read.embedding() as embed:
             write(adapter.name_of("embed_tokens"), embed)
         for layer in progress(adapter.layers(), desc=desc, unit="layer"):

@@ -203,8 +203,14 @@ def stored_bytes(model_dir: Path) -> int:
 
 
 def release(module: nn.Module) -> None:
-    """Send ``module``'s parameters back to meta and return their memory to the OS."""
-    module.to("meta")
+    """Send ``module``'s parameters back to meta and return their memory to the OS.
+
+    Buffers stay: they are not in the checkpoint but computed by the model's constructor
+    (a vision tower's rotary table), so a part read again must find them as they were."""
+    for sub in module.modules():
+        for name, param in sub.named_parameters(recurse=False):
+            if not param.is_meta:
+                sub.register_parameter(name, nn.Parameter(param.to("meta"), param.requires_grad))
     _return_freed_memory()
 
 

@@ -24,6 +24,7 @@ from common.quant.rotation import (
     rotate_embedding,
     rotate_head,
     rotate_layer,
+    rotate_merger,
     rotate_model,
     rotation_for,
 )
@@ -70,6 +71,12 @@ class Transforms:
         if self.rotation is not None:
             rotate_layer(adapter, layer, self.rotation)
         return online_hadamard_layer(layer)[1] if self.online_down else None
+
+    def vision_tower(self, adapter: ModelAdapter) -> None:
+        """Transform the (materialized) vision tower of a vision-language model: its
+        merger writes image tokens into the rotated stream; the tower's own basis stays."""
+        if self.rotation is not None:
+            rotate_merger(adapter, self.rotation.R)
 
     def head(self, adapter: ModelAdapter) -> None:
         """Transform the (materialized) final norm and LM head. A tied head is read from

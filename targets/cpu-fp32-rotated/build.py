@@ -5,8 +5,8 @@ orthogonal, a rotation file ``R_PATH``, or a mllm QNN convertor ``CONFIG``), rot
 language model through the adapters (common/quant/rotation.py), save it as a Hugging Face
 directory, read that directory back, and compare it with the original on the held-out
 corpus (perplexity, logits, per-layer residual stream; VL models also on an image prompt).
-A text model is handled one part at a time throughout (read, rotated, written, verified:
-see the README); a VL model is loaded whole. ``model.mllm`` (FP32, mllm v1) is written from
+A model is handled one part at a time throughout (read, rotated, written, verified: see
+the README; a VL model's vision tower is one part). ``model.mllm`` (FP32, mllm v1) is written from
 the written weights and read back bit-exact. Output: ``build/<MODEL>/cpu-fp32-rotated/``
 with ``model/``, ``model.mllm``, ``rotation.safetensors``, ``report.{json,md}``,
 ``outliers.png``, ``manifest.json``. A failed gate raises ``CheckFailed`` after the outputs
@@ -154,11 +154,17 @@ def _copy_tokenizer_files(src: Path, dest: Path) -> None:
 
 
 def _image_check(reference: Any, rotated: Any, model_dir: Path) -> dict[str, Any]:
-    """Logits of an image prompt (the merger feeds the rotated stream) vs the original."""
+    """Logits of an image prompt (the merger feeds the rotated stream) vs the original:
+    each model's vision tower read for its features, then its language layers one at a
+    time, or the whole models when ``reference``/``rotated`` are loaded models."""
+    import numpy as np
     import torch
     from PIL import Image
 
+    from common.analysis import layerwise_decode
+    from common.analysis.layerwise import Parts
     from common.models.loading import load_processor
+    from common.models.streaming import StreamedModel
 
     processor = load_processor(model_dir)
     messages = [
@@ -167,9 +173,19 @@ def _image_check(reference: Any, rotated: Any, model_dir: Path) -> dict[str, Any
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     with Image.open(IMAGE) as image:
         inputs = processor(text=[text], images=[image.convert("RGB")], return_tensors="pt")
-    with torch.inference_mode():
-        want = reference(**inputs).logits[0].double()
-        got = rotated(**inputs).logits[0].double()
+
+    def prompt_logits(model: Any) -> torch.Tensor:
+        if not isinstance(model, StreamedModel):
+            with torch.inference_mode():
+                return model(**inputs).logits[0].double()
+        parts = Parts(model.adapter, model)
+        with parts.vision_tower() as tower:
+            features = layerwise_decode.vision_features(tower, inputs)
+        prompt = layerwise_decode.VisualPrompt(inputs, features)
+        logits = layerwise_decode.reference_logits(parts, prompt, [])
+        return torch.from_numpy(logits.astype(np.float64))
+
+    want, got = prompt_logits(reference), prompt_logits(rotated)
     return {
         "image": str(IMAGE.relative_to(REPO_ROOT)),
         "prompt": IMAGE_PROMPT,
@@ -214,17 +230,20 @@ def _verify_layerwise(
 
 def _layerwise_estimate(streamed: Any, windows: int, seq_len: int) -> Any:
     """Peak of a layer-by-layer build: one part of each model (the two heads together at
-    the end), both models' hidden states of every window, the rotation's float64 work, and
-    one window's two rows of float64 logits."""
+    the end; a VL model's vision tower), both models' hidden states of every window, the
+    rotation's float64 work, and one window's two rows of float64 logits."""
     from common.core.memory import Estimate
     from common.quant.rotation import rotation_bytes
 
     adapter = streamed.adapter
     head = streamed.part_bytes(adapter.name_of("embed_tokens"))
+    tower = (
+        streamed.part_bytes(adapter.name_of("vision_tower")) if adapter.is_vision_language else 0
+    )
     return Estimate(
         "make cpu (one layer at a time)",
         {
-            "largest part (float32)": max(streamed.largest_part_bytes(), 2 * head),
+            "largest part (float32)": max(streamed.largest_part_bytes(), 2 * head, tower),
             "hidden states": 3 * windows * seq_len * adapter.hidden_size * 4,
             "rotation (float64)": rotation_bytes(adapter),
             "one window's logits (float64)": 2 * seq_len * adapter.vocab_size * 8,
@@ -278,8 +297,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     refuse_remote_code(model_dir)
     streamed = StreamedModel(model_dir)
     adapter = streamed.adapter
-    # Text models run one part at a time; a VL model's image check needs it whole.
-    layerwise = not (adapter.is_vision_language or adapter.attention_departures())
+    # One part at a time (a VL model's vision tower whole, as one part) unless its
+    # attention is not the plain causal one the layer-by-layer runs build.
+    layerwise = not adapter.attention_departures()
     if layerwise:
         run.preflight(
             _layerwise_estimate(streamed, num_windows, seq_len),
@@ -308,7 +328,12 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         run.log(f"writing the rotated model to {out_dir / 'model'}")
         if layerwise:
             write_transformed(streamed, Transforms(rotation), tmp / "model", desc="rotate")
-            rotated_info = rotation_summary(adapter, untied=streamed.tied, merger=None)
+            merger = adapter.vision_merger()
+            rotated_info = rotation_summary(
+                adapter,
+                untied=streamed.tied,
+                merger=None if merger is None else merger.linear_names["merger_fc2"],
+            )
             generation = model_dir / "generation_config.json"
             if generation.is_file():
                 GenerationConfig.from_pretrained(model_dir).save_pretrained(tmp / "model")
@@ -341,7 +366,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             logits, before, after = _verify_layerwise(
                 streamed, rotated, windows, int(stats_windows.shape[0]), run
             )
-            image = None
+            image = (_image_check(streamed, rotated, model_dir)
+                     if rotated_adapter.is_vision_language else None)  # fmt: skip
         else:
             logits = compare_logits(rotated, reference, windows, progress=True)
             after = rep.trace(rotated, rotated_adapter, stats_windows)

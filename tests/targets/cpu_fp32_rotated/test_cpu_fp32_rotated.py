@@ -147,6 +147,16 @@ def test_vl_language_model_and_image_prompt(session_build: Path, tiny_qwen2_vl_d
     stored = read_mllm(session_build / "tiny-qwen2-vl" / TARGET / "model.mllm")
     assert "visual.merger.mlp.2.weight" in stored
     assert "model.layers.0.self_attn.v_proj.bias" in stored
+    # written part by part, read whole by plain from_pretrained: the original's logits
+    import torch
+
+    from common.models.loading import load_model
+
+    rotated = load_model(session_build / "tiny-qwen2-vl" / TARGET / "model")
+    ids = torch.arange(1, 40)[None]
+    with torch.inference_mode():
+        want = load_model(tiny_qwen2_vl_dir)(input_ids=ids).logits
+        assert torch.allclose(rotated(input_ids=ids).logits, want, atol=1e-4)
 
 
 def test_r_path_from_mllm_cuda_pickle(tmp_path: Path, session_build: Path,
