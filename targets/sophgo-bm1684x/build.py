@@ -41,6 +41,7 @@ from sophgo_verify import (
     first_mismatch,
     image_prompt_check,
     image_prompt_inputs,
+    image_reference,
     kv_decode,
     prefill_greedy,
     verify_policy,
@@ -315,14 +316,14 @@ def net_kind(name: str) -> str:
     return name.rstrip("0123456789").rstrip("_") or name
 
 
-def layer_by_layer(model_type: str, vision_language: bool, route: str) -> bool:
+def layer_by_layer(model_type: str, route: str) -> bool:
     """Whether the build reads the model one part at a time (:mod:`common.models.streaming`)
-    instead of loading it whole. Text models do; these still need it whole: Qwen1 (its
-    remote code is patched and exported by ``qwen1.py``), vision-language models (the
-    image-prompt check runs the float vision tower and Hugging Face's M-RoPE forward), and
+    instead of loading it whole. Text and vision-language models do (the image-prompt
+    check reads the vision tower, then the language layers); these still need it whole:
+    Qwen1 (its remote code is patched and exported by ``qwen1.py``) and
     ``ROUTE=llm_convert`` (the vendor's converter reads a whole half-precision copy, which
     :func:`~common.backends.tpu_mlir.save_half_checkpoint` writes from the loaded model)."""
-    return model_type != "qwen" and not vision_language and route == "onnx"
+    return model_type != "qwen" and route == "onnx"
 
 
 def largest_compile(streamed: Any) -> dict[str, int]:
@@ -358,9 +359,14 @@ def memory_estimate(streamed: Any) -> Estimate:
     pieces (:data:`EXPORT_FACTOR`), compiling the largest piece (:func:`largest_compile`),
     and verifying, when the simulator holds the whole bmodel beside one onnxruntime
     session of the largest piece (:data:`SESSION_FACTOR`). Each with the pages of a
-    pickled ``.bin`` checkpoint mapped. The float reference (one part and a small KV cache)
-    needs less than the export."""
+    pickled ``.bin`` checkpoint mapped. The float reference holds one part and a small KV
+    cache, a VL model's vision tower while its image prompt's features are computed."""
     largest = streamed.largest_part_bytes()
+    adapter = streamed.adapter
+    tower = (
+        streamed.part_bytes(adapter.name_of("vision_tower")) if adapter.is_vision_language else 0
+    )
+    reference = {"vision tower read for the image reference (float32)": tower}
     mapped = {"pickled .bin pages (mapped)": streamed.weights.mapped_bytes}
     export = {
         f"largest part exported ({EXPORT_FACTOR}x its float32 weights)": EXPORT_FACTOR * largest
@@ -369,7 +375,7 @@ def memory_estimate(streamed: Any) -> Estimate:
         f"onnxruntime session of the largest piece ({SESSION_FACTOR}x)": SESSION_FACTOR * largest
     }
     later = verify_or_compile(streamed, session)
-    peak = max((export, later), key=lambda phase: sum(phase.values()))
+    peak = max((export, later, reference), key=lambda phase: sum(phase.values()))
     return Estimate("make sophgo (one layer at a time)", {**peak, **mapped})
 
 
@@ -398,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         reference_logits,
     )
     from common.models import get_adapter, iter_linears
-    from common.models.loading import check_model_dir, load_model, load_tokenizer
+    from common.models.loading import load_model, load_tokenizer
     from common.models.static_decoder import piece_dims
     from common.models.streaming import StreamedModel
     from common.steps.model_build import build_model, check_packaged_tokenizer
@@ -414,8 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = build_model(recipe, args.build_dir, args.model_path)
     qwen1 = None
     parts = None  # the parts of a model read one at a time; else ``model`` is whole
-    vision_language = check_model_dir(model_dir).is_vision_language
-    if layer_by_layer(recipe.model_type, vision_language, opts["route"]):
+    if layer_by_layer(recipe.model_type, opts["route"]):
         streamed = StreamedModel(model_dir)
         adapter = streamed.adapter
         # Refuses what the pieces cannot compute (sliding windows, soft-capping): the
@@ -484,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             expected = reference_greedy(model, ids, options.max_new_tokens)
             ref_logits = reference_logits(model, ids, expected)
+    image_ref = None
+    if image_inputs is not None:  # the vision tower, then the language model's parts
+        image_ref = image_reference(parts or Parts(adapter), image_inputs, decode_tokens)
 
     root = model_build_dir(recipe, args.build_dir) / TARGET
     label = package_name(opts)
@@ -576,9 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         watch.lap("simulate greedy (kv-cache decode)")
         image = None
         if image_inputs is not None:
-            image = image_prompt_check(
-                scored, model, adapter, image_inputs, dims, policy.decode_tokens
-            )
+            image = image_prompt_check(scored, image_ref, dims, policy.decode_tokens)
             image |= {"image": VL_IMAGE.name, "image_size": VL_IMAGE_SIZE}
             watch.lap("simulate image prompt (kv-cache decode)")
         rest = [

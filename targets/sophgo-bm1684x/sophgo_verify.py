@@ -15,14 +15,21 @@ from typing import Any
 
 import numpy as np
 
+from common.analysis.layerwise import Parts
+from common.analysis.layerwise_decode import (
+    VisualPrompt,
+    reference_greedy,
+    reference_logits,
+    vision_features,
+)
 from common.export.piece_export import (
+    MultimodalPrompt,
     PieceRunner,
     cosine,
     decode_steps,
     greedy_decode,
     multimodal_prompt,
     prefill_inputs,
-    reference_multimodal,
 )
 from common.models.static_decoder import MASK_BLOCKED, PieceDims
 
@@ -249,23 +256,44 @@ def image_prompt_inputs(model_dir: Path, prompt: str, image: Path, size: int) ->
     return vl_prompt_inputs(processor, prompt, frames, geo, "image")
 
 
+@dataclass(frozen=True)
+class ImageReference:
+    """The float side of the image-prompt check: the prompt as the pieces take it (the
+    float vision tower's embeddings, HF's 3-row M-RoPE positions), its greedy tokens and
+    the logits that chose each (``[n, V]``)."""
+
+    prompt: MultimodalPrompt
+    tokens: list[int]
+    logits: np.ndarray
+
+
+def image_reference(parts: Parts, inputs: dict[str, Any], count: int) -> ImageReference:
+    """``count`` greedy tokens of processor ``inputs`` (one picture prompt) and their
+    logits, as Hugging Face ``generate`` gives them: the vision tower read first, then the
+    language model part by part (:mod:`common.analysis.layerwise_decode`), so a model
+    that does not fit whole is checked too. Computed before the simulator loads."""
+    with parts.vision_tower() as tower:
+        prompt = multimodal_prompt(parts.adapter, inputs)
+        visual = VisualPrompt(inputs, vision_features(tower, inputs))
+    tokens = reference_greedy(parts, visual, count)
+    return ImageReference(prompt, tokens, reference_logits(parts, visual, tokens))
+
+
 def image_prompt_check(
-    run: PieceRunner, model: Any, adapter: Any, inputs: dict[str, Any], dims: PieceDims,
-    count: int,
-) -> dict[str, Any]:  # fmt: skip
+    run: PieceRunner, reference: ImageReference, dims: PieceDims, count: int
+) -> dict[str, Any]:
     """VL models: ``count`` greedy tokens of an image prompt through the nets (prefill with
     the float vision tower's embeddings spliced in and HF's 3-row M-RoPE positions, then the
-    KV-cache decode loop), against Hugging Face ``generate`` on the same processor inputs."""
-    vision = multimodal_prompt(adapter, inputs)
+    KV-cache decode loop), against the float reference's first ``count``."""
     logits: list[np.ndarray] = []
-    tokens = greedy_decode(run, dims, vision, count, logits)
-    expected, ref_logits = reference_multimodal(model, inputs, count)
+    tokens = greedy_decode(run, dims, reference.prompt, count, logits)
+    expected, ref_logits = reference.tokens[:count], reference.logits[:count]
     matched = first_mismatch(tokens, expected)
     # Logits agree step by step while the inputs are the same: up to the first divergence.
     steps = zip(logits[: matched + 1], ref_logits[: matched + 1], strict=False)
     return {
-        "image_tokens": len(vision.rows),
-        "prompt_tokens": len(vision.token_ids),
+        "image_tokens": len(reference.prompt.rows),
+        "prompt_tokens": len(reference.prompt.token_ids),
         "greedy_tokens": tokens,
         "reference_tokens": expected,
         "greedy_match_tokens": matched,

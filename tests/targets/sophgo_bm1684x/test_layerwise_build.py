@@ -38,12 +38,12 @@ def six_layers(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -
     return random_qwen2(tmp_path_factory.mktemp("six") / "model", tiny_qwen2_dir, layers=6)
 
 
-def test_text_models_stream_the_others_load_whole() -> None:
-    assert sophgo_build.layer_by_layer("qwen2", False, "onnx")
-    assert sophgo_build.layer_by_layer("llama", False, "onnx")
-    assert not sophgo_build.layer_by_layer("qwen", False, "onnx")  # Qwen1: patched remote code
-    assert not sophgo_build.layer_by_layer("qwen2_vl", True, "onnx")  # image-prompt check
-    assert not sophgo_build.layer_by_layer("qwen2", False, "llm_convert")  # a whole copy
+def test_text_and_vl_models_stream_the_others_load_whole() -> None:
+    assert sophgo_build.layer_by_layer("qwen2", "onnx")
+    assert sophgo_build.layer_by_layer("llama", "onnx")
+    assert sophgo_build.layer_by_layer("qwen2_vl", "onnx")  # the tower, then the layers
+    assert not sophgo_build.layer_by_layer("qwen", "onnx")  # Qwen1: patched remote code
+    assert not sophgo_build.layer_by_layer("qwen2", "llm_convert")  # a whole copy
 
 
 def test_estimate_is_the_larger_phase(six_layers: Path) -> None:
