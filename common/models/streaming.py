@@ -211,6 +211,15 @@ class StreamedModel:
                 config, dtype=torch.float32, trust_remote_code=trust_remote_code
             )
         self.model.eval()
+        #: The buffers the constructor computed (rotary tables, Qwen1's logn tables), by
+        #: owner and name: releasing a part sends them to meta with its parameters, and
+        #: reading it again (each token of a decode) restores them from here.
+        self.computed = {
+            (owner, name): buffer
+            for owner in self.model.modules()
+            for name, buffer in owner._buffers.items()
+            if buffer is not None and not buffer.is_meta
+        }
         self.adapter: ModelAdapter = get_adapter(self.model)
         head_key = f"{self.adapter.lm_head_path}.weight"
         embed_key = f"{self.adapter.name_of('embed_tokens')}.weight"
@@ -226,13 +235,19 @@ class StreamedModel:
     def load(self, module: nn.Module, prefix: str) -> nn.Module:
         """Allocate ``module`` on the CPU and fill it from the checkpoint (float32).
 
-        Buffers the model's constructor computed are kept, not left as uninitialised memory.
+        Buffers the model's constructor computed are restored (:attr:`computed`), not left
+        as uninitialised memory, however often the part was read and released before.
         """
-        computed = {name: b for name, b in module.named_buffers() if not b.is_meta}
+        kept = [
+            (owner, name, self.computed[owner, name])
+            for owner in module.modules()
+            for name in owner._buffers
+            if (owner, name) in self.computed
+        ]
         module.to_empty(device="cpu")
         with torch.no_grad():
-            for name, buffer in computed.items():
-                module.get_buffer(name).copy_(buffer)
+            for owner, name, buffer in kept:
+                owner._buffers[name].copy_(buffer)
             for name, param in module.named_parameters():
                 key = f"{prefix}.{name}" if prefix else name
                 self.weights.read_into(self.alias.get(key, key), param.data)
@@ -283,7 +298,7 @@ def layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> dict[str, Any]:
     ``hidden``'s length, without a cache (causal mask, rotary tables). Only the adapter's
     config and buffers are read, so a model on meta will do."""
     if isinstance(adapter, QwenAdapter):
-        return _qwen1_layer_kwargs(adapter, hidden.shape[1])
+        return qwen1_layer_kwargs(adapter, hidden.shape[1])
     return _transformers_layer_kwargs(adapter, hidden)
 
 
@@ -309,18 +324,34 @@ def _transformers_layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> d
     }
 
 
-def _qwen1_layer_kwargs(adapter: ModelAdapter, seq_len: int) -> dict[str, Any]:
-    """What Qwen1's ``QWenModel.forward`` hands each block for whole windows without a
-    cache, computed by the checkpoint's own code: rotary tables at its dynamic-NTK alpha,
-    and (revisions that have one) its registered causal mask."""
+def qwen1_layer_kwargs(
+    adapter: ModelAdapter, length: int, past_length: int = 0, use_cache: bool = False
+) -> dict[str, Any]:
+    """What Qwen1's ``QWenModel.forward`` hands each block for ``length`` new tokens after
+    ``past_length`` cached ones, computed by the checkpoint's own code: rotary tables over
+    all ``length + past_length`` positions (the block slices the last ``length`` rows) at
+    its dynamic-NTK alpha, and (revisions that have one) its registered causal mask. A
+    caller with a cache passes each block its own ``layer_past``.
+
+    The alpha follows the forward's own rule, state included: a step without a cache picks
+    it from the window's length and stores it on the rotary module; a cached step reuses
+    the stored one, so a decode keeps the prompt's alpha as Hugging Face's does."""
     stack = adapter.language_model()
-    ntk_alpha = stack.get_ntk_alpha(seq_len) if stack.use_dynamic_ntk else 1.0
+    rotary = stack.rotary_emb
+    total = length + past_length
+    if not stack.use_dynamic_ntk:
+        alphas = [1.0]
+    elif past_length:
+        alphas = rotary._ntk_alpha_cached_list
+    else:
+        alphas = [stack.get_ntk_alpha(total)]
+    rotary._ntk_alpha_cached_list = alphas
     kwargs: dict[str, Any] = {
-        "rotary_pos_emb_list": [stack.rotary_emb(seq_len, ntk_alpha=ntk_alpha)],
+        "rotary_pos_emb_list": [rotary(total, ntk_alpha=alpha) for alpha in alphas],
         "layer_past": None,
         "attention_mask": None,
         "head_mask": None,
-        "use_cache": False,
+        "use_cache": use_cache,
     }
     if hasattr(stack, "registered_causal_mask"):
         kwargs["registered_causal_mask"] = stack.registered_causal_mask
