@@ -90,8 +90,8 @@ COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 #: is 4x4 merged tokens on the Qwen2-VL family.
 VL_IMAGE = REPO_ROOT / "data" / "images" / "astronaut.jpg"
 VL_IMAGE_SIZE = 112
-#: The simulator's share of the float32 model: it holds the whole combined bmodel, whose
-#: weights are bf16 in the largest mode.
+#: The simulator's share of the float32 weights of the nets it loads (the whole combined
+#: bmodel, or under VERIFY=sample the verification bmodel), bf16 in the largest mode.
 SIMULATOR_SHARE = 0.5
 #: What a whole-model build holds throughout, in multiples of the float32 model; beside
 #: it, the simulator's bmodel or the largest compile (:func:`verify_or_compile`).
@@ -106,7 +106,7 @@ SESSION_FACTOR = 2
 #: What to do when a layer-by-layer build does not fit: no option of its own lowers it.
 LAYERWISE_REMEDY = (
     "no option of this step lowers it (its peaks are the largest part's export, the "
-    "largest piece's compile and the simulator holding the whole bmodel): free memory, "
+    "largest piece's compile and the simulator holding the bmodel it runs): free memory, "
     "use a machine with more, or set "
     "MAX_MEMORY to what you have to go ahead anyway"
 )
