@@ -173,10 +173,19 @@ def test_seq_len_outside_trained_context(guide_dir: Path, tmp_path: Path, seq_le
     assert not (tmp_path / "p").exists()
 
 
-def test_llm_convert_route_is_refused() -> None:
+def test_llm_convert_route_is_refused(guide_dir: Path, tmp_path: Path) -> None:
+    """Refused before any estimate or load ("not supported", not "too big"), one line."""
+    from tests.conftest import assert_clean_error, run_python
+
     with pytest.raises(EdgeforgeError, match=r"ROUTE=llm_convert: Qwen1 builds only by ROUTE=onnx"):
         qwen1.check_route("llm_convert")
     qwen1.check_route("onnx")
+    result = run_python(
+        "targets/sophgo-bm1684x/build.py", "--model", "qwen-7b", "--model-path", str(guide_dir),
+        "--build-dir", str(tmp_path), "--route", "llm_convert", "--max-memory", "1MB",
+    )  # fmt: skip
+    assert_clean_error(result, "ROUTE=llm_convert: Qwen1 builds only by ROUTE=onnx")
+    assert not (tmp_path / "qwen-7b").exists()
 
 
 def test_recipe_needs_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
