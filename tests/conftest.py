@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -267,11 +268,12 @@ def _qwen1_seeded(name: str, shape: torch.Size) -> torch.Tensor:
 
 
 def build_qwen1_checkpoint(
-    out: Path, tokenizer_dir: Path, modeling: str = "modeling_qwen.py"
+    out: Path, tokenizer_dir: Path, modeling: str = "modeling_qwen.py", **config: Any
 ) -> Path:
     """A tiny Qwen1 checkpoint: fixture remote code (``modeling``, one of the files in
-    :data:`QWEN1_FIXTURE`, saved as ``modeling_qwen.py``), config.json, seeded safetensors
-    and ``tokenizer_dir``'s tokenizer.
+    :data:`QWEN1_FIXTURE`, saved as ``modeling_qwen.py``), config.json
+    (:data:`QWEN1_CONFIG` with ``config``'s fields over it), seeded safetensors and
+    ``tokenizer_dir``'s tokenizer.
 
     Upstream's code cannot be shipped and Qwen1's own tokenizer needs ``tiktoken`` and a
     150k-token vocabulary; nothing here depends on which BPE it is.
@@ -284,9 +286,9 @@ def build_qwen1_checkpoint(
     shutil.copy(QWEN1_FIXTURE / modeling, out / "modeling_qwen.py")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, out / name)
-    (out / "config.json").write_text(json.dumps(QWEN1_CONFIG, indent=2))
-    config = AutoConfig.from_pretrained(out, trust_remote_code=True, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    (out / "config.json").write_text(json.dumps(QWEN1_CONFIG | config, indent=2))
+    loaded = AutoConfig.from_pretrained(out, trust_remote_code=True, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(loaded, trust_remote_code=True)
     weights = {n: _qwen1_seeded(n, p.shape).contiguous() for n, p in model.named_parameters()}
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     return out

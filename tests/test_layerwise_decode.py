@@ -8,7 +8,10 @@ tolerance of zero (same modules, inputs, cache and mask, hence the same float op
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,20 +23,25 @@ from common.analysis.layerwise import Parts
 from common.export.piece_export import reference_greedy, reference_logits
 from common.models import get_adapter
 from common.models.loading import load_model, load_tokenizer
+from common.models.qwen import load_qwen_model
 from common.models.streaming import StreamedModel
+from tests.conftest import build_qwen1_checkpoint
 
 PROMPT = "What is the capital of France?"
 IMAGES = Path(__file__).resolve().parent.parent / "data" / "images"
 
 
-def assert_same_reference(model_dir: Path, max_new_tokens: int) -> list[int]:
+def assert_same_reference(
+    model_dir: Path, max_new_tokens: int, load: Callable[[Path], Any] = load_model
+) -> list[int]:
     """Greedy tokens and teacher-forced logits from the streamed parts equal the whole
-    model's; returns the tokens."""
-    ids = prompt_ids(load_tokenizer(model_dir), PROMPT)
-    model = load_model(model_dir)
+    model's (loaded by ``load``; Qwen1 through its remote code); returns the tokens."""
+    remote = load is load_qwen_model
+    ids = prompt_ids(load_tokenizer(model_dir, trust_remote_code=remote), PROMPT)
+    model = load(model_dir)
     want = reference_greedy(model, ids, max_new_tokens)
     want_logits = reference_logits(model, ids, want)
-    streamed = StreamedModel(model_dir)
+    streamed = StreamedModel(model_dir, trust_remote_code=remote)
     parts = Parts(streamed.adapter, streamed)
     got = layerwise_decode.reference_greedy(parts, ids, max_new_tokens)
     assert got == want
@@ -45,6 +53,20 @@ def assert_same_reference(model_dir: Path, max_new_tokens: int) -> list[int]:
 
 def test_tiny_qwen2_reference_equals_the_whole_model(tiny_qwen2_dir: Path) -> None:
     assert_same_reference(tiny_qwen2_dir, 8)
+
+
+@pytest.mark.parametrize("modeling", ["modeling_qwen.py", "modeling_qwen_latest.py"])
+def test_qwen1_reference_equals_the_whole_model(
+    tiny_qwen2_dir: Path, tmp_path: Path, modeling: str
+) -> None:
+    """Qwen1's blocks with its own tuple cache. The trained context is cut to 16 so that the
+    decode runs past it: the teacher-forced pass then takes the dynamic-NTK rotary and logn
+    scaling, while the cached steps keep the prompt's alpha, as Qwen1's forward does."""
+    model_dir = build_qwen1_checkpoint(tmp_path / "qwen1", tiny_qwen2_dir, modeling)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "seq_length": 16}))
+    tokens = assert_same_reference(model_dir, 16, load_qwen_model)
+    assert len(set(tokens)) > 2
 
 
 @pytest.mark.smollm2

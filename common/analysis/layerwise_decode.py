@@ -29,7 +29,13 @@ or taken from another runtime (the exported vision ONNX); they replace the place
 rows after the embedding, and the prompt's M-RoPE positions (``get_rope_index``) and its
 decode offset take the place of the 1-D count, as Qwen2-VL/Qwen2.5-VL's forward does:
 ``generate``'s tokens and the prompt logits, bit for bit (tested on both tiny models,
-image and video). Plain causal attention only:
+image and video).
+
+Qwen1 (remote code, which predates transformers' Cache objects) keeps its own cache
+instead: per layer the ``(key, value)`` tuple its block takes as ``layer_past`` and returns
+grown, with the rotary tables its ``QWenModel.forward`` builds
+(:func:`~common.models.streaming.qwen1_layer_kwargs`); tested equal to its whole-model
+reference the same way. Plain causal attention only:
 :meth:`~common.models.streaming.StreamedModel.check_layerwise` refuses the rest.
 """
 
@@ -37,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,10 +52,8 @@ from tqdm import tqdm
 
 from common.analysis.layerwise import Parts, head
 from common.core.errors import EdgeforgeError
-from common.models import ModelAdapter
-
-if TYPE_CHECKING:
-    from transformers import Cache
+from common.models import DecoderLayer, ModelAdapter, QwenAdapter
+from common.models.streaming import qwen1_layer_kwargs
 
 
 @dataclass(frozen=True)
@@ -88,9 +92,7 @@ def reference_greedy(
     """Hugging Face's greedy tokens for ``prompt`` (ids ``[1, L]``, or a
     :class:`VisualPrompt`), exactly ``max_new_tokens`` of them (EOS neither stops nor is
     suppressed, as in the whole-model reference); ``bar`` advances once per token."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=parts.adapter.text_config)
+    cache = _new_cache(parts.adapter)
     tokens: list[int] = []
     step = _Step.first(parts.adapter, prompt)
     with torch.inference_mode():
@@ -110,12 +112,10 @@ def reference_logits(
     all but the last token, as the whole-model ``reference_logits`` runs it (into a fresh
     cache, as the forward of a config with ``use_cache`` does). With no ``tokens``, the
     logits over the whole prompt ``[L, V]`` (as ``model(**inputs).logits[0]``)."""
-    from transformers import DynamicCache
-
     first = _Step.first(parts.adapter, prompt)
     length = first.ids.shape[1]
     step = first.extended(list(tokens)[:-1]) if tokens else first
-    cache = DynamicCache(config=parts.adapter.text_config)
+    cache = _new_cache(parts.adapter)
     with torch.inference_mode():
         logits = _forward(parts, step, cache)
     return logits[0, length - 1 if tokens else 0 :].float().numpy()
@@ -155,17 +155,17 @@ class _Step:
         return _Step(torch.tensor([[token]], dtype=self.ids.dtype), {}, None, self.delta)
 
 
-def _forward(parts: Parts, step: _Step, cache: Cache) -> torch.Tensor:
+def _forward(parts: Parts, step: _Step, cache: _LayerCache) -> torch.Tensor:
     """Logits ``[1, n, V]`` of ``step``'s tokens following those in ``cache``, each part
     read for its turn; every layer appends its keys and values to ``cache``."""
     with parts.embedding() as embed:
         hidden = embed(step.ids)
     for kind, features in step.features.items():
         hidden = _scatter(parts.adapter, step.ids, hidden, kind, features)
-    kwargs = _cached_layer_kwargs(parts.adapter, hidden, cache, step)
+    kwargs = cache.layer_kwargs(parts.adapter, hidden, step)
     for layer in parts.adapter.layers():
         with parts.layer(layer):
-            hidden = layer.module(hidden, **kwargs)
+            hidden = cache.run(layer, hidden, kwargs)
     with head(parts) as logits:
         return logits(hidden)
 
@@ -189,38 +189,93 @@ def _scatter(
     return hidden.masked_scatter(mask[..., None].expand_as(hidden), features.to(hidden.dtype))
 
 
-def _cached_layer_kwargs(
-    adapter: ModelAdapter, hidden: torch.Tensor, cache: Cache, step: _Step
-) -> dict[str, Any]:
-    """What the model's decoder stack hands every layer for ``hidden`` ``[1, n, H]``
-    following the tokens already in ``cache``: positions after them (M-RoPE rows for a
-    vision-language model: the prompt's grid positions, then the cache row plus the
-    prompt's offset), the causal mask built against the cache, the rotary tables, and the
-    cache itself. Built before any layer appends to the cache, as the stack builds them;
-    only config and buffers are read, so a model on meta will do."""
-    from transformers.masking_utils import create_causal_mask
+class _LayerCache(Protocol):
+    """The keys and values of the tokens so far, as a family's decoder stack keeps them."""
 
-    count = (torch.arange(hidden.shape[1]) + cache.get_seq_length())[None]
-    vision_language = adapter.mrope_section is not None
-    if step.positions is not None:  # a picture's prompt: its grid positions
-        rotary_positions = step.positions
-    elif vision_language:  # tokens after it (offset), or text alone: three equal rows
-        offset = step.delta if step.delta is not None else 0
-        rotary_positions = count[None].expand(3, 1, -1) + offset
-    else:
-        rotary_positions = count
-    mask = create_causal_mask(
-        config=adapter.text_config,
-        inputs_embeds=hidden,
-        attention_mask=None,
-        past_key_values=cache,
-        position_ids=None if vision_language else count,
-    )
-    return {
-        "attention_mask": mask,
-        "position_embeddings": adapter.rotary_embedding()(hidden, position_ids=rotary_positions),
-        # a VL decoder takes 1-D text positions only for packed rows (not here)
-        "position_ids": None if vision_language else count,
-        "past_key_values": cache,
-        "use_cache": True,
-    }
+    def layer_kwargs(
+        self, adapter: ModelAdapter, hidden: torch.Tensor, step: _Step
+    ) -> dict[str, Any]:
+        """What the stack hands every layer for ``hidden`` ``[1, n, H]`` (``step``'s
+        tokens) following the cached tokens; built before any layer appends, as the stack
+        builds them."""
+
+    def run(
+        self, layer: DecoderLayer, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """``layer``'s output for ``hidden``, its new keys and values kept."""
+
+
+def _new_cache(adapter: ModelAdapter) -> _LayerCache:
+    """An empty cache of the kind ``adapter``'s model keeps."""
+    return _Qwen1Cache(adapter) if isinstance(adapter, QwenAdapter) else _TransformersCache(adapter)
+
+
+class _TransformersCache:
+    """One transformers ``DynamicCache`` shared by the layers, which append to it."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=adapter.text_config)
+
+    def layer_kwargs(
+        self, adapter: ModelAdapter, hidden: torch.Tensor, step: _Step
+    ) -> dict[str, Any]:
+        """Positions after the cached tokens (M-RoPE rows for a vision-language model: the
+        prompt's grid positions, then the cache row plus the prompt's offset), the causal
+        mask built against the cache, the rotary tables, and the cache itself; only config
+        and buffers are read, so a model on meta will do."""
+        from transformers.masking_utils import create_causal_mask
+
+        count = (torch.arange(hidden.shape[1]) + self.cache.get_seq_length())[None]
+        vision_language = adapter.mrope_section is not None
+        if step.positions is not None:  # a picture's prompt: its grid positions
+            rotary_positions = step.positions
+        elif vision_language:  # tokens after it (offset), or text alone: three equal rows
+            offset = step.delta if step.delta is not None else 0
+            rotary_positions = count[None].expand(3, 1, -1) + offset
+        else:
+            rotary_positions = count
+        mask = create_causal_mask(
+            config=adapter.text_config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            past_key_values=self.cache,
+            position_ids=None if vision_language else count,
+        )
+        rotary = adapter.rotary_embedding()
+        return {
+            "attention_mask": mask,
+            "position_embeddings": rotary(hidden, position_ids=rotary_positions),
+            # a VL decoder takes 1-D text positions only for packed rows (not here)
+            "position_ids": None if vision_language else count,
+            "past_key_values": self.cache,
+            "use_cache": True,
+        }
+
+    def run(
+        self, layer: DecoderLayer, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        return layer.module(hidden, **kwargs)
+
+
+class _Qwen1Cache:
+    """Qwen1's own cache: per layer the ``(key, value)`` tuple ``[1, T, H, D]`` its block
+    takes as ``layer_past`` and returns grown as ``present``, as ``QWenModel.forward``
+    carries it from step to step."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * adapter.num_layers
+
+    def layer_kwargs(
+        self, adapter: ModelAdapter, hidden: torch.Tensor, step: _Step
+    ) -> dict[str, Any]:
+        cached = 0 if self.past[0] is None else self.past[0][0].shape[1]
+        return qwen1_layer_kwargs(adapter, hidden.shape[1], cached, use_cache=True)
+
+    def run(
+        self, layer: DecoderLayer, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        out = layer.module(hidden, **{**kwargs, "layer_past": self.past[layer.index]})
+        self.past[layer.index] = out[1]
+        return out[0]

@@ -38,7 +38,7 @@ from common.analysis.layerwise import Parts
 from common.core.errors import EdgeforgeError
 from common.core.progress import progress as progress_bar
 from common.export.onnx_files import onnx_destination
-from common.models.base import ModelAdapter
+from common.models.base import DecoderLayer, ModelAdapter
 from common.models.static_decoder import (
     MASK_BLOCKED,
     MROPE_ROWS,
@@ -161,26 +161,39 @@ def _export(module: nn.Module, dest: Path, specs: tuple, outputs: tuple[str, ...
         )
 
 
+#: A family's prefill and decode wrappers of one decoder layer (``block_i``, ``block_cache_i``),
+#: made while the layer is materialized.
+BlockWrappers = Callable[[DecoderLayer], tuple[nn.Module, nn.Module]]
+
+
 def iter_pieces(
-    adapter: ModelAdapter, dims: PieceDims, parts: Parts | None = None
+    adapter: ModelAdapter,
+    dims: PieceDims,
+    parts: Parts | None = None,
+    blocks: BlockWrappers | None = None,
 ) -> Iterator[tuple[str, str, nn.Module]]:
     """``(piece name, piece kind, wrapper module)`` for every piece of the model, in the
     order a runtime calls them. With ``parts`` over a streamed model, each part is read
-    (and transformed) while its pieces are handed out and released before the next."""
+    (and transformed) while its pieces are handed out and released before the next.
+    ``blocks`` wraps each layer (default: the static decoder's ``BlockPiece`` and
+    ``BlockCachePiece``); a family that exports its own code's blocks (Qwen1) passes its
+    wrappers and keeps the rest of the pieces and their order."""
     parts = parts or Parts(adapter)
-    cos, sin = rotary_table(adapter, dims.seq_len)
+    if blocks is None:
+        cos, sin = rotary_table(adapter, dims.seq_len)
+
+        def blocks(layer: DecoderLayer) -> tuple[nn.Module, nn.Module]:
+            return BlockPiece(layer, dims, cos, sin), BlockCachePiece(layer, dims, cos, sin)
+
     with parts.embedding() as module:
         embed = EmbeddingPiece(module)
         yield "embedding", "embedding", embed
         yield "embedding_cache", "embedding_cache", embed
     for layer in adapter.layers():
         with parts.layer(layer):
-            yield f"block_{layer.index}", "block", BlockPiece(layer, dims, cos, sin)
-            yield (
-                f"block_cache_{layer.index}",
-                "block_cache",
-                BlockCachePiece(layer, dims, cos, sin),
-            )
+            prefill, decode = blocks(layer)
+            yield f"block_{layer.index}", "block", prefill
+            yield f"block_cache_{layer.index}", "block_cache", decode
     with parts.head() as (norm, lm_head):
         yield "lm_head", "lm_head", LmHeadPiece(norm, lm_head)
     yield "greedy_head", "greedy_head", GreedyHead()

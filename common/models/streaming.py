@@ -287,7 +287,8 @@ class StreamedModel:
     def load(self, module: nn.Module, prefix: str) -> nn.Module:
         """Allocate ``module`` on the CPU and fill it from the checkpoint (float32).
 
-        Buffers the model's constructor computed are kept, not left as uninitialised memory.
+        Buffers the model's constructor computed are kept (:func:`release` leaves them),
+        not left as uninitialised memory, however often the part was read before.
         """
         computed = {name: b for name, b in module.named_buffers() if not b.is_meta}
         module.to_empty(device="cpu")
@@ -346,7 +347,7 @@ def layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> dict[str, Any]:
     ``hidden``'s length, without a cache (causal mask, rotary tables). Only the adapter's
     config and buffers are read, so a model on meta will do."""
     if isinstance(adapter, QwenAdapter):
-        return _qwen1_layer_kwargs(adapter, hidden.shape[1])
+        return qwen1_layer_kwargs(adapter, hidden.shape[1])
     return _transformers_layer_kwargs(adapter, hidden)
 
 
@@ -376,18 +377,34 @@ def _transformers_layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> d
     }
 
 
-def _qwen1_layer_kwargs(adapter: ModelAdapter, seq_len: int) -> dict[str, Any]:
-    """What Qwen1's ``QWenModel.forward`` hands each block for whole windows without a
-    cache, computed by the checkpoint's own code: rotary tables at its dynamic-NTK alpha,
-    and (revisions that have one) its registered causal mask."""
+def qwen1_layer_kwargs(
+    adapter: ModelAdapter, length: int, past_length: int = 0, use_cache: bool = False
+) -> dict[str, Any]:
+    """What Qwen1's ``QWenModel.forward`` hands each block for ``length`` new tokens after
+    ``past_length`` cached ones, computed by the checkpoint's own code: rotary tables over
+    all ``length + past_length`` positions (the block slices the last ``length`` rows) at
+    its dynamic-NTK alpha, and (revisions that have one) its registered causal mask. A
+    caller with a cache passes each block its own ``layer_past``.
+
+    The alpha follows the forward's own rule, state included: a step without a cache picks
+    it from the window's length and stores it on the rotary module; a cached step reuses
+    the stored one, so a decode keeps the prompt's alpha as Hugging Face's does."""
     stack = adapter.language_model()
-    ntk_alpha = stack.get_ntk_alpha(seq_len) if stack.use_dynamic_ntk else 1.0
+    rotary = stack.rotary_emb
+    total = length + past_length
+    if not stack.use_dynamic_ntk:
+        alphas = [1.0]
+    elif past_length:
+        alphas = rotary._ntk_alpha_cached_list
+    else:
+        alphas = [stack.get_ntk_alpha(total)]
+    rotary._ntk_alpha_cached_list = alphas
     kwargs: dict[str, Any] = {
-        "rotary_pos_emb_list": [stack.rotary_emb(seq_len, ntk_alpha=ntk_alpha)],
+        "rotary_pos_emb_list": [rotary(total, ntk_alpha=alpha) for alpha in alphas],
         "layer_past": None,
         "attention_mask": None,
         "head_mask": None,
-        "use_cache": False,
+        "use_cache": use_cache,
     }
     if hasattr(stack, "registered_causal_mask"):
         kwargs["registered_causal_mask"] = stack.registered_causal_mask

@@ -8,12 +8,14 @@ one-shot converter builds the bmodel straight from a half-precision copy of the 
 Either way the combined bmodel is then loaded once into tpu-mlir's chip simulator: every net
 is run against the float ONNX pieces on onnxruntime (same inputs), and a greedy decode through
 the simulated nets (prefill, then the KV-cache decode pieces) is compared token for token with
-Hugging Face's greedy decode. Text models are read one part at a time
+Hugging Face's greedy decode. Text models, Qwen1 included, are read one part at a time
 (:mod:`common.models.streaming`): the float reference (:mod:`common.analysis.layerwise_decode`)
 and the export hold one decoder layer or the embedding at a time, so the build holds the
 largest part's export, the largest piece's compile or the simulated bmodel rather than
-the float32 model (:func:`memory_estimate`); Qwen1, vision-language models and
-``ROUTE=llm_convert`` still load it whole (:func:`layer_by_layer`).
+the float32 model (:func:`memory_estimate`); vision-language models and
+``ROUTE=llm_convert`` still load it whole (:func:`layer_by_layer`). Under ``VERIFY=sample``
+(on the onnx route) the simulator loads a bmodel of the simulated nets only
+(:func:`verification_bmodel`); the shipped bmodel still holds every net.
 The package — bmodel, tokenizer/config files, ``manifest.json``,
 ``report.json``/``report.md`` with per-step timings and, once both routes are built, a table
 comparing them — lands in ``build/<MODEL>/sophgo-bm1684x/<mode>[-<chip>][-llm_convert]/``;
@@ -29,7 +31,7 @@ import argparse
 import json
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from typing import Any
 from sophgo_verify import (
     VERIFY_CHOICES,
     ScoredRunner,
+    VerifyPolicy,
     dispatch,
     first_mismatch,
     image_prompt_check,
@@ -88,8 +91,8 @@ COPY_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 #: is 4x4 merged tokens on the Qwen2-VL family.
 VL_IMAGE = REPO_ROOT / "data" / "images" / "astronaut.jpg"
 VL_IMAGE_SIZE = 112
-#: The simulator's share of the float32 model: it holds the whole combined bmodel, whose
-#: weights are bf16 in the largest mode.
+#: The simulator's share of the float32 weights of the nets it loads (the whole combined
+#: bmodel, or under VERIFY=sample the verification bmodel), bf16 in the largest mode.
 SIMULATOR_SHARE = 0.5
 #: What a whole-model build holds throughout, in multiples of the float32 model; beside
 #: it, the simulator's bmodel or the largest compile (:func:`verify_or_compile`).
@@ -104,7 +107,7 @@ SESSION_FACTOR = 2
 #: What to do when a layer-by-layer build does not fit: no option of its own lowers it.
 LAYERWISE_REMEDY = (
     "no option of this step lowers it (its peaks are the largest part's export, the "
-    "largest piece's compile and the simulator holding the whole bmodel): free memory, "
+    "largest piece's compile and the simulator holding the bmodel it runs): free memory, "
     "use a machine with more, or set "
     "MAX_MEMORY to what you have to go ahead anyway"
 )
@@ -316,14 +319,14 @@ def net_kind(name: str) -> str:
     return name.rstrip("0123456789").rstrip("_") or name
 
 
-def layer_by_layer(model_type: str, route: str) -> bool:
+def layer_by_layer(route: str) -> bool:
     """Whether the build reads the model one part at a time (:mod:`common.models.streaming`)
-    instead of loading it whole. Text and vision-language models do (the image-prompt
-    check reads the vision tower, then the language layers); these still need it whole:
-    Qwen1 (its remote code is patched and exported by ``qwen1.py``) and
+    instead of loading it whole. Every model does — text, Qwen1 (its patched copy is
+    exported part by part, ``qwen1.export_patched``) and vision-language (the image-prompt
+    check reads the vision tower, then the language layers) — except on
     ``ROUTE=llm_convert`` (the vendor's converter reads a whole half-precision copy, which
     :func:`~common.backends.tpu_mlir.save_half_checkpoint` writes from the loaded model)."""
-    return model_type != "qwen" and route == "onnx"
+    return route == "onnx"
 
 
 def largest_compile(streamed: Any) -> dict[str, int]:
@@ -346,18 +349,36 @@ def largest_compile(streamed: Any) -> dict[str, int]:
     return {f"tpu-mlir compiling the largest piece ({kind})": compiles[kind]}
 
 
-def verify_or_compile(streamed: Any, beside: Mapping[str, int]) -> dict[str, int]:
-    """The larger of the verify phase (the simulator holding the whole bf16 bmodel, with
-    ``beside`` held next to it) and the compile phase (:func:`largest_compile`)."""
-    simulator = int(SIMULATOR_SHARE * streamed.weights.nbytes(""))
-    verify = {"simulator (bf16 bmodel)": simulator, **beside}
+def simulated_bytes(streamed: Any, sampled: Collection[int] | None) -> int:
+    """float32 bytes of the weights in the bmodel the simulator loads: the whole model, or
+    with ``sampled`` blocks (``VERIFY=sample``) the verification bmodel of the simulated
+    nets only, without the other layers (:func:`verification_bmodel`)."""
+    total = streamed.weights.nbytes("")
+    if sampled is None:
+        return total
+    left_out = [layer for layer in streamed.adapter.layers() if layer.index not in sampled]
+    return total - sum(streamed.part_bytes(layer.name) for layer in left_out)
+
+
+def verify_or_compile(
+    streamed: Any, beside: Mapping[str, int], sampled: Collection[int] | None = None
+) -> dict[str, int]:
+    """The larger of the verify phase (the simulator holding its bf16 bmodel, the whole
+    one or, with ``sampled`` blocks, the verification bmodel: :func:`simulated_bytes`,
+    with ``beside`` held next to it) and the compile phase (:func:`largest_compile`)."""
+    simulator = int(SIMULATOR_SHARE * simulated_bytes(streamed, sampled))
+    what = "simulator (bf16 bmodel)"
+    if sampled is not None:
+        what = f"simulator (bf16 bmodel of the sampled nets, blocks {list(sampled)})"
+    verify = {what: simulator, **beside}
     return max((verify, largest_compile(streamed)), key=lambda phase: sum(phase.values()))
 
 
-def memory_estimate(streamed: Any) -> Estimate:
+def memory_estimate(streamed: Any, sampled: Collection[int] | None = None) -> Estimate:
     """The largest of a layer-by-layer build's three peaks: exporting the largest part's
     pieces (:data:`EXPORT_FACTOR`), compiling the largest piece (:func:`largest_compile`),
-    and verifying, when the simulator holds the whole bmodel beside one onnxruntime
+    and verifying, when the simulator holds its bmodel (the whole one, or under
+    ``VERIFY=sample`` the ``sampled`` blocks' verification bmodel) beside one onnxruntime
     session of the largest piece (:data:`SESSION_FACTOR`). Each with the pages of a
     pickled ``.bin`` checkpoint mapped. The float reference holds one part and a small KV
     cache, a VL model's vision tower while its image prompt's features are computed."""
@@ -374,9 +395,45 @@ def memory_estimate(streamed: Any) -> Estimate:
     session = {
         f"onnxruntime session of the largest piece ({SESSION_FACTOR}x)": SESSION_FACTOR * largest
     }
-    later = verify_or_compile(streamed, session)
+    later = verify_or_compile(streamed, session, sampled)
     peak = max((export, later, reference), key=lambda phase: sum(phase.values()))
     return Estimate("make sophgo (one layer at a time)", {**peak, **mapped})
+
+
+def verify_policy_of(options: Options, adapter: Any, dims: Any, decode_tokens: int) -> VerifyPolicy:
+    """``VERIFY=``'s policy for this model, known before any weight is read (the shapes
+    suffice, a model on meta will do): the preflight counts the bmodel it simulates. The
+    checks read ``max_new_tokens`` teacher-forced rows, as many as the reference gives."""
+    return verify_policy(
+        options.verify,
+        dims.num_layers,
+        sum(p.numel() for p in adapter.layers()[0].module.parameters()),
+        adapter.lm_head().weight.numel(),
+        dims.seq_len,
+        options.max_new_tokens,
+        decode_tokens,
+    )
+
+
+def sampled_blocks(policy: VerifyPolicy) -> tuple[int, ...] | None:
+    """The blocks of the verification bmodel, or None when the simulator loads the whole
+    bmodel (``VERIFY=full``)."""
+    return policy.blocks if policy.mode == "sample" else None
+
+
+def verification_bmodel(
+    toolchain: Toolchain, builds: Sequence[Any], policy: VerifyPolicy, workdir: Path
+) -> Path:
+    """Under ``VERIFY=sample``, the nets the simulator runs (embedding, heads, the sampled
+    blocks) combined into a bmodel of their own, from the same compiled pieces and by the
+    same ``model_tool --combine`` as the shipped one: the simulator then holds those nets'
+    weights (a few GiB at 7B) instead of the whole bmodel's (14 GiB). The shipped bmodel
+    is combined from every piece, unchanged."""
+    from common.backends.tpu_mlir import combine
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    nets = [build.bmodel for build in builds if policy.simulated(build.name)]
+    return combine(toolchain, nets, workdir / "verify.bmodel", workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from common.models import get_adapter, iter_linears
     from common.models.loading import load_model, load_tokenizer
+    from common.models.qwen import load_qwen_tokenizer
     from common.models.static_decoder import piece_dims
     from common.models.streaming import StreamedModel
     from common.steps.model_build import build_model, check_packaged_tokenizer
@@ -418,19 +476,35 @@ def main(argv: list[str] | None = None) -> int:
     toolchain = Toolchain(options.venv)
     version = toolchain.version()
     model_dir = build_model(recipe, args.build_dir, args.model_path)
+    decode_tokens = options.decode_tokens or options.max_new_tokens
+    if decode_tokens > options.max_new_tokens:
+        raise EdgeforgeError(
+            f"DECODE_TOKENS={decode_tokens}: expected 1..max_new_tokens ({options.max_new_tokens})"
+        )
     qwen1 = None
+    if recipe.model_type == "qwen":  # remote code: patched copy, own pieces (qwen1.py)
+        import qwen1
+
+        qwen1.check_route(opts["route"])  # before any estimate: "not supported", not "too big"
     parts = None  # the parts of a model read one at a time; else ``model`` is whole
-    if layer_by_layer(recipe.model_type, opts["route"]):
-        streamed = StreamedModel(model_dir)
+    if layer_by_layer(opts["route"]):
+        streamed = StreamedModel(model_dir, trust_remote_code=recipe.trust_remote_code)
         adapter = streamed.adapter
         # Refuses what the pieces cannot compute (sliding windows, soft-capping): the
         # attention that layer-by-layer runs refuse too (StreamedModel.check_layerwise).
-        dims = piece_dims(adapter, opts["seq_len"])
+        # Qwen1's limit is its trained context, past which its own code changes rotary.
+        if qwen1 is not None:
+            dims = qwen1.qwen1_dims(adapter, opts["seq_len"])
+        else:
+            dims = piece_dims(adapter, opts["seq_len"])
+        policy = verify_policy_of(options, adapter, dims, decode_tokens)
         run.preflight(
-            memory_estimate(streamed), MemoryCap.resolve(options.max_memory), LAYERWISE_REMEDY
+            memory_estimate(streamed, sampled_blocks(policy)),
+            MemoryCap.resolve(options.max_memory),
+            LAYERWISE_REMEDY,
         )
         parts = Parts(adapter, streamed)
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_qwen_tokenizer(model_dir) if qwen1 else load_tokenizer(model_dir)
     else:
         whole_model_preflight(
             run,
@@ -438,21 +512,13 @@ def main(argv: list[str] | None = None) -> int:
             "make sophgo",
             options.max_memory,
             WHOLE_MODEL_COPIES,
-            remote_code=True,
-            held=verify_or_compile(
-                StreamedModel(model_dir, trust_remote_code=recipe.trust_remote_code), {}
-            ),
+            held=verify_or_compile(StreamedModel(model_dir), {}),
         )
-        if recipe.model_type == "qwen":  # remote code: patched copy, own pieces (qwen1.py)
-            import qwen1
-
-            model, tokenizer, dims = qwen1.load_reference(model_dir, opts["seq_len"], opts["route"])
-            adapter = get_adapter(model)
-        else:
-            model = load_model(model_dir)
-            adapter = get_adapter(model)
-            dims = piece_dims(adapter, opts["seq_len"])
-            tokenizer = load_tokenizer(model_dir)
+        model = load_model(model_dir)
+        adapter = get_adapter(model)
+        dims = piece_dims(adapter, opts["seq_len"])
+        policy = verify_policy_of(options, adapter, dims, decode_tokens)
+        tokenizer = load_tokenizer(model_dir)
     # The language model's linears, named in the plan written beside the bmodel.
     linears = [(name, role) for name, role, _ in iter_linears(adapter)]
     prompt = options.prompt or recipe.eval_defaults.get("prompt", "What is the capital of France?")
@@ -464,11 +530,6 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     prompt_list = ids[0].tolist()
-    decode_tokens = options.decode_tokens or options.max_new_tokens
-    if decode_tokens > options.max_new_tokens:
-        raise EdgeforgeError(
-            f"DECODE_TOKENS={decode_tokens}: expected 1..max_new_tokens ({options.max_new_tokens})"
-        )
     image_inputs = None
     if adapter.is_vision_language:  # image prompt too; fits SEQ_LEN?
         image_inputs = image_prompt_inputs(model_dir, prompt, VL_IMAGE, VL_IMAGE_SIZE)
@@ -503,8 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     watch = Stopwatch()
     run.phase("export")
     run.log(f"exporting pieces (seq {dims.seq_len}) to {work / 'onnx'}")
-    if qwen1 is not None:
-        del model  # the reference's numbers are taken; the patched copy loads next
+    if qwen1 is not None:  # the patched copy, one part at a time
         pieces = qwen1.export_patched(model_dir, dims.seq_len, work)
     else:
         pieces = export_pieces(adapter, dims.seq_len, work / "onnx", parts=parts)
@@ -550,23 +610,21 @@ def main(argv: list[str] | None = None) -> int:
         build_steps = ("save half checkpoint", "llm_convert")
     build_seconds = sum(watch.seconds[step] for step in build_steps)
     run.phase("verify")
-    policy = verify_policy(
-        options.verify,
-        dims.num_layers,
-        sum(p.numel() for p in adapter.layers()[0].module.parameters()),
-        adapter.lm_head().weight.numel(),
-        dims.seq_len,
-        len(expected),
-        decode_tokens,
-    )
+    simulated = bmodel
+    if opts["route"] == "onnx" and policy.mode == "sample":
+        simulated = verification_bmodel(toolchain, builds, policy, work / "verify-bmodel")
+        watch.lap("combine the verification bmodel")
     run.log(
         f"VERIFY={policy.mode} ({policy.reason}): blocks {list(policy.blocks)} on the "
         f"simulator, {policy.decode_tokens} decode steps, about "
         f"{policy.estimated_seconds / 60:.0f} min"
     )
-    with Simulator(toolchain, bmodel, work / "simulator") as sim:
+    with Simulator(toolchain, simulated, work / "simulator") as sim:
         watch.lap("simulator load")
-        checked = [piece for piece in pieces if piece.name in sim.nets]
+        # The shipped bmodel's nets: every piece on the onnx route (the simulator may hold
+        # only the sampled ones), the vendor's own set on llm_convert.
+        checked = pieces if opts["route"] == "onnx" else [p for p in pieces if p.name in sim.nets]
+        simulator_nets = sorted(sim.nets)
         # One bar over every simulated call of the greedy run (seconds each on the chip model).
         layers = len(policy.blocks)
         total = 1 + layers + len(expected) + (policy.decode_tokens - 1) * (layers + 3)
@@ -643,6 +701,12 @@ def main(argv: list[str] | None = None) -> int:
             "compiled and passed tpu-mlir's own compares (tool column); a full simulation "
             f"would take about {policy.estimated_full_seconds / 3600:.1f} h (VERIFY=full)."
         )
+        if simulated != bmodel:
+            notes.append(
+                f"The simulator loaded {simulated.name} ({simulated.stat().st_size:,} bytes): "
+                "the simulated nets combined from the same compiled pieces by the same "
+                f"model_tool --combine as {bmodel_name}, which ships with every net."
+            )
     out = root / label
     run.phase("package")
     others = sibling_reports(root, opts, dims.seq_len)
@@ -677,7 +741,12 @@ def main(argv: list[str] | None = None) -> int:
                 kind: [len(spent), round(sum(spent) / len(spent), 3)]
                 for kind, spent in calls.items()
             },
-            "verify": policy.to_json(),
+            "verify": {
+                **policy.to_json(),
+                "simulated_bmodel": simulated.name,
+                "simulated_bmodel_bytes": simulated.stat().st_size,
+                "simulated_bmodel_nets": simulator_nets,
+            },
             "pieces": [
                 {
                     "name": piece.name,

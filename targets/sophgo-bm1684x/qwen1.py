@@ -12,8 +12,11 @@ file and, per patch, the first hunk that does not match, before anything is writ
 
 The pieces then wrap the *patched* model's own blocks (``transformer.h.N``), so the graph is
 the checkpoint's code, not a re-implementation of :mod:`common.models.static_decoder`; they
-keep ``common.export.piece_export``'s names and signatures, so its host loop, runners and
-checks serve Qwen1 unchanged. Weights are linked, not copied (a 7B checkpoint is 15 GB).
+keep ``common.export.piece_export``'s names, signatures and order (its ``iter_pieces`` with
+Qwen1's block wrappers), so its host loop, runners and checks serve Qwen1 unchanged.
+Weights are linked, not copied (a 7B checkpoint is 15 GB), and the patched copy is read
+one part at a time (:class:`~common.models.streaming.StreamedModel`), as the float
+reference reads the unpatched one (:mod:`common.analysis.layerwise_decode`).
 """
 
 from __future__ import annotations
@@ -21,26 +24,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from common.analysis.layerwise import Parts
 from common.core.errors import EdgeforgeError
 from common.core.records import atomic_path, dumps_json, sha256_file
-from common.export.piece_export import Piece, export_modules
-from common.models.qwen import QwenAdapter, load_qwen_model, load_qwen_tokenizer
-from common.models.static_decoder import (
-    EmbeddingPiece,
-    GreedyHead,
-    LmHeadPiece,
-    PenaltySampleHead,
-    PieceDims,
-    dims_of,
-)
+from common.export.piece_export import BlockWrappers, Piece, export_modules, iter_pieces
+from common.models.base import DecoderLayer
+from common.models.qwen import QwenAdapter
+from common.models.static_decoder import PieceDims, dims_of
+from common.models.streaming import StreamedModel
 
 PATCH_DIR = Path(__file__).resolve().parent / "patches"
 #: One patch per known upstream revision of ``modeling_qwen.py``; the first that fits wins.
@@ -296,33 +294,25 @@ class QwenBlockCachePiece(QwenBlockPiece):
         return hidden, k, v
 
 
-def iter_qwen1_pieces(adapter: QwenAdapter) -> Iterator[tuple[str, str, nn.Module]]:
-    """``(name, kind, module)`` of every piece, in runtime call order.
+def qwen1_blocks(adapter: QwenAdapter, dims: PieceDims) -> BlockWrappers:
+    """The wrappers of one patched block: ``QwenBlockPiece`` and ``QwenBlockCachePiece``
+    over the rotary table of the model's own code at ``S`` positions.
 
     logn attention is switched off in the blocks: it only scales queries once the key
     count passes ``seq_length`` (= ``S`` after the patch), which HF never reaches within
     ``S`` tokens, but the decode piece always sees ``S + 1`` keys (history buffer plus the
     new token), so leaving it on would scale every decode step that HF does not.
     """
-    dims = qwen1_dims(adapter)
-    with torch.no_grad():
+    with torch.no_grad():  # a buffer computation: a model on meta will do
         cos, sin = adapter.rotary_embedding()(dims.seq_len)
     cos = cos.reshape(dims.seq_len, -1).float().contiguous()
     sin = sin.reshape(dims.seq_len, -1).float().contiguous()
-    embed = EmbeddingPiece(adapter.embed_tokens())
-    yield "embedding", "embedding", embed
-    yield "embedding_cache", "embedding_cache", embed
-    for layer in adapter.layers():
+
+    def wrap(layer: DecoderLayer) -> tuple[nn.Module, nn.Module]:
         layer.attention.use_logn_attn = False
-        yield f"block_{layer.index}", "block", QwenBlockPiece(layer.module, cos, sin)
-        yield (
-            f"block_cache_{layer.index}",
-            "block_cache",
-            QwenBlockCachePiece(layer.module, cos, sin),
-        )
-    yield "lm_head", "lm_head", LmHeadPiece(adapter.final_norm(), adapter.lm_head())
-    yield "greedy_head", "greedy_head", GreedyHead()
-    yield "penalty_sample_head", "penalty_sample_head", PenaltySampleHead()
+        return QwenBlockPiece(layer.module, cos, sin), QwenBlockCachePiece(layer.module, cos, sin)
+
+    return wrap
 
 
 def export_qwen1_pieces(
@@ -330,19 +320,23 @@ def export_qwen1_pieces(
     out_dir: Path,
     only: Callable[[str], bool] | None = None,
     progress: bool = True,
+    parts: Parts | None = None,
 ) -> list[Piece]:
     """Export the patched model's pieces to ``out_dir/<name>.onnx`` (float32 model), with
-    :func:`common.export.piece_export.piece_signatures`' names and shapes."""
+    :func:`common.export.piece_export.piece_signatures`' names and shapes; ``parts`` reads
+    a streamed model's parts one at a time, as ``export_pieces`` does."""
     if adapter.embed_tokens().weight.dtype != torch.float32:
         raise EdgeforgeError("qwen1 export: load the model in float32")
-    return export_modules(iter_qwen1_pieces(adapter), qwen1_dims(adapter), out_dir, only, progress)
+    dims = qwen1_dims(adapter)
+    modules = iter_pieces(adapter, dims, parts, qwen1_blocks(adapter, dims))
+    return export_modules(modules, dims, out_dir, only, progress)
 
 
 # -- what make sophgo calls ----------------------------------------------------------------
 
 
-def load_reference(model_dir: Path, seq_len: int, route: str) -> tuple[nn.Module, Any, PieceDims]:
-    """The *unpatched* model (the float reference), its tokenizer and the piece dims.
+def check_route(route: str) -> None:
+    """Refuse a route that cannot build Qwen1, before anything is estimated or loaded.
 
     Only the ONNX route takes model patches; tpu-mlir's ``llm_convert`` reads the
     checkpoint's weights with its own model definitions, which do not include Qwen1.
@@ -352,14 +346,15 @@ def load_reference(model_dir: Path, seq_len: int, route: str) -> tuple[nn.Module
             f"ROUTE={route}: Qwen1 builds only by ROUTE=onnx (the route that applies "
             "patches/qwen1-*.patch); tpu-mlir's llm_convert has no Qwen1 model"
         )
-    model = load_qwen_model(model_dir)
-    return model, load_qwen_tokenizer(model_dir), qwen1_dims(QwenAdapter(model), seq_len)
 
 
 def export_patched(model_dir: Path, seq_len: int, work: Path) -> list[Piece]:
-    """Patch a copy of ``model_dir`` into ``work/patched-model``, load it and export its
-    pieces to ``work/onnx``; the patched model is released on return (call this after the
-    reference is no longer held: a 7B model in float32 is 28 GB)."""
+    """Patch a copy of ``model_dir`` into ``work/patched-model`` (weights linked) and
+    export its pieces to ``work/onnx`` one part at a time: the copy is opened as a
+    :class:`~common.models.streaming.StreamedModel` (its own code builds the module tree
+    on meta), and each block, the embedding and the head are read, exported and released
+    in turn, so a 7B model never sits whole in memory (28 GB in float32)."""
     patched = patch_model_dir(model_dir, work / "patched-model", seq_len)
-    adapter = QwenAdapter(load_qwen_model(patched))
-    return export_qwen1_pieces(adapter, work / "onnx")
+    streamed = StreamedModel(patched, trust_remote_code=True)
+    parts = Parts(streamed.adapter, streamed)
+    return export_qwen1_pieces(streamed.adapter, work / "onnx", parts=parts)

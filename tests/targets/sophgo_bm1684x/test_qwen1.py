@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -39,6 +40,7 @@ PROMPT = "What is the capital of France?"
 
 
 qwen1 = import_target("sophgo-bm1684x", "qwen1")
+sophgo_build = import_target("sophgo-bm1684x")
 
 
 #: Fixture modeling file per upstream revision, and the patch that must fit it.
@@ -171,9 +173,19 @@ def test_seq_len_outside_trained_context(guide_dir: Path, tmp_path: Path, seq_le
     assert not (tmp_path / "p").exists()
 
 
-def test_llm_convert_route_is_refused(guide_dir: Path) -> None:
+def test_llm_convert_route_is_refused(guide_dir: Path, tmp_path: Path) -> None:
+    """Refused before any estimate or load ("not supported", not "too big"), one line."""
+    from tests.conftest import assert_clean_error, run_python
+
     with pytest.raises(EdgeforgeError, match=r"ROUTE=llm_convert: Qwen1 builds only by ROUTE=onnx"):
-        qwen1.load_reference(guide_dir, SEQ_LEN, "llm_convert")
+        qwen1.check_route("llm_convert")
+    qwen1.check_route("onnx")
+    result = run_python(
+        "targets/sophgo-bm1684x/build.py", "--model", "qwen-7b", "--model-path", str(guide_dir),
+        "--build-dir", str(tmp_path), "--route", "llm_convert", "--max-memory", "1MB",
+    )  # fmt: skip
+    assert_clean_error(result, "ROUTE=llm_convert: Qwen1 builds only by ROUTE=onnx")
+    assert not (tmp_path / "qwen-7b").exists()
 
 
 def test_recipe_needs_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,13 +198,32 @@ def test_recipe_needs_model_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         resolve_model_dir(recipe, tmp_path, None)
 
 
+def test_layerwise_export_equals_the_whole_model_export(qwen1_dir: Path, tmp_path: Path) -> None:
+    """The pieces ``make sophgo`` exports one part at a time from the patched copy are the
+    whole patched model's pieces, byte for byte."""
+    streamed = qwen1.export_patched(qwen1_dir, SEQ_LEN, tmp_path / "layers")
+    whole = QwenAdapter(load_qwen_model(tmp_path / "layers" / "patched-model"))
+    pieces = qwen1.export_qwen1_pieces(whole, tmp_path / "whole", progress=False)
+    assert [p.name for p in streamed] == [p.name for p in pieces]
+    assert [p.inputs for p in streamed] == [p.inputs for p in pieces]
+    for ours, theirs in zip(streamed, pieces, strict=True):
+        assert ours.path.read_bytes() == theirs.path.read_bytes(), ours.name
+
+
 def test_onnx_pieces_reproduce_unpatched_hf(qwen1_dir: Path, tmp_path: Path) -> None:
     """ONNX pieces of the patched model, chained by the shared host loop on onnxruntime,
-    against the unpatched remote code: same greedy tokens, same logits at every step."""
+    against the unpatched remote code: same greedy tokens, same logits at every step. The
+    reference and the export are the calls ``make sophgo`` makes, each one part at a time;
+    the reference equals the whole unpatched model's."""
+    from common.analysis import layerwise_decode
     from common.analysis.eval import prompt_ids
+    from common.analysis.layerwise import Parts
+    from common.models.qwen import load_qwen_tokenizer
+    from common.models.streaming import StreamedModel
 
-    # the two calls `make sophgo` makes: the unpatched reference, then the patched export
-    reference, tokenizer, dims = qwen1.load_reference(qwen1_dir, SEQ_LEN, "onnx")
+    unpatched = StreamedModel(qwen1_dir, trust_remote_code=True)
+    dims = qwen1.qwen1_dims(unpatched.adapter, SEQ_LEN)
+    parts = Parts(unpatched.adapter, unpatched)
     pieces = qwen1.export_patched(qwen1_dir, SEQ_LEN, tmp_path)
     names = [p.name for p in pieces]
     assert names[:4] == ["embedding", "embedding_cache", "block_0", "block_cache_0"]
@@ -209,13 +240,65 @@ def test_onnx_pieces_reproduce_unpatched_hf(qwen1_dir: Path, tmp_path: Path) -> 
     out = run("block_cache_0", inputs)
     assert [o.shape for o in out] == [(1, 1, 64), (1, 1, 4, 16), (1, 1, 4, 16)]  # edit 5
 
-    ids = prompt_ids(tokenizer, PROMPT)
+    ids = prompt_ids(load_qwen_tokenizer(qwen1_dir), PROMPT)
     logits: list[np.ndarray] = []
     tokens = greedy_decode(run, dims, ids[0].tolist(), NEW_TOKENS, logits)
-    want = reference_greedy(reference, ids, NEW_TOKENS)
+    want = layerwise_decode.reference_greedy(parts, ids, NEW_TOKENS)
     assert len(want) == NEW_TOKENS and len(set(want)) > 2, want  # a non-degenerate check
     assert tokens == want
-    hf = reference_logits(reference, ids, want)
+    hf = layerwise_decode.reference_logits(parts, ids, want)
+    whole = load_qwen_model(qwen1_dir)
+    assert want == reference_greedy(whole, ids, NEW_TOKENS)
+    np.testing.assert_array_equal(hf, reference_logits(whole, ids, want))
     worst = min(cosine(a, b) for a, b in zip(logits, hf, strict=True))
     assert worst >= 0.99999, worst
     assert float(np.abs(np.stack(logits) - hf).max()) < 1e-3
+
+
+#: A prompt whose 4 greedy tokens the 4-layer fixture picks by a float logit margin of at
+#: least 0.48 (the default prompt's second token wins by 0.03, which bf16 flips).
+WIDE_MARGIN_PROMPT = "What is two plus two?"
+
+
+def test_make_sophgo_streams_qwen1_and_simulates_a_sampled_bmodel(
+    tiny_qwen2_dir: Path, tmp_path: Path
+) -> None:
+    """``make sophgo MODEL=qwen-7b`` on a 4-layer tiny Qwen1 with ``VERIFY=sample``: read
+    one part at a time (the layer-by-layer estimate is the one recorded), and the
+    simulator loads a bmodel of the simulated nets only (embedding, heads, blocks 0, 2, 3)
+    while the package ships every net."""
+    from common.backends.tpu_mlir import Toolchain
+    from common.models.streaming import StreamedModel
+    from tests.conftest import REPO_ROOT, run_python
+
+    model_dir = build_qwen1_checkpoint(tmp_path / "qwen1", tiny_qwen2_dir, num_hidden_layers=4)
+    build = tmp_path / "build"
+    result = run_python(
+        "targets/sophgo-bm1684x/build.py", "--model", "qwen-7b", "--model-path", str(model_dir),
+        "--build-dir", str(build), "--seq-len", str(SEQ_LEN), "--max-new-tokens", "4",
+        "--verify", "sample", "--prompt", WIDE_MARGIN_PROMPT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = build / "qwen-7b" / "sophgo-bm1684x"
+    report = json.loads((root / "bf16" / "report.json").read_text())
+    assert report["passed"] is True
+    assert report["greedy_match_tokens"] == report["greedy_total_tokens"] == 4
+    verify = report["verify"]
+    assert verify["mode"] == "sample" and verify["simulated_blocks"] == [0, 2, 3]
+    heads = {"embedding", "embedding_cache", "lm_head", "greedy_head", "penalty_sample_head"}
+    sampled = heads | {f"block{kind}_{i}" for kind in ("", "_cache") for i in (0, 2, 3)}
+    assert set(verify["simulated_bmodel_nets"]) == sampled
+    estimate = StreamedModel(model_dir, trust_remote_code=True)
+    expected = sophgo_build.memory_estimate(estimate, [0, 2, 3]).to_json()
+    assert report["resources"]["estimated_peak_bytes"] == expected
+
+    toolchain = Toolchain(REPO_ROOT / ".venv-tpu-mlir")
+
+    def nets(bmodel: Path) -> set[str]:
+        info = toolchain.run("model_tool", ["--info", str(bmodel)], tmp_path, tmp_path / "i.log")
+        return set(re.findall(r"net \d+: \[(\w+)\]", info))
+
+    shipped = nets(root / "bf16" / f"qwen-7b_bf16_seq{SEQ_LEN}_1dev.bmodel")
+    assert shipped == heads | {f"block{kind}_{i}" for kind in ("", "_cache") for i in range(4)}
+    assert nets(root / "work-bf16" / "verify-bmodel" / "verify.bmodel") == sampled
+    assert [p["name"] for p in report["pieces"] if p["cos"] is None] == ["block_1", "block_cache_1"]
