@@ -22,7 +22,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -55,6 +55,11 @@ DEFAULT_SOC = "SM8650"
 #: VTCM the graphs are finalized for (MB) and the graph finalization optimisation level.
 DEFAULT_VTCM_MB = 8
 DEFAULT_OPT_MODE = 3
+#: ``OPT_MODE=auto``: each graph finalized at these modes in turn, the next tried only when
+#: the compiler runs out of memory finalizing (:func:`finalization_ran_out`). Measured:
+#: Qwen2 blocks with q/k/v biases from hidden 576 fail at modes 2 and 3, compile at 1.
+AUTO_OPT_MODE = "auto"
+AUTO_OPT_MODES = (3, 1)
 
 
 def soc_by_name(name: str) -> Soc:
@@ -172,7 +177,10 @@ def _qnn_rejection(model: Path, options: Mapping[str, str], exc: Exception) -> E
     text = " ".join(str(exc).split())
     hint = ""
     if "MEM_ALLOC" in text and options.get("htp_graph_finalization_optimization_mode") != "1":
-        hint = " (graph finalization at a lower optimization mode, OPT_MODE=1, may succeed)"
+        hint = (
+            " (graph finalization at a lower optimization mode may succeed: OPT_MODE=1, or "
+            "OPT_MODE=auto to lower it only for the graphs that need it)"
+        )
     return EdgeforgeError(f"{model}: QNN HTP rejected the graph: {text}{hint}")
 
 
@@ -187,6 +195,42 @@ def strict_session(model: Path, options: Mapping[str, str]) -> Any:
         raise _qnn_rejection(Path(model), options, exc) from None
     assert_all_on_qnn(session, str(model))
     return session
+
+
+def finalization_ran_out(error: EdgeforgeError) -> bool:
+    """Whether ``error`` is the HTP compiler running out of memory at graph finalization
+    (``QNN_COMMON_ERROR_MEM_ALLOC``), which a lower optimization mode avoids."""
+    return "QNN_COMMON_ERROR_MEM_ALLOC" in str(error)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A context binary, the optimization mode it was finalized at, and why a higher one
+    was given up (None: the first mode tried)."""
+
+    binary: Path
+    opt_mode: int
+    lowered_because: str | None
+
+
+def compile_at_modes(
+    model: Path, dest: Path, soc: Soc, vtcm_mb: int, modes: Sequence[int]
+) -> Compiled:
+    """:func:`compile_context` at the first of ``modes`` that finalizes: a later mode is
+    tried only when the compiler ran out of memory at the one before; any other error,
+    or the last mode's, is raised. The lowering is returned for the report, never
+    silent."""
+    lowered = None
+    for i, mode in enumerate(modes):
+        try:
+            binary = compile_context(model, dest, provider_options(soc, vtcm_mb, mode))
+        except EdgeforgeError as exc:
+            if i == len(modes) - 1 or not finalization_ran_out(exc):
+                raise
+            lowered = f"OPT_MODE {mode} ran out of memory at graph finalization"
+            continue
+        return Compiled(binary, mode, lowered)
+    raise EdgeforgeError(f"{model}: no optimization mode to compile at")
 
 
 def compile_context(model: Path, dest: Path, options: Mapping[str, str]) -> Path:

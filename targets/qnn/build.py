@@ -120,10 +120,15 @@ class Options:
     )
     vtcm_mb: int = option(qnn_ep.DEFAULT_VTCM_MB, Integer(1), "HTP VTCM MB", flag="--vtcm-mb")
     #: HTP graph finalization: 3 optimizes most for the device; at Qwen1.5-1.8B's size the
-    #: emulator's compiler fails some Qwen2 blocks there (QNN_COMMON_ERROR_MEM_ALLOC) that
-    #: 1 compiles.
-    opt_mode: int = option(
-        qnn_ep.DEFAULT_OPT_MODE, Choice((1, 2, 3)), "HTP graph optimization", make="OPT_MODE"
+    #: compiler runs out of memory on Qwen2 blocks with q/k/v biases there
+    #: (QNN_COMMON_ERROR_MEM_ALLOC) that 1 compiles. ``auto`` finalizes each graph at 3 and
+    #: lowers to 1 only the ones that run out, each named in the report; a number is strict.
+    opt_mode: int | str = option(
+        qnn_ep.AUTO_OPT_MODE,
+        Choice((qnn_ep.AUTO_OPT_MODE, 1, 2, 3)),
+        "HTP graph optimization (auto: 3, lowered to 1 per graph only where 3 runs out of "
+        "memory, reported)",
+        make="OPT_MODE",
     )
     t01m_clip_threshold: float | None = option(
         None,
@@ -449,6 +454,12 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         reused = cache.reused
         if reused:
             run.log(f"reused from an earlier run: {len(reused)} steps ({', '.join(reused)})")
+        lowered = pipeline.lowered_pieces(rows)
+        if lowered:
+            run.log(
+                f"OPT_MODE=auto: {len(lowered)} graphs finalized at mode 1, mode 3 ran out of "
+                f"memory: {', '.join(lowered)}"
+            )
         run.phase("verify")
         e2e = pipeline.end_to_end(parts, hiddens, e2e_ids)
         write_json_atomic(tmp / "model.int8.plan.json", mllm_plan)
@@ -487,6 +498,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             "mllm_int8": mllm,
             "tokenizer": tokenizer_check,
             "reused_from_cache": reused,
+            "opt_mode": {"asked": opts["opt_mode"], "lowered_to_1": lowered},
         }
         checks = rep.gates(report, GATES[scheme.name], MLLM_MAX_ABS)
         report["gates"] = records(checks)

@@ -52,7 +52,7 @@ class Golden:
 CALIB_POSITIONS = 8
 #: Layout version of a cached piece (:func:`build_all`): bump it when :func:`build_piece`
 #: writes other files or other bytes for the same inputs, so no older entry is reused.
-PIECE_FORMAT = 2  # 2: binaries compiled from bytes in their own process
+PIECE_FORMAT = 3  # 2: binaries compiled from bytes in their own process; 3: OPT_MODE lowering
 #: The folder of a piece's entry that holds its QDQ model (the others are one per SoC).
 QDQ_FOLDER = "qdq"
 
@@ -254,7 +254,7 @@ def build_piece(
     golden: Golden,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
-    opt_mode: int,
+    opt_mode: int | str,
     chain_inputs: Sequence[Feeds] = (),
 ) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
     """QDQ from ``plan`` (with ``levels`` as the integer weights) into
@@ -282,22 +282,24 @@ def build_piece(
     cpu_out = _cpu_run(qdq_path, feeds)
     row: dict[str, Any] = {"name": name, "binaries": {}}
     session = None
+    modes = qnn_ep.AUTO_OPT_MODES if opt_mode == qnn_ep.AUTO_OPT_MODE else (int(opt_mode),)
     for soc in socs:
-        options = qnn_ep.provider_options(soc, vtcm_mb, opt_mode)
         ctx = out_dir / soc.name / f"{name}_ctx.onnx"
         ctx.parent.mkdir(parents=True, exist_ok=True)
-        binary = qnn_ep.compile_context(qdq_path, ctx, options)
-        info = qnn_ep.check_binary_target(binary, soc, vtcm_mb, opt_mode)
+        compiled = qnn_ep.compile_at_modes(qdq_path, ctx, soc, vtcm_mb, modes)
+        info = qnn_ep.check_binary_target(compiled.binary, soc, vtcm_mb, compiled.opt_mode)
         row["binaries"][soc.name] = {
             "ctx": f"{soc.name}/{ctx.name}",
-            "bin": f"{soc.name}/{binary.name}",
+            "bin": f"{soc.name}/{compiled.binary.name}",
             "soc_model": info.soc_model,
             "htp_arch": info.htp_arch,
             "vtcm_mb": info.vtcm_mb,
             "optimization_level": info.optimization_level,
+            "lowered_because": compiled.lowered_because,
         }
-        if session is None:
-            session = qnn_ep.strict_session(ctx, options)  # asserts {EPContext: 1} on QNN
+        if session is None:  # asserts {EPContext: 1} on QNN
+            options = qnn_ep.provider_options(soc, vtcm_mb, compiled.opt_mode)
+            session = qnn_ep.strict_session(ctx, options)
     assert session is not None
     qnn_out = session.run(None, feeds)
     row.update(
@@ -307,6 +309,16 @@ def build_piece(
         all_nodes_on_qnn=True,
     )
     return row, [session.run(None, feeds) for feeds in chain_inputs]
+
+
+def lowered_pieces(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """``piece/SoC`` of every binary ``OPT_MODE=auto`` finalized below its first mode."""
+    return [
+        f"{row['name']}/{soc}"
+        for row in rows
+        for soc, binary in row["binaries"].items()
+        if binary["lowered_because"]
+    ]
 
 
 def piece_key(
@@ -319,7 +331,7 @@ def piece_key(
     golden: Golden,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
-    opt_mode: int,
+    opt_mode: int | str,
     versions: dict[str, str],
 ) -> str:
     """The cache key of a piece: every input :func:`build_piece` reads (the float piece's
@@ -372,7 +384,7 @@ def build_all(
     levels_key: str,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
-    opt_mode: int,
+    opt_mode: int | str,
     chain_ids: Sequence[Sequence[int]],
     cache: PieceCache,
     versions: dict[str, str],

@@ -1,6 +1,6 @@
 # QNN (Qualcomm HTP): make qnn MODEL=<recipe> [SOCS=SM8650,SM8750] [PRESET=w8a16|w8a8|w4a16]
 #   [ROTATE=hadamard|orthogonal|none] [ROUNDING=gptq|nearest] [PREFILL_LEN=n] [KV_LEN=n]
-#   [E2E_WINDOWS=n] [OPT_MODE=3|2|1] [PROFILE=profile.json] [USE_DOCKER=1]
+#   [E2E_WINDOWS=n] [OPT_MODE=auto|3|2|1] [PROFILE=profile.json] [USE_DOCKER=1]
 # Reads make profile's output for ROTATE (default hadamard: build/<MODEL>/profile-hadamard/
 # profile.json; made on demand when missing) and, when present,
 # build/<MODEL>/simulate/shadow_layers.json (the T chosen by make simulate). Writes

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -118,26 +119,17 @@ def test_context_binaries_are_reproducible(tmp_path: Path) -> None:
     assert built[0] == built[1] == built[2]
 
 
-def test_multi_head_attention_block_compiles(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
-    """A block whose KV heads are all its heads (Qwen1.5-1.8B, Qwen-7B) exports no KV
-    repeat, and its QDQ graph compiles: a 1-fold ``Tile`` there crashed QNN's compiler
-    (SIGSEGV) at the first block of a 1.8B build."""
-    from transformers import Qwen2Config
-
+def _qdq_block(tmp_path: Path, tokenizer_dir: Path, config: Any, seq: int = 8) -> Path:
+    """Block 0 of a random checkpoint of ``config`` for ``seq`` tokens, exported and
+    quantized (w8a16, fixed encodings) as make qnn quantizes it: the QDQ model's path."""
     from common.export import piece_export as pe
     from common.export.random_checkpoint import write_random_checkpoint
 
-    config = Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512,
-    )  # fmt: skip
-    model_dir = write_random_checkpoint(config, tmp_path / "mha", tokenizer_dir=tiny_qwen2_dir)
+    model_dir = write_random_checkpoint(config, tmp_path / "model", tokenizer_dir=tokenizer_dir)
     streamed = StreamedModel(model_dir)
     adapter = streamed.adapter
-    pe.export_pieces(adapter, 8, tmp_path, only=lambda n: n == "block_0",
+    pe.export_pieces(adapter, seq, tmp_path, only=lambda n: n == "block_0",
                      parts=Parts(adapter, streamed), progress=False)  # fmt: skip
-    ops = {node.op_type for node in onnx.load(str(tmp_path / "block_0.onnx")).graph.node}
-    assert not ops & {"Tile", "Expand"}, ops
     scheme = qdq.preset_by_name("w8a16")
     with Parts(adapter, streamed).layer(adapter.layers()[0]) as layer:
         weights = {
@@ -150,7 +142,7 @@ def test_multi_head_attention_block_compiles(tmp_path: Path, tiny_qwen2_dir: Pat
                                  qdq.Encoding.grid(40.0, 16))
             for name, role in roles.items()
         })  # fmt: skip
-        specs = pe.piece_signatures(pe.piece_dims(adapter, 8))["block"][0]
+        specs = pe.piece_signatures(pe.piece_dims(adapter, seq))["block"][0]
         feeds = [
             {
                 spec[0]: t.numpy()
@@ -160,10 +152,57 @@ def test_multi_head_attention_block_compiles(tmp_path: Path, tiny_qwen2_dir: Pat
         static = qdq.static_float_model(tmp_path / "block_0.onnx", tmp_path / "static.onnx")
         qdq.quantize_piece(static, tmp_path / "qdq.onnx", plan=plan, weights=weights,
                            calibration=feeds * 2)  # fmt: skip
-    options = qnn_ep.provider_options(qnn_ep.soc_by_name("SM8650"))
     (tmp_path / "ctx").mkdir()
-    binary = qnn_ep.compile_context(tmp_path / "qdq.onnx", tmp_path / "ctx" / "b_ctx.onnx", options)
+    return tmp_path / "qdq.onnx"
+
+
+def test_multi_head_attention_block_compiles(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    """A block whose KV heads are all its heads (Qwen1.5-1.8B, Qwen-7B) exports no KV
+    repeat, and its QDQ graph compiles: a 1-fold ``Tile`` there crashed QNN's compiler
+    (SIGSEGV) at the first block of a 1.8B build."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512,
+    )  # fmt: skip
+    model = _qdq_block(tmp_path, tiny_qwen2_dir, config)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "block_0.onnx")).graph.node}
+    assert not ops & {"Tile", "Expand"}, ops
+    options = qnn_ep.provider_options(qnn_ep.soc_by_name("SM8650"))
+    binary = qnn_ep.compile_context(model, tmp_path / "ctx" / "b_ctx.onnx", options)
     assert binary.is_file()
+
+
+def test_auto_opt_mode_lowers_only_a_graph_that_runs_out(
+    tmp_path: Path, tiny_qwen2_dir: Path
+) -> None:
+    """A Qwen2 block with q/k/v biases at hidden 576, 32 tokens (make qnn's PREFILL_LEN):
+    graph finalization at mode 3 runs out
+    of memory (the error names OPT_MODE); OPT_MODE=auto's modes compile it at 1 and say
+    why. A small block stays at 3."""
+    from transformers import Qwen2Config
+
+    soc = qnn_ep.soc_by_name("SM8650")
+    config = Qwen2Config(
+        hidden_size=576, intermediate_size=1152, num_hidden_layers=1, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=1024, max_position_embeddings=512,
+    )  # fmt: skip
+    model = _qdq_block(tmp_path / "big", tiny_qwen2_dir, config, seq=32)
+    ctx = tmp_path / "big" / "ctx" / "b_ctx.onnx"
+    with pytest.raises(EdgeforgeError, match=r"MEM_ALLOC.*OPT_MODE=auto"):
+        qnn_ep.compile_at_modes(model, ctx, soc, qnn_ep.DEFAULT_VTCM_MB, (3,))
+    compiled = qnn_ep.compile_at_modes(model, ctx, soc, qnn_ep.DEFAULT_VTCM_MB,
+                                       qnn_ep.AUTO_OPT_MODES)  # fmt: skip
+    assert compiled.opt_mode == 1 and "OPT_MODE 3 ran out of memory" in compiled.lowered_because
+    info = qnn_ep.check_binary_target(compiled.binary, soc, qnn_ep.DEFAULT_VTCM_MB, 1)
+    assert info.optimization_level == 1
+    config.hidden_size, config.intermediate_size, config.num_attention_heads = 64, 128, 4
+    config.num_key_value_heads = 2
+    small = _qdq_block(tmp_path / "small", tiny_qwen2_dir, config)
+    kept = qnn_ep.compile_at_modes(small, tmp_path / "small" / "ctx" / "b_ctx.onnx", soc,
+                                   qnn_ep.DEFAULT_VTCM_MB, qnn_ep.AUTO_OPT_MODES)  # fmt: skip
+    assert (kept.opt_mode, kept.lowered_because) == (3, None)
 
 
 def test_rejected_graph_names_the_ops_instead_of_falling_back(tmp_path: Path) -> None:
