@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from common.analysis.eval import prompt_ids
 from common.core.errors import EdgeforgeError
@@ -32,7 +34,6 @@ from common.export.piece_export import (
     prefill_inputs,
     reference_greedy,
     reference_logits,
-    reference_multimodal,
 )
 from common.models import get_adapter
 from common.models.loading import load_model, load_processor, load_tokenizer
@@ -47,6 +48,25 @@ from common.models.static_decoder import (
 #: Cosine every float piece must reach against the HF model (fp32 both sides).
 COS_MIN = 0.99999
 PROMPT = "What is the capital of France?"
+
+
+def reference_multimodal(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_tokens: int
+) -> tuple[list[int], np.ndarray]:
+    """Hugging Face ``generate`` on processor ``inputs`` (pixels included): exactly
+    ``max_new_tokens`` greedy tokens (EOS ignored, so the whole run is compared) and the raw
+    logits ``[n, V]`` that chose each — what :func:`greedy_decode` on the matching
+    :class:`MultimodalPrompt` must reproduce."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=config)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return tokens, torch.cat(out.logits).float().numpy()
 
 
 def assert_same_greedy(tokens: list[int], reference: list[int]) -> None:

@@ -586,22 +586,3 @@ def reference_logits(model: nn.Module, prompt: torch.Tensor, tokens: Sequence[in
     with torch.no_grad():
         out = model(ids[:, :-1]).logits[0, prompt.shape[1] - 1 :]
     return out.float().numpy()
-
-
-def reference_multimodal(
-    model: nn.Module, inputs: Mapping[str, torch.Tensor], max_new_tokens: int
-) -> tuple[list[int], np.ndarray]:
-    """Hugging Face ``generate`` on processor ``inputs`` (pixels included): exactly
-    ``max_new_tokens`` greedy tokens (EOS ignored, so the whole run is compared) and the raw
-    logits ``[n, V]`` that chose each — what :func:`greedy_decode` on the matching
-    :class:`MultimodalPrompt` must reproduce."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-        eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
-    )  # fmt: skip
-    with torch.no_grad():
-        out = model.generate(**inputs, generation_config=config)
-    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    return tokens, torch.cat(out.logits).float().numpy()
