@@ -11,6 +11,10 @@ agreement, per-layer cosine; VL: an image prompt), next to plain round-to-neares
 bits/group (``common.quant.rtn``; for GGUF, auto-round's own RTN into the same GGUF type), the
 baseline AutoRound must beat. Output: ``build/<MODEL>/autoround/`` with one folder per
 format (a loadable checkpoint plus its own report/manifest) and the overall report.
+
+A text model exported as ``auto_round``/``auto_gptq`` is never whole in float32
+(:mod:`ar_streamed`): AutoRound tunes and writes one block at a time, the reference and RTN
+run one layer at a time; the same bytes and numbers as a whole-model run (``SEQUENTIAL=0``).
 """
 
 from __future__ import annotations
