@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "targets" / "autoround" / "build.py"
 ar_streamed = import_target("autoround", "ar_streamed")
 ar_options = import_target("autoround", "ar_options")
+ar_quantize = import_target("autoround", "ar_quantize")
 #: A cap the whole-model run (three float32 copies) exceeds twice over; the block-by-block
 #: run holds one block, AutoRound's working memory (about 0.9 GiB whatever the model) and
 #: the runtime.
@@ -81,6 +82,25 @@ def test_mode_follows_model_and_formats(tiny_qwen2_dir: Path, tiny_qwen2_vl_dir:
     assert ar_streamed.check_mode(None, None, tiny_qwen2_dir)
     assert not ar_streamed.check_mode(None, False, tiny_qwen2_dir)
     assert not ar_streamed.check_mode("why", None, tiny_qwen2_dir)
+
+
+def test_streamed_mode_reads_float32_and_is_undone(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
+    """Inside ``streamed()`` auto-round's reader upcasts (a bf16 checkpoint is tuned in
+    float32, as the whole-model run tunes it); outside, it and the environment are as
+    before."""
+    import os
+
+    import torch
+    from auto_round.utils.disk_stream_util import SafetensorsIndex
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2, 2, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
+    before = (SafetensorsIndex.read_tensors, os.environ.get("AR_DISK_STREAM_MODEL"))
+    with ar_quantize.streamed():
+        assert os.environ["AR_DISK_STREAM_MODEL"] == "1"
+        assert SafetensorsIndex(str(tmp_path)).read_tensor("w").dtype == torch.float32
+    assert (SafetensorsIndex.read_tensors, os.environ.get("AR_DISK_STREAM_MODEL")) == before
+    assert SafetensorsIndex(str(tmp_path)).read_tensor("w").dtype == torch.bfloat16
 
 
 def test_sequential_where_impossible_is_a_clean_error(
