@@ -150,7 +150,7 @@ def stored_bytes(model_dir: Path) -> int:
 def release(module: nn.Module) -> None:
     """Send ``module``'s parameters back to meta and return their memory to the OS."""
     module.to("meta")
-    _return_freed_memory()
+    return_freed_memory()
 
 
 @functools.cache
@@ -162,7 +162,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give the released part's buffers back to the OS.
 
     glibc serves allocations below its mmap threshold from the heap, and raises that

@@ -207,10 +207,13 @@ def _release_autoround() -> None:
     from auto_round.context.compress import CompressContext
     from auto_round.context.model import ModelContext
 
+    from common.models.streaming import return_freed_memory
+
     CompressContext.reset_context()
     ModelContext.reset_context()
     ShardWriter.reset()
     gc.collect()
+    return_freed_memory()  # the heap it freed, back to the OS before the verification
 
 
 @contextlib.contextmanager

@@ -85,6 +85,7 @@ def estimate(
     }
     windows, seq_len = eval_shape
     scoring = {
+        "AutoRound's working memory (its modules stay loaded)": AUTOROUND_WORKING_BYTES,
         "export as loaded (float32 besides packed weights)": export,
         "reference LM head (float32)": embed,
         "hidden states of the held-out windows": 3 * windows * seq_len * hidden * 4,
