@@ -17,11 +17,11 @@ disk-stream reader reads safetensors) run whole, as before.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ar_verify
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,8 +70,7 @@ def estimate(
     embed = streamed.part_bytes(adapter.name_of("embed_tokens"))
     ends = embed if streamed.tied else 2 * embed
     batch = min(8, options.nsamples)
-    linears = dict(_planned_sizes(streamed, planned))
-    weights = sum(linears.values())  # float32 bytes of the quantized linears
+    weights = sum(streamed.part_bytes(name) for name in planned)  # float32, quantized
     groups = 1 if options.group_size == -1 else options.group_size
     packed = int(weights / 4 * (options.bits / 8 + 4 / groups))  # codes, fp16 scale + zero
     export = packed + streamed.weights.nbytes("") - weights  # the rest stays float32
@@ -95,11 +94,6 @@ def estimate(
     return Estimate("make autoround (one block at a time)", parts)
 
 
-def _planned_sizes(streamed: StreamedModel, planned: list[str]) -> Iterator[tuple[str, int]]:
-    for name in planned:
-        yield name, streamed.part_bytes(name)
-
-
 def lower_hint(options: Any, eval_windows: int) -> str:
     """What lowers a block-by-block run's peak."""
     return (
@@ -118,35 +112,6 @@ class Reference:
     layers: dict[str, torch.Tensor]
 
 
-def _flat(output: Any) -> torch.Tensor:
-    hidden = output[0] if isinstance(output, tuple | list) else output
-    return hidden.detach().double().reshape(-1, hidden.shape[-1])
-
-
-@contextmanager
-def first_window_outputs(
-    modules: dict[str, nn.Module], first: Callable[[], bool]
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Each named module's output (float64 ``[tokens, hidden]``) while ``first()`` says
-    the first window runs, caught by forward hooks (they survive a streamed part's load
-    and release)."""
-    caught: dict[str, torch.Tensor] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if first():
-                caught[name] = _flat(output)
-
-        return keep
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
-    try:
-        yield caught
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def run_streamed(
     streamed: StreamedModel, windows: torch.Tensor, desc: str, after: Any = None
 ) -> Reference:
@@ -162,7 +127,7 @@ def run_streamed(
     layers = {layer.name: layer.module for layer in streamed.adapter.layers()}
     total = windows.numel() * len(layers)
     bar = progress(total=total, desc=desc, unit="tok", unit_scale=True)
-    with first_window_outputs(layers, lambda: cursor.window == 0) as caught:
+    with ar_verify.outputs_caught(layers, lambda: cursor.window == 0) as caught:
         hidden = run_layers(parts, windows, cursor=cursor, bar=bar)
     bar.close()
     return Reference(hidden, dict(caught))
@@ -239,7 +204,7 @@ def model_logits(
         window = -1
 
         bar = progress(windows, desc="export", unit="window")
-        with first_window_outputs(modules, lambda: window == 0) as caught:
+        with ar_verify.outputs_caught(modules, lambda: window == 0) as caught:
             for window, ids in enumerate(bar):  # noqa: B007 (the hook reads it)
                 with torch.inference_mode():
                     yield one_window(model, ids)
