@@ -32,7 +32,7 @@ ar_quantize = import_target("autoround", "ar_quantize")
 #: A cap the whole-model run (three float32 copies) exceeds twice over; the block-by-block
 #: run holds one block, AutoRound's working memory (about 0.9 GiB whatever the model) and
 #: the runtime.
-CAP = "2.2GB"
+CAP = "2.3GB"
 #: Any recipe of the model's architecture takes MODEL_PATH; this one is a qwen2.
 RECIPE = "qwen1.5-1.8b"
 #: Settings of the existing tiny-model runs, whose gates AutoRound passes.
@@ -115,7 +115,7 @@ def test_sequential_where_impossible_is_a_clean_error(
 
 @pytest.fixture(scope="module")
 def many_layers(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -> Path:
-    return random_qwen2(tmp_path_factory.mktemp("many") / "model", tiny_qwen2_dir, layers=18)
+    return random_qwen2(tmp_path_factory.mktemp("many") / "model", tiny_qwen2_dir, layers=19)
 
 
 def test_estimate_names_what_lowers_it(many_layers: Path, tmp_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_estimate_names_what_lowers_it(many_layers: Path, tmp_path: Path) -> Non
 
 
 def test_builds_block_by_block_within_the_cap(many_layers: Path, tmp_path: Path) -> None:
-    """18 layers of 64 MiB (1.1 GiB in float32): the whole-model run's estimate is twice the
+    """19 layers of 64 MiB (1.2 GiB in float32): the whole-model run's estimate is twice the
     cap, the block-by-block run's under it, and the step and everything it starts stay
     under the cap. (Weights of twice the cap themselves would mean 60 such blocks,
     ten minutes of tuning: AutoRound's fixed working set sets the cap's floor.)"""
@@ -149,4 +149,4 @@ def test_builds_block_by_block_within_the_cap(many_layers: Path, tmp_path: Path)
     assert estimate["total"] <= parse_size(CAP)
     assert tree_peak <= parse_size(CAP), tree_peak
     assert report["per_format"]["auto_round"]["problems"] == []
-    assert report["per_format"]["auto_round"]["quantized_layers"] == 18 * 7
+    assert report["per_format"]["auto_round"]["quantized_layers"] == 19 * 7
