@@ -211,7 +211,7 @@ def release(module: nn.Module) -> None:
         for name, param in sub.named_parameters(recurse=False):
             if not param.is_meta:
                 sub.register_parameter(name, nn.Parameter(param.to("meta"), param.requires_grad))
-    _return_freed_memory()
+    return_freed_memory()
 
 
 @functools.cache
@@ -223,7 +223,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Give the released part's buffers back to the OS.
 
     glibc serves allocations below its mmap threshold from the heap, and raises that

@@ -142,6 +142,14 @@ class Options:
         make="EVAL_WINDOWS",
         recipe=False,
     )
+    sequential: bool | None = option(
+        None,
+        Boolean(),
+        "1: block by block, 0: whole model (default: block by block where the model and "
+        "formats allow)",
+        make="SEQUENTIAL",
+        recipe=False,
+    )
     max_memory: int | None = max_memory_option()
 
     def as_record(self) -> dict[str, Any]:

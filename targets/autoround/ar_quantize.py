@@ -13,11 +13,21 @@ the model with the installed ``gguf`` package is checked before tuning
 
 Model-free RTN (which writes block names transformers 5 no longer uses) and torch.compile
 (20x slower on CPU) are switched off.
+
+Given a checkpoint folder instead of a loaded model, AutoRound runs on its own disk-stream
+path (:func:`streamed`): the model is a meta skeleton, only the embedding, final norm and
+LM head are real, each decoder block is read from the safetensors files when its turn
+comes, tuned on the previous (quantized) block's outputs as always, packed, and written
+to the export's current shard before the next is read. The algorithm, its order and its
+seed are those of the whole-model run; the exported bytes are identical (tested).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import gc
 import json
 import os
 import socket
@@ -152,8 +162,79 @@ def check_gguf_support(model_dir: Path, fmt: str) -> None:
             ) from None
 
 
+#: Shard size of a streamed export: the shard writer holds a shard's packed tensors until it
+#: is full (auto-round's default is 5 GB), so this bounds what the export keeps in memory.
+STREAMED_SHARD_SIZE = "1GB"
+
+
+@contextlib.contextmanager
+def streamed() -> Iterator[None]:
+    """auto-round's disk-stream mode, reading every tensor in float32.
+
+    ``AR_DISK_STREAM_MODEL=1`` builds the model as a meta skeleton and materializes one
+    block at a time from the checkpoint (``auto_round.utils.disk_stream_util``). It keeps
+    each tensor's stored dtype, so a bf16 checkpoint would be tuned in bf16 (and fail
+    beside the fp32 caches of ``amp=False``); the whole-model run tunes a float32 copy.
+    Upcasting as each tensor is read gives exactly the weights that run sees.
+    """
+    from auto_round.utils import disk_stream_util
+
+    index = disk_stream_util.SafetensorsIndex
+    read_tensors = index.read_tensors
+
+    def read_float32(self: Any, names: list[str], device: str = "cpu") -> dict[str, torch.Tensor]:
+        tensors = read_tensors(self, names, device=device)
+        return {n: t.float() if t.is_floating_point() else t for n, t in tensors.items()}
+
+    saved = os.environ.get("AR_DISK_STREAM_MODEL")
+    os.environ["AR_DISK_STREAM_MODEL"] = "1"
+    index.read_tensors = read_float32  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        index.read_tensors = read_tensors  # type: ignore[method-assign]
+        if saved is None:
+            os.environ.pop("AR_DISK_STREAM_MODEL", None)
+        else:
+            os.environ["AR_DISK_STREAM_MODEL"] = saved
+
+
+def _release_autoround() -> None:
+    """Drop auto-round's process-wide singletons: its model context keeps the (streamed:
+    embedding and LM head, else whole) model alive after the run, 2.3 GiB at Qwen1.5-1.8B
+    that the verification would carry; a next run creates them afresh anyway."""
+    from auto_round.compressors.shard_writer import ShardWriter
+    from auto_round.context.compress import CompressContext
+    from auto_round.context.model import ModelContext
+
+    from common.models.streaming import return_freed_memory
+
+    CompressContext.reset_context()
+    ModelContext.reset_context()
+    ShardWriter.reset()
+    gc.collect()
+    return_freed_memory()  # the heap it freed, back to the OS before the verification
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep the objects alive before the run out of every garbage collection during it.
+
+    auto-round calls ``gc.collect()`` several times per block; each walked every object
+    of this process (the tokenizer, transformers' import tables, ...), about a second a
+    call: 17 of 42 seconds on a two-block model. Frozen, those objects are skipped; they
+    stay alive anyway, and nothing auto-round creates is exempted.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_autoround(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Path,
     *,
     tokenizer: Any,
     processor: Any | None,
@@ -164,9 +245,46 @@ def run_autoround(
 ) -> tuple[dict[str, Path], float]:
     """Tune and export; returns ``({format: exported dir}, tuning+export seconds)``.
 
-    ``dataset`` is a DataLoader of token windows or a registered local LLaVA json key;
-    ``extra`` carries VL-only arguments (``extra_data_dir``, ``template``).
+    ``model`` is a loaded float32 model, or a safetensors checkpoint folder to stream
+    block by block (:func:`streamed`). A streamed run tunes once per format: given
+    several, auto-round keeps the whole tuned model in memory to pack it for each, while
+    one format is packed and written block by block; the tuning is seeded, so every
+    format holds the same rounding. ``dataset`` is a DataLoader of token windows or a
+    registered local LLaVA json key; ``extra`` carries VL-only arguments
+    (``extra_data_dir``, ``template``).
     """
+    run = functools.partial(
+        _run_once, tokenizer=tokenizer, processor=processor, dataset=dataset, extra=extra
+    )
+    if not isinstance(model, Path) or len(options.formats) == 1:
+        try:
+            return run(model, out_dir=out_dir, options=options)
+        finally:
+            _release_autoround()
+    exports: dict[str, Path] = {}
+    seconds = 0.0
+    for fmt in options.formats:
+        one = dataclasses.replace(options, formats=(fmt,))
+        try:
+            exported, took = run(model, out_dir=out_dir / fmt.replace(":", "-"), options=one)
+        finally:
+            _release_autoround()
+        exports.update(exported)
+        seconds += took
+    return exports, seconds
+
+
+def _run_once(
+    model: torch.nn.Module | Path,
+    *,
+    tokenizer: Any,
+    processor: Any | None,
+    dataset: Any,
+    out_dir: Path,
+    options: Any,
+    extra: dict[str, Any],
+) -> tuple[dict[str, Path], float]:
+    """One AutoRound run writing every format of ``options`` (see :func:`run_autoround`)."""
     from auto_round import AutoRound
 
     kwargs: dict[str, Any] = {
@@ -194,12 +312,15 @@ def run_autoround(
     if processor is not None:
         kwargs["processor"] = processor
         kwargs["quant_nontext_module"] = options.quant_nontext_module
+    stream = isinstance(model, Path)
     start = time.perf_counter()
-    with offline():
+    with offline(), streamed() if stream else contextlib.nullcontext(), frozen_heap():
         try:
-            compressor = AutoRound(model, **kwargs)
+            compressor = AutoRound(str(model) if stream else model, **kwargs)
             _, folders = compressor.quantize_and_save(
-                str(out_dir), format=",".join(options.formats)
+                str(out_dir),
+                format=",".join(options.formats),
+                max_shard_size=STREAMED_SHARD_SIZE if stream else None,
             )
         except SystemExit as exc:  # auto-round calls sys.exit when no sample survives
             raise EdgeforgeError(

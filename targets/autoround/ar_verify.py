@@ -12,6 +12,8 @@ missing or left over.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -189,8 +191,29 @@ def structure_problems(
     return problems
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple | list) else output
+@contextmanager
+def outputs_caught(
+    modules: dict[str, nn.Module], when: Callable[[], bool] = lambda: True
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Each named module's output hidden states (float64 ``[tokens, hidden]``), caught by
+    forward hooks while ``when()`` holds (hooks on a streamed model's meta modules survive
+    each part's load and release)."""
+    caught: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if when():
+                hidden = output[0] if isinstance(output, tuple | list) else output
+                caught[name] = hidden.detach().double().reshape(-1, hidden.shape[-1])
+
+        return keep
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    try:
+        yield caught
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def layer_cosines(
@@ -203,21 +226,11 @@ def layer_cosines(
     """
 
     def capture(net: nn.Module) -> dict[str, torch.Tensor]:
-        caught: dict[str, torch.Tensor] = {}
-        hooks = []
-        for name in names:
-
-            def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
-                hidden = _first_tensor(out).detach().double()
-                caught[name] = hidden.reshape(-1, hidden.shape[-1])
-
-            hooks.append(net.get_submodule(name).register_forward_hook(hook))
-        try:
-            with torch.inference_mode():
-                net(input_ids=window[None], use_cache=False)
-        finally:
-            for handle in hooks:
-                handle.remove()
+        with (
+            outputs_caught({name: net.get_submodule(name) for name in names}) as caught,
+            torch.inference_mode(),
+        ):
+            net(input_ids=window[None], use_cache=False)
         return caught
 
     got, want = capture(model), capture(reference)

@@ -11,6 +11,10 @@ agreement, per-layer cosine; VL: an image prompt), next to plain round-to-neares
 bits/group (``common.quant.rtn``; for GGUF, auto-round's own RTN into the same GGUF type), the
 baseline AutoRound must beat. Output: ``build/<MODEL>/autoround/`` with one folder per
 format (a loadable checkpoint plus its own report/manifest) and the overall report.
+
+A text model exported as ``auto_round``/``auto_gptq`` is never whole in float32
+(:mod:`ar_streamed`): AutoRound tunes and writes one block at a time, the reference and RTN
+run one layer at a time; the same bytes and numbers as a whole-model run (``SEQUENTIAL=0``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 import ar_options
 import ar_quantize
 import ar_report
+import ar_streamed
 import ar_verify
 from ar_options import Options
 
@@ -270,8 +275,13 @@ def _reload(
         }
     quant_config = ar_quantize.fix_export_config(fmt_dir, fmt, prefixes)
     # auto-round re-saves the tokenizer through its loaded class, which can drop what made
-    # the source load faithfully; the export ships the source's files byte for byte.
+    # the source load faithfully; the export ships the source's files byte for byte. Its
+    # generation config too: built on meta from config.json (block by block), auto-round's
+    # model never read the source's generation_config.json.
     copy_tokenizer_files(tokenizers.model_dir, fmt_dir)
+    generation = tokenizers.model_dir / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, fmt_dir / generation.name)
     record, tokenizer_problems = ar_verify.tokenizer_check(
         tokenizers.source_dir, fmt_dir, str(final)
     )
@@ -287,12 +297,100 @@ def _reload(
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+#: ``measure(reloaded export) -> its numbers`` (ppl, logit similarity, per-layer cosines).
+Measure = Callable[[Any], dict[str, Any]]
+
+
+def _streamed_baselines(
+    streamed: Any,
+    plan: list[tuple[str, Any]],
+    options: Options,
+    windows: Any,
+    decoder_names: list[str],
+    rtn_log: str,
+    log: Log,
+) -> tuple[dict[str, Any], dict[str, Any], Measure]:
+    """(float perplexity, RTN's numbers, how an export is measured), one layer in memory
+    at a time: the float model's hidden states are kept, every candidate is compared
+    with them through the float head."""
+    log(f"float model, one layer at a time: {windows.shape[0]}x{windows.shape[1]} held-out tokens")
+    reference = ar_streamed.run_streamed(streamed, windows, "float")
+    log(rtn_log + ", one layer at a time")
+    rounded = ar_streamed.run_streamed(
+        streamed, windows, "rtn", ar_streamed.rtn_step(plan, options)
+    )
+
+    def compare(logits: Any, layers: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return ar_streamed.score(
+            logits, layers, reference, streamed, windows, COMPARE_WINDOWS, SIMILARITY_KEYS
+        )
+
+    rtn, fp = compare(rounded.hidden, rounded.layers)
+
+    def measure(model: Any) -> dict[str, Any]:
+        return compare(*ar_streamed.model_logits(model, decoder_names, windows))[0]
+
+    return fp, rtn, measure
+
+
+def _whole_baselines(
+    model_dir: Path,
+    planned: list[str],
+    options: Options,
+    windows: Any,
+    decoder_names: list[str],
+    rtn_log: str,
+    log: Log,
+    quantize: Any,
+    processor: Any,
+    image: Path | None,
+) -> tuple[dict[str, Any], dict[str, Any], Measure]:
+    """(float perplexity, RTN's numbers, how an export is measured) with the float model
+    loaded whole (kept for the exports' comparisons and image prompt)."""
     from common.analysis.eval import perplexity
+    from common.models.loading import load_model
+
+    reference = load_model(model_dir)
+    log(f"float model: perplexity on {windows.shape[0]}x{windows.shape[1]} held-out tokens")
+    fp = perplexity(reference, windows)
+    image_inputs = (
+        ar_verify.image_inputs(processor, image, IMAGE_PROMPT) if image is not None else None
+    )
+    log(rtn_log)
+    rtn_model = _rtn_baseline(options, model_dir, planned, quantize, log)
+    rtn = {
+        "ppl": perplexity(rtn_model, windows)["ppl"],
+        **_logit_similarity(rtn_model, reference, windows[:COMPARE_WINDOWS]),
+        "layers": ar_verify.layer_cosines(rtn_model, reference, decoder_names, windows[0]),
+    }
+    _release(rtn_model)
+
+    def measure(model: Any) -> dict[str, Any]:
+        result = {
+            "ppl": perplexity(model, windows)["ppl"],
+            **_logit_similarity(model, reference, windows[:COMPARE_WINDOWS]),
+            "layers": ar_verify.layer_cosines(model, reference, decoder_names, windows[0]),
+        }
+        if image_inputs is not None:
+            result["image_prompt"] = ar_verify.image_prompt_check(
+                model, reference, processor, image_inputs, MAX_NEW_TOKENS
+            )
+        return result
+
+    return fp, rtn, measure
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from common.core.memory import MemoryCap
     from common.core.recipes import load_recipe, model_build_dir
     from common.inputs.data import EVAL_CORPUS, eval_windows
-    from common.models import get_adapter
-    from common.models.loading import load_model, load_processor, load_tokenizer
+    from common.models.loading import (
+        load_model,
+        load_processor,
+        load_tokenizer,
+        refuse_remote_code,
+    )
+    from common.models.streaming import StreamedModel
     from common.steps.eval_step import DEFAULT_NUM_WINDOWS, DEFAULT_SEQ_LEN
     from common.steps.model_build import build_model, tokenizer_source_dir
 
@@ -304,38 +402,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args, recipe.target_section(TARGET), f"{recipe.path}: targets.{TARGET}"
     )
     model_dir = build_model(recipe, args.build_dir, args.model_path)
-    whole_model_preflight(
-        phases,
-        model_dir,
-        "make autoround",
-        options.max_memory,
-        {"reference model": 1, "round-to-nearest copy": 1, "AutoRound's own copy": 1},
-    )
-    out_root = model_build_dir(recipe, args.build_dir) / TARGET
-    tokenizers = TokenizerSource(
-        model_dir, tokenizer_source_dir(recipe, args.build_dir, args.model_path), out_root
-    )
-
-    reference = load_model(model_dir)
-    adapter = get_adapter(reference)
+    refuse_remote_code(model_dir)  # "not supported" is the answer, not "too big"
+    streamed = StreamedModel(model_dir)  # the module tree on meta: names, shapes, the mode
+    adapter = streamed.adapter
     is_vl = adapter.is_vision_language
     plan = planned_layers(adapter, options.quant_nontext_module)
     ar_options.check_against_model(
         options, is_vision_language=is_vl, linears=[(n, lin.in_features) for n, lin in plan]
     )
     planned = [name for name, _ in plan]
-    if ar_options.is_gguf(options):
-        ar_quantize.check_gguf_support(model_dir, options.formats[0])
-    decoder_names = [layer.name for layer in adapter.layers()]
-    prefixes = ar_quantize.block_prefixes(_block_names(adapter, options.quant_nontext_module))
+    sequential = ar_streamed.check_mode(
+        ar_streamed.whole_model_reason(streamed, options.formats), options.sequential, model_dir
+    )
     tokenizer = load_tokenizer(model_dir)
-    processor = load_processor(model_dir) if is_vl else None
-    image = None
-    if is_vl:
-        from common.inputs.vl_preprocess import list_frames
-
-        image = list_frames(options.images or DEFAULT_IMAGES, "image prompt folder")[0]
-
     eval_cfg = recipe.eval_defaults
     num_windows = (
         eval_cfg.get("num_windows", DEFAULT_NUM_WINDOWS)
@@ -347,20 +426,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     windows = eval_windows(
         [EVAL_CORPUS], tokenizer, num_windows, eval_cfg.get("seq_len", DEFAULT_SEQ_LEN)
     )
+    if sequential:
+        phases.preflight(
+            ar_streamed.estimate(streamed, options, tuple(windows.shape), planned),
+            MemoryCap.resolve(options.max_memory),
+            ar_streamed.lower_hint(options, num_windows),
+        )
+    else:
+        whole_model_preflight(
+            phases,
+            model_dir,
+            "make autoround",
+            options.max_memory,
+            {"reference model": 1, "round-to-nearest copy": 1, "AutoRound's own copy": 1},
+        )
+    out_root = model_build_dir(recipe, args.build_dir) / TARGET
+    tokenizers = TokenizerSource(
+        model_dir, tokenizer_source_dir(recipe, args.build_dir, args.model_path), out_root
+    )
+    if ar_options.is_gguf(options):
+        ar_quantize.check_gguf_support(model_dir, options.formats[0])
+    decoder_names = [layer.name for layer in adapter.layers()]
+    prefixes = ar_quantize.block_prefixes(_block_names(adapter, options.quant_nontext_module))
+    processor = load_processor(model_dir) if is_vl else None
+    image = None
+    if is_vl:
+        from common.inputs.vl_preprocess import list_frames
+
+        image = list_frames(options.images or DEFAULT_IMAGES, "image prompt folder")[0]
+
+    out_root.parent.mkdir(parents=True, exist_ok=True)  # absent when MODEL_PATH gave the model
     with tempfile.TemporaryDirectory(prefix=".autoround-", dir=out_root.parent) as scratch:
         dataset, extra, calib_inputs = calibration(options, tokenizer, is_vl, Path(scratch))
         phases.phase("reference")
-        phases.log(
-            f"float model: perplexity on {windows.shape[0]}x{windows.shape[1]} held-out tokens"
-        )
-        fp = perplexity(reference, windows)
-        image_inputs = (
-            ar_verify.image_inputs(processor, image, IMAGE_PROMPT) if image is not None else None
-        )
 
         def quantize(run_options: Options, more: dict[str, Any], name: str) -> Any:
             return ar_quantize.run_autoround(
-                load_model(model_dir),
+                model_dir if sequential else load_model(model_dir),
                 tokenizer=tokenizer,
                 processor=processor,
                 dataset=dataset,
@@ -370,24 +472,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
 
         baseline = options.formats[0] if ar_options.is_gguf(options) else "common.quant.rtn"
-        phases.log(
+        rtn_log = (
             f"RTN baseline ({baseline}): W{options.bits} g{options.group_size} on "
             f"{len(planned)} layers"
         )
-        rtn_model = _rtn_baseline(options, model_dir, planned, quantize, phases.log)
-        rtn = {
-            "ppl": perplexity(rtn_model, windows)["ppl"],
-            **_logit_similarity(rtn_model, reference, windows[:COMPARE_WINDOWS]),
-            "layers": ar_verify.layer_cosines(rtn_model, reference, decoder_names, windows[0]),
-        }
-        _release(rtn_model)
+        if sequential:
+            fp, rtn, measure = _streamed_baselines(
+                streamed, plan, options, windows, decoder_names, rtn_log, phases.log
+            )
+        else:
+            fp, rtn, measure = _whole_baselines(
+                model_dir, planned, options, windows, decoder_names, rtn_log, phases.log,
+                quantize, processor, image,
+            )  # fmt: skip
 
         with atomic_path(out_root) as tmp:
             tmp.mkdir()
             phases.phase("quantize")
             phases.log(
-                f"AutoRound: iters {options.iters}, {options.nsamples} samples x "
-                f"{options.seqlen} tokens -> {', '.join(options.formats)}"
+                f"AutoRound{' block by block' if sequential else ''}: iters {options.iters}, "
+                f"{options.nsamples} samples x {options.seqlen} tokens -> "
+                f"{', '.join(options.formats)}"
             )
             exports, seconds = quantize(options, {}, "export")
             gc.collect()
@@ -400,15 +505,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     fmt, fmt_dir, is_vl, planned, prefixes, tokenizers, phases.log
                 )
                 if not result["problems"]:
-                    result["ppl"] = perplexity(model, windows)["ppl"]
-                    result.update(_logit_similarity(model, reference, windows[:COMPARE_WINDOWS]))
-                    result["layers"] = ar_verify.layer_cosines(
-                        model, reference, decoder_names, windows[0]
-                    )
-                    if image_inputs is not None:
-                        result["image_prompt"] = ar_verify.image_prompt_check(
-                            model, reference, processor, image_inputs, MAX_NEW_TOKENS
-                        )
+                    result.update(measure(model))
                 _release(model)
                 per_format[fmt] = result
             phases.phase("package")

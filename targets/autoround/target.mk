@@ -5,6 +5,7 @@
 #        [QUANT_NONTEXT=1] [DATA=calib.json|.jsonl] [IMAGES=<LLaVA json's image dir>]
 #        [TEMPLATE=t.json]
 #        [EVAL_WINDOWS=<held-out windows; default the recipe's eval.num_windows>]
+#        [SEQUENTIAL=0|1 (whole model | block by block; default: block by block where possible)]
 # auto-round and its extra dependencies come from targets/autoround/requirements.txt and are
 # installed into the shared venv once (stamp keyed on that file's hash).
 AUTOROUND_REQ   := targets/autoround/requirements.txt
@@ -12,7 +13,7 @@ AUTOROUND_HASH  := $(shell sha256sum $(AUTOROUND_REQ) | cut -c1-16)
 AUTOROUND_STAMP := $(VENV)/.edgeforge-autoround-$(AUTOROUND_HASH)
 #: The make variables of ar_options.Options, in declaration order.
 AUTOROUND_OPTIONS := BITS GROUP_SIZE SYM ITERS NSAMPLES SEQLEN FORMAT QUANT_NONTEXT DATA IMAGES \
-  TEMPLATE EVAL_WINDOWS MAX_MEMORY
+  TEMPLATE EVAL_WINDOWS SEQUENTIAL MAX_MEMORY
 AUTOROUND_VARS = $(call option_vars,$(AUTOROUND_OPTIONS))
 AUTOROUND_ARGS = $(call option_args,$(AUTOROUND_OPTIONS))
 .PHONY: autoround autoround-venv
