@@ -316,6 +316,13 @@ class StreamedModel:
         """float32 bytes of the largest decoder layer."""
         return max(self.part_bytes(layer.name) for layer in self.adapter.layers())
 
+    def vision_tower_bytes(self) -> int:
+        """float32 bytes of a vision-language model's vision tower (read as one part);
+        0 for a text model."""
+        if not self.adapter.is_vision_language:
+            return 0
+        return self.part_bytes(self.adapter.name_of("vision_tower"))
+
     def largest_part_bytes(self) -> int:
         """float32 bytes of the largest part a step holds at once: a decoder layer, or the
         embedding (the LM head, read at the other end, is as large or, tied, the same)."""

@@ -111,7 +111,7 @@ def layerwise_preflight(
         **held(adapter),
     }
     if adapter.is_vision_language and vision:
-        tower = streamed.part_bytes(adapter.name_of("vision_tower"))
+        tower = streamed.vision_tower_bytes()
         parts[f"vision tower ({vision:g}x its float32 weights)"] = int(vision * tower)
     run.preflight(
         Estimate(f"{step} (one layer at a time)", parts), MemoryCap.resolve(max_memory), lower

@@ -237,9 +237,7 @@ def _layerwise_estimate(streamed: Any, windows: int, seq_len: int) -> Any:
 
     adapter = streamed.adapter
     head = streamed.part_bytes(adapter.name_of("embed_tokens"))
-    tower = (
-        streamed.part_bytes(adapter.name_of("vision_tower")) if adapter.is_vision_language else 0
-    )
+    tower = streamed.vision_tower_bytes()
     return Estimate(
         "make cpu (one layer at a time)",
         {

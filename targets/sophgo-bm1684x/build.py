@@ -383,10 +383,7 @@ def memory_estimate(streamed: Any, sampled: Collection[int] | None = None) -> Es
     pickled ``.bin`` checkpoint mapped. The float reference holds one part and a small KV
     cache, a VL model's vision tower while its image prompt's features are computed."""
     largest = streamed.largest_part_bytes()
-    adapter = streamed.adapter
-    tower = (
-        streamed.part_bytes(adapter.name_of("vision_tower")) if adapter.is_vision_language else 0
-    )
+    tower = streamed.vision_tower_bytes()
     reference = {"vision tower read for the image reference (float32)": tower}
     mapped = {"pickled .bin pages (mapped)": streamed.weights.mapped_bytes}
     export = {
