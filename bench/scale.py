@@ -80,23 +80,16 @@ def _run(command: list[str], log: Path, timeout: float) -> dict[str, Any]:
     }
 
 
-#: Config fields naming the vision placeholders, and their tokens.
-VISION_TOKENS = {
-    "image_token_id": "<|image_pad|>",
-    "video_token_id": "<|video_pad|>",
-    "vision_start_token_id": "<|vision_start|>",
-    "vision_end_token_id": "<|vision_end|>",
-}
-
-
 def borrow_vision_token_ids(config: Any, tokenizer_dir: Path) -> None:
     """Point a VL config's placeholder ids at the borrowed tokenizer's tokens: it numbers
     them its own way (the model's own tokenizer is not here), and a prompt's pictures are
     found by these ids."""
     from transformers import AutoTokenizer
 
+    from common.models.tiny_models import VISION_TOKEN_FIELDS
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    for key, token in VISION_TOKENS.items():
+    for key, token in VISION_TOKEN_FIELDS.items():
         if hasattr(config, key):
             setattr(config, key, tokenizer.convert_tokens_to_ids(token))
 

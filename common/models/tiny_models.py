@@ -123,6 +123,13 @@ _TEXT_DIMS: dict[str, Any] = {
     "attention_dropout": 0.0,
 }
 
+#: A Qwen-VL config's fields naming the vision placeholder tokens, and those tokens.
+VISION_TOKEN_FIELDS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
 # Config keys that the builder owns: they must agree with the tokenizer it trains.
 _TOKENIZER_OWNED_KEYS = frozenset(
     {
@@ -520,14 +527,7 @@ def _make_config(
         config.update(token_ids)
     else:
         config["text_config"].update(token_ids)
-        config.update(
-            {
-                "image_token_id": ids["<|image_pad|>"],
-                "video_token_id": ids["<|video_pad|>"],
-                "vision_start_token_id": ids["<|vision_start|>"],
-                "vision_end_token_id": ids["<|vision_end|>"],
-            }
-        )
+        config.update({key: ids[token] for key, token in VISION_TOKEN_FIELDS.items()})
     config_class = _config_classes(spec.model_type)[""]
     try:
         result = config_class(**config, dtype="float32", architectures=[spec.architecture])
