@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import json
 import os
@@ -253,20 +252,20 @@ def run_autoround(
     registered local LLaVA json key; ``extra`` carries VL-only arguments
     (``extra_data_dir``, ``template``).
     """
-    run = functools.partial(
-        _run_once, tokenizer=tokenizer, processor=processor, dataset=dataset, extra=extra
-    )
-    if not isinstance(model, Path) or len(options.formats) == 1:
-        try:
-            return run(model, out_dir=out_dir, options=options)
-        finally:
-            _release_autoround()
+    runs = [(options, out_dir)]
+    if isinstance(model, Path) and len(options.formats) > 1:
+        runs = [
+            (dataclasses.replace(options, formats=(fmt,)), out_dir / fmt.replace(":", "-"))
+            for fmt in options.formats
+        ]
     exports: dict[str, Path] = {}
     seconds = 0.0
-    for fmt in options.formats:
-        one = dataclasses.replace(options, formats=(fmt,))
+    for one, dest in runs:
         try:
-            exported, took = run(model, out_dir=out_dir / fmt.replace(":", "-"), options=one)
+            exported, took = _run_once(
+                model, tokenizer=tokenizer, processor=processor, dataset=dataset,
+                out_dir=dest, options=one, extra=extra,
+            )  # fmt: skip
         finally:
             _release_autoround()
         exports.update(exported)
