@@ -457,7 +457,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         if lowered:
             run.log(
                 f"OPT_MODE=auto: {len(lowered)} graphs finalized at mode 1, mode 3 ran out of "
-                f"memory: {', '.join(lowered)}"
+                f"memory on them or on the same graph of an earlier layer: {', '.join(lowered)}"
             )
         run.phase("verify")
         e2e = pipeline.end_to_end(parts, hiddens, e2e_ids)
