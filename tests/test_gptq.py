@@ -17,6 +17,7 @@ from common.export import piece_export as pe
 from common.models import ModelAdapter, get_adapter, iter_linears
 from common.models.loading import load_model
 from common.models.static_decoder import BlockPiece, piece_dims, rotary_table
+from common.quant import gptq
 from common.quant.gptq import BLOCK, DAMP, HessianObserver, gptq_levels
 from common.quant.int8 import dequantize, qmax, quantize, quantize_weight, weight_scale
 
@@ -141,6 +142,20 @@ def test_levels_equal_the_reference_loop(
     assert torch.equal(scale, want_scale)
     assert torch.equal(levels, want), int((levels != want).sum())
     assert torch.equal(hessian, kept)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_slices_of_rows_round_as_the_whole(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matrix over :data:`gptq.ROW_SLICE_BYTES` (an LM head) is rounded a slice of rows
+    at a time, with the same levels bit for bit as the whole matrix at once."""
+    columns = 300
+    hessian = _hessian(_correlated_inputs(1500, columns, seed=6, rows_seed=13))
+    w = torch.randn(200, columns, generator=_gen(9))
+    whole = gptq_levels(w, hessian, 8)
+    monkeypatch.setattr(gptq, "ROW_SLICE_BYTES", rows * 4 * columns)
+    sliced = gptq_levels(w, hessian, 8)
+    assert torch.equal(sliced[0], whole[0]), int((sliced[0] != whole[0]).sum())
+    assert torch.equal(sliced[1], whole[1])
 
 
 def test_white_inputs_give_round_to_nearest() -> None:

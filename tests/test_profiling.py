@@ -63,6 +63,38 @@ def test_sequential_equals_whole_model_vision_language(
     assert rotated == sequential
 
 
+@pytest.mark.parametrize(
+    ("fixture", "transforms"),
+    [("tiny_qwen2_5_vl_dir", {"rotation": {"mode": "hadamard", "seed": 3}}),
+     ("tiny_qwen2_vl_dir", {})],
+)  # fmt: skip
+def test_sequential_image_calibration_equals_whole_model(
+    request: pytest.FixtureRequest, fixture: str, transforms: dict
+) -> None:
+    """Image prompts beside the text windows, one part at a time (the vision tower read
+    first for the pictures' tokens, then each language layer on the windows and the
+    prompts), rotated or not: the whole model's statistics, vision linears included."""
+    from common.steps.profile_step import vision_calibration
+
+    model_dir = request.getfixturevalue(fixture)
+    windows = _windows(model_dir, 2, 16)
+    images = str(REPO_ROOT / "data" / "images")
+    settings = ProfileSettings(corpus=str(CALIB_CORPUS), images=images, image_size=56)
+    prompts = vision_calibration(model_dir, settings)[:2]
+    assert len(prompts) == 2
+    with transformed_model(model_dir, transforms) as (model, _):
+        whole = profile_model(model, windows, vision_inputs=prompts).results()
+    streamed = StreamedModel(model_dir)
+    sequential = profile_sequential(
+        streamed,
+        windows,
+        transforms=Transforms.of(streamed.adapter, transforms),
+        vision_inputs=prompts,
+    ).results()
+    assert any(".visual." in name for name in whole)
+    assert whole == sequential
+
+
 def _transformed_profiles(model_dir: Path, transforms: dict, windows: torch.Tensor) -> tuple:
     """The whole transformed model's statistics and the streamed ones, each part
     transformed as it is read."""
@@ -350,7 +382,6 @@ def test_image_calibration_profiles_the_vision_linears(
     for changes, model_dir, fragment in (
         ({"images": str(tmp_path / "none")}, tiny_qwen2_vl_dir, "--images"),
         ({"images": str(images)}, tiny_qwen2_dir, "--images"),
-        ({"images": str(images), "sequential": True}, tiny_qwen2_vl_dir, "--images"),
     ):
         with pytest.raises(EdgeforgeError, match=re.escape(fragment)):
             run_profile(

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -132,6 +133,41 @@ class Parts:
             yield norm, lm_head
 
 
+#: Sequences of one length as the decoder stack runs them: hidden states ``[n, L, H]`` and
+#: what the stack hands every layer for them (:func:`~common.models.streaming.layer_kwargs`).
+Group = tuple[torch.Tensor, dict[str, Any]]
+
+
+def run_groups(
+    parts: Parts,
+    embed: Callable[[nn.Module], list[Group]],
+    *,
+    cursor: Cursor | None = None,
+    bar: tqdm | None = None,
+) -> list[torch.Tensor]:
+    """The hidden states after the last decoder layer (before the final norm) of each
+    group that ``embed`` makes with the embedding module (read once for them all): each
+    layer is read once and runs every group's sequences in turn, one at a time (``cursor``
+    counts them across groups); ``bar`` advances by each sequence's tokens per layer."""
+    cursor = cursor or Cursor()
+    with torch.inference_mode():
+        with parts.embedding() as module:
+            groups = embed(module)
+        for layer in parts.adapter.layers():
+            with parts.layer(layer):
+                cursor.window = -1
+                for g, (hidden, kwargs) in enumerate(groups):
+                    out = torch.empty_like(hidden)
+                    for i in range(hidden.shape[0]):
+                        cursor.window += 1
+                        out[i] = layer.module(hidden[i : i + 1], **kwargs)[0]
+                        if bar is not None:
+                            bar.update(hidden.shape[1])
+                    groups[g] = (out, kwargs)
+    cursor.window = -1
+    return [hidden for hidden, _ in groups]
+
+
 def run_layers(
     parts: Parts,
     windows: torch.Tensor,
@@ -143,22 +179,12 @@ def run_layers(
     final norm) of every window of ``windows`` ``[n, seq]``, each part read (and
     transformed) by ``parts`` for its turn; ``bar`` advances by each window's tokens per
     layer."""
-    cursor = cursor or Cursor()
-    with torch.inference_mode():
-        with parts.embedding() as embed:
-            hidden = embed(windows)
-        kwargs = layer_kwargs(parts.adapter, hidden)
-        for layer in parts.adapter.layers():
-            with parts.layer(layer):
-                out = torch.empty_like(hidden)
-                for i in range(hidden.shape[0]):
-                    cursor.window = i
-                    out[i] = layer.module(hidden[i : i + 1], **kwargs)[0]
-                    if bar is not None:
-                        bar.update(windows.shape[1])
-                hidden = out
-    cursor.window = -1
-    return hidden
+
+    def text(embedding: nn.Module) -> list[Group]:
+        hidden = embedding(windows)
+        return [(hidden, layer_kwargs(parts.adapter, hidden))]
+
+    return run_groups(parts, text, cursor=cursor, bar=bar)[0]
 
 
 @contextmanager

@@ -50,10 +50,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.analysis.layerwise import Parts, head
+from common.analysis.layerwise import Group, Parts, head
 from common.core.errors import EdgeforgeError
 from common.models import DecoderLayer, ModelAdapter, QwenAdapter
-from common.models.streaming import qwen1_layer_kwargs
+from common.models.streaming import layer_kwargs, qwen1_layer_kwargs
 
 
 @dataclass(frozen=True)
@@ -159,15 +159,30 @@ def _forward(parts: Parts, step: _Step, cache: _LayerCache) -> torch.Tensor:
     """Logits ``[1, n, V]`` of ``step``'s tokens following those in ``cache``, each part
     read for its turn; every layer appends its keys and values to ``cache``."""
     with parts.embedding() as embed:
-        hidden = embed(step.ids)
-    for kind, features in step.features.items():
-        hidden = _scatter(parts.adapter, step.ids, hidden, kind, features)
+        hidden = _embedded(parts.adapter, embed, step)
     kwargs = cache.layer_kwargs(parts.adapter, hidden, step)
     for layer in parts.adapter.layers():
         with parts.layer(layer):
             hidden = cache.run(layer, hidden, kwargs)
     with head(parts) as logits:
         return logits(hidden)
+
+
+def prompt_group(adapter: ModelAdapter, embed: nn.Module, prompt: VisualPrompt) -> Group:
+    """A vision-language prompt as :func:`~common.analysis.layerwise.run_groups` runs it
+    beside text windows: embedded by ``embed`` with its vision features in place, and its
+    M-RoPE positions, without a cache (a forward with ``use_cache=False``)."""
+    step = _Step.first(adapter, prompt)
+    hidden = _embedded(adapter, embed, step)
+    return hidden, layer_kwargs(adapter, hidden, step.positions)
+
+
+def _embedded(adapter: ModelAdapter, embed: nn.Module, step: _Step) -> torch.Tensor:
+    """``step``'s tokens embedded, vision placeholders replaced by their features."""
+    hidden = embed(step.ids)
+    for kind, features in step.features.items():
+        hidden = _scatter(adapter, step.ids, hidden, kind, features)
+    return hidden
 
 
 def _scatter(

@@ -31,12 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.analysis.layerwise import Parts, head, run_layers
+from common.analysis.layerwise import Group, Parts, head, run_groups
+from common.analysis.layerwise_decode import VisualPrompt, prompt_group, vision_features
 from common.analysis.observers import TensorObserver
 from common.core.errors import EdgeforgeError
 from common.core.progress import progress
 from common.models import ModelAdapter, get_adapter, iter_linears
-from common.models.streaming import StreamedModel
+from common.models.streaming import StreamedModel, layer_kwargs
 from common.quant.transforms import Transforms
 
 PROFILE_FORMAT = "edgeforge-profile-v1"
@@ -190,25 +191,45 @@ def profile_sequential(
     *,
     transforms: Transforms | None = None,
     no_bias: bool = True,
+    vision_inputs: Sequence[Mapping[str, Any]] = (),
     exact: bool = False,
 ) -> ActivationProfiler:
     """Profile one part at a time (see the module docstring), each part transformed by
     ``transforms`` (rotation, online Hadamard) as it is read.
 
-    A model that runs its own code (Qwen1) has its blocks run with what the checkpoint's
-    own stack would hand them.
+    ``vision_inputs`` (image prompts of a vision-language model, as for
+    :func:`profile_model`): the vision tower is read first and turns every prompt's
+    pictures into tokens, its linears observed; then each language layer runs the text
+    windows and, after them, the prompts. Every linear sees its inputs in the whole
+    model's order, so the statistics are the same. A model that runs its own code (Qwen1)
+    has its blocks run with what the checkpoint's own stack would hand them.
     """
     adapter = streamed.adapter
     streamed.check_layerwise("profile it with SEQUENTIAL=0", text_windows=True)
-    profiler = ActivationProfiler(adapter, no_bias=no_bias, exact=exact)
-    bar = _progress(windows.numel() * (adapter.num_layers + 1), "profile (sequential)")
+    profiler = ActivationProfiler(
+        adapter, no_bias=no_bias, include_vision=bool(vision_inputs), exact=exact
+    )
+    vision_tokens = sum(int(inputs["input_ids"].numel()) for inputs in vision_inputs)
+    tokens = windows.numel() + vision_tokens
+    bar = _progress(tokens * (adapter.num_layers + 1), "profile (sequential)")
     with profiler.attached():
         parts = Parts(adapter, streamed, transforms)
-        hidden = run_layers(parts, windows, bar=bar)
+        prompts = []
+        if vision_inputs:
+            with parts.vision_tower() as tower:
+                prompts = [VisualPrompt(i, vision_features(tower, i)) for i in vision_inputs]
+
+        def groups(embed: nn.Module) -> list[Group]:
+            hidden = embed(windows)
+            text = (hidden, layer_kwargs(adapter, hidden))
+            return [text, *(prompt_group(adapter, embed, prompt) for prompt in prompts)]
+
+        hidden = run_groups(parts, groups, bar=bar)
         with head(parts) as logits:
-            for i in range(hidden.shape[0]):
-                logits(hidden[i : i + 1])
-                bar.update(windows.shape[1])
+            for group in hidden:
+                for i in range(group.shape[0]):
+                    logits(group[i : i + 1])
+                    bar.update(group.shape[1])
     bar.close()
     return profiler
 

@@ -116,14 +116,17 @@ def _round_and_run(
     finally:
         gathered.remove()
     hessians = gathered.hessians()
-    originals = {}
     for name, linear in linears.items():
         levels[name] = gptq_levels(linear.weight, hessians[name], bits)
+    if not propagate:  # no rounded copy of the weights (the LM head: the largest part)
+        return []
+    originals = {}
+    for name, linear in linears.items():
         originals[name] = linear.weight.data
         linear.weight.data = dequantize(*levels[name]).to(linear.weight.dtype)
     try:
         with torch.no_grad():
-            return [run(h) for h in hidden] if propagate else []
+            return [run(h) for h in hidden]
     finally:
         for name, linear in linears.items():
             linear.weight.data = originals[name]

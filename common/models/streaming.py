@@ -349,16 +349,22 @@ class StreamedModel:
             )
 
 
-def layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> dict[str, Any]:
+def layer_kwargs(
+    adapter: ModelAdapter, hidden: torch.Tensor, mrope_positions: torch.Tensor | None = None
+) -> dict[str, Any]:
     """What the model's own decoder stack hands every layer for whole windows of
     ``hidden``'s length, without a cache (causal mask, rotary tables). Only the adapter's
-    config and buffers are read, so a model on meta will do."""
+    config and buffers are read, so a model on meta will do. ``mrope_positions``
+    ``[3, 1, L]``: a vision-language prompt's M-RoPE rows (``get_rope_index``), where
+    text alone counts the tokens in all three."""
     if isinstance(adapter, QwenAdapter):
         return qwen1_layer_kwargs(adapter, hidden.shape[1])
-    return _transformers_layer_kwargs(adapter, hidden)
+    return _transformers_layer_kwargs(adapter, hidden, mrope_positions)
 
 
-def _transformers_layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> dict[str, Any]:
+def _transformers_layer_kwargs(
+    adapter: ModelAdapter, hidden: torch.Tensor, mrope_positions: torch.Tensor | None
+) -> dict[str, Any]:
     """What a transformers decoder stack hands each layer for whole windows without a
     cache: its rotary embedding and the causal mask, built as the stack builds them."""
     from transformers.masking_utils import create_causal_mask
@@ -368,7 +374,11 @@ def _transformers_layer_kwargs(adapter: ModelAdapter, hidden: torch.Tensor) -> d
     # A vision-language stack on text alone: M-RoPE's three rows all count the tokens,
     # and the layers get no 1-D positions (as its forward passes them for packed rows only).
     vision_language = adapter.mrope_section is not None
-    rotary_positions = position_ids[None].expand(3, 1, -1) if vision_language else position_ids
+    rotary_positions = position_ids
+    if vision_language:
+        rotary_positions = position_ids[None].expand(3, 1, -1)
+        if mrope_positions is not None:
+            rotary_positions = mrope_positions
     return {
         "attention_mask": create_causal_mask(
             config=adapter.text_config,

@@ -37,6 +37,11 @@ from common.quant.int8 import qmax, weight_scale
 BLOCK = 128
 #: Dampening added to H's diagonal, as a fraction of its mean (the paper's λ).
 DAMP = 0.01
+#: Output channels (rows) are independent in GPTQ, so a matrix larger than this in float32
+#: is rounded a slice of rows at a time: the reordered copy and its error update are held
+#: for one slice. Only LM heads are that large (Qwen1.5-1.8B's: 151 936 x 2048, 1.16 GiB,
+#: held four times over before); every layer's linear is one slice.
+ROW_SLICE_BYTES = 256 * 2**20
 
 
 class HessianObserver:
@@ -122,7 +127,6 @@ def gptq_levels(
     diag = torch.diagonal(h).clone()
     diag[diag == 0] = 1.0
     order = torch.argsort(diag, descending=True, stable=True)
-    w = weight.detach().float()[:, order]  # indexing copies: the weight is not touched
     h = h[order[:, None], order]
     torch.diagonal(h).copy_(diag[order])  # with its zeros made 1
     # λ·mean(diag) added to the diagonal in place: the sums of ``h + λ·I`` without an
@@ -137,21 +141,25 @@ def gptq_levels(
             "GPTQ: the input Hessian is not positive definite even after dampening; "
             "calibrate on more tokens"
         ) from None
-    levels = torch.empty(w.shape, dtype=torch.int8)
+    levels = torch.empty(weight.shape, dtype=torch.int8)
     lo, hi = np.float32(-qmax(bits) - 1), np.float32(qmax(bits))
-    for start in range(0, columns, block):
-        stop = min(start + block, columns)
-        errors = torch.empty(w.shape[0], stop - start)
-        inv = h_inv[start:stop, start:stop].contiguous()
-        _round_block(
-            w.numpy(),
-            inv.numpy(),
-            scale[:, 0].numpy(),
-            start,
-            lo,
-            hi,
-            levels.numpy(),
-            errors.numpy(),
-        )
-        w[:, stop:] -= errors @ h_inv[start:stop, stop:]
+    rows = max(1, ROW_SLICE_BYTES // (4 * columns))
+    for first in range(0, weight.shape[0], rows):
+        last = min(first + rows, weight.shape[0])
+        w = weight[first:last].detach().float()[:, order]  # indexing copies: weight untouched
+        for start in range(0, columns, block):
+            stop = min(start + block, columns)
+            errors = torch.empty(w.shape[0], stop - start)
+            inv = h_inv[start:stop, start:stop].contiguous()
+            _round_block(
+                w.numpy(),
+                inv.numpy(),
+                scale[first:last, 0].numpy(),
+                start,
+                lo,
+                hi,
+                levels[first:last].numpy(),
+                errors.numpy(),
+            )
+            w[:, stop:] -= errors @ h_inv[start:stop, stop:]
     return levels[:, torch.argsort(order)], scale

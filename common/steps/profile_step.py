@@ -78,11 +78,6 @@ class ProfileSettings:
             raise EdgeforgeError(
                 "random_rotate and R_path are mutually exclusive: give one rotation source"
             )
-        if self.sequential and self.images:
-            raise EdgeforgeError(
-                "--sequential profiles text models; --images needs the whole vision-language "
-                "model — drop one of them"
-            )
 
     @property
     def dir_name(self) -> str:
@@ -175,10 +170,10 @@ def _window_bytes(adapter: Any, settings: ProfileSettings) -> int:
 def plan_profile(
     model_dir: Path, settings: ProfileSettings, *, trust_remote_code: bool = False
 ) -> ProfilePlan:
-    """Choose the mode and estimate its peak. Text models run one layer at a time unless
+    """Choose the mode and estimate its peak. Models run one layer at a time unless
     ``SEQUENTIAL=0`` (their statistics are identical either way), vision-language ones
-    too on text calibration; image calibration and layers that are not plain causal
-    attention run whole."""
+    with image calibration too (the vision tower read first, as one part); layers that
+    are not plain causal attention run whole."""
     from common.models.streaming import StreamedModel, stored_bytes
     from common.quant.rotation import rotation_bytes
 
@@ -188,15 +183,18 @@ def plan_profile(
     layered = Estimate(
         "make profile (one layer at a time)",
         {
-            "largest part (float32)": streamed.largest_part_bytes(),
+            # With --images the vision tower is one more part, read first for the
+            # pictures' tokens (the prompts' hidden states: a few MiB beside the windows').
+            "largest part (float32)": max(
+                streamed.largest_part_bytes(),
+                streamed.vision_tower_bytes() if settings.images else 0,
+            ),
             "hidden states": 2 * _window_bytes(adapter, settings),
             "rotation (float64)": rotation,
             "pickled .bin pages (mapped)": streamed.weights.mapped_bytes,
         },
     )
-    # A vision-language model calibrated on text runs its language model alone, as the
-    # whole model runs text; with --images its vision tower needs the pictures' tokens.
-    fits_layers = not (settings.images or adapter.attention_departures())
+    fits_layers = not adapter.attention_departures()
     sequential = fits_layers if settings.sequential is None else settings.sequential
     if sequential:
         return ProfilePlan(
@@ -216,8 +214,8 @@ def plan_profile(
     lower = (
         f"SEQUENTIAL=1 (one layer at a time) needs about {gib(layered.total)}"
         if fits_layers
-        else "this model is profiled whole (image calibration or non-causal layers); "
-        "use a machine with more memory"
+        else "this model is profiled whole (its layers are not all plain causal "
+        "attention); use a machine with more memory"
     )
     return ProfilePlan(None, whole, lower)
 
@@ -228,6 +226,7 @@ def collect(
     """Run the profiler as ``plan`` says; returns (profiler, rotation or None)."""
     from common.analysis.profiling import profile_model, profile_sequential
 
+    vision_inputs = vision_calibration(model_dir, settings)
     if plan.streamed is not None:
         from common.quant.transforms import Transforms
 
@@ -237,12 +236,12 @@ def collect(
             windows,
             transforms=transforms,
             no_bias=settings.no_bias,
+            vision_inputs=vision_inputs,
             exact=settings.exact_percentiles,
         )
         return profiler, transforms.rotation
     from common.analysis.simulate import transformed_model
 
-    vision_inputs = vision_calibration(model_dir, settings)
     with transformed_model(model_dir, settings.transforms) as (model, rotation):
         profiler = profile_model(
             model,

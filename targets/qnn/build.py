@@ -59,6 +59,7 @@ from common.core.records import (
 )
 from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import write_tokenizer_dir
+from common.quant.gptq import ROW_SLICE_BYTES
 from common.quant.hadamard import ROTATE_MODES
 from common.steps.phases import Run
 from common.steps.preflight import max_memory_option
@@ -239,10 +240,6 @@ def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
 PIECE_FACTOR = 4
 
 
-#: GPTQ of the largest part (the LM head, rounded last) over its float32 weights.
-GPTQ_HEAD_FACTOR = 4
-
-
 def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
     """The larger of the build's two peaks: building the largest piece
     (:data:`PIECE_FACTOR`), and, with GPTQ, the end of GPTQ (every linear's levels, one
@@ -256,9 +253,11 @@ def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
     }
     levels = {
         "GPTQ levels of every linear (1 byte per weight)": streamed.weights.nbytes("") // 4,
-        # The LM head last: the part, GPTQ's reordered copy and its error update, each as
-        # large (7.0 GiB measured at Qwen1.5-1.8B, with the levels and the runtime).
-        f"the LM head's GPTQ ({GPTQ_HEAD_FACTOR}x its weights)": GPTQ_HEAD_FACTOR * largest,
+        # The LM head last: the part, its levels put back in column order (1 byte per
+        # weight), and GPTQ's reordered copy and error update of one slice of rows each.
+        "the LM head's GPTQ (its weights, 1/4 for its levels, two slices of rows)": largest
+        + largest // 4
+        + 2 * min(largest, ROW_SLICE_BYTES),
     }
     parts = levels if gptq and sum(levels.values()) > sum(piece.values()) else piece
     return Estimate("make qnn", {**parts, "pickled .bin pages (mapped)": mapped})
@@ -458,7 +457,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         if lowered:
             run.log(
                 f"OPT_MODE=auto: {len(lowered)} graphs finalized at mode 1, mode 3 ran out of "
-                f"memory: {', '.join(lowered)}"
+                f"memory on them or on the same graph of an earlier layer: {', '.join(lowered)}"
             )
         run.phase("verify")
         e2e = pipeline.end_to_end(parts, hiddens, e2e_ids)

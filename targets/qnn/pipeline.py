@@ -52,9 +52,54 @@ class Golden:
 CALIB_POSITIONS = 8
 #: Layout version of a cached piece (:func:`build_all`): bump it when :func:`build_piece`
 #: writes other files or other bytes for the same inputs, so no older entry is reused.
-PIECE_FORMAT = 3  # 2: binaries compiled from bytes in their own process; 3: OPT_MODE lowering
+PIECE_FORMAT = 4  # 2: binaries compiled from bytes in their own process; 3: OPT_MODE lowering;
+#                  4: a graph starts at mode 1 once its twin of an earlier layer ran out at 3
 #: The folder of a piece's entry that holds its QDQ model (the others are one per SoC).
 QDQ_FOLDER = "qdq"
+
+
+#: Modes to try per SoC name, and why a lower one is where they start (None: it is not).
+Modes = dict[str, tuple[tuple[int, ...], str | None]]
+
+
+class ModeChoice:
+    """The HTP optimization modes each graph is compiled at. ``OPT_MODE=auto`` tries mode 3,
+    then 1 where finalization runs out of memory; a graph whose twin in an earlier layer
+    (the same piece kind: the same ops and shapes, other weights, so the same finalizer
+    memory) ran out on that SoC starts at 1, naming the twin, instead of running out
+    again: one failed finalization per piece kind, not one per layer (every block of
+    Qwen1.5-1.8B runs out at 3). A numbered ``OPT_MODE`` is the one mode for every graph."""
+
+    def __init__(self, opt_mode: int | str) -> None:
+        auto = opt_mode == qnn_ep.AUTO_OPT_MODE
+        self.modes = qnn_ep.AUTO_OPT_MODES if auto else (int(opt_mode),)
+        self._ran_out: dict[tuple[str, str], str] = {}  # (piece kind, SoC) -> first piece
+
+    def of(self, name: str, socs: Sequence[qnn_ep.Soc]) -> Modes:
+        """The modes of piece ``name`` on each of ``socs``."""
+        out: Modes = {}
+        for soc in socs:
+            twin = self._ran_out.get((_kind(name), soc.name))
+            out[soc.name] = (self.modes, None)
+            if twin is not None and len(self.modes) > 1:
+                reason = (
+                    f"{twin} (the same graph, other weights) ran out of memory at graph "
+                    f"finalization at OPT_MODE {self.modes[0]}"
+                )
+                out[soc.name] = (self.modes[-1:], reason)
+        return out
+
+    def saw(self, row: Mapping[str, Any]) -> None:
+        """Note the binaries of a built (or cached) piece's report ``row`` that were
+        lowered, for the pieces of its kind after it."""
+        for soc, binary in row["binaries"].items():
+            if binary["lowered_because"]:
+                self._ran_out.setdefault((_kind(row["name"]), soc), row["name"])
+
+
+def _kind(name: str) -> str:
+    """A piece's kind: its name without the layer index (``block_cache_3``: ``block_cache``)."""
+    return name.rstrip("0123456789").rstrip("_")
 
 
 def _positions(last: int, count: int) -> list[int]:
@@ -254,12 +299,13 @@ def build_piece(
     golden: Golden,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
-    opt_mode: int | str,
+    modes: Modes,
     chain_inputs: Sequence[Feeds] = (),
 ) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
     """QDQ from ``plan`` (with ``levels`` as the integer weights) into
-    ``out_dir/qdq/<name>.onnx``, compile it into ``out_dir/<soc>/`` for each SoC, verify on
-    the emulator; returns the report row and the QNN outputs on each of ``chain_inputs``."""
+    ``out_dir/qdq/<name>.onnx``, compile it into ``out_dir/<soc>/`` for each SoC at its
+    ``modes`` (:class:`ModeChoice`), verify on the emulator; returns the report row and the
+    QNN outputs on each of ``chain_inputs``."""
     weights = piece_linears(adapter, name)
     qdq_path = out_dir / QDQ_FOLDER / f"{name}.onnx"
     qdq_path.parent.mkdir(parents=True, exist_ok=True)
@@ -282,11 +328,11 @@ def build_piece(
     cpu_out = _cpu_run(qdq_path, feeds)
     row: dict[str, Any] = {"name": name, "binaries": {}}
     session = None
-    modes = qnn_ep.AUTO_OPT_MODES if opt_mode == qnn_ep.AUTO_OPT_MODE else (int(opt_mode),)
     for soc in socs:
         ctx = out_dir / soc.name / f"{name}_ctx.onnx"
         ctx.parent.mkdir(parents=True, exist_ok=True)
-        compiled = qnn_ep.compile_at_modes(qdq_path, ctx, soc, vtcm_mb, modes)
+        tried, starts_lower = modes[soc.name]
+        compiled = qnn_ep.compile_at_modes(qdq_path, ctx, soc, vtcm_mb, tried)
         info = qnn_ep.check_binary_target(compiled.binary, soc, vtcm_mb, compiled.opt_mode)
         row["binaries"][soc.name] = {
             "ctx": f"{soc.name}/{ctx.name}",
@@ -295,7 +341,7 @@ def build_piece(
             "htp_arch": info.htp_arch,
             "vtcm_mb": info.vtcm_mb,
             "optimization_level": info.optimization_level,
-            "lowered_because": compiled.lowered_because,
+            "lowered_because": compiled.lowered_because or starts_lower,
         }
         if session is None:  # asserts {EPContext: 1} on QNN
             options = qnn_ep.provider_options(soc, vtcm_mb, compiled.opt_mode)
@@ -331,7 +377,7 @@ def piece_key(
     golden: Golden,
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
-    opt_mode: int | str,
+    modes: Modes,
     versions: dict[str, str],
 ) -> str:
     """The cache key of a piece: every input :func:`build_piece` reads (the float piece's
@@ -353,7 +399,7 @@ def piece_key(
             "chain": list(chain_inputs),
             "socs": [soc.name for soc in socs],
             "vtcm_mb": vtcm_mb,
-            "opt_mode": opt_mode,
+            "modes": {soc: [list(tried), why] for soc, (tried, why) in modes.items()},
             "versions": versions,
         }
     )
@@ -405,8 +451,8 @@ def build_all(
         golden=golden,
         socs=socs,
         vtcm_mb=vtcm_mb,
-        opt_mode=opt_mode,
     )
+    choice = ModeChoice(opt_mode)
     rows: list[dict[str, Any]] = []
     with torch.no_grad(), parts.embedding() as embed:
         hiddens = [embed(torch.tensor([list(ids)])).numpy() for ids in chain_ids]
@@ -418,23 +464,27 @@ def build_all(
         if name.startswith("block_") and not name.startswith("block_cache"):
             # Same length, no padding: every window shares the golden positions and mask.
             chain = [{**golden.inputs[name], "input_states": h} for h in hiddens]
+        modes = choice.of(name, socs)
 
-        def build(folder: Path, name: str = name, chain: list[Feeds] = chain) -> None:
+        def build(
+            folder: Path, name: str = name, chain: list[Feeds] = chain, modes: Modes = modes
+        ) -> None:
             index = int(name.rsplit("_")[-1]) if name != "lm_head" else 0
             part = parts.head() if name == "lm_head" else parts.layer(layers[index])
             with part:
                 row, chained = build_piece(
-                    name, float_dir, work_dir, folder, chain_inputs=chain, **common
+                    name, float_dir, work_dir, folder, modes=modes, chain_inputs=chain, **common
                 )
             (folder / "row.json").write_text(json.dumps(row))
             np.savez(folder / "chained.npz", *[outs[0] for outs in chained])
 
         key = piece_key(
             name, float_dir, chain, plan=plan, levels_key=levels_key, golden=golden,
-            socs=socs, vtcm_mb=vtcm_mb, opt_mode=opt_mode, versions=versions,
+            socs=socs, vtcm_mb=vtcm_mb, modes=modes, versions=versions,
         )  # fmt: skip
         entry = cache.fetch_or_build(name, key, build)
         rows.append(json.loads((entry / "row.json").read_text()))
+        choice.saw(rows[-1])
         with np.load(entry / "chained.npz") as chained:
             if chained.files:
                 hiddens = [chained[f"arr_{i}"] for i in range(len(chained.files))]

@@ -43,6 +43,7 @@ from tests.conftest import (
 
 SCRIPT = REPO_ROOT / "targets" / "qnn" / "build.py"
 mllm_int8 = import_target("qnn", "mllm_int8")
+pipeline = import_target("qnn", "pipeline")
 
 LINEAR_SUFFIXES = ("weight", "weight.scale", "input_scale", "output_scale", "clip_input",
                    "clip_output")  # fmt: skip
@@ -203,6 +204,30 @@ def test_auto_opt_mode_lowers_only_a_graph_that_runs_out(
     kept = qnn_ep.compile_at_modes(small, tmp_path / "small" / "ctx" / "b_ctx.onnx", soc,
                                    qnn_ep.DEFAULT_VTCM_MB, qnn_ep.AUTO_OPT_MODES)  # fmt: skip
     assert (kept.opt_mode, kept.lowered_because) == (3, None)
+
+
+def test_a_graph_starts_at_mode_1_once_its_twin_ran_out() -> None:
+    """Under OPT_MODE=auto the same piece kind of a later layer (same graph, other weights)
+    starts at mode 1 on the SoC where an earlier one ran out, naming it; other kinds and
+    SoCs still try 3 first, and a numbered mode is never changed."""
+    socs = [qnn_ep.soc_by_name("SM8650"), qnn_ep.soc_by_name("SM8750")]
+    first = {"SM8650": ((3, 1), None), "SM8750": ((3, 1), None)}
+    choice = pipeline.ModeChoice(qnn_ep.AUTO_OPT_MODE)
+    assert choice.of("block_0", socs) == first
+    ran_out = {"SM8650": {"lowered_because": "OPT_MODE 3 ran out of memory at graph "
+                          "finalization"}, "SM8750": {"lowered_because": None}}  # fmt: skip
+    choice.saw({"name": "block_0", "binaries": ran_out})
+    later = choice.of("block_11", socs)
+    assert later["SM8650"][0] == (1,) and later["SM8650"][1].startswith("block_0 (the same")
+    assert later["SM8750"] == ((3, 1), None)
+    assert choice.of("block_cache_0", socs) == first == choice.of("lm_head", socs)
+    choice.saw(
+        {"name": "block_11", "binaries": {"SM8650": {"lowered_because": later["SM8650"][1]}}}
+    )
+    assert choice.of("block_12", socs)["SM8650"][1].startswith("block_0 (the same")
+    strict = pipeline.ModeChoice(2)
+    strict.saw({"name": "block_0", "binaries": ran_out})
+    assert strict.of("block_1", socs) == {"SM8650": ((2,), None), "SM8750": ((2,), None)}
 
 
 def test_rejected_graph_names_the_ops_instead_of_falling_back(tmp_path: Path) -> None:
