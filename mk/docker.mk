@@ -1,0 +1,10 @@
+# Containers (README "Containers"): a base image made from Debian's packages, one image per
+# target on top of it, and the engine they run on. APT_SOURCES=<files> overrides the host's
+# apt sources for the base.
+.PHONY: image-base image-base-check
+
+image-base: ## base image from Debian packages (mmdebstrap, pinned in docker/base.env): edgeforge/base:<sha>
+	APT_SOURCES="$(APT_SOURCES)" docker/base.sh build
+
+image-base-check: ## rebuild the base tarball from scratch; its sha256 must equal the cached one
+	APT_SOURCES="$(APT_SOURCES)" docker/base.sh check
