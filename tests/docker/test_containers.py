@@ -9,21 +9,34 @@ The base tarball and the wheelhouse are cached under the checkout's build/docker
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from common.core.records import hash_tree, sha256_file
+from common.core.records import sha256_file
 from tests.conftest import REPO_ROOT, CliResult, assert_clean_error
 
 ENGINE = REPO_ROOT / "docker" / "engine.sh"
-#: Files of a cpu-fp32-rotated build that hold paths or measured resources; their numbers
-#: are compared separately, every other file byte for byte.
-DESCRIBED = {"manifest.json", "report.json", "report.md"}
+
+
+def _load_images_check() -> ModuleType:
+    """docker/images_check.py, whose comparison ``make images-check`` applies to every case."""
+    spec = importlib.util.spec_from_file_location("images_check", ENGINE.parent / "images_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["images_check"] = module  # dataclasses look their module up while defining
+    spec.loader.exec_module(module)
+    return module
+
+
+images_check = _load_images_check()
 
 
 def run(*argv: str | Path, env: dict[str, str] | None = None) -> CliResult:
@@ -77,17 +90,24 @@ def cpu_tag(base_tag: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+def base_dir(tag: str) -> Path:
+    """The cache folder (tarball + manifest.json) the base image ``tag`` was imported from."""
+    (folder,) = [
+        p.parent
+        for p in REPO_ROOT.glob("build/docker/base/*/manifest.json")
+        if tag == f"edgeforge/base:{json.loads(p.read_text())['tarball']['sha256'][:12]}"
+    ]
+    return folder
+
+
 def base_manifest(tag: str) -> dict:
     """The manifest of the cached base tarball the image ``tag`` was imported from."""
-    paths = REPO_ROOT.glob("build/docker/base/*/manifest.json")
-    manifests = [json.loads(p.read_text()) for p in paths]
-    (manifest,) = [m for m in manifests if tag == f"edgeforge/base:{m['tarball']['sha256'][:12]}"]
-    return manifest
+    return json.loads((base_dir(tag) / "manifest.json").read_text())
 
 
 def test_base_manifest_describes_the_tarball(base_tag: str) -> None:
     manifest = base_manifest(base_tag)
-    tarball = next(REPO_ROOT.glob(f"build/docker/base/*/{manifest['tarball']['name']}"))
+    tarball = base_dir(base_tag) / manifest["tarball"]["name"]
     assert sha256_file(tarball) == manifest["tarball"]["sha256"]
     assert manifest["pins"]["SUITE"] == "bookworm"
     assert manifest["packages"]["python3.11:amd64"].startswith("3.11.")
@@ -119,18 +139,9 @@ def test_make_cpu_in_docker_same_bytes_as_native(cpu_tag: str, tmp_path: Path) -
         result = make("cpu", "MODEL=tiny-qwen2", f"BUILD_DIR={build_dir}", *extra)
         assert result.returncode == 0, result.stderr
     out_native, out_docker = (d / "tiny-qwen2" / "cpu-fp32-rotated" for d in (native, docker))
-    files_native, files_docker = hash_tree(out_native), hash_tree(out_docker)
-    assert files_native.keys() == files_docker.keys()
-    compared = sorted(files_native.keys() - DESCRIBED)
-    assert "model.mllm" in compared and "model/model.safetensors" in compared
-    for name in compared:
-        assert files_native[name] == files_docker[name], name
-
-    reports = [json.loads((d / "report.json").read_text().replace(str(b), "BUILD_DIR"))
-               for d, b in ((out_native, native), (out_docker, docker))]  # fmt: skip
-    for report in reports:
-        report.pop("resources")
-    assert reports[0] == reports[1]
+    assert images_check.differences(out_native, out_docker, native, docker) == []
+    compared = images_check.file_hashes(out_native).keys() - images_check.DESCRIBED
+    assert {"model.mllm", "model/model.safetensors", "rotation.safetensors"} <= compared
 
     manifest = json.loads((out_docker / "manifest.json").read_text())
     image_id = run("docker", "image", "inspect", "--format", "{{.Id}}", cpu_tag).stdout.strip()
