@@ -44,6 +44,15 @@ for arg in "$@"; do
       mount_at_host_path "$(host_path "${arg#MODEL_PATH=}")" ro ;;
   esac
 done
+# The venv finds the checkout through edgeforge.pth, as natively (make venv); mounted read-only
+# with this checkout's path, so make's venv step finds it right and writes nothing, which
+# a non-root user could not do in /opt.
+pth="$root/build/docker/edgeforge.pth"
+mkdir -p "$(dirname "$pth")"
+if ! echo "$root" | cmp -s - "$pth"; then
+  echo "$root" >"$pth.$$.tmp" && mv "$pth.$$.tmp" "$pth"
+fi
+mounts+=(-v "$pth:/opt/edgeforge-venv/lib/python3.11/site-packages/edgeforge.pth:ro")
 hf_cache=${HF_HOME:-$HOME/.cache/huggingface}
 env_args=(-e HOME=/tmp -e EDGEFORGE_IMAGE="$tag" -e EDGEFORGE_IMAGE_ID="$image_id"
   -e GIT_CONFIG_COUNT=1 -e GIT_CONFIG_KEY_0=safe.directory -e GIT_CONFIG_VALUE_0='*')
