@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One image per target, on the base made by docker/base.sh; prints its tag.
-#   docker/image.sh <target>      target: cpu, qnn or autoround (or its folder name)
+#   docker/image.sh <target>      target: cpu, qnn, autoround or axera (or its folder name)
 # An image is its parent (the base, or the cpu image for targets that add pins to the shared
 # venv) plus a venv installed by docker/install_venv.sh in a container with --network none,
 # from build/docker/wheelhouse mounted read-only. The host's pip fills that wheelhouse with
@@ -8,7 +8,7 @@
 # configuration and no wheel file lands in a layer. The tag is the hash of everything that
 # went in: the parent's tag, the pin files and the install script.
 set -euo pipefail
-TARGETS="cpu qnn autoround"
+TARGETS="cpu qnn autoround axera"
 if [ $# -ne 1 ] || [ -z "$1" ]; then
   echo "error: no target named (make image TARGET=<t>, docker/image.sh <t>); targets with an image: $TARGETS" >&2
   exit 2
@@ -30,6 +30,9 @@ case $1 in
     pins=("$root/requirements.txt:requirements:deps" "$recipe_pins:-:nodeps") ;;
   qnn) name=qnn; parent=cpu; pins=("$root/targets/qnn/requirements.txt:qnn:nodeps") ;;
   autoround) name=autoround; parent=cpu; pins=("$root/targets/autoround/requirements.txt:autoround:nodeps") ;;
+  # make axera up to Pulsar2 needs only the shared venv: its image is the cpu image. Pulsar2
+  # itself ships as a vendor image (targets/axera-ax650/Dockerfile), not built here.
+  axera | axera-ax650) exec "$root/docker/image.sh" cpu ;;
   *) echo "error: no image for TARGET=$1; targets with an image: $TARGETS" >&2; exit 2 ;;
 esac
 

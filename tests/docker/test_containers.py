@@ -164,4 +164,4 @@ def test_failed_step_in_docker_leaves_nothing(cpu_tag: str, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("target", ["", "sophgo-bm1684x", "nope"])
 def test_unknown_target_lists_the_targets_with_images(target: str) -> None:
-    assert_clean_error(make("image", f"TARGET={target}"), "cpu qnn autoround")
+    assert_clean_error(make("image", f"TARGET={target}"), "cpu qnn autoround axera")
