@@ -14,8 +14,6 @@ if [ $# -lt 2 ]; then
 fi
 target=$1; step=$2; shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
-tag=$("$root/docker/image.sh" "$target")
-image_id=$(docker image inspect --format '{{.Id}}' "$tag")
 
 # mount_at_host_path DIR [ro]: DIR visible in the container under the same absolute path.
 mounts=()
@@ -53,6 +51,9 @@ if ! echo "$root" | cmp -s - "$pth"; then
   echo "$root" >"$pth.$$.tmp" && mv "$pth.$$.tmp" "$pth"
 fi
 mounts+=(-v "$pth:/opt/edgeforge-venv/lib/python3.11/site-packages/edgeforge.pth:ro")
+# The image (built when missing) once the arguments are known to be right.
+tag=$("$root/docker/image.sh" "$target")
+image_id=$(docker image inspect --format '{{.Id}}' "$tag")
 hf_cache=${HF_HOME:-$HOME/.cache/huggingface}
 env_args=(-e HOME=/tmp -e EDGEFORGE_IMAGE="$tag" -e EDGEFORGE_IMAGE_ID="$image_id"
   -e GIT_CONFIG_COUNT=1 -e GIT_CONFIG_KEY_0=safe.directory -e GIT_CONFIG_VALUE_0='*')
