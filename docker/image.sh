@@ -83,11 +83,18 @@ cp "$root/docker/install_venv.sh" "$ctx/"
 port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$python" -m http.server --bind 127.0.0.1 --directory "$wheelhouse" "$port" >"$state/wheel-server.log" 2>&1 &
 server=$!
+serving=
 for _ in $(seq 50); do
-  "$python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "http://127.0.0.1:$port/" 2>/dev/null && break
-  kill -0 "$server" 2>/dev/null || { echo "error: the wheelhouse server did not start on 127.0.0.1:$port (log: $state/wheel-server.log)" >&2; exit 2; }
+  if "$python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "http://127.0.0.1:$port/" 2>/dev/null; then
+    serving=yes; break
+  fi
+  kill -0 "$server" 2>/dev/null || break
   sleep 0.1
 done
+if [ -z "$serving" ]; then
+  echo "error: the wheelhouse server did not answer on 127.0.0.1:$port (log: $state/wheel-server.log)" >&2
+  exit 2
+fi
 
 start=$SECONDS
 echo "image: building $tag from $parent_tag (docker build of targets/$dir/Dockerfile, pip --no-index from 127.0.0.1:$port)" >&2
