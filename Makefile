@@ -12,6 +12,8 @@ VENV       ?= .venv
 PY        := $(VENV)/bin/python
 REQ_HASH  := $(shell sha256sum requirements.txt | cut -c1-16)
 STAMP     := $(VENV)/.edgeforge-requirements-$(REQ_HASH)
+#: The host venv a step needs: none when it runs in its container (USE_DOCKER=1).
+HOST_VENV  = $(if $(filter 1,$(USE_DOCKER)),,venv)
 MODEL_ARGS = --model $(MODEL) --build-dir $(BUILD_DIR) $(if $(MODEL_PATH),--model-path $(MODEL_PATH))
 
 # A target's options are declared once, in its build.py (common/core/options.py); its

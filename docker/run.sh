@@ -1,31 +1,66 @@
 #!/usr/bin/env bash
-# Run one make step of a target inside that target's vendor-toolchain container.
-#   docker/run.sh <target-folder> <make-step> [VAR=value ...]
-# The image is built from targets/<target-folder>/Dockerfile and tagged with the hash of
-# that Dockerfile and the pin files, so a changed toolchain pin gives a new image. The
-# checkout is mounted at /work, build outputs land in the host's BUILD_DIR as usual, and
-# the Hugging Face cache is mounted read-only for hub checkpoints.
+# Run one make step of a target inside that target's image (USE_DOCKER=1 make <step>).
+#   docker/run.sh <target> <make-step> [VAR=value ...]
+# docker/image.sh builds the image when missing (and the engine is started when none
+# answers). The container has no network (--network none), runs as the calling user's uid
+# and gid with every capability dropped, so outputs are owned by the caller, and sees the
+# checkout, BUILD_DIR and MODEL_PATH at their host paths (manifests name the same paths as a
+# native run). The image's tag and id go into the environment as EDGEFORGE_IMAGE and
+# EDGEFORGE_IMAGE_ID, which every artifact manifest records (common/core/records.py).
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  echo "usage: docker/run.sh <target-folder> <make-step> [VAR=value ...]" >&2
+  echo "usage: docker/run.sh <target> <make-step> [VAR=value ...]" >&2
   exit 2
 fi
 target=$1; step=$2; shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
-dockerfile="$root/targets/$target/Dockerfile"
-if [ ! -f "$dockerfile" ]; then
-  echo "error: $dockerfile does not exist; targets with a container: $(cd "$root/targets" && ls */Dockerfile 2>/dev/null | cut -d/ -f1 | tr '\n' ' ')" >&2
-  exit 2
+
+# mount_at_host_path DIR [ro]: DIR visible in the container under the same absolute path.
+mounts=()
+mount_at_host_path() {
+  local dir
+  dir=$(cd "$1" && pwd)
+  case $dir/ in "$root"/*) return 0 ;; esac  # already inside the mounted checkout
+  mounts+=(-v "$dir:$dir${2:+:$2}")
+}
+mounts+=(-v "$root:$root")
+# A git worktree keeps its repository elsewhere; git in the container needs it for the commit.
+common_git=$(git -C "$root" rev-parse --path-format=absolute --git-common-dir 2>/dev/null || true)
+[ -n "$common_git" ] && [ -d "$common_git" ] && mount_at_host_path "$common_git" ro
+# BUILD_DIR and MODEL_PATH as make reads them: relative to the checkout.
+host_path() { (cd "$root" && realpath -m "$1"); }
+for arg in "$@"; do
+  case $arg in
+    BUILD_DIR=?*)
+      mkdir -p "$(host_path "${arg#BUILD_DIR=}")"
+      mount_at_host_path "$(host_path "${arg#BUILD_DIR=}")" ;;
+    MODEL_PATH=?*)
+      if [ ! -d "$(host_path "${arg#MODEL_PATH=}")" ]; then
+        echo "error: MODEL_PATH=${arg#MODEL_PATH=} is not a directory" >&2
+        exit 2
+      fi
+      mount_at_host_path "$(host_path "${arg#MODEL_PATH=}")" ro ;;
+  esac
+done
+# The venv finds the checkout through edgeforge.pth, as natively (make venv); mounted read-only
+# with this checkout's path, so make's venv step finds it right and writes nothing, which
+# a non-root user could not do in /opt.
+pth="$root/build/docker/edgeforge.pth"
+mkdir -p "$(dirname "$pth")"
+if ! echo "$root" | cmp -s - "$pth"; then
+  echo "$root" >"$pth.$$.tmp" && mv "$pth.$$.tmp" "$pth"
 fi
-if ! docker info >/dev/null 2>&1; then
-  echo "error: USE_DOCKER=1 needs a running Docker engine ('docker info' failed); run natively instead, with the toolchain installed as the target's README says" >&2
-  exit 2
-fi
-# The tag covers the Dockerfile and every pin file it may install (shared and the target's own).
-tag="edgeforge-$target:$(cat "$dockerfile" "$root/requirements.txt" "$root/targets/$target"/requirements*.txt 2>/dev/null | sha256sum | cut -c1-12)"
-docker image inspect "$tag" >/dev/null 2>&1 || docker build -f "$dockerfile" -t "$tag" "$root"
+mounts+=(-v "$pth:/opt/edgeforge-venv/lib/python3.11/site-packages/edgeforge.pth:ro")
+# The image (built when missing) once the arguments are known to be right.
+tag=$("$root/docker/image.sh" "$target")
+image_id=$(docker image inspect --format '{{.Id}}' "$tag")
 hf_cache=${HF_HOME:-$HOME/.cache/huggingface}
-mounts=(-v "$root:/work" -w /work)
-[ -d "$hf_cache" ] && mounts+=(-v "$hf_cache:/root/.cache/huggingface:ro")
-[ -n "${MODEL_PATH:-}" ] && mounts+=(-v "$MODEL_PATH:$MODEL_PATH:ro")
-exec docker run --rm "${mounts[@]}" "$tag" make "$step" USE_DOCKER= VENV=/opt/edgeforge-venv "$@"
+env_args=(-e HOME=/tmp -e EDGEFORGE_IMAGE="$tag" -e EDGEFORGE_IMAGE_ID="$image_id"
+  -e GIT_CONFIG_COUNT=1 -e GIT_CONFIG_KEY_0=safe.directory -e GIT_CONFIG_VALUE_0='*')
+if [ -d "$hf_cache" ]; then
+  mount_at_host_path "$hf_cache" ro
+  env_args+=(-e HF_HOME="$(cd "$hf_cache" && pwd)")
+fi
+exec docker run --rm --network none --user "$(id -u):$(id -g)" --cap-drop ALL \
+  --security-opt no-new-privileges "${mounts[@]}" "${env_args[@]}" -w "$root" "$tag" \
+  make --no-print-directory "$step" USE_DOCKER= VENV=/opt/edgeforge-venv "$@"

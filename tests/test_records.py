@@ -14,6 +14,7 @@ import pytest
 from common.core.records import (
     atomic_path,
     build_manifest,
+    container_image,
     dumps_json,
     hash_tree,
     sha256_file,
@@ -79,6 +80,21 @@ def test_manifest_hashes_inputs_and_outputs(tmp_path: Path) -> None:
     assert manifest["options"] == {"seed": 3}
     assert manifest["versions"]["torch"] is not None
     assert sha256_file(src) == hash_tree(tmp_path)["input.bin"]
+
+
+def test_manifest_names_the_container_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker/run.sh's two variables give the manifest's "container"; none means native."""
+    monkeypatch.delenv("EDGEFORGE_IMAGE", raising=False)
+    monkeypatch.delenv("EDGEFORGE_IMAGE_ID", raising=False)
+    assert build_manifest(step="unit", inputs={})["container"] is None
+    monkeypatch.setenv("EDGEFORGE_IMAGE", "edgeforge/cpu:0123456789ab")
+    with pytest.raises(RuntimeError, match="set together"):
+        container_image()
+    monkeypatch.setenv("EDGEFORGE_IMAGE_ID", "sha256:" + "0" * 64)
+    assert build_manifest(step="unit", inputs={})["container"] == {
+        "image": "edgeforge/cpu:0123456789ab",
+        "id": "sha256:" + "0" * 64,
+    }
 
 
 def dead_pid() -> int:

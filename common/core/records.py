@@ -201,6 +201,23 @@ def git_commit(repo: Path | None = None) -> str | None:
     return f"{commit}-dirty" if dirty else commit
 
 
+def container_image() -> dict[str, str] | None:
+    """The image a step runs in (``USE_DOCKER=1``), or None when it runs natively.
+
+    docker/run.sh passes the image's tag and id (the sha256 of its configuration, which
+    names every layer) in the environment; the manifest records both, so an artifact says
+    which exact environment made it. Only one of the two set means a broken launcher.
+    """
+    tag, image_id = os.environ.get("EDGEFORGE_IMAGE"), os.environ.get("EDGEFORGE_IMAGE_ID")
+    if tag is None and image_id is None:
+        return None
+    if not tag or not image_id:
+        raise RuntimeError(
+            "EDGEFORGE_IMAGE and EDGEFORGE_IMAGE_ID must be set together (docker/run.sh sets both)"
+        )
+    return {"image": tag, "id": image_id}
+
+
 def build_manifest(
     *,
     step: str,
@@ -211,11 +228,12 @@ def build_manifest(
     toolchains: Mapping[str, str] | None = None,
     checks: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Describe one build step: input hashes, recipe, options, checks, versions, commit.
+    """Describe one build step: inputs, recipe, options, checks, versions, commit, image.
 
     ``inputs`` maps a label to a file or a directory (directories are hashed file by
     file). ``outputs``, when given, is a directory whose files are hashed too, excluding
     the manifest itself, so a consumer can check an artifact bundle is complete.
+    ``container`` is the image the step ran in (:func:`container_image`; None natively).
     """
 
     def describe(path: Path) -> dict[str, Any]:
@@ -236,6 +254,7 @@ def build_manifest(
             **dict(toolchains or {}),
         },
         "git_commit": git_commit(),
+        "container": container_image(),
         "command": sys.argv,
     }
     if outputs is not None:

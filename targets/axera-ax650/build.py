@@ -535,10 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                                       llm_command=llm_command, vision=vision_command)  # fmt: skip
         (tmp / "build.sh").write_text(script)
         (tmp / "build.sh").chmod(0o755)
-        run_here = f"make axera MODEL={recipe.name} USE_DOCKER=1" + (
-            f" MODE={mode}" if mode != "image" and adapter.is_vision_language else ""
-        )
-        report["build_command"] = run_here
+        # Pulsar2 ships only as the vendor's image; USE_DOCKER=1 runs this step without it.
+        report["build_command"] = f"bash {dest / 'build.sh'}"
 
         emb = report["embeddings"]
         checks = [gate("embeddings_bf16_max_rel", emb["max_rel"], "<=", emb["max_rel_bound"])]
@@ -593,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         raise CheckFailed(f"{dest}/report.json: gate(s) failed: {'; '.join(failures(checks))}")
     if report["npu_compile"] != "run":
         # stdout: what is left for the user to do, not progress
-        print("NPU compile step NOT run (pulsar2 is not installed here). To run it: "
+        print("NPU compile step NOT run (pulsar2 is not installed here). To run it where "
+              "pulsar2 is (the Pulsar2 image, targets/axera-ax650/README.md): "
               + report["build_command"])  # fmt: skip
     return 0
 

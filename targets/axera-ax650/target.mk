@@ -1,7 +1,7 @@
 # AXERA AX650 (Pulsar2): make axera MODEL=<recipe> [MODE=image|video|llm] [AXERA_ARGS="--calib-dir d ..."] [USE_DOCKER=1]
 # Without USE_DOCKER the ONNX/calibration/config/embeddings are built and checked here, and
 # build.sh (the Pulsar2 compile) runs only if `pulsar2` is on PATH. With USE_DOCKER=1 the
-# same step runs inside the pulsar2:<version> image (targets/axera-ax650/Dockerfile).
+# same step runs in the cpu image (docker/image.sh), which has no Pulsar2.
 #: The make variables of build.py's Options; its other options (--image-size, --prefill-len,
 #: ...) pass verbatim through AXERA_ARGS.
 AXERA_OPTIONS := MODE MAX_MEMORY

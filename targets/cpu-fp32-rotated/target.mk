@@ -10,7 +10,7 @@ CPU_OPTIONS := ROTATE_MODE SEED R_PATH CONFIG EVAL_WINDOWS SEQ_LEN STATS_WINDOWS
 CPU_VARS = $(call option_vars,$(CPU_OPTIONS))
 CPU_ARGS = $(call option_args,$(CPU_OPTIONS))
 
-cpu: venv ## rotated FP32 model (HF dir + model.mllm), checked vs the original: build/<MODEL>/cpu-fp32-rotated
+cpu: $(HOST_VENV) ## rotated FP32 model (HF dir + model.mllm), checked vs the original: build/<MODEL>/cpu-fp32-rotated
 ifeq ($(USE_DOCKER),1)
 	docker/run.sh cpu-fp32-rotated cpu MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) $(CPU_VARS)
 else

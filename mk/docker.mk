@@ -1,0 +1,16 @@
+# Containers (README "Containers"): a base image made from Debian's packages, one image per
+# target on top of it (docker build of targets/<t>/Dockerfile), and the engine they run on.
+# APT_SOURCES=<files> overrides the host's apt sources for the base.
+.PHONY: image-base image-base-check image images-check
+
+image-base: ## base image from Debian packages (mmdebstrap, pinned in docker/base.env): edgeforge/base:<sha>
+	APT_SOURCES="$(APT_SOURCES)" docker/base.sh build
+
+image-base-check: ## rebuild the base tarball from scratch; its sha256 must equal the cached one
+	APT_SOURCES="$(APT_SOURCES)" docker/base.sh check
+
+image: ## docker build of a target's Dockerfile (TARGET=cpu|qnn|autoround): edgeforge/<target>:<hash of inputs>
+	PYTHON311=$(PYTHON311) APT_SOURCES="$(APT_SOURCES)" docker/image.sh $(TARGET)
+
+images-check: ## every step with an image, natively and in it: same bytes, same report numbers (slow)
+	PYTHON311=$(PYTHON311) python3 docker/images_check.py
