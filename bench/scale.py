@@ -178,8 +178,8 @@ def run_step(model: str, step: str, build_dir: Path, quick: bool, timeout: float
 def table(results: dict) -> str:
     """The README table: one row per model and step."""
     rows = [
-        "| model | step | outcome | peak RSS (tree) | within target | time | MAX_MEMORY |",
-        "|---|---|---|---|---|---|---|",
+        "| model | step | run | outcome | peak RSS (tree) | within target | time | MAX_MEMORY |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(results):
         r = results[key]
@@ -196,7 +196,8 @@ def table(results: dict) -> str:
         else:
             outcome = f"exit {r['exit_code']}: {(r['error'] or 'see log')[:80]}"
         rows.append(
-            f"| {model} | `make {step}` | {outcome} | {r['tree_peak_rss_bytes'] / GIB:.2f} GiB "
+            f"| {model} | `make {step}` | {'QUICK=1' if r.get('quick') else 'full'} | {outcome} "
+            f"| {r['tree_peak_rss_bytes'] / GIB:.2f} GiB "
             f"| {within} | {r['seconds'] / 60:.1f} min "
             f"| {r['max_memory_gib']} GiB |"
         )
