@@ -43,7 +43,7 @@ make_tarball() {
   SOURCE_DATE_EPOCH=$epoch mmdebstrap --quiet --variant="$variant" --include="$include" \
     --customize-hook='rm "$1"/etc/resolv.conf "$1"/etc/hostname' \
     "$suite" "$out/base.tar" "${sources[@]}" >&2
-  python3 "$root/docker/base_manifest.py" write "$out/base.tar" --pins "$pins" \
+  PYTHONPATH="$root" python3 "$root/docker/base_manifest.py" write "$out/base.tar" --pins "$pins" \
     --sources "${sources[@]}" --mmdebstrap-version "$mmver" --out "$out/manifest.json"
   echo "image-base: $(sha256sum "$out/base.tar" | cut -d' ' -f1) base.tar, $(du -m "$out/base.tar" | cut -f1) MB, $((SECONDS - start)) s" >&2
 }
@@ -89,7 +89,7 @@ check() {
     return 0
   fi
   echo "error: the rebuilt base tarball differs from the cached one" >&2
-  python3 "$root/docker/base_manifest.py" diff "$dir/manifest.json" "$tmp/manifest.json" ||
+  PYTHONPATH="$root" python3 "$root/docker/base_manifest.py" diff "$dir/manifest.json" "$tmp/manifest.json" ||
     echo "(same package versions: the difference is in the build itself; compare with diffoscope)"
   exit 1
 }

@@ -4,30 +4,23 @@
 bytes, not the request) and writes ``manifest.json`` with the pins, the apt sources' hashes,
 the mmdebstrap version and the tarball's sha256. ``diff`` prints the packages whose version
 differs between two manifests: when Debian has moved on (a point release), a rebuild gives
-another tarball and this says which packages made it so. Standard library only: it runs with
-the host's ``python3`` before any venv exists.
+another tarball and this says which packages made it so. Standard library and
+``common.core.records`` (itself standard library only) on ``PYTHONPATH``: it runs with the
+host's ``python3`` before any venv exists.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import tarfile
 from pathlib import Path
 
+from common.core.records import sha256_file
+
 STATUS = "./var/lib/dpkg/status"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of ``path``, read in 1 MiB chunks (the tarball is a few hundred MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def installed_packages(tarball: Path) -> dict[str, str]:

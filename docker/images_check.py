@@ -7,13 +7,13 @@ file of the artifact directory must be byte-identical, except the files that des
 (manifests name paths, Python and the image; reports carry measured seconds and RSS), and
 the reports' numbers must be equal once those measurements and the build paths are set
 aside. It prints a table with the times and the image sizes and exits 1 on any difference.
-Standard library only, so it runs with the host's ``python3``.
+Standard library and ``common.core.records`` (itself standard library only, on
+``PYTHONPATH``), so it runs with the host's ``python3``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import subprocess
@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from common.core.records import hash_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Files that describe a run rather than being its product; compared by their numbers only.
@@ -48,22 +50,6 @@ CASES = (
 NOT_COVERED = ("sophgo bf16 tiny-qwen2 (no sophgo image)", "axera's Pulsar2 compile (vendor image)")
 
 
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (weights may be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root``, by relative path."""
-    return {
-        p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()
-    }
-
-
 def without_measurements(value: Any) -> Any:
     """``value`` without what is measured, not computed: "resources" and ``*seconds`` keys."""
     if isinstance(value, dict):
@@ -84,7 +70,7 @@ def report_numbers(report: Path, build_dir: Path) -> Any:
 
 def differences(native: Path, docker: Path, native_build: Path, docker_build: Path) -> list[str]:
     """What differs between two artifact folders; empty when they agree (see module doc)."""
-    a, b = file_hashes(native), file_hashes(docker)
+    a, b = hash_tree(native), hash_tree(docker)
     found = [f"only in one run: {name}" for name in sorted(a.keys() ^ b.keys())]
     for name in sorted(a.keys() & b.keys()):
         if Path(name).name == "report.json":
@@ -142,7 +128,7 @@ def main() -> None:
         if native_code != docker_code:
             found.insert(0, f"exit {native_code} natively, {docker_code} in the container")
         failed |= bool(found)
-        files = len(file_hashes(build / "native" / case.model / case.output))
+        files = len(hash_tree(build / "native" / case.model / case.output))
         verdict = "same bytes" if not found else "; ".join(found)
         rows.append(
             f"| make {case.step} MODEL={case.model} | {native_s:.0f} s | {docker_s:.0f} s "

@@ -13,4 +13,4 @@ image: ## docker build of a target's Dockerfile (TARGET=cpu|qnn|autoround): edge
 	PYTHON311=$(PYTHON311) APT_SOURCES="$(APT_SOURCES)" docker/image.sh $(TARGET)
 
 images-check: ## every step with an image, natively and in it: same bytes, same report numbers (slow)
-	PYTHON311=$(PYTHON311) python3 docker/images_check.py
+	PYTHON311=$(PYTHON311) PYTHONPATH=$(CURDIR) python3 docker/images_check.py

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import pytest
 
-from common.core.records import sha256_file
+from common.core.records import hash_tree, sha256_file
 from tests.conftest import REPO_ROOT, CliResult, assert_clean_error
 
 ENGINE = REPO_ROOT / "docker" / "engine.sh"
@@ -140,7 +140,7 @@ def test_make_cpu_in_docker_same_bytes_as_native(cpu_tag: str, tmp_path: Path) -
         assert result.returncode == 0, result.stderr
     out_native, out_docker = (d / "tiny-qwen2" / "cpu-fp32-rotated" for d in (native, docker))
     assert images_check.differences(out_native, out_docker, native, docker) == []
-    compared = images_check.file_hashes(out_native).keys() - images_check.DESCRIBED
+    compared = hash_tree(out_native).keys() - images_check.DESCRIBED
     assert {"model.mllm", "model/model.safetensors", "rotation.safetensors"} <= compared
 
     manifest = json.loads((out_docker / "manifest.json").read_text())
