@@ -53,7 +53,11 @@ from tqdm import tqdm
 from common.analysis.layerwise import Group, Parts, head
 from common.core.errors import EdgeforgeError
 from common.models import DecoderLayer, ModelAdapter, QwenAdapter
-from common.models.streaming import layer_kwargs, qwen1_layer_kwargs
+from common.models.streaming import (
+    layer_kwargs,
+    qwen1_layer_kwargs,
+    transformers_layer_kwargs,
+)
 
 
 @dataclass(frozen=True)
@@ -238,35 +242,11 @@ class _TransformersCache:
     ) -> dict[str, Any]:
         """Positions after the cached tokens (M-RoPE rows for a vision-language model: the
         prompt's grid positions, then the cache row plus the prompt's offset), the causal
-        mask built against the cache, the rotary tables, and the cache itself; only config
-        and buffers are read, so a model on meta will do."""
-        from transformers.masking_utils import create_causal_mask
-
-        count = (torch.arange(hidden.shape[1]) + self.cache.get_seq_length())[None]
-        vision_language = adapter.mrope_section is not None
-        if step.positions is not None:  # a picture's prompt: its grid positions
-            rotary_positions = step.positions
-        elif vision_language:  # tokens after it (offset), or text alone: three equal rows
-            offset = step.delta if step.delta is not None else 0
-            rotary_positions = count[None].expand(3, 1, -1) + offset
-        else:
-            rotary_positions = count
-        mask = create_causal_mask(
-            config=adapter.text_config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            past_key_values=self.cache,
-            position_ids=None if vision_language else count,
+        mask built against the cache, the rotary tables, and the cache itself."""
+        offset = step.delta if step.delta is not None else 0
+        return transformers_layer_kwargs(
+            adapter, hidden, step.positions, cache=self.cache, mrope_offset=offset
         )
-        rotary = adapter.rotary_embedding()
-        return {
-            "attention_mask": mask,
-            "position_embeddings": rotary(hidden, position_ids=rotary_positions),
-            # a VL decoder takes 1-D text positions only for packed rows (not here)
-            "position_ids": None if vision_language else count,
-            "past_key_values": self.cache,
-            "use_cache": True,
-        }
 
     def run(
         self, layer: DecoderLayer, hidden: torch.Tensor, kwargs: dict[str, Any]

@@ -359,38 +359,48 @@ def layer_kwargs(
     text alone counts the tokens in all three."""
     if isinstance(adapter, QwenAdapter):
         return qwen1_layer_kwargs(adapter, hidden.shape[1])
-    return _transformers_layer_kwargs(adapter, hidden, mrope_positions)
+    return transformers_layer_kwargs(adapter, hidden, mrope_positions)
 
 
-def _transformers_layer_kwargs(
-    adapter: ModelAdapter, hidden: torch.Tensor, mrope_positions: torch.Tensor | None
+def transformers_layer_kwargs(
+    adapter: ModelAdapter,
+    hidden: torch.Tensor,
+    mrope_positions: torch.Tensor | None = None,
+    *,
+    cache: Any = None,
+    mrope_offset: torch.Tensor | int = 0,
 ) -> dict[str, Any]:
-    """What a transformers decoder stack hands each layer for whole windows without a
-    cache: its rotary embedding and the causal mask, built as the stack builds them."""
+    """What a transformers decoder stack hands each layer for ``hidden`` ``[n, L, H]``
+    after the tokens in ``cache`` (a ``DynamicCache`` the layers append to; None: no
+    earlier tokens and none kept): positions after the cached ones, the causal mask built
+    against them, the rotary tables. A vision-language stack takes ``mrope_positions``
+    (a picture's prompt) or else counts the tokens in all three M-RoPE rows, ``mrope_offset``
+    ahead (the prompt's delta, for tokens after it), and gets no 1-D positions (its forward
+    passes them for packed rows only). Only config and buffers are read, so a model on
+    meta will do."""
     from transformers.masking_utils import create_causal_mask
 
-    rotary = adapter.rotary_embedding()  # real: only parameters were built on meta
-    position_ids = torch.arange(hidden.shape[1])[None]
-    # A vision-language stack on text alone: M-RoPE's three rows all count the tokens,
-    # and the layers get no 1-D positions (as its forward passes them for packed rows only).
+    past = 0 if cache is None else cache.get_seq_length()
+    position_ids = (torch.arange(hidden.shape[1]) + past)[None]
     vision_language = adapter.mrope_section is not None
     rotary_positions = position_ids
     if vision_language:
-        rotary_positions = position_ids[None].expand(3, 1, -1)
-        if mrope_positions is not None:
-            rotary_positions = mrope_positions
+        rotary_positions = mrope_positions
+        if rotary_positions is None:
+            rotary_positions = position_ids[None].expand(3, 1, -1) + mrope_offset
+    rotary = adapter.rotary_embedding()  # real: only parameters were built on meta
     return {
         "attention_mask": create_causal_mask(
             config=adapter.text_config,
             inputs_embeds=hidden[:1],
             attention_mask=None,
-            past_key_values=None,
+            past_key_values=cache,
             position_ids=None if vision_language else position_ids,
         ),
         "position_embeddings": rotary(hidden[:1], position_ids=rotary_positions),
         "position_ids": None if vision_language else position_ids,
-        "past_key_values": None,
-        "use_cache": False,
+        "past_key_values": cache,
+        "use_cache": cache is not None,
     }
 
 
