@@ -144,10 +144,11 @@ def test_levels_equal_the_reference_loop(
     assert torch.equal(hessian, kept)
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("rows", [1, 64, 100, 150])
 def test_slices_of_rows_round_as_the_whole(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A matrix over :data:`gptq.ROW_SLICE_BYTES` (an LM head) is rounded a slice of rows
-    at a time, with the same levels bit for bit as the whole matrix at once."""
+    at a time, with the same levels bit for bit as the whole matrix at once; a slice
+    smaller than :data:`gptq.MIN_SLICE_ROWS` (1 row here) is made that large."""
     columns = 300
     hessian = _hessian(_correlated_inputs(1500, columns, seed=6, rows_seed=13))
     w = torch.randn(200, columns, generator=_gen(9))
