@@ -239,13 +239,16 @@ def gather_rope(
     1-D RoPE indexes the table by ``[1, L]`` positions. M-RoPE gathers the table once per
     row of ``[3, 1, L]`` positions and takes each column run from its row: the table entry
     for position ``p`` is ``f(p · inv_freq[d])``, so this equals HF's per-row angles exactly
-    (Gather, Slice and Concat only — ops every NPU compiler lowers)."""
+    (Gather, Slice and Concat only — ops every NPU compiler lowers). Each row is its own
+    ``[1, L]`` Gather, as in 1-D RoPE: QNN's HTP gathered a table with the whole ``[3, 1,
+    L]`` index tensor wrongly for prompts of 72 tokens (cos 0.98 against onnxruntime on
+    CPU; right for one token)."""
     if section is None:
         return table[position_ids]
-    rows = table[position_ids]  # [3, 1, L, D]
+    rows = [table[position_ids[r]] for r in range(MROPE_ROWS)]  # each [1, L, D]
     # D from the section, not table.shape: under the ONNX tracer a shape is a tensor.
     runs = mrope_runs(section, 2 * sum(section))
-    return torch.cat([rows[r, :, :, a:b] for r, a, b in runs], dim=-1)
+    return torch.cat([rows[r][:, :, a:b] for r, a, b in runs], dim=-1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
