@@ -20,7 +20,9 @@ whole vocabulary projection, feed no Hessian. ``bench/gptq_bench.py`` times the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,11 +76,11 @@ class _InputHessians:
         if len(self._read) == len(self._names):
             raise _AllRead
 
-    def forward(self, run: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> None:
-        """One pass of ``run(h)``, up to the last linear's input."""
+    def forward(self, run: Callable[[_Rows], torch.Tensor], rows: _Rows) -> None:
+        """One pass of ``run(rows)``, up to the last linear's input."""
         try:
             with contextlib.suppress(_AllRead):
-                run(h)
+                run(rows)
         finally:
             self._read.clear()
 
@@ -96,23 +98,39 @@ class _InputHessians:
         return {name: owned[owner] for name, owner in self._owner.items()}
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """One calibration sequence at a layer's input: hidden states ``[1, L, H]`` and the
+    prefill block's positions and causal mask for them."""
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, feeds: dict[str, Any]) -> _Rows:
+        positions = torch.from_numpy(feeds["position_ids"]).long()
+        return cls(hidden, positions, torch.from_numpy(feeds["attention_mask"]))
+
+
 def _round_and_run(
     linears: dict[str, nn.Linear],
-    run: Callable[[torch.Tensor], torch.Tensor],
-    hidden: list[torch.Tensor],
+    run: Callable[[_Rows], torch.Tensor],
+    hidden: list[_Rows],
     bits: int,
     levels: Levels,
     *,
     propagate: bool = True,
-) -> list[torch.Tensor]:
-    """Gather Hessians of ``linears`` over ``run(h)`` for every ``h`` (``run`` calls each
-    linear once), round them into ``levels``, and (``propagate``) return ``run(h)`` with the
-    rounded weights; the float weights are put back either way."""
+) -> list[_Rows]:
+    """Gather Hessians of ``linears`` over ``run(rows)`` for every sequence (``run`` calls
+    each linear once), round them into ``levels``, and (``propagate``) return the sequences
+    with ``run``'s output, the rounded weights in place; the float weights are put back
+    either way."""
     gathered = _InputHessians(linears)
     try:
         with torch.no_grad():
-            for h in hidden:
-                gathered.forward(run, h)
+            for rows in hidden:
+                gathered.forward(run, rows)
     finally:
         gathered.remove()
     hessians = gathered.hessians()
@@ -126,7 +144,7 @@ def _round_and_run(
         linear.weight.data = dequantize(*levels[name]).to(linear.weight.dtype)
     try:
         with torch.no_grad():
-            return [run(h) for h in hidden]
+            return [replace(rows, hidden=run(rows)) for rows in hidden]
     finally:
         for name, linear in linears.items():
             linear.weight.data = originals[name]
@@ -139,19 +157,26 @@ def sequential_gptq(
     *,
     progress: bool = True,
     parts: Parts | None = None,
+    pictures: Sequence[pe.MultimodalPrompt] = (),
 ) -> Levels:
     """GPTQ levels of every decoder linear and the LM head, from ``windows`` ``[N, S]``
-    (token ids, each a full causal sequence from position 0). ``parts`` reads a streamed
-    model's parts one at a time (:class:`~common.analysis.layerwise.Parts`)."""
-    seq_len = windows.shape[1]
+    (token ids, each a full causal sequence from position 0) and, for a vision-language
+    model, ``pictures``: prompts whose vision embeddings replace their placeholder rows,
+    at their M-RoPE positions (the statistics of what the deployed model reads). ``parts``
+    reads a streamed model's parts one at a time (:class:`~common.analysis.layerwise.Parts`)."""
+    seq_len = max([windows.shape[1], *(len(p.token_ids) for p in pictures)])
     dims = piece_dims(adapter, seq_len)
     cos, sin = rotary_table(adapter, seq_len)
-    fixed = pe.prefill_inputs(windows[0].tolist(), seq_len)
-    positions = torch.from_numpy(fixed["position_ids"]).long()
-    mask = torch.from_numpy(fixed["attention_mask"])
+    text = pe.prefill_inputs(windows[0].tolist(), windows.shape[1], dims.rope_rows)
     parts = parts or Parts(adapter)
     with torch.no_grad(), parts.embedding() as embed:
-        hidden = [embed(w[None].long()) for w in windows]
+        hidden = [_Rows.of(embed(w[None].long()), text) for w in windows]
+        for picture in pictures:
+            ids, length = list(picture.token_ids), len(picture.token_ids)
+            rows = embed(torch.tensor([ids]))
+            rows[0, torch.from_numpy(picture.rows)] = torch.from_numpy(picture.embeds)
+            feeds = pe.prefill_inputs(ids, length, dims.rope_rows, picture.positions)
+            hidden.append(_Rows.of(rows, feeds))
     levels: Levels = {}
     layers = adapter.layers()
     for layer in progress_bar(layers, desc="gptq", enabled=progress):
@@ -159,11 +184,12 @@ def sequential_gptq(
             block = BlockPiece(layer, dims, cos, sin)
             linears = {layer.linear_names[r]: m for r, m in layer.linears.items()}
             hidden = _round_and_run(
-                linears, lambda h, b=block: b(h, positions, mask)[0], hidden, bits, levels
-            )
+                linears, lambda r, b=block: b(r.hidden, r.positions, r.mask)[0], hidden, bits,
+                levels,
+            )  # fmt: skip
     with parts.head() as (norm, head):
         _round_and_run(
-            {adapter.lm_head_path: head}, lambda h: head(norm(h)), hidden, bits, levels,
+            {adapter.lm_head_path: head}, lambda r: head(norm(r.hidden)), hidden, bits, levels,
             propagate=False,
         )  # fmt: skip
     return levels

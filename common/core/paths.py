@@ -9,3 +9,5 @@ from pathlib import Path
 
 #: The checkout: the folder holding ``common/``, ``models/``, ``data/`` and ``targets/``.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The pictures shipped for vision-language calibration and checks (``data/images``).
+IMAGES_DIR = REPO_ROOT / "data" / "images"

@@ -290,35 +290,42 @@ class MultimodalPrompt:
 
 
 def multimodal_prompt(
-    adapter: ModelAdapter, inputs: Mapping[str, torch.Tensor]
+    adapter: ModelAdapter,
+    inputs: Mapping[str, torch.Tensor],
+    features: Mapping[str, torch.Tensor] | None = None,
 ) -> MultimodalPrompt:
     """The :class:`MultimodalPrompt` of one processor-encoded prompt (batch 1): positions
-    from the model's own rope index, embeddings from its own (float) vision tower, images
-    into the rows the processor typed 1 and videos into those typed 2, in order — what
-    Hugging Face scatters into its input embeddings."""
+    from the model's own rope index, embeddings from its own (float) vision tower (or
+    ``features``, its merged tokens per kind, ``{"image": [n, H]}``, computed already),
+    images into the rows the processor typed 1 and videos into those typed 2, in order —
+    what Hugging Face scatters into its input embeddings."""
     ids = inputs.get("input_ids")
     if ids is None or ids.shape[0] != 1:
         raise EdgeforgeError("multimodal prompt: expected processor inputs for one prompt")
     positions, _ = adapter.rope_index(inputs)
     types = np.asarray(inputs["mm_token_type_ids"][0])
-    tower = adapter.vision_tower()
     rows: list[np.ndarray] = []
     embeds: list[np.ndarray] = []
-    for kind, (pixels, grid) in enumerate(
-        (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")), 1
-    ):
+    for code, (kind, pixels, grid) in enumerate(
+        (("image", "pixel_values", "image_grid_thw"),
+         ("video", "pixel_values_videos", "video_grid_thw")), 1,
+    ):  # fmt: skip
         if inputs.get(pixels) is None:
             continue
-        with torch.no_grad():
-            features = tower(inputs[pixels], grid_thw=inputs[grid]).pooler_output
-        where = np.flatnonzero(types == kind)
-        if len(where) != features.shape[0]:
+        if features is None:
+            with torch.no_grad():
+                tokens = adapter.vision_tower()(inputs[pixels], grid_thw=inputs[grid])
+            merged = tokens.pooler_output
+        else:
+            merged = features[kind]
+        where = np.flatnonzero(types == code)
+        if len(where) != merged.shape[0]:
             raise EdgeforgeError(
                 f"multimodal prompt: {len(where)} placeholder tokens for {pixels}, but the "
-                f"vision tower gave {features.shape[0]} embeddings"
+                f"vision tower gave {merged.shape[0]} embeddings"
             )
         rows.append(where)
-        embeds.append(features.float().numpy())
+        embeds.append(merged.float().numpy())
     hidden = adapter.hidden_size
     return MultimodalPrompt(
         token_ids=tuple(int(t) for t in ids[0]),

@@ -365,3 +365,15 @@ def vl_prompt_inputs(
         text=[text], videos=[np.stack(frames)], return_tensors="pt",
         videos_kwargs={**size, "do_sample_frames": False, "cap_pixels_per_frame": False},
     ))  # fmt: skip
+
+
+def image_prompt_inputs(model_dir: Path, prompt: str, image: Path, size: int) -> dict[str, Any]:
+    """Processor inputs for ``image`` (square-resized to ``size`` px) then ``prompt``, in one
+    user turn: what the image check feeds both Hugging Face and the nets."""
+    from common.inputs.vl_preprocess import geometry, prepare_frames
+    from common.models.loading import load_processor
+
+    processor = load_processor(model_dir)
+    geo = geometry(processor, size)
+    frames = prepare_frames([image], geo, processor)
+    return vl_prompt_inputs(processor, prompt, frames, geo, "image")

@@ -39,7 +39,7 @@ from common.core.options import (
     target_parser,
 )
 from common.core.options import describe as describe_options
-from common.core.paths import REPO_ROOT
+from common.core.paths import IMAGES_DIR
 from common.core.records import atomic_path, build_manifest, dumps_json
 from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import describe
@@ -53,7 +53,6 @@ MODES = ("image", "video", "llm")
 DEFAULT_SIZES = {"image": 448, "video": 308}
 DEFAULT_PROMPTS = {"image": "Describe this image.", "video": "Describe this video.",
                    "llm": "What is the capital of France?"}  # fmt: skip
-DEFAULT_IMAGES = REPO_ROOT / "data" / "images"
 COSINE_GATE = 0.9999
 EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"
 #: HF files the board runtime needs next to the axmodels (weights and our manifest excluded).
@@ -80,7 +79,7 @@ class Options:
     image_size: int | None = option(None, Integer(28), "square side, px (448)", flag="--image-size")
     video_size: int | None = option(None, Integer(28), "square side, px (308)", flag="--video-size")
     calib_dir: Path = option(
-        DEFAULT_IMAGES,
+        IMAGES_DIR,
         FilePath(),
         "images (image mode) or the frames of one clip (video mode)",
         flag="--calib-dir",

@@ -50,6 +50,7 @@ from common.core.options import (
     resolve_target,
     target_parser,
 )
+from common.core.paths import IMAGES_DIR
 from common.core.piece_cache import PieceCache, cache_key
 from common.core.records import (
     atomic_path,
@@ -147,6 +148,21 @@ class Options:
         flag="--keep-qdq",
         recipe=False,
     )
+    #: Vision-language models: every picture of IMAGES, square-resized, makes a calibration
+    #: prompt (beside the text windows) and a checked prompt of the end-to-end chain.
+    images: Path = option(
+        IMAGES_DIR,
+        FilePath(),
+        "pictures of the vision-language prompts (calibration and the end-to-end check)",
+        make="IMAGES",
+        recipe=False,
+    )
+    image_size: int = option(
+        448,
+        Integer(28),
+        "square side (px) the pictures are resized to (vision-language models)",
+        make="IMAGE_SIZE",
+    )
     profile: Path | None = option(
         None,
         FilePath(),
@@ -215,6 +231,53 @@ def simulate_threshold(path: Path, recipe_name: str) -> float | None:
     return threshold
 
 
+def check_picture_profile(profile: dict[str, Any], path: Path, recipe_name: str) -> None:
+    """A vision-language model's profile must have seen pictures: the picture tokens'
+    activations (the vision embeddings in the residual stream) set ranges that text alone
+    does not reach."""
+    settings = profile["edgeforge"].get("settings") or {}
+    if not settings.get("images"):
+        raise EdgeforgeError(
+            f"{path}: made from text only, but {recipe_name} is vision-language and its "
+            "ranges must cover picture tokens; run make profile MODEL="
+            f"{recipe_name} IMAGES=data/images (make qnn does when no profile exists)"
+        )
+
+
+@dataclass(frozen=True)
+class PicturePrompts:
+    """A vision-language model's picture prompts as processor inputs, one per picture of
+    IMAGES: ``calibration`` asks make profile's instruction (what the profile's picture
+    statistics came from), ``check`` the recipe's prompt (the end-to-end check)."""
+
+    names: list[str]
+    calibration: list[dict[str, Any]]
+    check: list[dict[str, Any]]
+    check_prompt: str
+
+
+def picture_prompts(
+    model_dir: Path, images: Path, size: int, check_prompt: str, prefill_len: int
+) -> PicturePrompts:
+    """The picture prompts of every picture in ``images`` at ``size`` px, after checking
+    each fits the prefill graph (no weights are read)."""
+    from common.export.vision_export import image_prompt_inputs
+    from common.inputs.vl_preprocess import list_frames
+    from common.steps.profile_step import IMAGE_PROMPT
+
+    paths = list_frames(Path(images), "IMAGES")
+    calibration = [image_prompt_inputs(model_dir, IMAGE_PROMPT, p, size) for p in paths]
+    check = [image_prompt_inputs(model_dir, check_prompt, p, size) for p in paths]
+    longest = max(int(inputs["input_ids"].shape[1]) for inputs in calibration + check)
+    if longest > prefill_len:
+        raise EdgeforgeError(
+            f"PREFILL_LEN={prefill_len} is too short for the picture prompts: the longest is "
+            f"{longest} tokens at IMAGE_SIZE={size}; raise PREFILL_LEN to at least {longest} "
+            "(and KV_LEN above it) or lower IMAGE_SIZE"
+        )
+    return PicturePrompts([p.name for p in paths], calibration, check, check_prompt)
+
+
 def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
     """The plan with every range rounded to float32 (what the .mllm stores), scales
     recomputed from it, so the file and the fake-quant model use the same grid."""
@@ -241,9 +304,10 @@ PIECE_FACTOR = 4
 
 
 def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
-    """The larger of the build's two peaks: building the largest piece
-    (:data:`PIECE_FACTOR`), and, with GPTQ, the end of GPTQ (every linear's levels, one
-    byte per weight, before they go to disk, beside the LM head's rounding).
+    """The largest of the build's peaks: building the largest piece
+    (:data:`PIECE_FACTOR`); with GPTQ, the end of GPTQ (every linear's levels, one byte
+    per weight, before they go to disk, beside the LM head's rounding); for a
+    vision-language model, its vision tower read whole.
     Both with the checkpoint's pickled files mapped while they load. Every other phase
     holds one part at a time."""
     largest, mapped = streamed.largest_part_bytes(), streamed.weights.mapped_bytes
@@ -259,7 +323,12 @@ def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
         + largest // 4
         + 2 * min(largest, ROW_SLICE_BYTES),
     }
-    parts = levels if gptq and sum(levels.values()) > sum(piece.values()) else piece
+    candidates = [piece, levels] if gptq else [piece]
+    tower = streamed.vision_tower_bytes()
+    if tower:  # read whole once, for the picture prompts' vision embeddings
+        runtime = "onnxruntime, QNN backend, captured activations"
+        candidates.append({"vision tower (float32), read whole": tower, runtime: BUILD_OVERHEAD})
+    parts = max(candidates, key=lambda c: sum(c.values()))  # the first of equals
     return Estimate("make qnn", {**parts, "pickled .bin pages (mapped)": mapped})
 
 
@@ -382,8 +451,17 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     # One part of the model in memory at a time: read from the checkpoint and transformed
     # as the profile was (rotation) whenever a phase needs it, released after.
     streamed = StreamedModel(model_dir)
-    streamed.check_layerwise("make qnn builds text models (Qwen-VL on QNN is not done yet)")
+    # Text windows run a vision-language model's language model as its own forward runs
+    # text; picture prompts bring their vision embeddings and M-RoPE rows with them.
+    streamed.check_layerwise("make qnn runs one layer at a time", text_windows=True)
     adapter = streamed.adapter
+    pictures = None
+    if adapter.is_vision_language:
+        check_picture_profile(profile, profile_path, recipe.name)
+        check_prompt = recipe.eval_defaults.get("prompt", "Describe this image.")
+        pictures = picture_prompts(
+            model_dir, opts["images"], opts["image_size"], check_prompt, lengths[0]
+        )
     run.preflight(
         memory_estimate(streamed, opts["rounding"] == "gptq"),
         MemoryCap.resolve(options.max_memory),
@@ -409,9 +487,18 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         pe.export_pieces(
             adapter, lengths[1], float_dir, only=lambda n: "block_cache" in n, parts=parts
         )
+        calibration = [pipeline.Prompt(ids) for ids in calib_ids]
+        checked = [pipeline.Prompt(ids) for ids in e2e_ids]
+        picture_checks: list[pipeline.Prompt] = []
+        if pictures is not None:  # the float tower's embeddings, as the runtime splices them
+            with parts.vision_tower() as tower:
+                calibration += [pipeline.image_prompt(adapter, tower, inputs)
+                                for inputs in pictures.calibration]  # fmt: skip
+                picture_checks = [pipeline.image_prompt(adapter, tower, inputs)
+                                  for inputs in pictures.check]  # fmt: skip
         with parts.embedding():  # the chain embeds its windows on the host
             golden = pipeline.capture(
-                pe.onnx_runner(float_dir), adapter, golden_ids, calib_ids, lengths
+                pe.onnx_runner(float_dir), adapter, golden_ids, calibration, lengths
             )
         run.phase("quantize")
         # The binaries' plan is written first and read back: the QDQ step sees only the file.
@@ -424,10 +511,15 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         source = {"model": model_files(model_dir), "transforms": transforms,
                   "rotation_file": rotation_file(rotation), "bits": weight_bits}  # fmt: skip
         if plan.scheme.weights.rounding == "gptq":
+            # A vision-language model's calibration pictures join GPTQ's text windows.
+            shown = [p.image for p in calibration if p.image is not None]
+            seen = [(p.token_ids, p.positions, p.rows, p.embeds) for p in shown]
             levels, levels_key = gptq_levels(
                 cache,
-                {**source, "windows": gptq_ids},
-                lambda: sequential_gptq(adapter, gptq_ids, weight_bits, parts=parts),
+                {**source, "windows": gptq_ids, **({"pictures": seen} if seen else {})},
+                lambda: sequential_gptq(
+                    adapter, gptq_ids, weight_bits, parts=parts, pictures=shown
+                ),
             )
         else:  # rounded by each piece as it is built
             levels = pipeline.NearestLevels(adapter, weight_bits)
@@ -446,7 +538,8 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             socs,
             opts["vtcm_mb"],
             opts["opt_mode"],
-            e2e_ids,
+            checked + picture_checks,
+            lengths[0],
             cache,
             versions,
         )
@@ -460,7 +553,16 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                 f"memory on them or on the same graph of an earlier layer: {', '.join(lowered)}"
             )
         run.phase("verify")
-        e2e = pipeline.end_to_end(parts, hiddens, e2e_ids)
+        e2e = pipeline.end_to_end(parts, hiddens[: len(checked)], checked)
+        picture_e2e = None
+        if pictures is not None:
+            picture_e2e = {
+                **pipeline.end_to_end(parts, hiddens[len(checked) :], picture_checks),
+                "images": pictures.names,
+                "image_size": opts["image_size"],
+                "prompt": pictures.check_prompt,
+                "vision_tokens": [len(p.image.rows) for p in picture_checks if p.image],
+            }
         write_json_atomic(tmp / "model.int8.plan.json", mllm_plan)
         write_json_atomic(
             tmp / "shadow_layers.json",
@@ -493,6 +595,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             "versions": versions,
             "layers": rows,
             "end_to_end": e2e,
+            "picture_prompts": picture_e2e,
             "float_linears": sorted(plan.float_linears()),
             "mllm_int8": mllm,
             "tokenizer": tokenizer_check,

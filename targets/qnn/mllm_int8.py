@@ -7,8 +7,9 @@ Per quantized linear ``L`` of the plan: ``L.weight`` int8 ``[in, out]`` (transpo
 divides), ``L.clip_input`` / ``L.clip_output`` I8[1], and the bias as F32 ``[out]``
 (``quant_bias=false``, mandatory with rotation) or I8 ``[out]`` + ``L.bias.scale``.
 Embeddings, norms and ``lm_head.weight`` stay F32, with lm_head's (unused, harmless)
-scale and flag entries. The runtime reads a per-tensor weight scale, so the plan must use
-``per_tensor`` weights.
+scale and flag entries; a vision-language model's tower is written F32 under ``visual.``
+(its pictures' tokens are computed on the host). The runtime reads a per-tensor weight
+scale, so the plan must use ``per_tensor`` weights.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from common.models import ModelAdapter, iter_linears
 from common.quant.int8 import fake_quantize, qmax, quantize_bias, quantize_weight
 
 Tensor = np.ndarray | torch.Tensor
-#: Which part of the model holds a tensor: "embedding", a decoder layer's index, "head".
+#: Which part of the model holds a tensor: "embedding", a decoder layer's index, "head",
+#: "vision" (a vision-language model's tower).
 PartKey = str | int
 
 
@@ -68,10 +70,12 @@ def _part_modules(adapter: ModelAdapter) -> list[tuple[PartKey, list[nn.Module]]
     layers: list[tuple[PartKey, list[nn.Module]]] = [
         (layer.index, [layer.module]) for layer in adapter.layers()
     ]
+    vision = adapter.vision_tower()
     return [
         ("embedding", [adapter.embed_tokens()]),
         *layers,
         ("head", [adapter.final_norm(), adapter.lm_head()]),
+        *([("vision", [vision])] if vision is not None else []),
     ]
 
 
@@ -80,6 +84,8 @@ def _open(parts: Parts, key: PartKey) -> AbstractContextManager[Any]:
         return parts.embedding()
     if key == "head":
         return parts.head()
+    if key == "vision":
+        return parts.vision_tower()
     return parts.layer(parts.adapter.layers()[int(key)])
 
 
@@ -148,7 +154,7 @@ def _groups(
         if name not in tensors:
             raise EdgeforgeError(f"quant plan has no entry for {name}; made for another model")
         if linear not in part_of:
-            raise EdgeforgeError(f"{name}: outside the embedding, layers and head")
+            raise EdgeforgeError(f"{name}: outside the model's parts (embedding, layers, …)")
         groups.append(
             _linear_group(
                 name, names[linear], part_of[linear], linear, tensors[name], profile_stats,
@@ -166,7 +172,7 @@ def _groups(
         if file_name in done:
             continue
         if file_name not in owner_of:
-            raise EdgeforgeError(f"{file_name}: outside the embedding, layers and head")
+            raise EdgeforgeError(f"{file_name}: outside the model's parts (embedding, layers, …)")
         module, local = owner_of[file_name]
         groups.append(
             _Group(

@@ -27,13 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.analysis.layerwise import Parts, head, run_layers
+from common.analysis.layerwise import Parts, head, run_groups, run_layers
+from common.analysis.layerwise_decode import VisualPrompt, prompt_group, vision_features
 from common.backends import qdq, qnn_ep
 from common.core.piece_cache import PieceCache, cache_key
 from common.core.progress import progress
 from common.export import piece_export as pe
 from common.export.onnx_files import data_file
 from common.models import ModelAdapter, iter_linears
+from common.models.static_decoder import MROPE_ROWS
 
 Feeds = dict[str, np.ndarray]
 
@@ -102,9 +104,9 @@ def _kind(name: str) -> str:
     return name.rstrip("0123456789").rstrip("_")
 
 
-def _positions(last: int, count: int) -> list[int]:
-    """Up to ``count`` decode positions spread over ``1..last`` (always ``last``)."""
-    picks = np.linspace(1, last, num=min(count, last)).round().astype(int)
+def _positions(first: int, last: int, count: int) -> list[int]:
+    """Up to ``count`` decode positions spread over ``first..last`` (always ``last``)."""
+    picks = np.linspace(first, last, num=min(count, last - first + 1)).round().astype(int)
     return sorted({int(p) for p in picks})
 
 
@@ -118,12 +120,74 @@ def _history(cache: np.ndarray, kv_len: int) -> np.ndarray:
 Recorder = Callable[[str, Feeds, list[np.ndarray]], None]
 
 
+def rope_rows(adapter: ModelAdapter) -> int:
+    """Rows of position ids the pieces take: 3 for an M-RoPE (Qwen2-VL family) model."""
+    return 1 if adapter.mrope_section is None else MROPE_ROWS
+
+
 @dataclass(frozen=True)
-class Window:
-    """One token window of the float chain: its ids (``P + 1`` or more), the decode
-    positions to run (``1 <= p <= P``), and where its pieces' inputs/outputs go."""
+class Prompt:
+    """Tokens the prefill pieces run: a text window (its first ``PREFILL_LEN`` tokens
+    prefill; one more is the decode graph's), or a vision-language picture prompt
+    (``image``: its M-RoPE rows and the vision tower's embeddings over its placeholder
+    rows, as the runtime splices them; ``visual``: the same prompt as the float model
+    takes it, for the reference)."""
 
     ids: Sequence[int]
+    image: pe.MultimodalPrompt | None = None
+    visual: VisualPrompt | None = None
+
+    def prefill(self, prefill_len: int, rows: int) -> Feeds:
+        """The prefill pieces' ids, positions and mask for this prompt."""
+        positions = None if self.image is None else self.image.positions
+        return pe.prefill_inputs(list(self.ids[:prefill_len]), prefill_len, rows, positions)
+
+    def embedded(self, embed: torch.nn.Module, prefill: Feeds) -> np.ndarray:
+        """The prefill's input states: ``embed`` of its ids, vision embeddings in place."""
+        with torch.no_grad():
+            hidden = embed(torch.from_numpy(prefill["input_ids"]).long()).numpy()
+        if self.image is not None and len(self.image.rows):
+            hidden[0, self.image.rows] = self.image.embeds
+        return hidden
+
+    def decode(self, position: int, kv_len: int, rows: int) -> Feeds:
+        """The decode graph's inputs for the token at ``position``, whose M-RoPE position
+        after a picture runs behind its cache row."""
+        rope = None if self.image is None else int(self.image.positions[0, position])
+        return pe.decode_inputs(int(self.ids[position]), position, kv_len, rows, rope)
+
+    def checked_from(self) -> int:
+        """The first row the end-to-end check compares: a picture prompt's first vision
+        token (the rows before it cannot see the picture; they are a text prompt's, the
+        same for every picture, which the text windows measure), else 0."""
+        if self.image is None or not len(self.image.rows):
+            return 0
+        return int(self.image.rows.min())
+
+    def text_after_picture(self) -> int:
+        """The first row after the prompt's last vision token (0 for text)."""
+        if self.image is None or not len(self.image.rows):
+            return 0
+        return int(self.image.rows.max()) + 1
+
+
+def image_prompt(
+    adapter: ModelAdapter, tower: torch.nn.Module, inputs: Mapping[str, Any]
+) -> Prompt:
+    """The :class:`Prompt` of processor ``inputs`` holding one picture prompt, its vision
+    embeddings from ``tower`` (the float tower, read by the caller)."""
+    features = vision_features(tower, inputs)
+    image = pe.multimodal_prompt(adapter, inputs, features)
+    return Prompt(image.token_ids, image, VisualPrompt(inputs, features))
+
+
+@dataclass(frozen=True)
+class Window:
+    """One prompt of the float chain, the decode positions to run (each ``p`` decodes
+    ``prompt.ids[p]`` over the prefill's rows ``< p``), and where its pieces'
+    inputs/outputs go."""
+
+    prompt: Prompt
     positions: Sequence[int]
     record: Recorder
 
@@ -131,7 +195,8 @@ class Window:
 def _chain(
     run: pe.PieceRunner, adapter: ModelAdapter, windows: Sequence[Window], lengths: tuple[int, int]
 ) -> None:
-    """For every window: float prefill over ``ids[:P]``; for every decode position ``p``
+    """For every window: float prefill over its prompt's first ``P`` ids (a picture's
+    rows hold its vision embeddings); for every decode position ``p``
     the LM head on the prefill row ``p - 1`` and one decode step for ``ids[p]`` over the
     prefill's K/V (rows ``>= p`` masked), calling ``record(piece, inputs, outputs)`` for
     every piece run. ``lengths`` is ``(PREFILL_LEN, KV_LEN)``.
@@ -142,11 +207,12 @@ def _chain(
     Each piece's calls are still recorded window by window, positions ascending, so the
     calibration lists keep the order a window-at-a-time chain gave them."""
     prefill_len, kv_len = lengths
+    rows = rope_rows(adapter)
     embed = adapter.embed_tokens()
-    pres = [pe.prefill_inputs(list(w.ids[:prefill_len]), prefill_len) for w in windows]
-    steps = [[pe.decode_inputs(int(w.ids[p]), p, kv_len) for p in w.positions] for w in windows]
+    pres = [w.prompt.prefill(prefill_len, rows) for w in windows]
+    steps = [[w.prompt.decode(p, kv_len, rows) for p in w.positions] for w in windows]
+    hiddens = [w.prompt.embedded(embed, pre) for w, pre in zip(windows, pres, strict=True)]
     with torch.no_grad():
-        hiddens = [embed(torch.from_numpy(pre["input_ids"]).long()).numpy() for pre in pres]
         tokens = [
             [embed(torch.from_numpy(step["input_ids"]).long()).numpy() for step in window]
             for window in steps
@@ -185,11 +251,13 @@ def capture(
     run: pe.PieceRunner,
     adapter: ModelAdapter,
     golden_ids: Sequence[int],
-    calib_ids: Sequence[Sequence[int]],
+    calibration: Sequence[Prompt],
     lengths: tuple[int, int],
 ) -> Golden:
     """Golden inputs/outputs from one held-out window of ``P + 1`` tokens (decode of its
-    last token, LM head on the last prefill row), calibration inputs from the others."""
+    last token, LM head on the last prefill row), calibration inputs from the
+    ``calibration`` prompts: text windows of ``P + 1`` tokens, decoded at positions over
+    the window, and picture prompts, decoded at their text rows after the picture."""
     golden = Golden({}, {}, {})
     prefill_len = lengths[0]
 
@@ -200,9 +268,11 @@ def capture(
     def keep_calib(name: str, feeds: Feeds, _outs: list[np.ndarray]) -> None:
         golden.calibration.setdefault(name, []).append(feeds)
 
-    picks = _positions(prefill_len, CALIB_POSITIONS)
-    windows = [Window(golden_ids, [prefill_len], keep_golden)]
-    windows += [Window(ids, picks, keep_calib) for ids in calib_ids]
+    windows = [Window(Prompt(golden_ids), [prefill_len], keep_golden)]
+    for prompt in calibration:
+        last = min(len(prompt.ids) - 1, prefill_len)
+        first = max(prompt.text_after_picture(), 1)
+        windows.append(Window(prompt, _positions(first, last, CALIB_POSITIONS), keep_calib))
     _chain(run, adapter, windows, lengths)
     return golden
 
@@ -431,12 +501,14 @@ def build_all(
     socs: Sequence[qnn_ep.Soc],
     vtcm_mb: int,
     opt_mode: int | str,
-    chain_ids: Sequence[Sequence[int]],
+    chain: Sequence[Prompt],
+    prefill_len: int,
     cache: PieceCache,
     versions: dict[str, str],
 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """Every piece's report row, and the last hidden state of the QNN prefill chain for
-    each window of ``chain_ids`` (``PREFILL_LEN`` tokens each, embedded on the host).
+    """Every piece's report row, and the last hidden state of the QNN prefill chain
+    ``[1, PREFILL_LEN, H]`` for each prompt of ``chain`` (embedded on the host, a
+    picture's vision embeddings spliced in).
 
     Each piece is built into its ``cache`` entry (its part of the model read through
     ``parts`` meanwhile) and linked from there into ``out_dir`` (context binaries per
@@ -454,32 +526,36 @@ def build_all(
     )
     choice = ModeChoice(opt_mode)
     rows: list[dict[str, Any]] = []
-    with torch.no_grad(), parts.embedding() as embed:
-        hiddens = [embed(torch.tensor([list(ids)])).numpy() for ids in chain_ids]
+    starts = [prompt.prefill(prefill_len, rope_rows(adapter)) for prompt in chain]
+    with parts.embedding() as embed:
+        hiddens = [p.embedded(embed, pre) for p, pre in zip(chain, starts, strict=True)]
     layers = adapter.layers()
     names = [f"block_{i}" for i in range(adapter.num_layers)]
     names += [f"block_cache_{i}" for i in range(adapter.num_layers)] + ["lm_head"]
     for name in progress(names, desc=f"qnn {plan.scheme.name}", unit="piece"):
-        chain: list[Feeds] = []
+        feeds: list[Feeds] = []
         if name.startswith("block_") and not name.startswith("block_cache"):
-            # Same length, no padding: every window shares the golden positions and mask.
-            chain = [{**golden.inputs[name], "input_states": h} for h in hiddens]
+            feeds = [
+                {"input_states": h, "position_ids": pre["position_ids"],
+                 "attention_mask": pre["attention_mask"]}
+                for h, pre in zip(hiddens, starts, strict=True)
+            ]  # fmt: skip
         modes = choice.of(name, socs)
 
         def build(
-            folder: Path, name: str = name, chain: list[Feeds] = chain, modes: Modes = modes
+            folder: Path, name: str = name, feeds: list[Feeds] = feeds, modes: Modes = modes
         ) -> None:
             index = int(name.rsplit("_")[-1]) if name != "lm_head" else 0
             part = parts.head() if name == "lm_head" else parts.layer(layers[index])
             with part:
                 row, chained = build_piece(
-                    name, float_dir, work_dir, folder, modes=modes, chain_inputs=chain, **common
+                    name, float_dir, work_dir, folder, modes=modes, chain_inputs=feeds, **common
                 )
             (folder / "row.json").write_text(json.dumps(row))
             np.savez(folder / "chained.npz", *[outs[0] for outs in chained])
 
         key = piece_key(
-            name, float_dir, chain, plan=plan, levels_key=levels_key, golden=golden,
+            name, float_dir, feeds, plan=plan, levels_key=levels_key, golden=golden,
             socs=socs, vtcm_mb=vtcm_mb, modes=modes, versions=versions,
         )  # fmt: skip
         entry = cache.fetch_or_build(name, key, build)
@@ -495,23 +571,33 @@ def build_all(
 
 
 def end_to_end(
-    parts: Parts, hiddens: Sequence[np.ndarray], windows: Sequence[Sequence[int]]
+    parts: Parts, hiddens: Sequence[np.ndarray], prompts: Sequence[Prompt]
 ) -> dict[str, Any]:
     """Final norm + LM head (float, host) on the QNN chain's hidden states vs the FP32
-    model's logits on the same windows (run a part at a time through ``parts``): cosine
-    over all logits and top-1 agreement over every token (one window of 32 tokens would
-    measure top-1 in steps of 3 %)."""
-    reference = run_layers(parts, torch.tensor([list(ids) for ids in windows]))
+    model's logits on the same prompts (run a part at a time through ``parts``): cosine
+    over all logits and top-1 agreement over every compared row of every prompt (one
+    window of 32 tokens would measure top-1 in steps of 3 %): all of a text window's,
+    a picture prompt's from its first vision token on (:meth:`Prompt.checked_from`).
+    Text windows and picture prompts (the float model given the same vision embeddings)
+    are not mixed in one call."""
+    if any(p.visual is not None for p in prompts):
+        groups = run_groups(
+            parts, lambda embed: [prompt_group(parts.adapter, embed, p.visual) for p in prompts]
+        )  # fmt: skip
+        reference = [hidden[0] for hidden in groups]
+    else:
+        reference = list(run_layers(parts, torch.tensor([list(p.ids) for p in prompts])))
     got, want = [], []
     with head(parts) as logits:
-        for i, (hidden, ids) in enumerate(zip(hiddens, windows, strict=True)):
-            h = torch.from_numpy(np.asarray(hidden[:, : len(ids)], np.float32))
+        for hidden, ref, prompt in zip(hiddens, reference, prompts, strict=True):
+            rows = slice(prompt.checked_from(), len(prompt.ids))
+            h = torch.from_numpy(np.asarray(hidden[:, rows], np.float32))
             got.append(logits(h)[0].numpy())
-            want.append(logits(reference[i : i + 1])[0].float().numpy())
+            want.append(logits(ref[None, rows])[0].float().numpy())
     got_all, want_all = np.concatenate(got), np.concatenate(want)
     return {
         "cos": pe.cosine(got_all, want_all),
         "top1_agreement": float((got_all.argmax(-1) == want_all.argmax(-1)).mean()),
         "tokens": len(got_all),
-        "windows": len(windows),
+        "windows": len(prompts),
     }

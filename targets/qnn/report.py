@@ -11,7 +11,8 @@ from common.models.tokenizer_fidelity import describe
 
 def gates(report: dict[str, Any], limits: dict[str, float], mllm_max_abs: float) -> list[Gate]:
     """The build's gates: every piece's cosine vs float and all of it on QNN, end-to-end
-    top-1 agreement (where the preset sets a floor), the int8 .mllm against fake-quant."""
+    top-1 agreement on text and, for a vision-language model, on picture prompts (where
+    the preset sets a floor), the int8 .mllm against fake-quant."""
     rows = report["layers"]
     low = [r["name"] for r in rows if r["cos_vs_float"] < limits["layer_cos"]]
     off = [r["name"] for r in rows if not r["all_nodes_on_qnn"]]
@@ -23,6 +24,10 @@ def gates(report: dict[str, Any], limits: dict[str, float], mllm_max_abs: float)
     if limits["top1"] > 0:
         top1 = report["end_to_end"]["top1_agreement"]
         checks.append(gate("end_to_end_top1_agreement", top1, ">=", limits["top1"]))
+        pictures = report.get("picture_prompts")
+        if pictures:
+            top1 = pictures["top1_agreement"]
+            checks.append(gate("picture_prompts_top1_agreement", top1, ">=", limits["top1"]))
     diff = report["mllm_int8"]["max_abs_diff"]
     checks.append(gate("mllm_int8_max_abs_diff", diff, "<=", mllm_max_abs))
     return checks
@@ -83,6 +88,7 @@ def render(report: dict[str, Any]) -> str:
         f"in {e2e['windows']} held-out windows): "
         f"logit cosine {e2e['cos']:.6f}, top-1 agreement {e2e['top1_agreement']:.4f}.",
         "",
+        *_picture_lines(report.get("picture_prompts")),
         f"model.int8.mllm re-read vs fake-quant model: max |Δlogit| {mllm['max_abs_diff']:.3g}.",
         "",
         f"`tokenizer/`: {describe(report['tokenizer'])}.",
@@ -93,3 +99,19 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _picture_lines(pictures: dict[str, Any] | None) -> list[str]:
+    """The picture prompts' end-to-end line (vision-language models)."""
+    if not pictures:
+        return []
+    return [
+        f'Picture prompts ("{pictures["prompt"]}" after each of {", ".join(pictures["images"])} '
+        f"at {pictures['image_size']} px, {'/'.join(map(str, pictures['vision_tokens']))} "
+        "vision tokens from the float vision tower on the host, spliced over the placeholder "
+        "rows; 3-row M-RoPE positions; prefill chain on HTP, float LM head on host; "
+        f"{pictures['tokens']} rows from each picture's first vision token on): logit cosine "
+        f"{pictures['cos']:.6f}, top-1 agreement "
+        f"{pictures['top1_agreement']:.4f}.",
+        "",
+    ]

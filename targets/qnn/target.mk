@@ -1,6 +1,7 @@
 # QNN (Qualcomm HTP): make qnn MODEL=<recipe> [SOCS=SM8650,SM8750] [PRESET=w8a16|w8a8|w4a16]
 #   [ROTATE=hadamard|orthogonal|none] [ROUNDING=gptq|nearest] [PREFILL_LEN=n] [KV_LEN=n]
-#   [E2E_WINDOWS=n] [OPT_MODE=auto|3|2|1] [PROFILE=profile.json] [USE_DOCKER=1]
+#   [E2E_WINDOWS=n] [OPT_MODE=auto|3|2|1] [IMAGES=dir] [IMAGE_SIZE=px] [PROFILE=profile.json]
+#   [USE_DOCKER=1]
 # Reads make profile's output for ROTATE (default hadamard: build/<MODEL>/profile-hadamard/
 # profile.json; made on demand when missing) and, when present,
 # build/<MODEL>/simulate/shadow_layers.json (the T chosen by make simulate). Writes
@@ -12,7 +13,7 @@ QNN_REQ   := targets/qnn/requirements.txt
 QNN_HASH  := $(shell sha256sum $(QNN_REQ) | cut -c1-16)
 QNN_STAMP := $(VENV)/.edgeforge-qnn-$(QNN_HASH)
 #: The make variables of build.py's Options, in declaration order.
-QNN_OPTIONS := SOCS PRESET ROTATE PREFILL_LEN KV_LEN E2E_WINDOWS ROUNDING OPT_MODE PROFILE MAX_MEMORY
+QNN_OPTIONS := SOCS PRESET ROTATE PREFILL_LEN KV_LEN E2E_WINDOWS ROUNDING OPT_MODE IMAGES IMAGE_SIZE PROFILE MAX_MEMORY
 QNN_VARS = $(call option_vars,$(QNN_OPTIONS))
 QNN_ARGS = $(call option_args,$(QNN_OPTIONS))
 #: The rotation of the profile make qnn reads by default (empty: none), and that profile:
@@ -30,9 +31,12 @@ $(QNN_STAMP): $(QNN_REQ) $(STAMP)
 	$(PY) -c "import onnxruntime_qnn"
 	@touch $@
 
+# A vision-language model's profile sees the build's pictures (IMAGES, IMAGE_SIZE as make
+# qnn resolves them; targets/qnn/profile_vars.py prints them, nothing for a text model).
 $(BUILD_DIR)/$(MODEL)/$(QNN_PROFILE_DIR)/profile.json:
+	pictures=$$($(PY) targets/qnn/profile_vars.py $(MODEL) "$(IMAGES)" "$(IMAGE_SIZE)") && \
 	$(MAKE) profile MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) ROTATE=$(QNN_ROTATE) \
-		$(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH))
+		$(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) $$pictures
 
 qnn: venv qnn-venv $(QNN_PROFILE) ## QNN HTP: model.int8.mllm + context binaries per SoC, checked on the HTP emulator
 ifeq ($(USE_DOCKER),1)

@@ -43,7 +43,6 @@ from sophgo_verify import (
     dispatch,
     first_mismatch,
     image_prompt_check,
-    image_prompt_inputs,
     image_reference,
     kv_decode,
     prefill_greedy,
@@ -529,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt_list = ids[0].tolist()
     image_inputs = None
     if adapter.is_vision_language:  # image prompt too; fits SEQ_LEN?
+        from common.export.vision_export import image_prompt_inputs
+
         image_inputs = image_prompt_inputs(model_dir, prompt, VL_IMAGE, VL_IMAGE_SIZE)
         length = image_inputs["input_ids"].shape[1]
         if length + decode_tokens > dims.seq_len:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -241,19 +240,6 @@ def agreement(got: np.ndarray, want: np.ndarray, rows: tuple[np.ndarray, int] | 
     if np.issubdtype(want.dtype, np.integer):
         return 1.0 if np.array_equal(got.astype(np.int64), want.astype(np.int64)) else 0.0
     return cosine(got, want)
-
-
-def image_prompt_inputs(model_dir: Path, prompt: str, image: Path, size: int) -> dict[str, Any]:
-    """Processor inputs for ``image`` (square-resized to ``size`` px) then ``prompt``, in one
-    user turn: what the image check feeds both Hugging Face and the nets."""
-    from common.export.vision_export import vl_prompt_inputs
-    from common.inputs.vl_preprocess import geometry, prepare_frames
-    from common.models.loading import load_processor
-
-    processor = load_processor(model_dir)
-    geo = geometry(processor, size)
-    frames = prepare_frames([image], geo, processor)
-    return vl_prompt_inputs(processor, prompt, frames, geo, "image")
 
 
 @dataclass(frozen=True)

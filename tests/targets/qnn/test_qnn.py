@@ -559,21 +559,119 @@ def test_qwen1_is_refused(tiny_qwen1_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "qwen-7b").exists()
 
 
-def test_vision_language_is_refused_before_any_heavy_work(
+#: The tiny VL recipes' picture side (their targets.qnn): 4 merged vision tokens a picture.
+VL_IMAGE_SIZE = "56"
+
+
+def _picture_profile(build_dir: Path, model: str, model_dir: Path, *pictures: str) -> Path:
+    """make qnn's default (rotated) profile of a tiny VL model, ``pictures`` its image flags."""
+    result = run_python(
+        "-m", "common.steps.profile_cli", "profile", "--model", model, "--model-path",
+        str(model_dir), "--build-dir", str(build_dir), "--rotate", "hadamard",
+        "--num-samples", "8", "--seq-len", "64", *pictures,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return build_dir / model / "profile-hadamard" / "profile.json"
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def vl_run(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_qwen2_vl_dir: Path,
+    tiny_qwen2_5_vl_dir: Path,
+) -> tuple[str, Path, Path, CliResult]:
+    """``make qnn`` of a tiny VL model (the recipe's PREFILL_LEN 56, KV_LEN 64, 56 px
+    pictures), after a profile that saw data/images at that size, as make runs them."""
+    model = request.param
+    model_dir = tiny_qwen2_vl_dir if model == "tiny-qwen2-vl" else tiny_qwen2_5_vl_dir
+    build_dir = tmp_path_factory.mktemp(model)
+    images = ("--images", str(REPO_ROOT / "data" / "images"), "--image-size", VL_IMAGE_SIZE)
+    _picture_profile(build_dir, model, model_dir, *images)
+    result = run_target(build_dir, "--model", model, "--model-path", str(model_dir))
+    return model, model_dir, build_dir / model / "qnn", result
+
+
+def test_vision_language_model_on_htp(vl_run: tuple[str, Path, Path, CliResult]) -> None:
+    """The language model of a Qwen2-VL / Qwen2.5-VL on the HTP: its pieces take 3-row
+    M-RoPE positions, every piece is all on QNN within the w8a16 cosine gate, and the
+    prefill chain runs picture prompts (the float tower's vision embeddings spliced over
+    the placeholder rows) as well as text. The .mllm carries the vision tower in F32.
+
+    Top-1 agreement of a random tiny model sits at the w8a16 gate: a fifth of its rows
+    are near ties (float top-2 margin < 0.05 against a logit error of about 0.06), so
+    tiny-qwen2.5-vl's text windows measure 0.946 (8 windows; 0.9498 with 16) and its
+    build exits 1 on that one gate after writing everything. Its other gates must pass,
+    and the agreement must stay within that noise (>= 0.94)."""
+    model, model_dir, out, result = vl_run
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    failed = {g["name"] for g in report["gates"] if not g["passed"]}
+    assert result.returncode == (1 if failed else 0), result.stderr[-3000:]
+    allowed = {"end_to_end_top1_agreement"} if model == "tiny-qwen2.5-vl" else set()
+    assert failed <= allowed, report["gates"]
+    assert_gates(
+        report,
+        {
+            "min_piece_cos_vs_float",
+            "pieces_not_all_on_qnn",
+            "end_to_end_top1_agreement",
+            "picture_prompts_top1_agreement",
+            "mllm_int8_max_abs_diff",
+        },
+    )
+    for row in report["layers"]:
+        assert row["all_nodes_on_qnn"] is True and row["cos_vs_float"] >= 0.999, row
+    assert report["end_to_end"]["top1_agreement"] >= 0.94 and report["end_to_end"]["cos"] >= 0.999
+    pictures = report["picture_prompts"]
+    shipped = sorted(path.name for path in (REPO_ROOT / "data" / "images").glob("*.jpg"))
+    assert pictures["images"] == shipped
+    assert pictures["vision_tokens"] == [4] * len(pictures["images"])
+    assert pictures["cos"] >= 0.999 and pictures["top1_agreement"] >= 0.95, pictures
+    for name, rows in (("block_0", 56), ("block_cache_0", 1)):
+        graph = onnx.load(str(out / "SM8650" / f"{name}_ctx.onnx"), load_external_data=False)
+        shape = next(i for i in graph.graph.input if i.name == "position_ids")
+        dims = [d.dim_value for d in shape.type.tensor_type.shape.dim]
+        assert dims == [3, 1, rows], (name, dims)
+    tensors = read_mllm(out / "model.int8.mllm")
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as stored:
+        tower = {k for k in stored.keys() if ".visual." in k or k.startswith("visual.")}  # noqa: SIM118
+        patch = next(k for k in tower if k.endswith("patch_embed.proj.weight"))
+        want = stored.get_tensor(patch).float().numpy()
+    visual = {n for n in tensors if n.startswith("visual.")}
+    assert len(visual) == len(tower) > 0
+    code, got = tensors["visual.patch_embed.proj.weight"]
+    assert got.dtype == np.float32, code
+    np.testing.assert_array_equal(got.reshape(want.shape), want)
+
+
+def test_vision_language_profile_without_pictures_is_refused(
     tiny_qwen2_vl_dir: Path, tmp_path: Path
 ) -> None:
-    """A VL model (its language model needs M-RoPE positions and image tokens) stops with
-    one line before a piece is exported, not with an onnxruntime traceback later."""
-    profiled = run_python(
-        "-m", "common.steps.profile_cli", "profile", "--model", "tiny-qwen2-vl",
-        "--model-path", str(tiny_qwen2_vl_dir), "--build-dir", str(tmp_path),
-        "--rotate", "hadamard", "--num-samples", "2", "--seq-len", "32",
-    )  # fmt: skip
-    assert profiled.returncode == 0, profiled.stderr[-2000:]
+    """A VL model's profile made from text alone would leave picture tokens outside its
+    ranges: one error line naming the fix, before any piece is exported."""
+    profile = _picture_profile(tmp_path, "tiny-qwen2-vl", tiny_qwen2_vl_dir)
     result = run_target(
         tmp_path, "--model", "tiny-qwen2-vl", "--model-path", str(tiny_qwen2_vl_dir)
     )
-    assert_clean_error(result, "is vision-language", "make qnn builds text models")
+    assert_clean_error(result, str(profile), "made from text only", "IMAGES=data/images")
+    assert not (tmp_path / "tiny-qwen2-vl" / "qnn").exists()
+
+
+def test_picture_prompt_longer_than_the_prefill_graph_is_refused(
+    tiny_qwen2_vl_dir: Path, tmp_path: Path
+) -> None:
+    """Pictures that make a prompt longer than PREFILL_LEN stop the build up front, with
+    the length needed, before any weight is read."""
+    images = ("--images", str(REPO_ROOT / "data" / "images"), "--image-size", VL_IMAGE_SIZE)
+    _picture_profile(tmp_path, "tiny-qwen2-vl", tiny_qwen2_vl_dir, *images)
+    result = run_target(
+        tmp_path, "--model", "tiny-qwen2-vl", "--model-path", str(tiny_qwen2_vl_dir),
+        "--image-size", "112", "--prefill-len", "56",
+    )  # fmt: skip
+    assert_clean_error(result, "PREFILL_LEN=56 is too short", "IMAGE_SIZE=112", "at least 65")
     assert not (tmp_path / "tiny-qwen2-vl" / "qnn").exists()
 
 
