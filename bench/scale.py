@@ -52,8 +52,12 @@ STEPS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "qnn": ({}, {}),
     "sophgo": ({}, {}),
     "axera": ({}, {}),
+    "axera-video": ({"MODE": "video"}, {"MODE": "video"}),
     "autoround": ({}, {"ITERS": "20", "NSAMPLES": "8"}),
 }
+#: Steps that are another make target with other variables (``axera-video``: ``make axera
+#: MODE=video``); every other step is its own target.
+TARGETS = {"axera-video": "axera"}
 #: Per-model changes: Qwen1 fuses q/k/v, which rotation refuses, so it is profiled unrotated.
 OVERRIDES = {("qwen-7b", "profile"): {"ROTATE": ""}}
 
@@ -96,8 +100,33 @@ def borrow_vision_token_ids(config: Any, tokenizer_dir: Path) -> None:
             setattr(config, key, tokenizer.convert_tokens_to_ids(token))
 
 
+#: The public Qwen2.5-VL processor's pixel budgets (its ``preprocessor_config.json``;
+#: transformers' Qwen2-VL video processor defaults), given to the borrowed tiny processor,
+#: whose budget (224 x 224 px) is sized for tests: with it a 448 px picture shrank to 224.
+PIXEL_BUDGETS = {
+    "image_processor": {"shortest_edge": 3136, "longest_edge": 12845056},
+    "video_processor": {"shortest_edge": 100352, "longest_edge": 602112},
+}
+
+
+def real_pixel_budgets(model_dir: Path) -> None:
+    """Give ``model_dir``'s processor (if any) the real model's pixel budgets."""
+    from common.core.records import write_json_atomic
+
+    path = model_dir / "processor_config.json"
+    if not path.is_file():
+        return
+    doc = json.loads(path.read_text())
+    for part, size in PIXEL_BUDGETS.items():
+        if part in doc:
+            doc[part]["size"] = size
+    write_json_atomic(path, doc)
+
+
 def checkpoint(model: str, build_dir: Path) -> Path:
-    """The model's random checkpoint, written once (atomically) and reused."""
+    """The model's random checkpoint, written once (atomically) and reused, its processor
+    with the real model's pixel budgets (:func:`real_pixel_budgets`, also for one written
+    before)."""
     from transformers import AutoConfig
 
     from common.core.recipes import load_recipe
@@ -107,6 +136,7 @@ def checkpoint(model: str, build_dir: Path) -> Path:
 
     out = build_dir / "bench" / "scale" / model / "checkpoint"
     if (out / "config.json").is_file():
+        real_pixel_budgets(out)
         return out
     tiny, _ = MODELS[model]
     tokenizer_dir = build_model(load_recipe(tiny), build_dir, None)
@@ -121,13 +151,15 @@ def checkpoint(model: str, build_dir: Path) -> Path:
         borrow_vision_token_ids(config, tokenizer_dir)
         print(f"[bench-scale] writing the random {model} checkpoint", file=sys.stderr)
         write_random_checkpoint(config, tmp, tokenizer_dir=tokenizer_dir, trust_remote_code=remote)
+        real_pixel_budgets(tmp)
     return out
 
 
 def _report(build_dir: Path, model: str, step: str) -> dict[str, Any]:
     """The step's own report.json (empty when it wrote none)."""
     folders = {"cpu": "cpu-fp32-rotated", "sophgo": "sophgo-bm1684x", "axera": "axera-ax650"}
-    for report in sorted((build_dir / model).glob(f"{folders.get(step, step)}*/**/report.json")):
+    folder = folders.get(TARGETS.get(step, step), step)
+    for report in sorted((build_dir / model).glob(f"{folder}*/**/report.json")):
         return json.loads(report.read_text())
     return {}
 
@@ -156,7 +188,8 @@ def run_step(model: str, step: str, build_dir: Path, quick: bool, timeout: float
     profiled = step_dir.parent / "profile" / model / "profile-hadamard" / "profile.json"
     if step == "qnn" and profiled.is_file():  # else make qnn profiles first, at full size
         variables["PROFILE"] = str(profiled)
-    command = ["make", "--no-print-directory", step, *(f"{k}={v}" for k, v in variables.items())]
+    target = TARGETS.get(step, step)
+    command = ["make", "--no-print-directory", target, *(f"{k}={v}" for k, v in variables.items())]
     print(f"[bench-scale] {' '.join(command)}", file=sys.stderr, flush=True)
     result = _run(command, step_dir / "log.txt", timeout)
     result.update(
