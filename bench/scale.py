@@ -208,6 +208,14 @@ def run_step(model: str, step: str, build_dir: Path, quick: bool, timeout: float
     return result
 
 
+def _shown(step: str) -> str:
+    """How a user types ``step``: its make target and the variables that make it this
+    step (``axera-video``: ``axera MODE=video``)."""
+    if step not in TARGETS:
+        return step
+    return " ".join([TARGETS[step], *(f"{k}={v}" for k, v in STEPS[step][0].items())])
+
+
 def table(results: dict) -> str:
     """The README table: one row per model and step."""
     rows = [
@@ -229,7 +237,8 @@ def table(results: dict) -> str:
         else:
             outcome = f"exit {r['exit_code']}: {(r['error'] or 'see log')[:80]}"
         rows.append(
-            f"| {model} | `make {step}` | {'QUICK=1' if r.get('quick') else 'full'} | {outcome} "
+            f"| {model} | `make {_shown(step)}` | {'QUICK=1' if r.get('quick') else 'full'} "
+            f"| {outcome} "
             f"| {r['tree_peak_rss_bytes'] / GIB:.2f} GiB "
             f"| {within} | {r['seconds'] / 60:.1f} min "
             f"| {r['max_memory_gib']} GiB |"
