@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from build import TARGET, Options, parse_args  # this folder (first on sys.path)
+
 from common.core.errors import run_cli
 from common.core.options import resolve_target
 from common.core.recipes import load_recipe
