@@ -181,10 +181,17 @@ def run_layers(
     layer."""
 
     def text(embedding: nn.Module) -> list[Group]:
-        hidden = embedding(windows)
-        return [(hidden, layer_kwargs(parts.adapter, hidden))]
+        return [text_group(parts.adapter, embedding, windows)]
 
     return run_groups(parts, text, cursor=cursor, bar=bar)[0]
+
+
+def text_group(adapter: ModelAdapter, embedding: nn.Module, windows: torch.Tensor) -> Group:
+    """Token windows ``[n, seq]`` as :func:`run_groups` runs them: embedded, with what the
+    stack hands every layer for text (a vision-language model's M-RoPE rows count the
+    tokens in all three)."""
+    hidden = embedding(windows)
+    return hidden, layer_kwargs(adapter, hidden)
 
 
 @contextmanager

@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.analysis.layerwise import Group, Parts, head, run_groups
+from common.analysis.layerwise import Group, Parts, head, run_groups, text_group
 from common.analysis.layerwise_decode import VisualPrompt, prompt_group, vision_features
 from common.analysis.observers import TensorObserver
 from common.core.errors import EdgeforgeError
 from common.core.progress import progress
 from common.models import ModelAdapter, get_adapter, iter_linears
-from common.models.streaming import StreamedModel, layer_kwargs
+from common.models.streaming import StreamedModel
 from common.quant.transforms import Transforms
 
 PROFILE_FORMAT = "edgeforge-profile-v1"
@@ -220,8 +220,7 @@ def profile_sequential(
                 prompts = [VisualPrompt(i, vision_features(tower, i)) for i in vision_inputs]
 
         def groups(embed: nn.Module) -> list[Group]:
-            hidden = embed(windows)
-            text = (hidden, layer_kwargs(adapter, hidden))
+            text = text_group(adapter, embed, windows)
             return [text, *(prompt_group(adapter, embed, prompt) for prompt in prompts)]
 
         hidden = run_groups(parts, groups, bar=bar)

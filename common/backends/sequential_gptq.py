@@ -173,8 +173,7 @@ def sequential_gptq(
         hidden = [_Rows.of(embed(w[None].long()), text) for w in windows]
         for picture in pictures:
             ids, length = list(picture.token_ids), len(picture.token_ids)
-            rows = embed(torch.tensor([ids]))
-            rows[0, torch.from_numpy(picture.rows)] = torch.from_numpy(picture.embeds)
+            rows = torch.from_numpy(picture.spliced(embed(torch.tensor([ids])).numpy()))
             feeds = pe.prefill_inputs(ids, length, dims.rope_rows, picture.positions)
             hidden.append(_Rows.of(rows, feeds))
     levels: Levels = {}

@@ -288,6 +288,15 @@ class MultimodalPrompt:
     rows: np.ndarray
     embeds: np.ndarray
 
+    def spliced(self, hidden: np.ndarray) -> np.ndarray:
+        """The embedding of the prompt's ids ``[1, ≥L, H]`` with the vision embeddings over
+        their placeholder rows (float32; ``hidden`` itself when there are none)."""
+        if not len(self.rows):
+            return hidden
+        out = np.array(hidden, dtype=np.float32)
+        out[0, self.rows] = self.embeds
+        return out
+
 
 def multimodal_prompt(
     adapter: ModelAdapter,
@@ -436,9 +445,8 @@ def greedy_decode(
     pre = prefill_inputs(token_ids, dims.seq_len, dims.rope_rows, positions)
     rope_offset = 0 if positions is None else int(np.max(positions)) + 1 - length
     (hidden,) = run("embedding", {"input_ids": pre["input_ids"]})
-    if isinstance(prompt, MultimodalPrompt) and len(prompt.rows):
-        hidden = np.array(hidden, dtype=np.float32)
-        hidden[0, prompt.rows] = prompt.embeds
+    if isinstance(prompt, MultimodalPrompt):
+        hidden = prompt.spliced(hidden)
     cache_k: list[np.ndarray] = []
     cache_v: list[np.ndarray] = []
     for i in range(dims.num_layers):

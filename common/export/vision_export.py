@@ -367,13 +367,18 @@ def vl_prompt_inputs(
     ))  # fmt: skip
 
 
-def image_prompt_inputs(model_dir: Path, prompt: str, image: Path, size: int) -> dict[str, Any]:
-    """Processor inputs for ``image`` (square-resized to ``size`` px) then ``prompt``, in one
-    user turn: what the image check feeds both Hugging Face and the nets."""
+def image_prompt_inputs(
+    processor: Any, prompts: Sequence[str], images: Sequence[Path], size: int
+) -> list[list[dict[str, Any]]]:
+    """Processor inputs of each of ``images`` (square-resized to ``size`` px, a multiple of
+    patch·merge) then each of ``prompts``, in one user turn, as ``[image][prompt]``: what
+    the image checks and calibrations feed both Hugging Face and the nets. Each picture
+    is read and resized once, whatever the number of prompts."""
     from common.inputs.vl_preprocess import geometry, prepare_frames
-    from common.models.loading import load_processor
 
-    processor = load_processor(model_dir)
     geo = geometry(processor, size)
-    frames = prepare_frames([image], geo, processor)
-    return vl_prompt_inputs(processor, prompt, frames, geo, "image")
+    out = []
+    for image in images:
+        frames = prepare_frames([image], geo, processor)
+        out.append([vl_prompt_inputs(processor, text, frames, geo, "image") for text in prompts])
+    return out

@@ -129,8 +129,8 @@ def vision_calibration(model_dir: Path, settings: ProfileSettings) -> list[dict[
     processor would); none without ``--images``. Errors name the option."""
     if not settings.images:
         return []
-    from common.export.vision_export import vl_prompt_inputs
-    from common.inputs.vl_preprocess import geometry, list_frames, prepare_frames, round_size
+    from common.export.vision_export import image_prompt_inputs
+    from common.inputs.vl_preprocess import list_frames, round_size
     from common.models.loading import check_model_dir, load_processor
 
     if not check_model_dir(model_dir).is_vision_language:
@@ -144,12 +144,8 @@ def vision_calibration(model_dir: Path, settings: ProfileSettings) -> list[dict[
     size, note = round_size(settings.image_size, factor, "--image-size")
     if note:
         print(f"[profile] {note}", file=sys.stderr)
-    geo = geometry(processor, size)
-    return [
-        vl_prompt_inputs(processor, IMAGE_PROMPT, prepare_frames([path], geo, processor), geo,
-                         "image")
-        for path in list_frames(Path(settings.images), "--images")
-    ]  # fmt: skip
+    paths = list_frames(Path(settings.images), "--images")
+    return [inputs for (inputs,) in image_prompt_inputs(processor, [IMAGE_PROMPT], paths, size)]
 
 
 @dataclass

@@ -263,11 +263,13 @@ def picture_prompts(
     each fits the prefill graph (no weights are read)."""
     from common.export.vision_export import image_prompt_inputs
     from common.inputs.vl_preprocess import list_frames
+    from common.models.loading import load_processor
     from common.steps.profile_step import IMAGE_PROMPT
 
     paths = list_frames(Path(images), "IMAGES")
-    calibration = [image_prompt_inputs(model_dir, IMAGE_PROMPT, p, size) for p in paths]
-    check = [image_prompt_inputs(model_dir, check_prompt, p, size) for p in paths]
+    prompts = [IMAGE_PROMPT, check_prompt]
+    pairs = image_prompt_inputs(load_processor(model_dir), prompts, paths, size)
+    calibration, check = [p[0] for p in pairs], [p[1] for p in pairs]
     longest = max(int(inputs["input_ids"].shape[1]) for inputs in calibration + check)
     if longest > prefill_len:
         raise EdgeforgeError(

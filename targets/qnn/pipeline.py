@@ -146,9 +146,7 @@ class Prompt:
         """The prefill's input states: ``embed`` of its ids, vision embeddings in place."""
         with torch.no_grad():
             hidden = embed(torch.from_numpy(prefill["input_ids"]).long()).numpy()
-        if self.image is not None and len(self.image.rows):
-            hidden[0, self.image.rows] = self.image.embeds
-        return hidden
+        return hidden if self.image is None else self.image.spliced(hidden)
 
     def decode(self, position: int, kv_len: int, rows: int) -> Feeds:
         """The decode graph's inputs for the token at ``position``, whose M-RoPE position

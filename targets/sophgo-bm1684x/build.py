@@ -529,8 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     image_inputs = None
     if adapter.is_vision_language:  # image prompt too; fits SEQ_LEN?
         from common.export.vision_export import image_prompt_inputs
+        from common.models.loading import load_processor
 
-        image_inputs = image_prompt_inputs(model_dir, prompt, VL_IMAGE, VL_IMAGE_SIZE)
+        processor = load_processor(model_dir)
+        image_inputs = image_prompt_inputs(processor, [prompt], [VL_IMAGE], VL_IMAGE_SIZE)[0][0]
         length = image_inputs["input_ids"].shape[1]
         if length + decode_tokens > dims.seq_len:
             raise EdgeforgeError(
