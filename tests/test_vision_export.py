@@ -85,3 +85,39 @@ def test_segment_bias() -> None:
     assert (bias[:2, :2] == 0).all() and (bias[2:, 2:] == 0).all()
     assert (bias[:2, 2:] < -1e30).all()
     assert ve.segment_bias(torch.tensor([0, 5]), 5) is None
+
+
+@pytest.mark.parametrize("size", [56, 224])
+def test_vision_pieces_chain_to_the_tower(loaded, tmp_path: Path, size: int) -> None:
+    """The per-piece cut (patch embedding, each block, merger; 3-D batch-1 graphs) chained
+    piece by piece, in torch and as exported ONNX, equals Hugging Face's tower; at 224 px
+    Qwen2.5-VL's first block attends within 4 windows under the finite -1e4 mask."""
+    import onnx
+    import onnxruntime as ort
+
+    from common.export import vision_pieces as pieces
+
+    _, adapter, processor = loaded
+    geo = vp.geometry(processor, size)
+    frames = vp.prepare_frames(vp.list_frames(IMAGES, "images")[:1], geo, processor)
+    flat, grid_thw = vp.hf_patches(processor, frames, geo, "image", normalize=True)
+    reference = ve.torch_vision_features(adapter, flat, grid_thw)
+    wrappers = list(pieces.iter_vision_pieces(adapter, geo))
+    assert [name for name, _ in wrappers] == pieces.piece_names(adapter)
+    x, onnx_x = flat[None], flat[None].numpy()
+    for name, module in wrappers:
+        path = pieces.export_vision_piece(
+            module, name, pieces.piece_input(name, geo, adapter.vision_hidden_size),
+            tmp_path / f"{name}.onnx",
+        )  # fmt: skip
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert "Gemm" not in ops and "Erf" not in ops, (name, ops)
+        with torch.no_grad():
+            x = module(x)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (onnx_x,) = session.run(None, {pieces.io_names(name)[0]: onnx_x})
+    assert x.shape == (1, geo.tokens, reference.shape[-1])
+    assert ve.similarity(x[0], reference)["cosine"] > 0.99999
+    assert ve.similarity(torch.from_numpy(onnx_x[0]), reference)["cosine"] > 0.99999
+    windowed = any(m.bias is not None for n, m in wrappers if n.startswith("vision_block"))
+    assert windowed == (size == 224 and adapter.model_type == "qwen2_5_vl")

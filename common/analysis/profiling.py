@@ -61,7 +61,8 @@ class ActivationProfiler:
     ``no_bias`` observes ``y − b`` for linears with a bias (mllm's default): the bias is
     added in float after dequantization, so only ``Wx`` is quantized. ``exact`` counts
     every value into the percentile histograms instead of only their tails (slower; see
-    :mod:`common.analysis.observers`).
+    :mod:`common.analysis.observers`). ``linears`` (``(name, role, linear)``) observes
+    those instead of the adapter's, e.g. the linears of a target's own export wrappers.
     """
 
     def __init__(
@@ -71,11 +72,14 @@ class ActivationProfiler:
         no_bias: bool = True,
         include_vision: bool = False,
         exact: bool = False,
+        linears: Sequence[tuple[str, str, nn.Linear]] | None = None,
     ) -> None:
         self.no_bias = no_bias
-        self.linears = list(
-            iter_linears(adapter, include_lm_head=True, include_vision=include_vision)
-        )
+        if linears is None:
+            linears = list(
+                iter_linears(adapter, include_lm_head=True, include_vision=include_vision)
+            )
+        self.linears = list(linears)
         self.observers = {
             name: LinearObservers(
                 role=role,

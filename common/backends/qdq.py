@@ -438,27 +438,52 @@ def qdq_plan(
     float (the LM head) is still quantized in its QNN piece, at the scheme's width.
     """
     check_htp(scheme)
-    linears = {}
-    for linear, entry in mllm_plan["tensors"].items():
-        role = stats[linear]["role"]
-        bits = int_bits(scheme.activation(role))
-        sides = []
-        for side in ("input", "output"):
-            absmax = float(stats[linear][side]["absmax"])
-            if entry[side].get("shadow"):
-                sides.append(Encoding.kept_float(absmax, "shadow"))
-            elif bits == 16 and absmax > FLOAT_RATIO_16 * float(stats[linear][side]["abs_p999"]):
-                sides.append(Encoding.kept_float(absmax, "ratio"))
-            else:
-                sides.append(Encoding.grid(absmax, bits, HEADROOM_16 if bits == 16 else 1.0))
-        weight = scheme.weight(role)
-        if any(e.bits is None for e in sides):
-            sides = [
-                e if e.bits is None else Encoding.kept_float(e.absmax, "linear") for e in sides
-            ]
-            weight = Weights(HTP_FLOAT)
-        linears[linear] = LinearPlan(role, weight, sides[0], sides[1])
+    linears = {
+        linear: linear_plan(
+            stats[linear], scheme, shadow=tuple(bool(entry[s].get("shadow")) for s in SIDES)
+        )
+        for linear, entry in mllm_plan["tensors"].items()
+    }
     return QdqPlan(name, scheme, dict(mllm_plan.get("transforms") or {}), linears)
+
+
+#: The two activations of a linear a plan encodes.
+SIDES = ("input", "output")
+
+
+def linear_plan(
+    stats: Mapping[str, Any], scheme: QuantScheme, shadow: Sequence[bool] = (False, False)
+) -> LinearPlan:
+    """One linear's plan from its profile ``stats`` (``role``, and each side's ``absmax``
+    and ``abs_p999``) under :func:`qdq_plan`'s rules; ``shadow`` names the sides the
+    ``.mllm`` plan keeps as shadow tensors."""
+    role = stats["role"]
+    bits = int_bits(scheme.activation(role))
+    sides = []
+    for side, shadowed in zip(SIDES, shadow, strict=True):
+        absmax = float(stats[side]["absmax"])
+        if shadowed:
+            sides.append(Encoding.kept_float(absmax, "shadow"))
+        elif bits == 16 and absmax > FLOAT_RATIO_16 * float(stats[side]["abs_p999"]):
+            sides.append(Encoding.kept_float(absmax, "ratio"))
+        else:
+            sides.append(Encoding.grid(absmax, bits, HEADROOM_16 if bits == 16 else 1.0))
+    weight = scheme.weight(role)
+    if any(e.bits is None for e in sides):
+        sides = [e if e.bits is None else Encoding.kept_float(e.absmax, "linear") for e in sides]
+        weight = Weights(HTP_FLOAT)
+    return LinearPlan(role, weight, sides[0], sides[1])
+
+
+def calibrated_plan(
+    stats: Mapping[str, Mapping[str, Any]], scheme: QuantScheme, *, name: str
+) -> QdqPlan:
+    """The plan of linears no ``.mllm`` plan covers (a vision tower's, which the ``.mllm``
+    keeps float), each from ``stats`` observed on the build's own calibration inputs
+    (:class:`common.analysis.profiling.ActivationProfiler`), by :func:`linear_plan`'s rules
+    with no shadow tensors."""
+    check_htp(scheme)
+    return QdqPlan(name, scheme, {}, {n: linear_plan(s, scheme) for n, s in stats.items()})
 
 
 def load_qdq_plan(path: Path) -> QdqPlan:
@@ -506,9 +531,13 @@ def overrides_for(
     return overrides
 
 
+#: Norms left in float where they read the residual stream (a ViT's LayerNorm too).
+_NORMS = ("RMSNormalization", "LayerNormalization")
+
+
 def float_nodes(model: Any) -> list[str]:
     """Nodes left in float (run in fp16 on HTP): the residual ``Add`` nodes and the
-    RMSNorms reading the residual stream.
+    norms reading the residual stream.
 
     Why: attention-sink rows carry values near 2e4 in SmolLM2's middle layers while
     ordinary rows are ~1, so even a 16-bit grid has a step of ~0.4 on the stream (block_12:
@@ -520,9 +549,7 @@ def float_nodes(model: Any) -> list[str]:
     stream = residual_tensors(model)
     producers = {out: node for node in model.graph.node for out in node.output}
     names = [producers[t].name for t in stream if t in producers]
-    names += [
-        n.name for n in model.graph.node if n.op_type == "RMSNormalization" and n.input[0] in stream
-    ]
+    names += [n.name for n in model.graph.node if n.op_type in _NORMS and n.input[0] in stream]
     return names
 
 

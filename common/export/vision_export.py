@@ -134,7 +134,7 @@ class MaskedVisionBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        rows = x.shape[0]
+        rows = x.shape[-2]  # x is (rows, D), or (1, rows, D) in a per-piece graph
         qkv = self.qkv(self.norm1(x)).reshape(rows, 3, self.num_heads, -1).permute(1, 2, 0, 3)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (heads, rows, head_dim)
         q = q * cos + _rotate_half(q) * sin
@@ -143,7 +143,7 @@ class MaskedVisionBlock(nn.Module):
         if bias is not None:
             scores = scores + bias
         attended = torch.matmul(torch.softmax(scores, dim=-1), v)
-        x = x + self.proj(attended.transpose(0, 1).reshape(rows, -1))
+        x = x + self.proj(attended.transpose(0, 1).reshape(*x.shape[:-1], -1))
         return x + self.mlp(self.norm2(x))
 
 

@@ -96,6 +96,13 @@ def round_size(requested: int, factor: int, option: str) -> tuple[int, str | Non
     )
 
 
+def snap_size(processor: Any, requested: int, option: str) -> tuple[int, str | None]:
+    """``requested`` rounded to the patch·merge grid of ``processor`` (:func:`round_size`)."""
+    image_processor = processor.image_processor
+    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+    return round_size(requested, factor, option)
+
+
 def geometry(processor: Any, size: int) -> VisionGeometry:
     """The geometry of ``size`` under a VL processor's patch/merge/temporal settings."""
     image_processor = processor.image_processor

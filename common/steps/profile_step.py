@@ -130,7 +130,7 @@ def vision_calibration(model_dir: Path, settings: ProfileSettings) -> list[dict[
     if not settings.images:
         return []
     from common.export.vision_export import image_prompt_inputs
-    from common.inputs.vl_preprocess import list_frames, round_size
+    from common.inputs.vl_preprocess import list_frames, snap_size
     from common.models.loading import check_model_dir, load_processor
 
     if not check_model_dir(model_dir).is_vision_language:
@@ -139,9 +139,7 @@ def vision_calibration(model_dir: Path, settings: ProfileSettings) -> list[dict[
             "vision-language model — drop --images"
         )
     processor = load_processor(model_dir)
-    image_processor = processor.image_processor
-    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
-    size, note = round_size(settings.image_size, factor, "--image-size")
+    size, note = snap_size(processor, settings.image_size, "--image-size")
     if note:
         print(f"[profile] {note}", file=sys.stderr)
     paths = list_frames(Path(settings.images), "--images")
