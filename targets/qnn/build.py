@@ -33,6 +33,7 @@ from typing import Any
 import mllm_int8  # this folder (the script's own directory is first on sys.path)
 import pipeline
 import report as rep
+import vision
 
 from common.backends import qdq, qnn_ep
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli
@@ -59,6 +60,7 @@ from common.core.records import (
     write_json_atomic,
 )
 from common.core.resources import resources_line
+from common.inputs.vl_preprocess import VisionGeometry
 from common.models.tokenizer_fidelity import write_tokenizer_dir
 from common.quant.gptq import ROW_SLICE_BYTES
 from common.quant.hadamard import ROTATE_MODES
@@ -160,8 +162,17 @@ class Options:
     image_size: int = option(
         448,
         Integer(28),
-        "square side (px) the pictures are resized to (vision-language models)",
+        "square side (px) the pictures are resized to (vision-language models; rounded to "
+        "the patch x merge grid as the processor would)",
         make="IMAGE_SIZE",
+    )
+    #: The vision tower's pieces on the HTP: their own preset, since a vision tower's
+    #: activations are not the language model's (w8a16: every piece >= 0.999).
+    vision_preset: str = option(
+        qdq.DEFAULT_PRESET,
+        Choice(tuple(qdq.PRESETS)),
+        "precision preset of the vision pieces (vision-language models)",
+        make="VISION_PRESET",
     )
     profile: Path | None = option(
         None,
@@ -254,21 +265,28 @@ class PicturePrompts:
     calibration: list[dict[str, Any]]
     check: list[dict[str, Any]]
     check_prompt: str
+    geometry: VisionGeometry
 
 
 def picture_prompts(
-    model_dir: Path, images: Path, size: int, check_prompt: str, prefill_len: int
-) -> PicturePrompts:
-    """The picture prompts of every picture in ``images`` at ``size`` px, after checking
-    each fits the prefill graph (no weights are read)."""
+    model_dir: Path, images: Path, requested: int, check_prompt: str, prefill_len: int,
+    run: Run,
+) -> PicturePrompts:  # fmt: skip
+    """The picture prompts of every picture in ``images`` at ``requested`` px (rounded to
+    the patch x merge grid, with a note), after checking each fits the prefill graph (no
+    weights are read)."""
     from common.export.vision_export import image_prompt_inputs
-    from common.inputs.vl_preprocess import list_frames
+    from common.inputs.vl_preprocess import geometry, list_frames, snap_size
     from common.models.loading import load_processor
     from common.steps.profile_step import IMAGE_PROMPT
 
     paths = list_frames(Path(images), "IMAGES")
     prompts = [IMAGE_PROMPT, check_prompt]
-    pairs = image_prompt_inputs(load_processor(model_dir), prompts, paths, size)
+    processor = load_processor(model_dir)
+    size, note = snap_size(processor, requested, "IMAGE_SIZE")
+    if note:
+        run.log(note)
+    pairs = image_prompt_inputs(processor, prompts, paths, size)
     calibration, check = [p[0] for p in pairs], [p[1] for p in pairs]
     longest = max(int(inputs["input_ids"].shape[1]) for inputs in calibration + check)
     if longest > prefill_len:
@@ -277,7 +295,9 @@ def picture_prompts(
             f"{longest} tokens at IMAGE_SIZE={size}; raise PREFILL_LEN to at least {longest} "
             "(and KV_LEN above it) or lower IMAGE_SIZE"
         )
-    return PicturePrompts([p.name for p in paths], calibration, check, check_prompt)
+    return PicturePrompts(
+        [p.name for p in paths], calibration, check, check_prompt, geometry(processor, size)
+    )
 
 
 def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +329,8 @@ def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
     """The largest of the build's peaks: building the largest piece
     (:data:`PIECE_FACTOR`); with GPTQ, the end of GPTQ (every linear's levels, one byte
     per weight, before they go to disk, beside the LM head's rounding); for a
-    vision-language model, its vision tower read whole.
+    vision-language model, its vision tower read whole while its largest vision piece (a
+    block or the merger) is built.
     Both with the checkpoint's pickled files mapped while they load. Every other phase
     holds one part at a time."""
     largest, mapped = streamed.largest_part_bytes(), streamed.weights.mapped_bytes
@@ -327,9 +348,18 @@ def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
     }
     candidates = [piece, levels] if gptq else [piece]
     tower = streamed.vision_tower_bytes()
-    if tower:  # read whole once, for the picture prompts' vision embeddings
-        runtime = "onnxruntime, QNN backend, captured activations"
-        candidates.append({"vision tower (float32), read whole": tower, runtime: BUILD_OVERHEAD})
+    if tower:  # read whole, for the picture prompts' embeddings and the vision pieces
+        adapter = streamed.adapter
+        vision_parts = [b.name for b in adapter.vision_blocks()] + [
+            adapter.name_of("vision_merger")
+        ]
+        piece_bytes = max(streamed.part_bytes(name) for name in vision_parts)
+        candidates.append({
+            "vision tower (float32), read whole": tower,
+            f"largest vision piece while built ({PIECE_FACTOR}x its weights)":
+                PIECE_FACTOR * piece_bytes,
+            "onnxruntime, QNN backend, captured activations": BUILD_OVERHEAD,
+        })  # fmt: skip
     parts = max(candidates, key=lambda c: sum(c.values()))  # the first of equals
     return Estimate("make qnn", {**parts, "pickled .bin pages (mapped)": mapped})
 
@@ -462,8 +492,9 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         check_picture_profile(profile, profile_path, recipe.name)
         check_prompt = recipe.eval_defaults.get("prompt", "Describe this image.")
         pictures = picture_prompts(
-            model_dir, opts["images"], opts["image_size"], check_prompt, lengths[0]
+            model_dir, opts["images"], opts["image_size"], check_prompt, lengths[0], run
         )
+        opts["image_size"] = pictures.geometry.size  # as built, after rounding
     run.preflight(
         memory_estimate(streamed, opts["rounding"] == "gptq"),
         MemoryCap.resolve(options.max_memory),
@@ -492,12 +523,15 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         calibration = [pipeline.Prompt(ids) for ids in calib_ids]
         checked = [pipeline.Prompt(ids) for ids in e2e_ids]
         picture_checks: list[pipeline.Prompt] = []
+        vision_ref = None
         if pictures is not None:  # the float tower's embeddings, as the runtime splices them
+            pixels = [inputs["pixel_values"] for inputs in pictures.check]
             with parts.vision_tower() as tower:
                 calibration += [pipeline.image_prompt(adapter, tower, inputs)
                                 for inputs in pictures.calibration]  # fmt: skip
                 picture_checks = [pipeline.image_prompt(adapter, tower, inputs)
                                   for inputs in pictures.check]  # fmt: skip
+                vision_ref = vision.reference(adapter, pictures.geometry, pixels, float_dir)
         with parts.embedding():  # the chain embeds its windows on the host
             golden = pipeline.capture(
                 pe.onnx_runner(float_dir), adapter, golden_ids, calibration, lengths
@@ -509,6 +543,11 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         )
         write_json_atomic(tmp / "quant_plan.json", binaries_plan.to_json())
         plan = qdq.load_qdq_plan(tmp / "quant_plan.json")
+        vision_plan = None
+        if vision_ref is not None:
+            made = vision.plan(vision_ref, opts["vision_preset"], recipe.name)
+            write_json_atomic(tmp / "vision_quant_plan.json", made.to_json())
+            vision_plan = qdq.load_qdq_plan(tmp / "vision_quant_plan.json")
         weight_bits = plan.scheme.weights.bits
         source = {"model": model_files(model_dir), "transforms": transforms,
                   "rotation_file": rotation_file(rotation), "bits": weight_bits}  # fmt: skip
@@ -527,24 +566,29 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             levels = pipeline.NearestLevels(adapter, weight_bits)
             levels_key = cache_key({"rounding": "nearest", **source})
         run.phase("compile")
+        setup = pipeline.PieceSetup(
+            adapter, float_dir, work, tmp, tmp / "qdq" if opts["keep_qdq"] else work / "qdq",
+            socs, opts["vtcm_mb"], pipeline.ModeChoice(opts["opt_mode"]), cache, versions,
+        )  # fmt: skip
+        vision_rows: list[dict[str, Any]] = []
+        features: list[Any] = []  # each picture's merged tokens from the vision binaries
+        chained: list[pipeline.Prompt] = []  # picture -> vision binaries -> LM binaries
+        if vision_ref is not None and vision_plan is not None and pictures is not None:
+            vision_key = cache_key({"rounding": "nearest", **source, "vision": True,
+                                    "bits": vision_plan.scheme.weights.bits})  # fmt: skip
+            with parts.vision_tower():
+                vision_rows, features = vision.build(
+                    setup, pictures.geometry, vision_ref, vision_plan, vision_key, pixels
+                )
+            chained = [
+                vision.chained_prompt(adapter, inputs, merged, prompt)
+                for inputs, merged, prompt in zip(pictures.check, features, picture_checks,
+                                                  strict=True)
+            ]  # fmt: skip
         rows, hiddens = pipeline.build_all(
-            parts,
-            float_dir,
-            work,
-            tmp,
-            tmp / "qdq" if opts["keep_qdq"] else work / "qdq",
-            golden,
-            plan,
-            levels,
-            levels_key,
-            socs,
-            opts["vtcm_mb"],
-            opts["opt_mode"],
-            checked + picture_checks,
-            lengths[0],
-            cache,
-            versions,
-        )
+            setup, parts, golden, plan, levels, levels_key,
+            checked + picture_checks + chained, lengths[0],
+        )  # fmt: skip
         reused = cache.reused
         if reused:
             run.log(f"reused from an earlier run: {len(reused)} steps ({', '.join(reused)})")
@@ -556,14 +600,22 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             )
         run.phase("verify")
         e2e = pipeline.end_to_end(parts, hiddens[: len(checked)], checked)
-        picture_e2e = None
+        picture_e2e = image_chain = None
         if pictures is not None:
+            shown = len(checked) + len(picture_checks)
             picture_e2e = {
-                **pipeline.end_to_end(parts, hiddens[len(checked) :], picture_checks),
+                **pipeline.end_to_end(parts, hiddens[len(checked) : shown], picture_checks),
                 "images": pictures.names,
                 "image_size": opts["image_size"],
                 "prompt": pictures.check_prompt,
                 "vision_tokens": [len(p.image.rows) for p in picture_checks if p.image],
+            }
+            image_chain = {
+                **pipeline.end_to_end(parts, hiddens[shown:], chained),
+                "vision_merged_vs_torch": vision.merged_similarity(
+                    features, [p.visual.features for p in picture_checks if p.visual]
+                ),
+                "vision_preset": vision_plan.scheme.name if vision_plan else None,
             }
         write_json_atomic(tmp / "model.int8.plan.json", mllm_plan)
         write_json_atomic(
@@ -596,20 +648,23 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             "qnn_version": versions["qnn_sdk"],
             "versions": versions,
             "layers": rows,
+            "vision_pieces": vision_rows,
             "end_to_end": e2e,
             "picture_prompts": picture_e2e,
+            "image_chain": image_chain,
             "float_linears": sorted(plan.float_linears()),
             "mllm_int8": mllm,
             "tokenizer": tokenizer_check,
             "reused_from_cache": reused,
             "opt_mode": {"asked": opts["opt_mode"], "lowered_to_1": lowered},
         }
-        checks = rep.gates(report, GATES[scheme.name], MLLM_MAX_ABS)
+        vision_limits = GATES[vision_plan.scheme.name] if vision_plan else None
+        checks = rep.gates(report, GATES[scheme.name], MLLM_MAX_ABS, vision_limits)
         report["gates"] = records(checks)
         report["passed"] = all(g.passed for g in checks)
         report["resources"] = run.resources()  # the package phase up to this point
         write_json_atomic(tmp / "report.json", report)
-        rep.plot_layers(rows, tmp / "layers.png")
+        rep.plot_layers(vision_rows + rows, tmp / "layers.png")
         markdown = rep.render(report) + resources_line(report["resources"])
         write_bytes_atomic(tmp / "report.md", markdown.encode())
         manifest = build_manifest(

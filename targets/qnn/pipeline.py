@@ -20,7 +20,9 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +363,7 @@ def build_piece(
     work_dir: Path,
     out_dir: Path,
     *,
+    weights: Mapping[str, torch.Tensor],
     adapter: ModelAdapter,
     plan: qdq.QdqPlan,
     levels: qdq.WeightLevels,
@@ -373,8 +376,9 @@ def build_piece(
     """QDQ from ``plan`` (with ``levels`` as the integer weights) into
     ``out_dir/qdq/<name>.onnx``, compile it into ``out_dir/<soc>/`` for each SoC at its
     ``modes`` (:class:`ModeChoice`), verify on the emulator; returns the report row and the
-    QNN outputs on each of ``chain_inputs``."""
-    weights = piece_linears(adapter, name)
+    QNN outputs on each of ``chain_inputs``. ``weights`` are the piece's linears (by
+    qualified name, as the plan names them); ``adapter`` exports the LM head's narrow
+    copy."""
     qdq_path = out_dir / QDQ_FOLDER / f"{name}.onnx"
     qdq_path.parent.mkdir(parents=True, exist_ok=True)
     quantize: dict[str, Any] = dict(
@@ -486,43 +490,88 @@ def _link_tree(src: Path, dest: Path) -> None:
                 shutil.copy2(path, target)
 
 
+@dataclass
+class PieceSetup:
+    """What every piece of one build shares: where float pieces are read and scratch
+    files, binaries (per SoC) and QDQ graphs go, the SoCs and HTP options, the
+    :class:`ModeChoice` of the build so far, and the cache its entries live in."""
+
+    adapter: ModelAdapter
+    float_dir: Path
+    work_dir: Path
+    out_dir: Path
+    qdq_dir: Path
+    socs: Sequence[qnn_ep.Soc]
+    vtcm_mb: int
+    choice: ModeChoice
+    cache: PieceCache
+    versions: dict[str, str]
+
+
+def cached_piece(
+    setup: PieceSetup,
+    name: str,
+    chain_inputs: Sequence[Feeds],
+    part: Callable[[], AbstractContextManager[Any]],
+    weights: Callable[[], Mapping[str, torch.Tensor]],
+    *,
+    plan: qdq.QdqPlan,
+    levels: qdq.WeightLevels,
+    levels_key: str,
+    golden: Golden,
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Piece ``name``'s report row and its binary's first output on each of
+    ``chain_inputs``: built into its ``setup.cache`` entry by :func:`build_piece` (with
+    ``part()`` entered, which puts its weights in memory, and ``weights()`` naming its
+    linears), or the entry a killed run completed, as it is; then linked into
+    ``setup.out_dir`` (binaries per SoC) and ``setup.qdq_dir``."""
+    modes = setup.choice.of(name, setup.socs)
+
+    def build(folder: Path) -> None:
+        with part():
+            row, chained = build_piece(
+                name, setup.float_dir, setup.work_dir, folder, weights=weights(),
+                adapter=setup.adapter, plan=plan, levels=levels, golden=golden,
+                socs=setup.socs, vtcm_mb=setup.vtcm_mb, modes=modes, chain_inputs=chain_inputs,
+            )  # fmt: skip
+        (folder / "row.json").write_text(json.dumps(row))
+        np.savez(folder / "chained.npz", *[outs[0] for outs in chained])
+
+    key = piece_key(
+        name, setup.float_dir, chain_inputs, plan=plan, levels_key=levels_key, golden=golden,
+        socs=setup.socs, vtcm_mb=setup.vtcm_mb, modes=modes, versions=setup.versions,
+    )  # fmt: skip
+    entry = setup.cache.fetch_or_build(name, key, build)
+    row = json.loads((entry / "row.json").read_text())
+    setup.choice.saw(row)
+    with np.load(entry / "chained.npz") as stored:
+        chained = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+    for path in entry.iterdir():
+        if path.is_dir():
+            dest = setup.qdq_dir if path.name == QDQ_FOLDER else setup.out_dir / path.name
+            _link_tree(path, dest)
+    return row, chained
+
+
 def build_all(
+    setup: PieceSetup,
     parts: Parts,
-    float_dir: Path,
-    work_dir: Path,
-    out_dir: Path,
-    qdq_dir: Path,
     golden: Golden,
     plan: qdq.QdqPlan,
     levels: qdq.WeightLevels,
     levels_key: str,
-    socs: Sequence[qnn_ep.Soc],
-    vtcm_mb: int,
-    opt_mode: int | str,
     chain: Sequence[Prompt],
     prefill_len: int,
-    cache: PieceCache,
-    versions: dict[str, str],
 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """Every piece's report row, and the last hidden state of the QNN prefill chain
-    ``[1, PREFILL_LEN, H]`` for each prompt of ``chain`` (embedded on the host, a
+    """Every language piece's report row, and the last hidden state of the QNN prefill
+    chain ``[1, PREFILL_LEN, H]`` for each prompt of ``chain`` (embedded on the host, a
     picture's vision embeddings spliced in).
 
-    Each piece is built into its ``cache`` entry (its part of the model read through
-    ``parts`` meanwhile) and linked from there into ``out_dir`` (context binaries per
-    SoC) and ``qdq_dir``; an entry a killed run completed is used as it is. ``levels`` may
-    compute or read a piece's integer weights when asked (:class:`NearestLevels`,
-    :class:`StoredLevels`); ``levels_key`` names where they come from."""
+    Each piece goes through :func:`cached_piece`, its part of the model read through
+    ``parts`` meanwhile. ``levels`` may compute or read a piece's integer weights when
+    asked (:class:`NearestLevels`, :class:`StoredLevels`); ``levels_key`` names where they
+    come from."""
     adapter = parts.adapter
-    common = dict(
-        adapter=adapter,
-        plan=plan,
-        levels=levels,
-        golden=golden,
-        socs=socs,
-        vtcm_mb=vtcm_mb,
-    )
-    choice = ModeChoice(opt_mode)
     rows: list[dict[str, Any]] = []
     starts = [prompt.prefill(prefill_len, rope_rows(adapter)) for prompt in chain]
     with parts.embedding() as embed:
@@ -538,33 +587,15 @@ def build_all(
                  "attention_mask": pre["attention_mask"]}
                 for h, pre in zip(hiddens, starts, strict=True)
             ]  # fmt: skip
-        modes = choice.of(name, socs)
-
-        def build(
-            folder: Path, name: str = name, feeds: list[Feeds] = feeds, modes: Modes = modes
-        ) -> None:
-            index = int(name.rsplit("_")[-1]) if name != "lm_head" else 0
-            part = parts.head() if name == "lm_head" else parts.layer(layers[index])
-            with part:
-                row, chained = build_piece(
-                    name, float_dir, work_dir, folder, modes=modes, chain_inputs=feeds, **common
-                )
-            (folder / "row.json").write_text(json.dumps(row))
-            np.savez(folder / "chained.npz", *[outs[0] for outs in chained])
-
-        key = piece_key(
-            name, float_dir, feeds, plan=plan, levels_key=levels_key, golden=golden,
-            socs=socs, vtcm_mb=vtcm_mb, modes=modes, versions=versions,
+        index = int(name.rsplit("_")[-1]) if name != "lm_head" else 0
+        part = parts.head if name == "lm_head" else partial(parts.layer, layers[index])
+        row, chained = cached_piece(
+            setup, name, feeds, part, partial(piece_linears, adapter, name),
+            plan=plan, levels=levels, levels_key=levels_key, golden=golden,
         )  # fmt: skip
-        entry = cache.fetch_or_build(name, key, build)
-        rows.append(json.loads((entry / "row.json").read_text()))
-        choice.saw(rows[-1])
-        with np.load(entry / "chained.npz") as chained:
-            if chained.files:
-                hiddens = [chained[f"arr_{i}"] for i in range(len(chained.files))]
-        for path in entry.iterdir():
-            if path.is_dir():
-                _link_tree(path, qdq_dir if path.name == QDQ_FOLDER else out_dir / path.name)
+        rows.append(row)
+        if chained:
+            hiddens = chained
     return rows, hiddens
 
 
@@ -575,7 +606,9 @@ def end_to_end(
     model's logits on the same prompts (run a part at a time through ``parts``): cosine
     over all logits and top-1 agreement over every compared row of every prompt (one
     window of 32 tokens would measure top-1 in steps of 3 %): all of a text window's,
-    a picture prompt's from its first vision token on (:meth:`Prompt.checked_from`).
+    a picture prompt's from its first vision token on (:meth:`Prompt.checked_from`);
+    and, on the last row of each prompt (the first token a runtime generates), the worst
+    logit cosine and how often the argmax agrees.
     Text windows and picture prompts (the float model given the same vision embeddings)
     are not mixed in one call."""
     if any(p.visual is not None for p in prompts):
@@ -593,9 +626,13 @@ def end_to_end(
             got.append(logits(h)[0].numpy())
             want.append(logits(ref[None, rows])[0].float().numpy())
     got_all, want_all = np.concatenate(got), np.concatenate(want)
+    # The last row of each prompt: the logits of the first token a runtime generates.
+    nexts = [(g[-1], w[-1]) for g, w in zip(got, want, strict=True)]
     return {
         "cos": pe.cosine(got_all, want_all),
         "top1_agreement": float((got_all.argmax(-1) == want_all.argmax(-1)).mean()),
         "tokens": len(got_all),
         "windows": len(prompts),
+        "next_token_cos": min(pe.cosine(g, w) for g, w in nexts),
+        "next_token_agreement": float(np.mean([g.argmax() == w.argmax() for g, w in nexts])),
     }

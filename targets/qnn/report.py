@@ -9,28 +9,42 @@ from common.core.gates import Gate, failures, gate, markdown_table
 from common.models.tokenizer_fidelity import describe
 
 
-def gates(report: dict[str, Any], limits: dict[str, float], mllm_max_abs: float) -> list[Gate]:
+def gates(
+    report: dict[str, Any],
+    limits: dict[str, float],
+    mllm_max_abs: float,
+    vision_limits: dict[str, float] | None = None,
+) -> list[Gate]:
     """The build's gates: every piece's cosine vs float and all of it on QNN, end-to-end
     top-1 agreement on text and, for a vision-language model, on picture prompts (where
-    the preset sets a floor), the int8 .mllm against fake-quant."""
-    rows = report["layers"]
-    low = [r["name"] for r in rows if r["cos_vs_float"] < limits["layer_cos"]]
-    off = [r["name"] for r in rows if not r["all_nodes_on_qnn"]]
-    checks = [
-        gate("min_piece_cos_vs_float", min(r["cos_vs_float"] for r in rows), ">=",
-             limits["layer_cos"], f"below: {', '.join(low)}" if low else None),
-        gate("pieces_not_all_on_qnn", len(off), "==", 0, ", ".join(off) or None),
-    ]  # fmt: skip
+    the preset sets a floor), the int8 .mllm against fake-quant. A vision-language model's
+    vision pieces are held to ``vision_limits`` (their own preset's), and the whole image
+    chain (vision binaries, then language binaries) to the language preset's top-1."""
+    checks = _piece_gates("piece", report["layers"], limits["layer_cos"])
+    vision = report.get("vision_pieces")
+    if vision and vision_limits:
+        checks += _piece_gates("vision_piece", vision, vision_limits["layer_cos"])
     if limits["top1"] > 0:
         top1 = report["end_to_end"]["top1_agreement"]
         checks.append(gate("end_to_end_top1_agreement", top1, ">=", limits["top1"]))
-        pictures = report.get("picture_prompts")
-        if pictures:
-            top1 = pictures["top1_agreement"]
-            checks.append(gate("picture_prompts_top1_agreement", top1, ">=", limits["top1"]))
+        for key in ("picture_prompts", "image_chain"):
+            if report.get(key):
+                top1 = report[key]["top1_agreement"]
+                checks.append(gate(f"{key}_top1_agreement", top1, ">=", limits["top1"]))
     diff = report["mllm_int8"]["max_abs_diff"]
     checks.append(gate("mllm_int8_max_abs_diff", diff, "<=", mllm_max_abs))
     return checks
+
+
+def _piece_gates(kind: str, rows: list[dict[str, Any]], floor: float) -> list[Gate]:
+    """Worst cosine vs float over ``rows`` and every one all on QNN."""
+    low = [r["name"] for r in rows if r["cos_vs_float"] < floor]
+    off = [r["name"] for r in rows if not r["all_nodes_on_qnn"]]
+    return [
+        gate(f"min_{kind}_cos_vs_float", min(r["cos_vs_float"] for r in rows), ">=", floor,
+             f"below: {', '.join(low)}" if low else None),
+        gate(f"{kind}s_not_all_on_qnn", len(off), "==", 0, ", ".join(off) or None),
+    ]  # fmt: skip
 
 
 def plot_layers(rows: list[dict[str, Any]], dest: Path) -> None:
@@ -80,7 +94,7 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         f"| {r['name']} | {r['cos_vs_float']:.6f} | {r['cos_vs_cpu_qdq']:.6f} | "
         f"{r['cpu_qdq_cos_vs_float']:.6f} | {'yes' if r['all_nodes_on_qnn'] else 'NO'} |"
-        for r in report["layers"]
+        for r in (report.get("vision_pieces") or []) + report["layers"]
     ]
     lines += [
         "",
@@ -89,6 +103,7 @@ def render(report: dict[str, Any]) -> str:
         f"logit cosine {e2e['cos']:.6f}, top-1 agreement {e2e['top1_agreement']:.4f}.",
         "",
         *_picture_lines(report.get("picture_prompts")),
+        *_chain_lines(report.get("image_chain")),
         f"model.int8.mllm re-read vs fake-quant model: max |Δlogit| {mllm['max_abs_diff']:.3g}.",
         "",
         f"`tokenizer/`: {describe(report['tokenizer'])}.",
@@ -113,5 +128,24 @@ def _picture_lines(pictures: dict[str, Any] | None) -> list[str]:
         f"{pictures['tokens']} rows from each picture's first vision token on): logit cosine "
         f"{pictures['cos']:.6f}, top-1 agreement "
         f"{pictures['top1_agreement']:.4f}.",
+        "",
+    ]
+
+
+def _chain_lines(chain: dict[str, Any] | None) -> list[str]:
+    """The image chain's line: pictures through the vision binaries, then the language
+    binaries (vision-language models)."""
+    if not chain:
+        return []
+    merged = chain["vision_merged_vs_torch"]
+    return [
+        f"Image chain (each picture through the vision binaries ({chain['vision_preset']}), "
+        "their merged tokens spliced into the same prompts, prefill chain on HTP, float LM "
+        "head on host, against the float tower and float language model): vision output vs "
+        f"Hugging Face's tower cosine {merged['cos']:.6f} (max |Δ| {merged['max_abs']:.3g}); "
+        f"logit cosine {chain['cos']:.6f}, top-1 agreement {chain['top1_agreement']:.4f} "
+        f"over {chain['tokens']} rows; the token after each prompt: logit cosine "
+        f"{chain['next_token_cos']:.6f}, same argmax in {chain['next_token_agreement']:.0%} "
+        "of the prompts.",
         "",
     ]
