@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,6 +345,20 @@ def prompt_logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """Logits over the whole prompt (vision tokens included), one forward pass."""
     with torch.no_grad():
         return model(**inputs).logits[0]
+
+
+def continued_inputs(inputs: Mapping[str, Any], tokens: Sequence[int]) -> dict[str, Any]:
+    """Processor ``inputs`` of one prompt followed by ``tokens`` (text the model went on
+    to generate): what the model's own rope index, the float reference and the pieces take
+    for the prompt and its continuation, teacher-forced."""
+    ids = inputs["input_ids"]
+    extra = torch.tensor([list(tokens)], dtype=ids.dtype)
+    out = {**inputs, "input_ids": torch.cat([ids, extra], dim=1)}
+    for key, fill in (("attention_mask", 1), ("mm_token_type_ids", 0)):
+        if key in inputs:
+            pad = torch.full(extra.shape, fill, dtype=inputs[key].dtype)
+            out[key] = torch.cat([inputs[key], pad], dim=1)
+    return out
 
 
 def vl_prompt_inputs(

@@ -289,11 +289,12 @@ def picture_prompts(
     pairs = image_prompt_inputs(processor, prompts, paths, size)
     calibration, check = [p[0] for p in pairs], [p[1] for p in pairs]
     longest = max(int(inputs["input_ids"].shape[1]) for inputs in calibration + check)
-    if longest > prefill_len:
+    if longest >= prefill_len:  # the image chain checks at least one generated token
         raise EdgeforgeError(
             f"PREFILL_LEN={prefill_len} is too short for the picture prompts: the longest is "
-            f"{longest} tokens at IMAGE_SIZE={size}; raise PREFILL_LEN to at least {longest} "
-            "(and KV_LEN above it) or lower IMAGE_SIZE"
+            f"{longest} tokens at IMAGE_SIZE={size}, and the image chain decodes at least one "
+            f"token after it; raise PREFILL_LEN to at least {longest + 1} (and KV_LEN above "
+            "it) or lower IMAGE_SIZE"
         )
     return PicturePrompts(
         [p.name for p in paths], calibration, check, check_prompt, geometry(processor, size)
@@ -363,6 +364,11 @@ def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
     parts = max(candidates, key=lambda c: sum(c.values()))  # the first of equals
     return Estimate("make qnn", {**parts, "pickled .bin pages (mapped)": mapped})
 
+
+#: Tokens the image chain checks after each picture prompt (fewer where PREFILL_LEN ends
+#: first): the float model's greedy continuation, teacher-forced through the prefill
+#: binaries and decoded one position at a time by the decode binaries.
+CHAIN_NEW_TOKENS = 8
 
 #: Layout version of the cached GPTQ levels: bump it when GPTQ computes other levels for
 #: the same inputs, so no older entry is reused.
@@ -523,6 +529,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         calibration = [pipeline.Prompt(ids) for ids in calib_ids]
         checked = [pipeline.Prompt(ids) for ids in e2e_ids]
         picture_checks: list[pipeline.Prompt] = []
+        continued: list[tuple[dict[str, Any], Any, range]] = []  # picture prompts + tokens
         vision_ref = None
         if pictures is not None:  # the float tower's embeddings, as the runtime splices them
             pixels = [inputs["pixel_values"] for inputs in pictures.check]
@@ -532,6 +539,10 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                 picture_checks = [pipeline.image_prompt(adapter, tower, inputs)
                                   for inputs in pictures.check]  # fmt: skip
                 vision_ref = vision.reference(adapter, pictures.geometry, pixels, float_dir)
+            continued = [
+                vision.continuation(parts, inputs, prompt, lengths[0], CHAIN_NEW_TOKENS)
+                for inputs, prompt in zip(pictures.check, picture_checks, strict=True)
+            ]
         with parts.embedding():  # the chain embeds its windows on the host
             golden = pipeline.capture(
                 pe.onnx_runner(float_dir), adapter, golden_ids, calibration, lengths
@@ -581,13 +592,12 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                     setup, pictures.geometry, vision_ref, vision_plan, vision_key, pixels
                 )
             chained = [
-                vision.chained_prompt(adapter, inputs, merged, prompt)
-                for inputs, merged, prompt in zip(pictures.check, features, picture_checks,
-                                                  strict=True)
-            ]  # fmt: skip
-        rows, hiddens = pipeline.build_all(
+                vision.chained_prompt(adapter, merged, *continuation)
+                for merged, continuation in zip(features, continued, strict=True)
+            ]
+        rows, out = pipeline.build_all(
             setup, parts, golden, plan, levels, levels_key,
-            checked + picture_checks + chained, lengths[0],
+            checked + picture_checks + chained, lengths,
         )  # fmt: skip
         reused = cache.reused
         if reused:
@@ -599,19 +609,20 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                 f"memory on them or on the same graph of an earlier layer: {', '.join(lowered)}"
             )
         run.phase("verify")
-        e2e = pipeline.end_to_end(parts, hiddens[: len(checked)], checked)
+        e2e = pipeline.end_to_end(parts, out.prefill[: len(checked)], checked)
         picture_e2e = image_chain = None
         if pictures is not None:
             shown = len(checked) + len(picture_checks)
             picture_e2e = {
-                **pipeline.end_to_end(parts, hiddens[len(checked) : shown], picture_checks),
+                **pipeline.end_to_end(parts, out.prefill[len(checked) : shown], picture_checks),
                 "images": pictures.names,
                 "image_size": opts["image_size"],
                 "prompt": pictures.check_prompt,
                 "vision_tokens": [len(p.image.rows) for p in picture_checks if p.image],
             }
             image_chain = {
-                **pipeline.end_to_end(parts, hiddens[shown:], chained),
+                **pipeline.end_to_end(parts, out.prefill[shown:], chained, out.decoded[shown:]),
+                "generated_tokens": [len(p.decoded) for p in chained],
                 "vision_merged_vs_torch": vision.merged_similarity(
                     features, [p.visual.features for p in picture_checks if p.visual]
                 ),

@@ -56,8 +56,9 @@ class Golden:
 CALIB_POSITIONS = 8
 #: Layout version of a cached piece (:func:`build_all`): bump it when :func:`build_piece`
 #: writes other files or other bytes for the same inputs, so no older entry is reused.
-PIECE_FORMAT = 4  # 2: binaries compiled from bytes in their own process; 3: OPT_MODE lowering;
-#                  4: a graph starts at mode 1 once its twin of an earlier layer ran out at 3
+PIECE_FORMAT = 5  # 2: binaries compiled from bytes in their own process; 3: OPT_MODE lowering;
+#                  4: a graph starts at mode 1 once its twin of an earlier layer ran out at 3;
+#                  5: every output of each chained input is kept (the K/V the decode check reads)
 #: The folder of a piece's entry that holds its QDQ model (the others are one per SoC).
 QDQ_FOLDER = "qdq"
 
@@ -138,6 +139,9 @@ class Prompt:
     ids: Sequence[int]
     image: pe.MultimodalPrompt | None = None
     visual: VisualPrompt | None = None
+    #: Positions the chain also runs the decode graphs at: each decodes ``ids[p]`` over
+    #: the prefill's K/V rows ``< p`` (the tokens after a picture, teacher-forced).
+    decoded: Sequence[int] = ()
 
     def prefill(self, prefill_len: int, rows: int) -> Feeds:
         """The prefill pieces' ids, positions and mask for this prompt."""
@@ -163,6 +167,11 @@ class Prompt:
         if self.image is None or not len(self.image.rows):
             return 0
         return int(self.image.rows.min())
+
+    def last_prompt_row(self) -> int:
+        """The row whose logits pick the first generated token: the last before
+        :attr:`decoded` (a continued prompt), else the last."""
+        return (self.decoded[0] if len(self.decoded) else len(self.ids)) - 1
 
     def text_after_picture(self) -> int:
         """The first row after the prompt's last vision token (0 for text)."""
@@ -519,9 +528,9 @@ def cached_piece(
     levels: qdq.WeightLevels,
     levels_key: str,
     golden: Golden,
-) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """Piece ``name``'s report row and its binary's first output on each of
-    ``chain_inputs``: built into its ``setup.cache`` entry by :func:`build_piece` (with
+) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
+    """Piece ``name``'s report row and its binary's outputs on each of ``chain_inputs``:
+    built into its ``setup.cache`` entry by :func:`build_piece` (with
     ``part()`` entered, which puts its weights in memory, and ``weights()`` naming its
     linears), or the entry a killed run completed, as it is; then linked into
     ``setup.out_dir`` (binaries per SoC) and ``setup.qdq_dir``."""
@@ -535,7 +544,8 @@ def cached_piece(
                 socs=setup.socs, vtcm_mb=setup.vtcm_mb, modes=modes, chain_inputs=chain_inputs,
             )  # fmt: skip
         (folder / "row.json").write_text(json.dumps(row))
-        np.savez(folder / "chained.npz", *[outs[0] for outs in chained])
+        np.savez(folder / "chained.npz", **{f"{i}_{j}": out for i, outs in enumerate(chained)
+                                            for j, out in enumerate(outs)})  # fmt: skip
 
     key = piece_key(
         name, setup.float_dir, chain_inputs, plan=plan, levels_key=levels_key, golden=golden,
@@ -545,12 +555,23 @@ def cached_piece(
     row = json.loads((entry / "row.json").read_text())
     setup.choice.saw(row)
     with np.load(entry / "chained.npz") as stored:
-        chained = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+        outputs = len(stored.files) // max(len(chain_inputs), 1)
+        chained = [[stored[f"{i}_{j}"] for j in range(outputs)] for i in range(len(chain_inputs))]
     for path in entry.iterdir():
         if path.is_dir():
             dest = setup.qdq_dir if path.name == QDQ_FOLDER else setup.out_dir / path.name
             _link_tree(path, dest)
     return row, chained
+
+
+@dataclass
+class Chained:
+    """What the QNN chain computed for each prompt: the last prefill block's hidden states
+    ``[1, PREFILL_LEN, H]``, and the last decode block's ``[n, H]`` at the prompt's
+    :attr:`Prompt.decoded` positions."""
+
+    prefill: list[np.ndarray]
+    decoded: list[np.ndarray]
 
 
 def build_all(
@@ -561,54 +582,91 @@ def build_all(
     levels: qdq.WeightLevels,
     levels_key: str,
     chain: Sequence[Prompt],
-    prefill_len: int,
-) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """Every language piece's report row, and the last hidden state of the QNN prefill
-    chain ``[1, PREFILL_LEN, H]`` for each prompt of ``chain`` (embedded on the host, a
-    picture's vision embeddings spliced in).
+    lengths: tuple[int, int],
+) -> tuple[list[dict[str, Any]], Chained]:
+    """Every language piece's report row, and what the QNN chain computed for each prompt
+    of ``chain`` (embedded on the host, a picture's vision embeddings spliced in): its
+    prefill through every prefill binary and, at its :attr:`Prompt.decoded` positions,
+    one decode step through every decode binary over the K/V the prefill binaries wrote
+    (``lengths``: ``(PREFILL_LEN, KV_LEN)``).
 
     Each piece goes through :func:`cached_piece`, its part of the model read through
     ``parts`` meanwhile. ``levels`` may compute or read a piece's integer weights when
     asked (:class:`NearestLevels`, :class:`StoredLevels`); ``levels_key`` names where they
     come from."""
     adapter = parts.adapter
+    prefill_len, kv_len = lengths
     rows: list[dict[str, Any]] = []
     starts = [prompt.prefill(prefill_len, rope_rows(adapter)) for prompt in chain]
+    steps = [[p.decode(at, kv_len, rope_rows(adapter)) for at in p.decoded] for p in chain]
     with parts.embedding() as embed:
         hiddens = [p.embedded(embed, pre) for p, pre in zip(chain, starts, strict=True)]
+        with torch.no_grad():
+            tokens = [
+                [embed(torch.from_numpy(step["input_ids"]).long()).numpy() for step in prompt]
+                for prompt in steps
+            ]
+    # Per-layer K/V histories of the prompts the decode graphs run on.
+    caches: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {
+        w: [] for w, prompt in enumerate(steps) if prompt
+    }
     layers = adapter.layers()
     names = [f"block_{i}" for i in range(adapter.num_layers)]
     names += [f"block_cache_{i}" for i in range(adapter.num_layers)] + ["lm_head"]
     for name in progress(names, desc=f"qnn {plan.scheme.name}", unit="piece"):
+        index = int(name.rsplit("_")[-1]) if name != "lm_head" else 0
         feeds: list[Feeds] = []
-        if name.startswith("block_") and not name.startswith("block_cache"):
+        if name.startswith("block_cache"):
+            feeds = [
+                {"input_states": token, "position_ids": step["position_ids"],
+                 "attention_mask": step["attention_mask"], "history_k": caches[w][index][0],
+                 "history_v": caches[w][index][1]}
+                for w, (prompt, inputs) in enumerate(zip(steps, tokens, strict=True))
+                for step, token in zip(prompt, inputs, strict=True)
+            ]  # fmt: skip
+        elif name.startswith("block_"):
             feeds = [
                 {"input_states": h, "position_ids": pre["position_ids"],
                  "attention_mask": pre["attention_mask"]}
                 for h, pre in zip(hiddens, starts, strict=True)
             ]  # fmt: skip
-        index = int(name.rsplit("_")[-1]) if name != "lm_head" else 0
         part = parts.head if name == "lm_head" else partial(parts.layer, layers[index])
         row, chained = cached_piece(
             setup, name, feeds, part, partial(piece_linears, adapter, name),
             plan=plan, levels=levels, levels_key=levels_key, golden=golden,
         )  # fmt: skip
         rows.append(row)
-        if chained:
-            hiddens = chained
-    return rows, hiddens
+        if name.startswith("block_cache"):
+            outs = iter(chained)
+            tokens = [[next(outs)[0] for _ in prompt] for prompt in steps]
+        elif name.startswith("block_"):
+            hiddens = [outs[0] for outs in chained]
+            for w, history in caches.items():
+                history.append((_history(chained[w][1], kv_len), _history(chained[w][2], kv_len)))
+    decoded = [
+        np.concatenate([t.reshape(1, -1) for t in prompt]) if prompt else np.zeros((0, 0))
+        for prompt in tokens
+    ]
+    return rows, Chained(hiddens, decoded)
 
 
 def end_to_end(
-    parts: Parts, hiddens: Sequence[np.ndarray], prompts: Sequence[Prompt]
+    parts: Parts,
+    hiddens: Sequence[np.ndarray],
+    prompts: Sequence[Prompt],
+    decoded: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Final norm + LM head (float, host) on the QNN chain's hidden states vs the FP32
     model's logits on the same prompts (run a part at a time through ``parts``): cosine
     over all logits and top-1 agreement over every compared row of every prompt (one
     window of 32 tokens would measure top-1 in steps of 3 %): all of a text window's,
     a picture prompt's from its first vision token on (:meth:`Prompt.checked_from`);
-    and, on the last row of each prompt (the first token a runtime generates), the worst
-    logit cosine and how often the argmax agrees.
+    and, on the row that picks the first token a runtime generates after each prompt
+    (:meth:`Prompt.last_prompt_row`), the worst logit cosine and how often the argmax
+    agrees.
+    With ``decoded`` (:attr:`Chained.decoded` of the same prompts), the decode binaries'
+    logits at each prompt's :attr:`Prompt.decoded` positions against the float model's
+    rows there, as ``decode``.
     Text windows and picture prompts (the float model given the same vision embeddings)
     are not mixed in one call."""
     if any(p.visual is not None for p in prompts):
@@ -618,21 +676,40 @@ def end_to_end(
         reference = [hidden[0] for hidden in groups]
     else:
         reference = list(run_layers(parts, torch.tensor([list(p.ids) for p in prompts])))
-    got, want = [], []
+    got, want, step_got, step_want = [], [], [], []
     with head(parts) as logits:
         for hidden, ref, prompt in zip(hiddens, reference, prompts, strict=True):
             rows = slice(prompt.checked_from(), len(prompt.ids))
             h = torch.from_numpy(np.asarray(hidden[:, rows], np.float32))
             got.append(logits(h)[0].numpy())
             want.append(logits(ref[None, rows])[0].float().numpy())
+        for steps, ref, prompt in zip(decoded or [[]] * len(prompts), reference, prompts,
+                                      strict=True):  # fmt: skip
+            if decoded is not None and len(prompt.decoded):
+                step_got.append(logits(torch.from_numpy(steps[None]).float())[0].numpy())
+                step_want.append(logits(ref[None, list(prompt.decoded)])[0].float().numpy())
     got_all, want_all = np.concatenate(got), np.concatenate(want)
-    # The last row of each prompt: the logits of the first token a runtime generates.
-    nexts = [(g[-1], w[-1]) for g, w in zip(got, want, strict=True)]
-    return {
-        "cos": pe.cosine(got_all, want_all),
-        "top1_agreement": float((got_all.argmax(-1) == want_all.argmax(-1)).mean()),
-        "tokens": len(got_all),
+    # The logits of the first token a runtime generates after each prompt.
+    nexts = [
+        (g[row], w[row])
+        for g, w, prompt in zip(got, want, prompts, strict=True)
+        for row in [prompt.last_prompt_row() - prompt.checked_from()]
+    ]
+    out: dict[str, Any] = {
+        **_agreement(got_all, want_all),
         "windows": len(prompts),
         "next_token_cos": min(pe.cosine(g, w) for g, w in nexts),
         "next_token_agreement": float(np.mean([g.argmax() == w.argmax() for g, w in nexts])),
+    }
+    if step_got:
+        out["decode"] = _agreement(np.concatenate(step_got), np.concatenate(step_want))
+    return out
+
+
+def _agreement(got: np.ndarray, want: np.ndarray) -> dict[str, Any]:
+    """Cosine over all ``[rows, V]`` logits, top-1 agreement, and the rows compared."""
+    return {
+        "cos": pe.cosine(got, want),
+        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
+        "tokens": len(got),
     }

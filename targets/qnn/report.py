@@ -31,6 +31,10 @@ def gates(
             if report.get(key):
                 top1 = report[key]["top1_agreement"]
                 checks.append(gate(f"{key}_top1_agreement", top1, ">=", limits["top1"]))
+        decode = (report.get("image_chain") or {}).get("decode")
+        if decode:
+            top1 = decode["top1_agreement"]
+            checks.append(gate("image_chain_decode_top1_agreement", top1, ">=", limits["top1"]))
     diff = report["mllm_int8"]["max_abs_diff"]
     checks.append(gate("mllm_int8_max_abs_diff", diff, "<=", mllm_max_abs))
     return checks
@@ -137,15 +141,20 @@ def _chain_lines(chain: dict[str, Any] | None) -> list[str]:
     binaries (vision-language models)."""
     if not chain:
         return []
-    merged = chain["vision_merged_vs_torch"]
+    merged, decode = chain["vision_merged_vs_torch"], chain["decode"]
     return [
         f"Image chain (each picture through the vision binaries ({chain['vision_preset']}), "
-        "their merged tokens spliced into the same prompts, prefill chain on HTP, float LM "
-        "head on host, against the float tower and float language model): vision output vs "
-        f"Hugging Face's tower cosine {merged['cos']:.6f} (max |Δ| {merged['max_abs']:.3g}); "
-        f"logit cosine {chain['cos']:.6f}, top-1 agreement {chain['top1_agreement']:.4f} "
-        f"over {chain['tokens']} rows; the token after each prompt: logit cosine "
+        "their merged tokens spliced into the same prompts followed by the float model's "
+        f"greedy continuation ({'/'.join(map(str, chain['generated_tokens']))} tokens, "
+        "teacher-forced), prefill chain on HTP, float LM head on host, against the float "
+        "tower and float language model): vision output vs Hugging Face's tower cosine "
+        f"{merged['cos']:.6f} (max |Δ| {merged['max_abs']:.3g}); logit cosine "
+        f"{chain['cos']:.6f}, top-1 agreement {chain['top1_agreement']:.4f} over "
+        f"{chain['tokens']} rows; the first generated token's: logit cosine "
         f"{chain['next_token_cos']:.6f}, same argmax in {chain['next_token_agreement']:.0%} "
-        "of the prompts.",
+        "of the prompts. The generated tokens through the decode binaries (one step each "
+        "over the K/V the prefill binaries wrote): logit cosine "
+        f"{decode['cos']:.6f}, top-1 agreement {decode['top1_agreement']:.4f} over "
+        f"{decode['tokens']} steps.",
         "",
     ]

@@ -27,12 +27,15 @@ import pipeline  # this folder
 import torch
 from torch import nn
 
+from common.analysis.layerwise import Parts
+from common.analysis.layerwise_decode import VisualPrompt, reference_greedy
 from common.analysis.profiling import ActivationProfiler
 from common.backends import qdq
+from common.core.errors import EdgeforgeError
 from common.core.progress import progress
 from common.export import piece_export as pe
 from common.export import vision_pieces as vp
-from common.export.vision_export import similarity
+from common.export.vision_export import continued_inputs, similarity
 from common.inputs.vl_preprocess import VisionGeometry
 from common.models import ModelAdapter
 
@@ -112,12 +115,13 @@ def build(
         weights = {qualified: lin.weight.detach() for qualified, _, lin in linears}
         bits = vision_plan.scheme.weights.bits
         first, _ = vp.io_names(name)
-        row, states = pipeline.cached_piece(
+        row, chained = pipeline.cached_piece(
             setup, name, [{first: x} for x in states], nullcontext, lambda w=weights: w,
             plan=vision_plan, levels=qdq.nearest_levels(weights, bits),
             levels_key=levels_key, golden=ref.golden,
         )  # fmt: skip
         rows.append(row)
+        states = [outs[0] for outs in chained]
     return rows, states
 
 
@@ -133,11 +137,31 @@ def merged_similarity(
     return {"cos": min(e["cosine"] for e in each), "max_abs": max(e["max_abs"] for e in each)}
 
 
+def continuation(
+    parts: Parts, inputs: Mapping[str, Any], prompt: pipeline.Prompt, prefill_len: int,
+    new_tokens: int,
+) -> tuple[dict[str, Any], VisualPrompt, range]:  # fmt: skip
+    """The picture prompt ``inputs`` followed by the float model's greedy continuation of
+    up to ``new_tokens`` tokens (as many as the prefill graph holds after it), given the
+    float tower's embeddings (``prompt.visual``, read layer by layer through ``parts``):
+    the continued processor inputs, the float reference of them, and the positions of the
+    generated tokens."""
+    if prompt.visual is None:
+        raise EdgeforgeError("image chain: a text prompt has no picture to continue after")
+    count = min(new_tokens, prefill_len - len(prompt.ids))
+    tokens = reference_greedy(parts, prompt.visual, count)
+    continued = continued_inputs(inputs, tokens)
+    start = len(prompt.ids)
+    return continued, VisualPrompt(continued, prompt.visual.features), range(start, start + count)
+
+
 def chained_prompt(
-    adapter: ModelAdapter, inputs: Mapping[str, Any], features: np.ndarray,
-    float_prompt: pipeline.Prompt,
+    adapter: ModelAdapter, features: np.ndarray, inputs: Mapping[str, Any],
+    reference: VisualPrompt, generated: range,
 ) -> pipeline.Prompt:  # fmt: skip
-    """The picture prompt ``inputs`` with the binaries' vision embeddings spliced in,
-    checked against ``float_prompt``'s float reference (the float tower's embeddings)."""
+    """The continued picture prompt ``inputs`` (:func:`continuation`) with the vision
+    binaries' merged tokens ``features`` ``(1, n, H)`` spliced in, checked against
+    ``reference`` (the float tower's embeddings); the decode binaries run at the
+    ``generated`` positions."""
     image = pe.multimodal_prompt(adapter, inputs, {"image": torch.from_numpy(features[0])})
-    return pipeline.Prompt(image.token_ids, image, float_prompt.visual)
+    return pipeline.Prompt(image.token_ids, image, reference, tuple(generated))
