@@ -33,3 +33,28 @@ def test_model_manifest_records_recipe_and_outputs(tiny_qwen2_dir: Path) -> None
         k: v for k, v in hash_tree(tiny_qwen2_dir).items() if k != "manifest.json"
     }
     assert manifest["inputs"]["tokenizer_corpus"]["sha256"]
+
+
+def test_packaged_processor_is_checked_against_the_model(
+    tiny_qwen2_vl_dir: Path, tmp_path: Path
+) -> None:
+    """A VL package's processor (configs beside the tokenizer, no weights) loads with
+    AutoProcessor and prepares pictures as the model's does; an edited one is refused,
+    the tensor named."""
+    from common.core.errors import CheckFailed
+    from common.models.loading import copy_processor_files
+    from common.models.tokenizer_fidelity import write_tokenizer_dir
+    from common.steps.model_build import check_packaged_processor
+
+    images = sorted((Path(__file__).resolve().parent.parent / "data" / "images").glob("*.jpg"))
+    package = write_tokenizer_dir(tiny_qwen2_vl_dir, tmp_path / "tokenizer")
+    assert copy_processor_files(tiny_qwen2_vl_dir, package) == ["processor_config.json"]
+    record = check_packaged_processor(tiny_qwen2_vl_dir, package, package, images[:2], 56)
+    assert record == {
+        "files": ["processor_config.json"], "pictures": 2, "image_size": 56, "equal": True
+    }  # fmt: skip
+    config = json.loads((package / "processor_config.json").read_text())
+    config["image_processor"]["image_mean"] = [0.5, 0.5, 0.5]
+    (package / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckFailed, match=r"prepares astronaut\.jpg differently.*pixel_values"):
+        check_packaged_processor(tiny_qwen2_vl_dir, package, package, images[:2], 56)

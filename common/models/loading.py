@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 #: Processor configs: transformers 5 writes one ``processor_config.json`` holding the image
 #: processor; released Hub checkpoints carry ``preprocessor_config.json``.
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+#: Everything a processor is loaded from besides the tokenizer (the video side as well).
+PROCESSOR_CONFIGS = (*PROCESSOR_FILES, "video_preprocessor_config.json")
 
 #: Bytes per element of each safetensors dtype (to check every tensor's byte range).
 _SAFETENSORS_ITEMSIZE = {
@@ -230,8 +233,10 @@ def _existing_dir(model_dir: Path) -> Path:
     return model_dir
 
 
-def check_model_dir(model_dir: Path) -> ModelDir:
-    """Check a checkpoint directory without loading it; raise one line on the first problem."""
+def check_model_dir(model_dir: Path, *, weights: bool = True) -> ModelDir:
+    """Check a checkpoint directory without loading it; raise one line on the first problem.
+    ``weights=False`` checks a packaged directory of configs only (a tokenizer/processor
+    folder): no weight files are looked for."""
     model_dir = _existing_dir(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -243,7 +248,7 @@ def check_model_dir(model_dir: Path) -> ModelDir:
     if not isinstance(model_type, str) or not model_type:
         raise EdgeforgeError(f"{config_path}: no 'model_type' field; the config is incomplete")
     adapter_class(model_type, source=f"{config_path}: model_type")
-    return ModelDir(model_dir, config, model_type, _weight_files(model_dir))
+    return ModelDir(model_dir, config, model_type, _weight_files(model_dir) if weights else ())
 
 
 def _remote_code_of(model_dir: Path) -> tuple[str, RemoteCode] | None:
@@ -368,11 +373,23 @@ def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
         ) from None
 
 
+def copy_processor_files(src_dir: Path, dest_dir: Path) -> list[str]:
+    """Copy a vision-language checkpoint's processor configs (:data:`PROCESSOR_CONFIGS`
+    present in ``src_dir``) into ``dest_dir``, byte for byte; return their names."""
+    names = [name for name in PROCESSOR_CONFIGS if (Path(src_dir) / name).is_file()]
+    if not names:
+        raise EdgeforgeError(f"{src_dir}: no processor config ({' / '.join(PROCESSOR_FILES)})")
+    for name in names:
+        shutil.copyfile(Path(src_dir) / name, Path(dest_dir) / name)
+    return names
+
+
 def load_processor(model_dir: Path) -> Any:
-    """The image+text processor of a vision-language checkpoint, offline."""
+    """The image+text processor of a vision-language checkpoint (or of a package holding
+    its configs and tokenizer, no weights), offline."""
     from transformers import AutoProcessor
 
-    checked = check_model_dir(model_dir)
+    checked = check_model_dir(model_dir, weights=False)
     if not checked.is_vision_language:
         raise EdgeforgeError(
             f"{checked.path}: {checked.model_type} is a text model with no processor; "

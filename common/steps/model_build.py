@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -153,6 +155,31 @@ def check_packaged_tokenizer(
     """
     source = tokenizer_source_dir(recipe, build_dir, model_path)
     return check_tokenizer_dir(source, package_dir, candidate_name=str(final_dir)).record()
+
+
+def check_packaged_processor(
+    model_dir: Path, package_dir: Path, final_dir: Path, images: Sequence[Path], size: int
+) -> dict[str, Any]:
+    """Check the processor a target packaged for a vision-language model against the
+    checkpoint's: both loaded as a user loads them (``AutoProcessor``) prepare a picture
+    prompt of each of ``images`` at ``size`` px into equal tensors (ids, token types,
+    pixels, grids). A difference raises :class:`~common.core.errors.CheckFailed` naming
+    the tensor, before the package is renamed into place."""
+    from common.export.vision_export import image_prompt_inputs
+    from common.models.loading import load_processor
+
+    prompt = ["Describe this image."]
+    want = image_prompt_inputs(load_processor(model_dir), prompt, images, size)
+    got = image_prompt_inputs(load_processor(package_dir), prompt, images, size)
+    for image, (ours,), (theirs,) in zip(images, got, want, strict=True):
+        for key in sorted(set(ours) | set(theirs)):
+            if key not in ours or key not in theirs or not torch.equal(ours[key], theirs[key]):
+                raise CheckFailed(
+                    f"{final_dir}: its processor prepares {image.name} differently from "
+                    f"{model_dir}'s ({key})"
+                )
+    files = sorted(p.name for p in Path(package_dir).iterdir() if "processor" in p.name)
+    return {"files": files, "pictures": len(images), "image_size": size, "equal": True}
 
 
 def build_model(

@@ -15,7 +15,8 @@ has run, its ``shadow_layers.json`` (the chosen ``T``; ``--t`` overrides it). Wr
 * ``quant_plan.json``: the binaries' plan (``common.backends.qdq.QdqPlan``: per linear its
   weight and each side's encoding or float fallback), the only source the QDQ step reads;
 * ``tokenizer/`` (``config.json`` + the tokenizer files, checked to encode like the
-  source's under ``AutoTokenizer``);
+  source's under ``AutoTokenizer``; a vision-language model's processor configs too,
+  checked to prepare its pictures like the source's under ``AutoProcessor``);
 * ``report.json`` / ``report.md`` (+ ``layers.png``) and ``manifest.json``.
 
 A failed numerical gate raises ``CheckFailed`` (exit 1) after everything is written.
@@ -261,7 +262,7 @@ class PicturePrompts:
     IMAGES: ``calibration`` asks make profile's instruction (what the profile's picture
     statistics came from), ``check`` the recipe's prompt (the end-to-end check)."""
 
-    names: list[str]
+    paths: list[Path]
     calibration: list[dict[str, Any]]
     check: list[dict[str, Any]]
     check_prompt: str
@@ -296,9 +297,7 @@ def picture_prompts(
             f"token after it; raise PREFILL_LEN to at least {longest + 1} (and KV_LEN above "
             "it) or lower IMAGE_SIZE"
         )
-    return PicturePrompts(
-        [p.name for p in paths], calibration, check, check_prompt, geometry(processor, size)
-    )
+    return PicturePrompts(paths, calibration, check, check_prompt, geometry(processor, size))
 
 
 def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
@@ -417,10 +416,14 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     from common.core.recipes import load_recipe, model_build_dir
     from common.export import piece_export as pe
     from common.inputs.data import CALIB_CORPUS, EVAL_CORPUS, eval_windows, sample_windows
-    from common.models.loading import load_tokenizer
+    from common.models.loading import copy_processor_files, load_tokenizer
     from common.models.streaming import StreamedModel
     from common.quant.transforms import Transforms
-    from common.steps.model_build import build_model, check_packaged_tokenizer
+    from common.steps.model_build import (
+        build_model,
+        check_packaged_processor,
+        check_packaged_tokenizer,
+    )
     from common.steps.profile_step import profile_dir_name
 
     run.phase("resolve")
@@ -615,7 +618,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             shown = len(checked) + len(picture_checks)
             picture_e2e = {
                 **pipeline.end_to_end(parts, out.prefill[len(checked) : shown], picture_checks),
-                "images": pictures.names,
+                "images": [path.name for path in pictures.paths],
                 "image_size": opts["image_size"],
                 "prompt": pictures.check_prompt,
                 "vision_tokens": [len(p.image.rows) for p in picture_checks if p.image],
@@ -644,6 +647,13 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         tokenizer_check = check_packaged_tokenizer(
             recipe, tokenizer_dir, out_dir / "tokenizer", args.build_dir, args.model_path
         )
+        processor_check = None
+        if pictures is not None:  # the app prepares pictures as the model's processor does
+            copy_processor_files(model_dir, tokenizer_dir)
+            processor_check = check_packaged_processor(
+                model_dir, tokenizer_dir, out_dir / "tokenizer", pictures.paths,
+                pictures.geometry.size,
+            )  # fmt: skip
         run.phase("package")
         shutil.rmtree(work)
         first = rows[0]["binaries"][socs[0].name]
@@ -666,6 +676,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             "float_linears": sorted(plan.float_linears()),
             "mllm_int8": mllm,
             "tokenizer": tokenizer_check,
+            "processor": processor_check,
             "reused_from_cache": reused,
             "opt_mode": {"asked": opts["opt_mode"], "lowered_to_1": lowered},
         }

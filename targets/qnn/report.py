@@ -112,6 +112,7 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"`tokenizer/`: {describe(report['tokenizer'])}.",
         "",
+        *_processor_lines(report.get("processor")),
         *markdown_table(report["gates"]),
         "",
         "Gates: " + ("all passed" if not failed else "FAILED: " + "; ".join(failed)),
@@ -156,5 +157,17 @@ def _chain_lines(chain: dict[str, Any] | None) -> list[str]:
         "over the K/V the prefill binaries wrote): logit cosine "
         f"{decode['cos']:.6f}, top-1 agreement {decode['top1_agreement']:.4f} over "
         f"{decode['tokens']} steps.",
+        "",
+    ]
+
+
+def _processor_lines(processor: dict[str, Any] | None) -> list[str]:
+    """The packaged processor's line (vision-language models)."""
+    if not processor:
+        return []
+    return [
+        f"`tokenizer/` processor ({', '.join(processor['files'])}), loaded with "
+        f"`AutoProcessor`: prepares the {processor['pictures']} pictures at "
+        f"{processor['image_size']} px into the same ids, pixels and grids as the model's.",
         "",
     ]

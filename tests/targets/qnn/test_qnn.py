@@ -665,6 +665,8 @@ def test_vision_language_model_on_htp(vl_run: tuple[str, Path, Path, CliResult])
     names = {n for n, _r, _m in iter_linears(tower, include_lm_head=False, include_vision=True)}
     names -= {n for n, _r, _m in iter_linears(tower, include_lm_head=False)}
     assert set(vision_plan.linears) == names | {"model.visual.patch_embed.proj"}
+    # The app prepares pictures with the packaged processor, as the model's does.
+    assert report["processor"]["equal"] and (out / "tokenizer" / "processor_config.json").is_file()
     embed = onnx.load(str(out / "SM8650" / "vision_embed_ctx.onnx"), load_external_data=False)
     dims = [d.dim_value for d in embed.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 16, 3 * 2 * 14 * 14]  # 56 px: 4x4 patches of 2 frames x 14 x 14 x RGB
