@@ -61,7 +61,6 @@ from common.core.records import (
     write_json_atomic,
 )
 from common.core.resources import resources_line
-from common.inputs.vl_preprocess import VisionGeometry
 from common.models.tokenizer_fidelity import write_tokenizer_dir
 from common.quant.gptq import ROW_SLICE_BYTES
 from common.quant.hadamard import ROTATE_MODES
@@ -243,63 +242,6 @@ def simulate_threshold(path: Path, recipe_name: str) -> float | None:
     return threshold
 
 
-def check_picture_profile(profile: dict[str, Any], path: Path, recipe_name: str) -> None:
-    """A vision-language model's profile must have seen pictures: the picture tokens'
-    activations (the vision embeddings in the residual stream) set ranges that text alone
-    does not reach."""
-    settings = profile["edgeforge"].get("settings") or {}
-    if not settings.get("images"):
-        raise EdgeforgeError(
-            f"{path}: made from text only, but {recipe_name} is vision-language and its "
-            "ranges must cover picture tokens; run make profile MODEL="
-            f"{recipe_name} IMAGES=data/images (make qnn does when no profile exists)"
-        )
-
-
-@dataclass(frozen=True)
-class PicturePrompts:
-    """A vision-language model's picture prompts as processor inputs, one per picture of
-    IMAGES: ``calibration`` asks make profile's instruction (what the profile's picture
-    statistics came from), ``check`` the recipe's prompt (the end-to-end check)."""
-
-    paths: list[Path]
-    calibration: list[dict[str, Any]]
-    check: list[dict[str, Any]]
-    check_prompt: str
-    geometry: VisionGeometry
-
-
-def picture_prompts(
-    model_dir: Path, images: Path, requested: int, check_prompt: str, prefill_len: int,
-    run: Run,
-) -> PicturePrompts:  # fmt: skip
-    """The picture prompts of every picture in ``images`` at ``requested`` px (rounded to
-    the patch x merge grid, with a note), after checking each fits the prefill graph (no
-    weights are read)."""
-    from common.export.vision_export import image_prompt_inputs
-    from common.inputs.vl_preprocess import geometry, list_frames, snap_size
-    from common.models.loading import load_processor
-    from common.steps.profile_step import IMAGE_PROMPT
-
-    paths = list_frames(Path(images), "IMAGES")
-    prompts = [IMAGE_PROMPT, check_prompt]
-    processor = load_processor(model_dir)
-    size, note = snap_size(processor, requested, "IMAGE_SIZE")
-    if note:
-        run.log(note)
-    pairs = image_prompt_inputs(processor, prompts, paths, size)
-    calibration, check = [p[0] for p in pairs], [p[1] for p in pairs]
-    longest = max(int(inputs["input_ids"].shape[1]) for inputs in calibration + check)
-    if longest >= prefill_len:  # the image chain checks at least one generated token
-        raise EdgeforgeError(
-            f"PREFILL_LEN={prefill_len} is too short for the picture prompts: the longest is "
-            f"{longest} tokens at IMAGE_SIZE={size}, and the image chain decodes at least one "
-            f"token after it; raise PREFILL_LEN to at least {longest + 1} (and KV_LEN above "
-            "it) or lower IMAGE_SIZE"
-        )
-    return PicturePrompts(paths, calibration, check, check_prompt, geometry(processor, size))
-
-
 def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
     """The plan with every range rounded to float32 (what the .mllm stores), scales
     recomputed from it, so the file and the fake-quant model use the same grid."""
@@ -363,11 +305,6 @@ def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
     parts = max(candidates, key=lambda c: sum(c.values()))  # the first of equals
     return Estimate("make qnn", {**parts, "pickled .bin pages (mapped)": mapped})
 
-
-#: Tokens the image chain checks after each picture prompt (fewer where PREFILL_LEN ends
-#: first): the float model's greedy continuation, teacher-forced through the prefill
-#: binaries and decoded one position at a time by the decode binaries.
-CHAIN_NEW_TOKENS = 8
 
 #: Layout version of the cached GPTQ levels: bump it when GPTQ computes other levels for
 #: the same inputs, so no older entry is reused.
@@ -498,9 +435,9 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     adapter = streamed.adapter
     pictures = None
     if adapter.is_vision_language:
-        check_picture_profile(profile, profile_path, recipe.name)
+        vision.check_picture_profile(profile, profile_path, recipe.name)
         check_prompt = recipe.eval_defaults.get("prompt", "Describe this image.")
-        pictures = picture_prompts(
+        pictures = vision.picture_prompts(
             model_dir, opts["images"], opts["image_size"], check_prompt, lengths[0], run
         )
         opts["image_size"] = pictures.geometry.size  # as built, after rounding
@@ -543,7 +480,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                                   for inputs in pictures.check]  # fmt: skip
                 vision_ref = vision.reference(adapter, pictures.geometry, pixels, float_dir)
             continued = [
-                vision.continuation(parts, inputs, prompt, lengths[0], CHAIN_NEW_TOKENS)
+                vision.continuation(parts, inputs, prompt, lengths[0])
                 for inputs, prompt in zip(pictures.check, picture_checks, strict=True)
             ]
         with parts.embedding():  # the chain embeds its windows on the host

@@ -1,6 +1,7 @@
-"""The vision tower on the HTP: its pieces quantized, compiled and checked like the
-language pieces, and chained picture by picture into the embeddings the language chain
-splices in.
+"""The vision-language side of ``make qnn``: the picture prompts, the vision tower on the
+HTP (its pieces quantized, compiled and checked like the language pieces, and chained
+picture by picture into the embeddings the language chain splices in), and the image
+chain's prompts.
 
 The tower is cut into :mod:`common.export.vision_pieces` (``vision_embed``,
 ``vision_block_i``, ``vision_merger``) for the build's ``IMAGE_SIZE``. The float pieces run
@@ -38,8 +39,71 @@ from common.export import vision_pieces as vp
 from common.export.vision_export import continued_inputs, similarity
 from common.inputs.vl_preprocess import VisionGeometry
 from common.models import ModelAdapter
+from common.steps.phases import Run
 
 Linears = list[tuple[str, str, nn.Linear]]
+
+#: Tokens the image chain checks after each picture prompt (fewer where PREFILL_LEN ends
+#: first): the float model's greedy continuation, teacher-forced through the prefill
+#: binaries and decoded one position at a time by the decode binaries.
+CHAIN_NEW_TOKENS = 8
+
+
+def check_picture_profile(profile: dict[str, Any], path: Path, recipe_name: str) -> None:
+    """A vision-language model's profile must have seen pictures: the picture tokens'
+    activations (the vision embeddings in the residual stream) set ranges that text alone
+    does not reach."""
+    settings = profile["edgeforge"].get("settings") or {}
+    if not settings.get("images"):
+        raise EdgeforgeError(
+            f"{path}: made from text only, but {recipe_name} is vision-language and its "
+            "ranges must cover picture tokens; run make profile MODEL="
+            f"{recipe_name} IMAGES=data/images (make qnn does when no profile exists)"
+        )
+
+
+@dataclass(frozen=True)
+class PicturePrompts:
+    """A vision-language model's picture prompts as processor inputs, one per picture of
+    IMAGES: ``calibration`` asks make profile's instruction (what the profile's picture
+    statistics came from), ``check`` the recipe's prompt (the end-to-end check)."""
+
+    paths: list[Path]
+    calibration: list[dict[str, Any]]
+    check: list[dict[str, Any]]
+    check_prompt: str
+    geometry: VisionGeometry
+
+
+def picture_prompts(
+    model_dir: Path, images: Path, requested: int, check_prompt: str, prefill_len: int,
+    run: Run,
+) -> PicturePrompts:  # fmt: skip
+    """The picture prompts of every picture in ``images`` at ``requested`` px (rounded to
+    the patch x merge grid, with a note), after checking each fits the prefill graph (no
+    weights are read)."""
+    from common.export.vision_export import image_prompt_inputs
+    from common.inputs.vl_preprocess import geometry, list_frames, snap_size
+    from common.models.loading import load_processor
+    from common.steps.profile_step import IMAGE_PROMPT
+
+    paths = list_frames(Path(images), "IMAGES")
+    prompts = [IMAGE_PROMPT, check_prompt]
+    processor = load_processor(model_dir)
+    size, note = snap_size(processor, requested, "IMAGE_SIZE")
+    if note:
+        run.log(note)
+    pairs = image_prompt_inputs(processor, prompts, paths, size)
+    calibration, check = [p[0] for p in pairs], [p[1] for p in pairs]
+    longest = max(int(inputs["input_ids"].shape[1]) for inputs in calibration + check)
+    if longest >= prefill_len:  # the image chain checks at least one generated token
+        raise EdgeforgeError(
+            f"PREFILL_LEN={prefill_len} is too short for the picture prompts: the longest is "
+            f"{longest} tokens at IMAGE_SIZE={size}, and the image chain decodes at least one "
+            f"token after it; raise PREFILL_LEN to at least {longest + 1} (and KV_LEN above "
+            "it) or lower IMAGE_SIZE"
+        )
+    return PicturePrompts(paths, calibration, check, check_prompt, geometry(processor, size))
 
 
 def piece_linears(adapter: ModelAdapter, name: str, module: nn.Module) -> Linears:
@@ -139,7 +203,7 @@ def merged_similarity(
 
 def continuation(
     parts: Parts, inputs: Mapping[str, Any], prompt: pipeline.Prompt, prefill_len: int,
-    new_tokens: int,
+    new_tokens: int = CHAIN_NEW_TOKENS,
 ) -> tuple[dict[str, Any], VisualPrompt, range]:  # fmt: skip
     """The picture prompt ``inputs`` followed by the float model's greedy continuation of
     up to ``new_tokens`` tokens (as many as the prefill graph holds after it), given the
