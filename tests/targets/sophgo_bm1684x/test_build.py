@@ -233,6 +233,9 @@ def test_killed_build_continues_from_its_last_compiled_piece(
     assert "reused from an earlier run" in result.stderr
     assert kept <= {p.name for p in cache.iterdir()}  # the same entries served the rerun
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # dead temporaries gone
+    # Each entry keeps its bmodel, MLIR and logs, not the tools' .npz weights and samples.
+    assert all(len(list(e.glob("*.bmodel"))) == 1 for e in cache.iterdir())
+    assert not list(cache.rglob("*.npz"))
     want = json.loads((tiny_bf16 / "report.json").read_text())  # uninterrupted, same inputs
     assert [(p["name"], p["cos"]) for p in report["pieces"]] == [
         (p["name"], p["cos"]) for p in want["pieces"]
