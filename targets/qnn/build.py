@@ -347,6 +347,7 @@ def gptq_levels(
 
 def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     from common.analysis.layerwise import Parts
+    from common.analysis.layerwise_decode import vision_features
     from common.analysis.profiling import load_profile
     from common.analysis.quant_plan import PlanOptions, build_plan
     from common.backends.sequential_gptq import sequential_gptq
@@ -470,15 +471,22 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         checked = [pipeline.Prompt(ids) for ids in e2e_ids]
         picture_checks: list[pipeline.Prompt] = []
         continued: list[tuple[dict[str, Any], Any, range]] = []  # picture prompts + tokens
+        float_features: list[Any] = []  # the float tower's merged tokens of each picture
         vision_ref = None
         if pictures is not None:  # the float tower's embeddings, as the runtime splices them
             pixels = [inputs["pixel_values"] for inputs in pictures.check]
             with parts.vision_tower() as tower:
-                calibration += [pipeline.image_prompt(adapter, tower, inputs)
-                                for inputs in pictures.calibration]  # fmt: skip
-                picture_checks = [pipeline.image_prompt(adapter, tower, inputs)
-                                  for inputs in pictures.check]  # fmt: skip
+                # One tower pass a picture: its calibration and check prompts hold its pixels.
+                float_features = [vision_features(tower, inputs) for inputs in pictures.check]
                 vision_ref = vision.reference(adapter, pictures.geometry, pixels, float_dir)
+            calibration += [
+                pipeline.image_prompt(adapter, inputs, features)
+                for inputs, features in zip(pictures.calibration, float_features, strict=True)
+            ]
+            picture_checks = [
+                pipeline.image_prompt(adapter, inputs, features)
+                for inputs, features in zip(pictures.check, float_features, strict=True)
+            ]
             continued = [
                 vision.continuation(parts, inputs, prompt, lengths[0])
                 for inputs, prompt in zip(pictures.check, picture_checks, strict=True)
@@ -563,9 +571,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             image_chain = {
                 **pipeline.end_to_end(parts, out.prefill[shown:], chained, out.decoded[shown:]),
                 "generated_tokens": [len(p.decoded) for p in chained],
-                "vision_merged_vs_torch": vision.merged_similarity(
-                    features, [p.visual.features for p in picture_checks if p.visual]
-                ),
+                "vision_merged_vs_torch": vision.merged_similarity(features, float_features),
                 "vision_preset": vision_plan.scheme.name if vision_plan else None,
             }
         write_json_atomic(tmp / "model.int8.plan.json", mllm_plan)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from common.analysis.layerwise import Parts, head, run_groups, run_layers
-from common.analysis.layerwise_decode import VisualPrompt, prompt_group, vision_features
+from common.analysis.layerwise_decode import VisualPrompt, prompt_group
 from common.backends import qdq, qnn_ep
 from common.core.piece_cache import PieceCache, cache_key
 from common.core.progress import progress
@@ -120,6 +120,43 @@ def _history(cache: np.ndarray, kv_len: int) -> np.ndarray:
     return full
 
 
+def _kv_history(outs: Sequence[np.ndarray], kv_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """A prefill block's K and V outputs as the decode graph's ``KV_LEN``-row history."""
+    return _history(outs[1], kv_len), _history(outs[2], kv_len)
+
+
+def _prefill_feeds(hidden: np.ndarray, pre: Feeds) -> Feeds:
+    """A prefill block's inputs: the states, with the prompt's positions and mask."""
+    return {
+        "input_states": hidden,
+        "position_ids": pre["position_ids"],
+        "attention_mask": pre["attention_mask"],
+    }
+
+
+def _decode_feeds(token: np.ndarray, step: Feeds, history: tuple[np.ndarray, np.ndarray]) -> Feeds:
+    """A decode block's inputs: one token's states, its position and mask, and the
+    layer's K/V history."""
+    return {
+        "input_states": token,
+        "position_ids": step["position_ids"],
+        "attention_mask": step["attention_mask"],
+        "history_k": history[0],
+        "history_v": history[1],
+    }
+
+
+def _embedded_steps(
+    embed: torch.nn.Module, steps: Sequence[Sequence[Feeds]]
+) -> list[list[np.ndarray]]:
+    """The embedding of each decode step's token, per prompt."""
+    with torch.no_grad():
+        return [
+            [embed(torch.from_numpy(step["input_ids"]).long()).numpy() for step in prompt]
+            for prompt in steps
+        ]
+
+
 Recorder = Callable[[str, Feeds, list[np.ndarray]], None]
 
 
@@ -181,11 +218,11 @@ class Prompt:
 
 
 def image_prompt(
-    adapter: ModelAdapter, tower: torch.nn.Module, inputs: Mapping[str, Any]
+    adapter: ModelAdapter, inputs: Mapping[str, Any], features: Mapping[str, torch.Tensor]
 ) -> Prompt:
-    """The :class:`Prompt` of processor ``inputs`` holding one picture prompt, its vision
-    embeddings from ``tower`` (the float tower, read by the caller)."""
-    features = vision_features(tower, inputs)
+    """The :class:`Prompt` of processor ``inputs`` holding one picture prompt, with its
+    vision embeddings ``features`` (the float tower's,
+    :func:`~common.analysis.layerwise_decode.vision_features`)."""
     image = pe.multimodal_prompt(adapter, inputs, features)
     return Prompt(image.token_ids, image, VisualPrompt(inputs, features))
 
@@ -221,36 +258,22 @@ def _chain(
     pres = [w.prompt.prefill(prefill_len, rows) for w in windows]
     steps = [[w.prompt.decode(p, kv_len, rows) for p in w.positions] for w in windows]
     hiddens = [w.prompt.embedded(embed, pre) for w, pre in zip(windows, pres, strict=True)]
-    with torch.no_grad():
-        tokens = [
-            [embed(torch.from_numpy(step["input_ids"]).long()).numpy() for step in window]
-            for window in steps
-        ]
+    tokens = _embedded_steps(embed, steps)
     caches: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in windows]
     for i in range(adapter.num_layers):
         for w, (window, pre) in enumerate(zip(windows, pres, strict=True)):
-            feeds = {
-                "input_states": hiddens[w],
-                "position_ids": pre["position_ids"],
-                "attention_mask": pre["attention_mask"],
-            }
+            feeds = _prefill_feeds(hiddens[w], pre)
             outs = run(f"block_{i}", feeds)
             window.record(f"block_{i}", feeds, outs)
             hiddens[w] = outs[0]
-            caches[w].append((_history(outs[1], kv_len), _history(outs[2], kv_len)))
+            caches[w].append(_kv_history(outs, kv_len))
     for window, hidden in zip(windows, hiddens, strict=True):
         for position in window.positions:
             window.record("lm_head", {"hidden_states": hidden[:, position - 1]}, [])
     for i in range(adapter.num_layers):
         for w, window in enumerate(windows):
             for j, step in enumerate(steps[w]):
-                feeds = {
-                    "input_states": tokens[w][j],
-                    "position_ids": step["position_ids"],
-                    "attention_mask": step["attention_mask"],
-                    "history_k": caches[w][i][0],
-                    "history_v": caches[w][i][1],
-                }
+                feeds = _decode_feeds(tokens[w][j], step, caches[w][i])
                 outs = run(f"block_cache_{i}", feeds)
                 window.record(f"block_cache_{i}", feeds, outs)
                 tokens[w][j] = outs[0]
@@ -601,11 +624,7 @@ def build_all(
     steps = [[p.decode(at, kv_len, rope_rows(adapter)) for at in p.decoded] for p in chain]
     with parts.embedding() as embed:
         hiddens = [p.embedded(embed, pre) for p, pre in zip(chain, starts, strict=True)]
-        with torch.no_grad():
-            tokens = [
-                [embed(torch.from_numpy(step["input_ids"]).long()).numpy() for step in prompt]
-                for prompt in steps
-            ]
+        tokens = _embedded_steps(embed, steps)
     # Per-layer K/V histories of the prompts the decode graphs run on.
     caches: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {
         w: [] for w, prompt in enumerate(steps) if prompt
@@ -618,18 +637,12 @@ def build_all(
         feeds: list[Feeds] = []
         if name.startswith("block_cache"):
             feeds = [
-                {"input_states": token, "position_ids": step["position_ids"],
-                 "attention_mask": step["attention_mask"], "history_k": caches[w][index][0],
-                 "history_v": caches[w][index][1]}
+                _decode_feeds(token, step, caches[w][index])
                 for w, (prompt, inputs) in enumerate(zip(steps, tokens, strict=True))
                 for step, token in zip(prompt, inputs, strict=True)
-            ]  # fmt: skip
+            ]
         elif name.startswith("block_"):
-            feeds = [
-                {"input_states": h, "position_ids": pre["position_ids"],
-                 "attention_mask": pre["attention_mask"]}
-                for h, pre in zip(hiddens, starts, strict=True)
-            ]  # fmt: skip
+            feeds = [_prefill_feeds(h, pre) for h, pre in zip(hiddens, starts, strict=True)]
         part = parts.head if name == "lm_head" else partial(parts.layer, layers[index])
         row, chained = cached_piece(
             setup, name, feeds, part, partial(piece_linears, adapter, name),
@@ -642,7 +655,7 @@ def build_all(
         elif name.startswith("block_"):
             hiddens = [outs[0] for outs in chained]
             for w, history in caches.items():
-                history.append((_history(chained[w][1], kv_len), _history(chained[w][2], kv_len)))
+                history.append(_kv_history(chained[w], kv_len))
     decoded = [
         np.concatenate([t.reshape(1, -1) for t in prompt]) if prompt else np.zeros((0, 0))
         for prompt in tokens
@@ -683,11 +696,11 @@ def end_to_end(
             h = torch.from_numpy(np.asarray(hidden[:, rows], np.float32))
             got.append(logits(h)[0].numpy())
             want.append(logits(ref[None, rows])[0].float().numpy())
-        for steps, ref, prompt in zip(decoded or [[]] * len(prompts), reference, prompts,
-                                      strict=True):  # fmt: skip
-            if decoded is not None and len(prompt.decoded):
-                step_got.append(logits(torch.from_numpy(steps[None]).float())[0].numpy())
-                step_want.append(logits(ref[None, list(prompt.decoded)])[0].float().numpy())
+        if decoded is not None:
+            for steps, ref, prompt in zip(decoded, reference, prompts, strict=True):
+                if len(prompt.decoded):
+                    step_got.append(logits(torch.from_numpy(steps[None]).float())[0].numpy())
+                    step_want.append(logits(ref[None, list(prompt.decoded)])[0].float().numpy())
     got_all, want_all = np.concatenate(got), np.concatenate(want)
     # The logits of the first token a runtime generates after each prompt.
     nexts = [

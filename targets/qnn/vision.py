@@ -65,8 +65,9 @@ def check_picture_profile(profile: dict[str, Any], path: Path, recipe_name: str)
 @dataclass(frozen=True)
 class PicturePrompts:
     """A vision-language model's picture prompts as processor inputs, one per picture of
-    IMAGES: ``calibration`` asks make profile's instruction (what the profile's picture
-    statistics came from), ``check`` the recipe's prompt (the end-to-end check)."""
+    IMAGES, in the same order (the same pixels) in both lists: ``calibration`` asks make
+    profile's instruction (what the profile's picture statistics came from), ``check``
+    the recipe's prompt (the end-to-end check)."""
 
     paths: list[Path]
     calibration: list[dict[str, Any]]
