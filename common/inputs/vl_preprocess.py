@@ -96,11 +96,15 @@ def round_size(requested: int, factor: int, option: str) -> tuple[int, str | Non
     )
 
 
+def grid_factor(processor: Any) -> int:
+    """Pixels of one merge window (patch·merge) under ``processor``: sides are multiples."""
+    image_processor = processor.image_processor
+    return int(image_processor.patch_size) * int(image_processor.merge_size)
+
+
 def snap_size(processor: Any, requested: int, option: str) -> tuple[int, str | None]:
     """``requested`` rounded to the patch·merge grid of ``processor`` (:func:`round_size`)."""
-    image_processor = processor.image_processor
-    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
-    return round_size(requested, factor, option)
+    return round_size(requested, grid_factor(processor), option)
 
 
 def geometry(processor: Any, size: int) -> VisionGeometry:

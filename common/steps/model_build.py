@@ -166,7 +166,7 @@ def check_packaged_processor(
     pixels, grids). A difference raises :class:`~common.core.errors.CheckFailed` naming
     the tensor, before the package is renamed into place."""
     from common.export.vision_export import image_prompt_inputs
-    from common.models.loading import load_processor
+    from common.models.loading import PROCESSOR_CONFIGS, load_processor
 
     prompt = ["Describe this image."]
     want = image_prompt_inputs(load_processor(model_dir), prompt, images, size)
@@ -178,7 +178,7 @@ def check_packaged_processor(
                     f"{final_dir}: its processor prepares {image.name} differently from "
                     f"{model_dir}'s ({key})"
                 )
-    files = sorted(p.name for p in Path(package_dir).iterdir() if "processor" in p.name)
+    files = sorted(name for name in PROCESSOR_CONFIGS if (Path(package_dir) / name).is_file())
     return {"files": files, "pictures": len(images), "image_size": size, "equal": True}
 
 

@@ -149,11 +149,10 @@ def choose_size(
     processor would resize to a different grid); the built-in default is lowered to the
     largest fitting multiple of 28 instead, and the note says so.
     """
-    from common.inputs.vl_preprocess import round_size
+    from common.inputs.vl_preprocess import grid_factor, round_size
 
-    image_processor = processor.image_processor
-    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
-    budget = image_processor.size
+    factor = grid_factor(processor)
+    budget = processor.image_processor.size
     low, high = int(budget["shortest_edge"]), int(budget["longest_edge"])
     size, note = round_size(requested if requested is not None else default, factor, option)
     if note:
