@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from sophgo_verify import (
-    VERIFY_CHOICES,
     ScoredRunner,
     VerifyPolicy,
     dispatch,
@@ -70,6 +69,7 @@ from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import copy_tokenizer_files, describe
 from common.steps.phases import Run
 from common.steps.preflight import max_memory_option, whole_model_preflight
+from common.steps.verify_sampling import VERIFY_CHOICES
 
 TARGET = "sophgo-bm1684x"
 #: The phases of a run (common/steps/phases.py), in order.

@@ -31,6 +31,7 @@ from common.export.piece_export import (
     prefill_inputs,
 )
 from common.models.static_decoder import MASK_BLOCKED, PieceDims
+from common.steps.verify_sampling import decide, sampled
 
 
 def prefill_greedy(
@@ -86,17 +87,13 @@ def kv_decode(
     return decode_steps(run, dims, (cache_k, cache_v), first_token, prompt_length, count)
 
 
-#: ``VERIFY=``: ``full`` simulates every net of every check; ``sample`` simulates the
-#: embedding, the head nets and :data:`SAMPLE_BLOCKS` of the blocks, the other blocks
-#: running on onnxruntime (float) in the same chain, over :data:`SAMPLE_DECODE_TOKENS`
-#: decode steps; ``auto`` picks ``full`` when its estimate is within
-#: :data:`FULL_BUDGET_SECONDS`.
-VERIFY_CHOICES = ("auto", "full", "sample")
+#: ``VERIFY=`` (:mod:`common.steps.verify_sampling`): ``full`` simulates every net of every
+#: check; ``sample`` simulates the embedding, the head nets and the sampled blocks, the
+#: other blocks running on onnxruntime (float) in the same chain, over
+#: :data:`SAMPLE_DECODE_TOKENS` decode steps; ``auto`` picks ``full`` when its estimate is
+#: within :data:`FULL_BUDGET_SECONDS`.
 #: The longest full simulation ``VERIFY=auto`` runs.
 FULL_BUDGET_SECONDS = 2 * 3600
-#: Blocks a sample simulates, as fractions of the depth: the first, the middle and the
-#: last (where activations differ most in range and outliers).
-SAMPLE_BLOCKS = (0.0, 0.5, 1.0)
 #: Decode steps a sample runs through the KV-cache nets.
 SAMPLE_DECODE_TOKENS = 4
 #: Simulator seconds on this machine kind (2 cores) per call, by what a call costs:
@@ -163,22 +160,14 @@ def verify_policy(
     ``layer_params`` parameters, whose checks read ``rows`` teacher-forced rows and run
     ``decode_tokens`` decode steps (``auto``: full within :data:`FULL_BUDGET_SECONDS`)."""
     full = simulation_seconds(num_layers, layer_params, head_params, seq_len, rows, decode_tokens)
-    budget = f"{FULL_BUDGET_SECONDS / 3600:g} h"
-    if choice == "full" or (choice == "auto" and full <= FULL_BUDGET_SECONDS):
-        why = "asked for (VERIFY=full)" if choice == "full" else f"estimate within {budget}"
-        return VerifyPolicy(
-            "full", tuple(range(num_layers)), num_layers, decode_tokens, full, full, why
-        )
-    blocks = tuple(sorted({round(f * (num_layers - 1)) for f in SAMPLE_BLOCKS}))
+    decision = decide(choice, full, FULL_BUDGET_SECONDS, "simulation")
+    if decision.mode == "full":
+        every = tuple(range(num_layers))
+        return VerifyPolicy("full", every, num_layers, decode_tokens, full, full, decision.reason)
+    blocks = sampled(num_layers)
     decode = min(decode_tokens, SAMPLE_DECODE_TOKENS)
-    why = (
-        "asked for (VERIFY=sample)"
-        if choice == "sample"
-        else f"a full simulation would take about {full / 3600:.1f} h, over {budget} "
-        "(VERIFY=full runs it anyway)"
-    )
     sample = simulation_seconds(len(blocks), layer_params, head_params, seq_len, rows, decode)
-    return VerifyPolicy("sample", blocks, num_layers, decode, full, sample, why)
+    return VerifyPolicy("sample", blocks, num_layers, decode, full, sample, decision.reason)
 
 
 def dispatch(
