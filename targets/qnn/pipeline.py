@@ -372,6 +372,11 @@ def _cpu_run(model: Path, feeds: Feeds) -> list[np.ndarray]:
     is executed literally as written. HTP may fuse ops and skip intermediate encodings
     (e.g. the x² inside a decomposed RMSNorm), so the two can differ where such an
     intermediate has a huge range."""
+    return _cpu_runs(model, [feeds])[0]
+
+
+def _cpu_runs(model: Path, feeds: Sequence[Feeds]) -> list[list[np.ndarray]]:
+    """:func:`_cpu_run` on each of ``feeds``, in one session."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -382,7 +387,7 @@ def _cpu_run(model: Path, feeds: Feeds) -> list[np.ndarray]:
     so.enable_cpu_mem_arena = False
     session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    return session.run(None, {n: feeds[n] for n in names})
+    return [session.run(None, {n: each[n] for n in names}) for each in feeds]
 
 
 def _worst_cos(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
@@ -404,13 +409,16 @@ def build_piece(
     vtcm_mb: int,
     modes: Modes,
     chain_inputs: Sequence[Feeds] = (),
+    emulate: bool = True,
 ) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
     """QDQ from ``plan`` (with ``levels`` as the integer weights) into
     ``out_dir/qdq/<name>.onnx``, compile it into ``out_dir/<soc>/`` for each SoC at its
-    ``modes`` (:class:`ModeChoice`), verify on the emulator; returns the report row and the
-    QNN outputs on each of ``chain_inputs``. ``weights`` are the piece's linears (by
-    qualified name, as the plan names them); ``adapter`` exports the LM head's narrow
-    copy."""
+    ``modes`` (:class:`ModeChoice`), load it in a strict all-on-QNN session and verify it
+    on the emulator; returns the report row and the QNN outputs on each of
+    ``chain_inputs``. Not ``emulate`` (``VERIFY=sample``): loaded but not run, the row has
+    no emulator cosines and the outputs are the QDQ graph's on onnxruntime CPU.
+    ``weights`` are the piece's linears (by qualified name, as the plan names them);
+    ``adapter`` exports the LM head's narrow copy."""
     qdq_path = out_dir / QDQ_FOLDER / f"{name}.onnx"
     qdq_path.parent.mkdir(parents=True, exist_ok=True)
     quantize: dict[str, Any] = dict(
@@ -451,12 +459,15 @@ def build_piece(
             options = qnn_ep.provider_options(soc, vtcm_mb, compiled.opt_mode)
             session = qnn_ep.strict_session(ctx, options)
     assert session is not None
+    row.update(cpu_qdq_cos_vs_float=_worst_cos(cpu_out, float_out), all_nodes_on_qnn=True)
+    if not emulate:
+        row.update(cos_vs_float=None, cos_vs_cpu_qdq=None, emulated=False)
+        return row, _cpu_runs(qdq_path, chain_inputs)
     qnn_out = session.run(None, feeds)
     row.update(
         cos_vs_float=_worst_cos(qnn_out, float_out),
         cos_vs_cpu_qdq=_worst_cos(qnn_out, cpu_out),
-        cpu_qdq_cos_vs_float=_worst_cos(cpu_out, float_out),
-        all_nodes_on_qnn=True,
+        emulated=True,
     )
     return row, [session.run(None, feeds) for feeds in chain_inputs]
 
@@ -483,11 +494,13 @@ def piece_key(
     vtcm_mb: int,
     modes: Modes,
     versions: dict[str, str],
+    emulate: bool,
 ) -> str:
     """The cache key of a piece: every input :func:`build_piece` reads (the float piece's
     bytes, the plan, its integer weights by ``levels_key`` (the hash of what made them:
     GPTQ's inputs, or the checkpoint and rounding), its calibration, golden and chain
-    inputs), the SoCs and HTP options, and the QNN versions. No weight is read."""
+    inputs), the SoCs and HTP options, the QNN versions, and whether the emulator runs it
+    (the chained outputs are the emulator's, else the CPU QDQ graph's). No weight is read."""
     float_model = float_dir / f"{name}.onnx"
     return cache_key(
         {
@@ -505,6 +518,7 @@ def piece_key(
             "vtcm_mb": vtcm_mb,
             "modes": {soc: [list(tried), why] for soc, (tried, why) in modes.items()},
             "versions": versions,
+            "emulated": emulate,
         }
     )
 
@@ -526,7 +540,8 @@ def _link_tree(src: Path, dest: Path) -> None:
 class PieceSetup:
     """What every piece of one build shares: where float pieces are read and scratch
     files, binaries (per SoC) and QDQ graphs go, the SoCs and HTP options, the
-    :class:`ModeChoice` of the build so far, and the cache its entries live in."""
+    :class:`ModeChoice` of the build so far, the cache its entries live in, and which
+    pieces run on the emulator (``VERIFY=``, :mod:`sampling`)."""
 
     adapter: ModelAdapter
     float_dir: Path
@@ -538,6 +553,7 @@ class PieceSetup:
     choice: ModeChoice
     cache: PieceCache
     versions: dict[str, str]
+    emulated: Callable[[str], bool]
 
 
 def cached_piece(
@@ -558,6 +574,7 @@ def cached_piece(
     linears), or the entry a killed run completed, as it is; then linked into
     ``setup.out_dir`` (binaries per SoC) and ``setup.qdq_dir``."""
     modes = setup.choice.of(name, setup.socs)
+    emulate = setup.emulated(name)
 
     def build(folder: Path) -> None:
         with part():
@@ -565,6 +582,7 @@ def cached_piece(
                 name, setup.float_dir, setup.work_dir, folder, weights=weights(),
                 adapter=setup.adapter, plan=plan, levels=levels, golden=golden,
                 socs=setup.socs, vtcm_mb=setup.vtcm_mb, modes=modes, chain_inputs=chain_inputs,
+                emulate=emulate,
             )  # fmt: skip
         (folder / "row.json").write_text(json.dumps(row))
         np.savez(folder / "chained.npz", **{f"{i}_{j}": out for i, outs in enumerate(chained)
@@ -573,6 +591,7 @@ def cached_piece(
     key = piece_key(
         name, setup.float_dir, chain_inputs, plan=plan, levels_key=levels_key, golden=golden,
         socs=setup.socs, vtcm_mb=setup.vtcm_mb, modes=modes, versions=setup.versions,
+        emulate=emulate,
     )  # fmt: skip
     entry = setup.cache.fetch_or_build(name, key, build)
     row = json.loads((entry / "row.json").read_text())

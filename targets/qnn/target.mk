@@ -1,7 +1,7 @@
 # QNN (Qualcomm HTP): make qnn MODEL=<recipe> [SOCS=SM8650,SM8750] [PRESET=w8a16|w8a8|w4a16]
 #   [ROTATE=hadamard|orthogonal|none] [ROUNDING=gptq|nearest] [PREFILL_LEN=n] [KV_LEN=n]
 #   [E2E_WINDOWS=n] [OPT_MODE=auto|3|2|1] [IMAGES=dir] [IMAGE_SIZE=px]
-#   [VISION_PRESET=w8a16|w8a8|w4a16] [PROFILE=profile.json] [USE_DOCKER=1]
+#   [VISION_PRESET=w8a16|w8a8|w4a16] [VERIFY=auto|full|sample] [PROFILE=profile.json] [USE_DOCKER=1]
 # Reads make profile's output for ROTATE (default hadamard: build/<MODEL>/profile-hadamard/
 # profile.json; made on demand when missing) and, when present,
 # build/<MODEL>/simulate/shadow_layers.json (the T chosen by make simulate). Writes
@@ -13,7 +13,7 @@ QNN_REQ   := targets/qnn/requirements.txt
 QNN_HASH  := $(shell sha256sum $(QNN_REQ) | cut -c1-16)
 QNN_STAMP := $(VENV)/.edgeforge-qnn-$(QNN_HASH)
 #: The make variables of build.py's Options, in declaration order.
-QNN_OPTIONS := SOCS PRESET ROTATE PREFILL_LEN KV_LEN E2E_WINDOWS ROUNDING OPT_MODE IMAGES IMAGE_SIZE VISION_PRESET PROFILE MAX_MEMORY
+QNN_OPTIONS := SOCS PRESET ROTATE PREFILL_LEN KV_LEN E2E_WINDOWS ROUNDING OPT_MODE IMAGES IMAGE_SIZE VISION_PRESET VERIFY PROFILE MAX_MEMORY
 QNN_VARS = $(call option_vars,$(QNN_OPTIONS))
 QNN_ARGS = $(call option_args,$(QNN_OPTIONS))
 #: The rotation of the profile make qnn reads by default (empty: none), and that profile:

@@ -689,6 +689,103 @@ def test_vision_language_model_on_htp(vl_run: tuple[str, Path, Path, CliResult])
     np.testing.assert_array_equal(got.reshape(want.shape), want)
 
 
+def test_auto_verify_samples_what_a_full_emulation_cannot_afford() -> None:
+    """``VERIFY=auto`` runs Qwen1.5-1.8B's checks in full (about 9 min of emulator calls:
+    the bench built it in 74 min) and samples Qwen2.5-VL-3B's (about 6 h: 36 layers at
+    PREFILL_LEN 320, 17 calls each, and a 32-block tower at 1024 patches)."""
+    sampling = import_target("qnn", "sampling")
+    head = sampling.Stack(1, 311_164_928, 1, 1).seconds(1)
+    text = sampling.Stack(24, 50_343_936, 32, 9)
+    qwen = sampling.emulator_policy("auto", text, sampling.Stack(24, 50_343_936, 1, 1), None, head)
+    assert qwen.mode == "full" and qwen.layers == tuple(range(24)) and qwen.note() is None
+    assert 5 * 60 < qwen.estimated_seconds == qwen.estimated_full_seconds < 15 * 60
+    lm, tower = 77_070_336, 19_702_784
+    vl = sampling.emulator_policy(
+        "auto", sampling.Stack(36, lm, 320, 17), sampling.Stack(36, lm, 1, 33),
+        sampling.Stack(32, tower, 1024, 5), head,
+    )  # fmt: skip
+    assert vl.mode == "sample" and vl.layers == (0, 18, 35) and vl.vision_blocks == (0, 16, 31)
+    assert 5 * 3600 < vl.estimated_full_seconds < 8 * 3600 and vl.estimated_seconds < 3600
+    assert "VERIFY=full runs it anyway" in vl.reason
+    assert vl.emulated("block_cache_18") and vl.emulated("vision_block_31")
+    assert not vl.emulated("block_17") and not vl.emulated("vision_block_7")
+    assert vl.emulated("lm_head") and vl.emulated("vision_embed") and vl.emulated("vision_merger")
+    record = vl.to_json()
+    assert len(record["layers_on_cpu_qdq"]) == 33 and len(record["vision_blocks_on_cpu_qdq"]) == 29
+
+
+@pytest.fixture(scope="module")
+def deep_vl(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_5_vl_dir: Path) -> Path:
+    """tiny-qwen2.5-vl five language layers and five vision blocks deep (block 2 global,
+    the others windowed), random bf16 weights: what a sample of first/middle/last leaves
+    out is a real middle."""
+    from transformers import AutoConfig
+
+    from common.export.random_checkpoint import write_random_checkpoint
+
+    config = AutoConfig.from_pretrained(tiny_qwen2_5_vl_dir)
+    config.text_config.num_hidden_layers = 5
+    config.text_config.layer_types = ["full_attention"] * 5
+    config.vision_config.depth, config.vision_config.fullatt_block_indexes = 5, [2]
+    out = tmp_path_factory.mktemp("deep-vl") / "model"
+    return write_random_checkpoint(config, out, tokenizer_dir=tiny_qwen2_5_vl_dir)
+
+
+def test_sampled_verification_emulates_first_middle_last(deep_vl: Path, tmp_path: Path) -> None:
+    """``VERIFY=sample``: the first, middle and last layers and vision blocks, the LM head,
+    patch embedding and merger run on the emulator, with the very rows a full verification
+    gives them (each is scored on its float golden input); the other pieces are compiled
+    for every SoC and loaded all on QNN, run in the chain as their QDQ graph on CPU, and
+    scored nowhere, which the gate, the report and the log say. The chain's end-to-end
+    numbers stay those of a full verification within the HTP's own rounding."""
+    model = "qwen2.5-vl-3b"  # a hub recipe, so MODEL_PATH names the checkpoint
+    images = ("--images", str(REPO_ROOT / "data" / "images"), "--image-size", VL_IMAGE_SIZE)
+    profile = _picture_profile(tmp_path, model, deep_vl, *images)
+    reports = {}
+    for verify in ("sample", "full"):
+        result = run_target(
+            tmp_path / verify, "--model", model, "--model-path", str(deep_vl), "--profile",
+            str(profile), "--rounding", "nearest", "--verify", verify, "--prefill-len", "56",
+            "--kv-len", "64", *images,
+        )  # fmt: skip
+        assert "Traceback" not in result.stderr and result.returncode in (0, 1), result.stderr
+        out = tmp_path / verify / model / "qnn"
+        reports[verify] = (json.loads((out / "report.json").read_text()), out, result)
+    sampled, out, result = reports["sample"]
+    full = reports["full"][0]
+    assert sampled["verify"]["mode"] == "sample" and full["verify"]["mode"] == "full"
+    assert sampled["verify"]["reason"] == "asked for (VERIFY=sample)"
+    assert sampled["verify"]["emulated_layers"] == [0, 2, 4]
+    assert sampled["verify"]["layers_on_cpu_qdq"] == [1, 3]
+    assert sampled["verify"]["emulated_vision_blocks"] == [0, 2, 4]
+    assert full["verify"]["emulated_layers"] == [0, 1, 2, 3, 4]
+    emulated = {"block_0", "block_2", "block_4", "block_cache_0", "block_cache_2",
+                "block_cache_4", "lm_head", "vision_embed", "vision_block_0", "vision_block_2",
+                "vision_block_4", "vision_merger"}  # fmt: skip
+    rows = {r["name"]: r for r in sampled["layers"] + sampled["vision_pieces"]}
+    full_rows = {r["name"]: r for r in full["layers"] + full["vision_pieces"]}
+    assert rows.keys() == full_rows.keys() and len(rows) == 11 + 7
+    for name, row in rows.items():
+        assert row["all_nodes_on_qnn"] is True, row
+        for binary in row["binaries"].values():  # compiled for every SoC, sampled or not
+            assert (out / binary["ctx"]).is_file() and (out / binary["bin"]).is_file()
+        if name in emulated:
+            assert row["emulated"] and row == full_rows[name], name
+        else:
+            assert not row["emulated"] and row["cos_vs_float"] is None, row
+            assert row["cpu_qdq_cos_vs_float"] == full_rows[name]["cpu_qdq_cos_vs_float"]
+    gate = next(g for g in sampled["gates"] if g["name"] == "min_piece_cos_vs_float")
+    assert "7 of 11 pieces on the emulator (VERIFY=sample)" in gate["detail"]
+    assert gate["value"] == min(rows[n]["cos_vs_float"] for n in emulated if "vision" not in n)
+    assert any(n.startswith("VERIFY=sample (asked for") for n in sampled["notes"])
+    assert "not run (VERIFY=sample)" in (out / "report.md").read_text()
+    assert "VERIFY=sample" in result.stderr
+    assert not full["notes"]
+    for key in ("end_to_end", "picture_prompts", "image_chain"):
+        assert abs(sampled[key]["cos"] - full[key]["cos"]) < 1e-3, key
+        assert abs(sampled[key]["top1_agreement"] - full[key]["top1_agreement"]) <= 0.05, key
+
+
 def test_windowed_vision_pieces_on_htp(tiny_qwen2_5_vl_dir: Path, tmp_path: Path) -> None:
     """Qwen2.5-VL's window attention on the HTP: at 224 px its first block attends within
     4 windows under a constant -1e4 mask (the 56 px builds have one window, no mask).
@@ -715,6 +812,7 @@ def test_windowed_vision_pieces_on_htp(tiny_qwen2_5_vl_dir: Path, tmp_path: Path
         setup = pipeline.PieceSetup(
             adapter, float_dir, tmp_path / "work", out, out / "qdq", [qnn_ep.soc_by_name("SM8650")],
             qnn_ep.DEFAULT_VTCM_MB, pipeline.ModeChoice("auto"), cache, qnn_ep.qnn_versions(),
+            lambda _piece: True,
         )  # fmt: skip
         return (*vision.build(setup, geo, ref, plan, "key", pixels), cache)
 
