@@ -80,11 +80,13 @@ GATES: dict[str, dict[str, float]] = {
 }
 #: The int8 .mllm must reproduce the fake-quant model's logits this closely.
 MLLM_MAX_ABS = 1e-4
-#: What the compile phase holds beside the piece being quantized, over the runtime the
-#: preflight adds: onnxruntime's and the QNN backend's allocations and the golden and
-#: calibration activations of every piece (measured on SmolLM2: 2.05 GiB peak against
-#: 0.75 GiB runtime and 0.63 GiB for its largest piece).
-BUILD_OVERHEAD = int(0.7 * 2**30)
+#: What the compile phase holds between pieces, over the runtime the preflight adds:
+#: onnxruntime's and the QNN backend's libraries and allocations, the golden and
+#: calibration activations of every piece, and the heap's growth over a long build
+#: (measured: 0.72 GiB at Qwen1.5-1.8B; 0.75-0.86 GiB for a 42-layer model of 64 MiB
+#: layers, whose 85 pieces' peaks crept up by 0.2-0.3 GiB over the build as glibc's
+#: heap fragmented).
+BUILD_OVERHEAD = int(0.9 * 2**30)
 
 
 @dataclass(frozen=True)
@@ -271,27 +273,37 @@ def f32_plan(plan: dict[str, Any]) -> dict[str, Any]:
     return plan
 
 
-#: Peak of building the largest piece over its float32 weights, the part itself included:
-#: the float reference run (its weights and onnxruntime's packed copy) and the compile,
-#: measured at 3.6x for Qwen1.5-1.8B's LM head (1.16 GiB) once its QDQ model is built
-#: from a narrow copy (``qdq.quantize_narrow``; onnxruntime's quantize of the whole head
-#: had taken 6.6 GiB more).
-PIECE_FACTOR = 4
+#: Peak of building a piece over its float32 weights, the part itself included: its
+#: static float copy, onnxruntime's calibration and quantize, the CPU QDQ run and the
+#: compile. Measured 6.6x on a 64 MiB decoder layer (and vision pieces go the same way).
+PIECE_FACTOR = 7
+#: The same for the LM head, whose QDQ model is built from a narrow copy
+#: (``qdq.quantize_narrow``): 3.6x for Qwen1.5-1.8B's (1.16 GiB); onnxruntime's quantize
+#: of the whole head had taken 6.6 GiB more, as it still would for a head kept float.
+HEAD_FACTOR = 4
 
 
-def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
-    """The largest of the build's peaks: building the largest piece
-    (:data:`PIECE_FACTOR`); with GPTQ, the end of GPTQ (every linear's levels, one byte
-    per weight, before they go to disk, beside the LM head's rounding); for a
+def memory_estimate(streamed: Any, gptq: bool, head_narrow: bool = True) -> Estimate:
+    """The largest of the build's peaks: building the largest piece (a decoder layer at
+    :data:`PIECE_FACTOR`, the LM head at :data:`HEAD_FACTOR` when ``head_narrow``, else
+    at the same factor); with GPTQ, the end of GPTQ (every linear's levels, one byte per
+    weight, before they go to disk, beside the LM head's rounding); for a
     vision-language model, its vision tower read whole while its largest vision piece (a
     block or the merger) is built.
     Both with the checkpoint's pickled files mapped while they load. Every other phase
     holds one part at a time."""
-    largest, mapped = streamed.largest_part_bytes(), streamed.weights.mapped_bytes
-    piece = {
-        f"largest piece while built ({PIECE_FACTOR}x its weights)": PIECE_FACTOR * largest,
-        "onnxruntime, QNN backend, captured activations": BUILD_OVERHEAD,
-    }
+    adapter, mapped = streamed.adapter, streamed.weights.mapped_bytes
+    # The head has the embedding's shape, tied or not.
+    head = streamed.part_bytes(adapter.name_of("embed_tokens"))
+    head_factor = HEAD_FACTOR if head_narrow else PIECE_FACTOR
+    layer = streamed.largest_layer_bytes()
+    largest = max(layer, head)
+    overhead = {"onnxruntime, QNN backend, captured activations": BUILD_OVERHEAD}
+    if PIECE_FACTOR * layer >= head_factor * head:
+        piece = {f"largest decoder layer while built ({PIECE_FACTOR}x its weights)":
+                 PIECE_FACTOR * layer}  # fmt: skip
+    else:
+        piece = {f"LM head while built ({head_factor}x its weights)": head_factor * head}
     levels = {
         "GPTQ levels of every linear (1 byte per weight)": streamed.weights.nbytes("") // 4,
         # The LM head last: the part, its levels put back in column order (1 byte per
@@ -300,10 +312,9 @@ def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
         + largest // 4
         + 2 * min(largest, ROW_SLICE_BYTES),
     }
-    candidates = [piece, levels] if gptq else [piece]
+    candidates = [{**piece, **overhead}, levels] if gptq else [{**piece, **overhead}]
     tower = streamed.vision_tower_bytes()
     if tower:  # read whole, for the picture prompts' embeddings and the vision pieces
-        adapter = streamed.adapter
         vision_parts = [b.name for b in adapter.vision_blocks()] + [
             adapter.name_of("vision_merger")
         ]
@@ -312,7 +323,7 @@ def memory_estimate(streamed: Any, gptq: bool) -> Estimate:
             "vision tower (float32), read whole": tower,
             f"largest vision piece while built ({PIECE_FACTOR}x its weights)":
                 PIECE_FACTOR * piece_bytes,
-            "onnxruntime, QNN backend, captured activations": BUILD_OVERHEAD,
+            **overhead,
         })  # fmt: skip
     parts = max(candidates, key=lambda c: sum(c.values()))  # the first of equals
     return Estimate("make qnn", {**parts, "pickled .bin pages (mapped)": mapped})
@@ -399,6 +410,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     from common.core.recipes import load_recipe, model_build_dir
     from common.export import piece_export as pe
     from common.inputs.data import CALIB_CORPUS, EVAL_CORPUS, eval_windows, sample_windows
+    from common.models import iter_linears
     from common.models.loading import copy_processor_files, load_tokenizer
     from common.models.streaming import StreamedModel
     from common.quant.transforms import Transforms
@@ -490,8 +502,12 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     policy = emulator_policy(opts["verify"], streamed, lengths[0], opts["e2e_windows"], pictures)
     if policy.mode == "sample":
         run.log(policy.note() or "")
+    # The binaries' plan (written and read back in the quantize phase) says whether the
+    # LM head is quantized, so built from a narrow copy.
+    binaries_plan = qdq.qdq_plan(mllm_plan, stats, scheme, name=f"{recipe.name}-qnn-{scheme.name}")
+    heads = [name for name, role, _m in iter_linears(adapter) if role == "lm_head"]
     run.preflight(
-        memory_estimate(streamed, opts["rounding"] == "gptq"),
+        memory_estimate(streamed, opts["rounding"] == "gptq", qdq.narrowable(binaries_plan, heads)),
         MemoryCap.resolve(options.max_memory),
         "free memory, use a machine with more, or set MAX_MEMORY to what you have to go "
         "ahead anyway",
@@ -545,9 +561,6 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             )
         run.phase("quantize")
         # The binaries' plan is written first and read back: the QDQ step sees only the file.
-        binaries_plan = qdq.qdq_plan(
-            mllm_plan, stats, scheme, name=f"{recipe.name}-qnn-{scheme.name}"
-        )
         write_json_atomic(tmp / "quant_plan.json", binaries_plan.to_json())
         plan = qdq.load_qdq_plan(tmp / "quant_plan.json")
         vision_plan = None

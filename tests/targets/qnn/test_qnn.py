@@ -39,6 +39,7 @@ from tests.conftest import (
     assert_same_tokenizer,
     import_target,
     kill_after_entries,
+    random_qwen2,
     run_python,
 )
 
@@ -322,6 +323,35 @@ def test_killed_build_continues_from_its_last_complete_piece(
         for binary in row["binaries"].values():
             assert (out / binary["ctx"]).is_file() and (out / binary["bin"]).is_file()
     assert (out / "model.int8.mllm").read_bytes() == (tiny_run / "model.int8.mllm").read_bytes()
+
+
+def test_preflight_stops_before_the_build(
+    tiny_profile: Path, session_build: Path, tiny_qwen2_dir: Path, tmp_path: Path
+) -> None:
+    """Over MAX_MEMORY, one line naming the estimate by part, before any output. The
+    largest piece is a decoder layer at 7x its float32 weights, or the LM head at 4x
+    (built from a narrow copy), at 7x when the plan keeps it float."""
+    build = import_target("qnn", "build")
+    result = run_target(
+        tmp_path, "--model", "tiny-qwen2", "--profile", str(tiny_profile), "--max-memory", "1MB"
+    )
+    assert_clean_error(result, "make qnn needs about", "over MAX_MEMORY=0.00 GiB")
+    assert not (tmp_path / "tiny-qwen2" / "qnn").exists()
+    streamed = StreamedModel(tiny_qwen2_dir)
+    layer = streamed.largest_layer_bytes()
+    head = streamed.part_bytes("model.embed_tokens")
+    assert 7 * layer < 4 * head < 7 * head  # tiny-qwen2's vocabulary outweighs a layer
+    narrow = dict(build.memory_estimate(streamed, gptq=False).parts)
+    assert narrow["LM head while built (4x its weights)"] == 4 * head
+    whole = dict(build.memory_estimate(streamed, gptq=False, head_narrow=False).parts)
+    assert whole["LM head while built (7x its weights)"] == 7 * head
+    assert "onnxruntime, QNN backend, captured activations" in whole
+    deep = StreamedModel(random_qwen2(tmp_path / "deep", tiny_qwen2_dir, layers=1))
+    parts = dict(build.memory_estimate(deep, gptq=False).parts)
+    assert deep.largest_layer_bytes() > 64 * 2**20  # and a 4 MiB head
+    assert parts["largest decoder layer while built (7x its weights)"] == 7 * (
+        deep.largest_layer_bytes()
+    )
 
 
 def test_tiny_report_and_binaries(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
