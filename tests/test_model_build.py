@@ -35,6 +35,24 @@ def test_model_manifest_records_recipe_and_outputs(tiny_qwen2_dir: Path) -> None
     assert manifest["inputs"]["tokenizer_corpus"]["sha256"]
 
 
+def test_model_path_of_a_built_recipe_is_named_as_not_read(
+    session_build: Path, tiny_qwen2_dir: Path, tmp_path: Path
+) -> None:
+    """A built recipe (tiny, GGUF, derived) reads no checkpoint: a MODEL_PATH given with
+    it is said to be unread, not silently dropped; its own folder is not mentioned."""
+    result = run_cli(
+        "model", "--model", "tiny-qwen2", "--build-dir", str(session_build), "--model-path",
+        str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"MODEL_PATH={tmp_path} is not read: tiny-qwen2 is built here (tiny)" in result.stderr
+    same = run_cli(
+        "model", "--model", "tiny-qwen2", "--build-dir", str(session_build), "--model-path",
+        str(tiny_qwen2_dir),
+    )  # fmt: skip
+    assert same.returncode == 0 and "is not read" not in same.stderr, same.stderr
+
+
 def test_packaged_processor_is_checked_against_the_model(
     tiny_qwen2_vl_dir: Path, tmp_path: Path
 ) -> None:

@@ -199,6 +199,12 @@ def build_model(
         check_remote_code_trust(model_dir, recipe.trust_remote_code, recipe.path)
         _log(f"{recipe.name}: using {model_dir}")
         return model_dir
+    if model_path is not None and Path(model_path).resolve() != model_dir.resolve():
+        _log(
+            f"MODEL_PATH={model_path} is not read: {recipe.name} is built here "
+            f"({kind}), in {model_dir}; use a hub recipe of the same architecture to build "
+            "from that checkpoint"
+        )
     if _up_to_date(model_dir, recipe):
         _log(f"{recipe.name}: up to date ({model_dir})")
         return model_dir
