@@ -437,7 +437,10 @@ def build_piece(
         qdq.quantize_piece(static, qdq_path, **quantize)
     feeds = golden.inputs[name]
     float_out = golden.outputs[name] or _cpu_run(float_dir / f"{name}.onnx", feeds)
-    cpu_out = _cpu_run(qdq_path, feeds)
+    # Not emulated, the QDQ graph on the CPU also stands in for the binary in the chain:
+    # one session for the golden input and the chain's.
+    cpu_outs = _cpu_runs(qdq_path, [feeds] if emulate else [feeds, *chain_inputs])
+    cpu_out = cpu_outs[0]
     row: dict[str, Any] = {"name": name, "binaries": {}}
     session = None
     for soc in socs:
@@ -462,7 +465,7 @@ def build_piece(
     row.update(cpu_qdq_cos_vs_float=_worst_cos(cpu_out, float_out), all_nodes_on_qnn=True)
     if not emulate:
         row.update(cos_vs_float=None, cos_vs_cpu_qdq=None, emulated=False)
-        return row, _cpu_runs(qdq_path, chain_inputs)
+        return row, cpu_outs[1:]
     qnn_out = session.run(None, feeds)
     row.update(
         cos_vs_float=_worst_cos(qnn_out, float_out),
