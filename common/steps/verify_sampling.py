@@ -12,6 +12,7 @@ sampled verification is never taken for a full one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 VERIFY_CHOICES = ("auto", "full", "sample")
@@ -22,6 +23,14 @@ SAMPLE_FRACTIONS = (0.0, 0.5, 1.0)
 def sampled(count: int) -> tuple[int, ...]:
     """The indices of :data:`SAMPLE_FRACTIONS` in a stack of ``count`` blocks."""
     return tuple(sorted({round(f * (count - 1)) for f in SAMPLE_FRACTIONS}))
+
+
+def block_index(piece: str, stack: str = "") -> int | None:
+    """The layer index of a block piece of ``stack`` (``block_3``, ``block_cache_3``;
+    ``stack="vision_"``: ``vision_block_3``), None for any other piece (an embedding, a
+    head, a merger), which a sample always runs."""
+    match = re.fullmatch(rf"{stack}block(?:_cache)?_(\d+)", piece)
+    return None if match is None else int(match.group(1))
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,10 @@ not the binary), unscored.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from common.steps.verify_sampling import decide, sampled
+from common.steps.verify_sampling import block_index, decide, sampled
 
 #: The longest emulator verification ``VERIFY=auto`` runs in full.
 FULL_BUDGET_SECONDS = 3600
@@ -60,10 +59,11 @@ class EmulatorPolicy:
 
     def emulated(self, piece: str) -> bool:
         """Whether ``piece`` runs on the emulator (every piece that is not a block does)."""
-        match = re.fullmatch(r"(vision_)?block(?:_cache)?_(\d+)", piece)
-        if match is None:
-            return True
-        return int(match.group(2)) in (self.vision_blocks if match.group(1) else self.layers)
+        for stack, chosen in (("vision_", self.vision_blocks), ("", self.layers)):
+            index = block_index(piece, stack)
+            if index is not None:
+                return index in chosen
+        return True
 
     def to_json(self) -> dict[str, Any]:
         return {

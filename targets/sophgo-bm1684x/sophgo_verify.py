@@ -7,7 +7,6 @@ against onnxruntime without the simulator.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from common.export.piece_export import (
     prefill_inputs,
 )
 from common.models.static_decoder import MASK_BLOCKED, PieceDims
-from common.steps.verify_sampling import decide, sampled
+from common.steps.verify_sampling import block_index, decide, sampled
 
 
 def prefill_greedy(
@@ -120,8 +119,8 @@ class VerifyPolicy:
 
     def simulated(self, name: str) -> bool:
         """Whether net ``name`` runs on the simulator (a block not sampled runs float)."""
-        match = re.fullmatch(r"block(?:_cache)?_(\d+)", name)
-        return match is None or int(match.group(1)) in self.blocks
+        index = block_index(name)
+        return index is None or index in self.blocks
 
     def to_json(self) -> dict[str, Any]:
         skipped = [i for i in range(self.num_layers) if i not in self.blocks]
