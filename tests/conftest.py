@@ -242,6 +242,16 @@ def kill_after_entries(argv: list[str], cache: Path, entries: int = 3) -> set[st
     return complete()
 
 
+def capped_rotated_profile(recipe: str, model: Path, build_dir: Path, cap: str) -> CliResult:
+    """``make profile ROTATE=hadamard`` of ``model`` (as ``recipe``) under ``MAX_MEMORY=cap``,
+    on two 64-token windows: the profile a capped ``make qnn`` reads, made cheaply."""
+    return run_python(
+        "-m", "common.steps.profile_cli", "profile", "--model", recipe, "--model-path",
+        str(model), "--build-dir", str(build_dir), "--rotate", "hadamard",
+        "--num-samples", "2", "--seq-len", "64", "--max-memory", cap,
+    )  # fmt: skip
+
+
 def random_qwen2(dest: Path, tokenizer_dir: Path, layers: int) -> Path:
     """A random qwen2 in real-model proportions for memory-cap tests: hidden 1024, 64 MiB
     float32 layers, a 1024-token vocabulary (``tokenizer_dir``'s), tied head, stored bf16

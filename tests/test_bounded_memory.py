@@ -17,7 +17,7 @@ import pytest
 
 from common.core.memory import parse_size
 from common.models.streaming import float32_bytes
-from tests.conftest import assert_clean_error, random_qwen2, run_python
+from tests.conftest import assert_clean_error, capped_rotated_profile, random_qwen2, run_python
 
 CAP = "1.25GB"
 #: Any recipe of the model's architecture takes MODEL_PATH; this one is a qwen2.
@@ -38,11 +38,7 @@ def _peak(report: Path) -> int:
 
 
 def test_rotated_profile_within_the_cap(big_model: Path, tmp_path: Path) -> None:
-    result = run_python(
-        "-m", "common.steps.profile_cli", "profile", "--model", RECIPE, "--model-path",
-        str(big_model), "--build-dir", str(tmp_path), "--rotate", "hadamard",
-        "--num-samples", "2", "--seq-len", "64", "--max-memory", CAP,
-    )  # fmt: skip
+    result = capped_rotated_profile(RECIPE, big_model, tmp_path, CAP)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _peak(tmp_path / RECIPE / "profile-hadamard" / "report.json") <= parse_size(CAP)
     whole = run_python(

@@ -23,7 +23,14 @@ import pytest
 
 from common.core.memory import parse_size
 from common.models.streaming import float32_bytes
-from tests.conftest import REPO_ROOT, assert_clean_error, random_qwen2, run_python, run_python_peak
+from tests.conftest import (
+    REPO_ROOT,
+    assert_clean_error,
+    capped_rotated_profile,
+    random_qwen2,
+    run_python,
+    run_python_peak,
+)
 
 SCRIPT = REPO_ROOT / "targets" / "qnn" / "build.py"
 CAP = "2.3GB"
@@ -41,11 +48,7 @@ def big_model(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) ->
 
 
 def test_qnn_within_the_cap(big_model: Path, tmp_path: Path) -> None:
-    profile = run_python(
-        "-m", "common.steps.profile_cli", "profile", "--model", RECIPE, "--model-path",
-        str(big_model), "--build-dir", str(tmp_path), "--rotate", "hadamard",
-        "--num-samples", "2", "--seq-len", "64", "--max-memory", CAP,
-    )  # fmt: skip
+    profile = capped_rotated_profile(RECIPE, big_model, tmp_path, CAP)
     assert profile.returncode == 0, profile.stderr[-3000:]
     args = (
         str(SCRIPT), "--model", RECIPE, "--model-path", str(big_model), "--build-dir",
