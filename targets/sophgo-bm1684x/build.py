@@ -48,7 +48,8 @@ from sophgo_verify import (
     verify_policy,
 )
 
-from common.backends.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain
+from common.backends.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain, mode_scheme
+from common.core.disk import DiskEstimate, disk_preflight, tree_bytes
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli
 from common.core.gates import failures, gate, markdown_table, records
 from common.core.memory import Estimate, MemoryCap, room_bytes
@@ -109,6 +110,12 @@ LAYERWISE_REMEDY = (
     "largest piece's compile and the simulator holding the bmodel it runs): free memory, "
     "use a machine with more, or set "
     "MAX_MEMORY to what you have to go ahead anyway"
+)
+#: What lowers the disk a layer-by-layer build needs.
+DISK_REMEDY = (
+    "free space there or set BUILD_DIR to a larger disk (the float ONNX pieces are removed "
+    "once the package is written; MODE=w8bf16 or w4bf16 store a half or a quarter of bf16's "
+    "block weights)"
 )
 
 
@@ -396,6 +403,52 @@ def memory_estimate(streamed: Any, sampled: Collection[int] | None = None) -> Es
     return Estimate("make sophgo (one layer at a time)", {**peak, **mapped})
 
 
+#: The chip's kernel module every compiled piece carries (tpu-mlir 1.30.2: 5,598,792 bytes);
+#: ``model_tool --combine`` stores it once.
+KERNEL_MODULE_BYTES = 5_600_000
+
+
+def stored_bytes_per_float(weights: Any) -> float:
+    """Bytes a bmodel stores per float32 byte of ``weights`` (a scheme's :class:`Weights`):
+    half types 2 of 4; int8/int4 their width plus a bf16 scale and a zero point per group."""
+    if weights.bits is None:
+        return 0.5
+    return (weights.bits / 8 + 3 / (weights.group_size or 2**31)) / 4
+
+
+def disk_estimate(
+    streamed: Any, mode: str, q_group_size: int, sampled: Collection[int] | None, reused: int
+) -> DiskEstimate:
+    """What a layer-by-layer ``make sophgo`` holds on disk at its fullest, the verify phase:
+    the float ONNX pieces (float32, each layer and the embedding twice: prefill and decode
+    graphs), the compiled pieces (each its own kernel module and weights at the mode's width),
+    the combined bmodel (``model_tool --combine`` stores a layer's weights once for both of
+    its graphs: measured on tiny-qwen2, 0.50 MB of weights for 0.77 MB of pieces) and, with
+    ``sampled`` blocks, the verification bmodel. ``reused``: compiled pieces already on disk."""
+    scheme = mode_scheme(mode, q_group_size)
+    adapter = streamed.adapter
+    embedding = streamed.part_bytes(adapter.name_of("embed_tokens"))
+    head = embedding if streamed.tied else streamed.part_bytes(adapter.lm_head_path)
+    layers = {layer.index: streamed.part_bytes(layer.name) for layer in adapter.layers()}
+    embedded = 0.5 * embedding  # the embedding nets keep the half type in every mode
+    stored = {i: stored_bytes_per_float(scheme.weights) * n for i, n in layers.items()}
+    headed = stored_bytes_per_float(scheme.weight("lm_head")) * head
+
+    def bmodel(blocks: Collection[int]) -> int:
+        return int(embedded + sum(stored[i] for i in blocks) + headed) + KERNEL_MODULE_BYTES
+
+    pieces = 2 * len(layers) + 5  # both graphs of each layer and the embedding, three heads
+    parts = {
+        "float ONNX pieces": 2 * embedding + 2 * sum(layers.values()) + head,
+        "compiled pieces": int(2 * embedded + 2 * sum(stored.values()) + headed)
+        + pieces * KERNEL_MODULE_BYTES,
+        "combined bmodel": bmodel(layers),
+    }
+    if sampled is not None:
+        parts["verification bmodel"] = bmodel(sampled)
+    return DiskEstimate("make sophgo (one layer at a time)", parts, reused)
+
+
 def verify_policy_of(options: Options, adapter: Any, dims: Any, decode_tokens: int) -> VerifyPolicy:
     """``VERIFY=``'s policy for this model, known before any weight is read (the shapes
     suffice, a model on meta will do): the preflight counts the bmodel it simulates. The
@@ -483,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
 
         qwen1.check_route(opts["route"])  # before any estimate: "not supported", not "too big"
     parts = None  # the parts of a model read one at a time; else ``model`` is whole
+    root = model_build_dir(recipe, args.build_dir) / TARGET
+    label = package_name(opts)
     if layer_by_layer(opts["route"]):
         streamed = StreamedModel(model_dir, trust_remote_code=recipe.trust_remote_code)
         adapter = streamed.adapter
@@ -499,6 +554,12 @@ def main(argv: list[str] | None = None) -> int:
             MemoryCap.resolve(options.max_memory),
             LAYERWISE_REMEDY,
         )
+        disk = disk_estimate(
+            streamed, opts["mode"], opts["q_group_size"], sampled_blocks(policy),
+            tree_bytes(root / f"compiled-{label}"),
+        )  # fmt: skip
+        disk_preflight(disk, root, DISK_REMEDY)
+        run.log(f"disk: needs about {disk.describe()} under {root}")
         parts = Parts(adapter, streamed)
         tokenizer = load_qwen_tokenizer(model_dir) if qwen1 else load_tokenizer(model_dir)
     else:
@@ -554,8 +615,6 @@ def main(argv: list[str] | None = None) -> int:
     if image_inputs is not None:  # the vision tower, then the language model's parts
         image_ref = image_reference(parts or Parts(adapter), image_inputs, decode_tokens)
 
-    root = model_build_dir(recipe, args.build_dir) / TARGET
-    label = package_name(opts)
     work = root / f"work-{label}"
     shutil.rmtree(work, ignore_errors=True)
     # Compiled pieces outlive a killed run: the next one continues from the last complete one.
@@ -710,9 +769,12 @@ def main(argv: list[str] | None = None) -> int:
     out = root / label
     run.phase("package")
     others = sibling_reports(root, opts, dims.seq_len)
+    simulated_size = simulated.stat().st_size  # before the move: it may be the bmodel
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        shutil.copy2(bmodel, tmp / bmodel_name)
+        # Moved, not copied: the work folder is rebuilt by every run, and at 7B (bf16) the
+        # combined bmodel is about 15 GB.
+        bmodel.replace(tmp / bmodel_name)
         for path in sorted(model_dir.iterdir()):
             if path.suffix in COPY_SUFFIXES and path.name != "manifest.json":
                 shutil.copy2(path, tmp / path.name)
@@ -744,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             "verify": {
                 **policy.to_json(),
                 "simulated_bmodel": simulated.name,
-                "simulated_bmodel_bytes": simulated.stat().st_size,
+                "simulated_bmodel_bytes": simulated_size,
                 "simulated_bmodel_nets": simulator_nets,
             },
             "pieces": [
@@ -788,6 +850,10 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         (tmp / "manifest.json").write_text(dumps_json(manifest))
     compiled.prune()  # the package is written: only this build's pieces are worth keeping
+    # The float ONNX pieces (4 bytes a weight, every layer twice: about 60 GB at 7B) served
+    # this run only: the next one exports into a fresh work folder. The simulated bmodel the
+    # report names and the tools' logs stay.
+    shutil.rmtree(work / "onnx", ignore_errors=True)
     worst = min(scores.values())
     run.finish()
     run.log(

@@ -116,6 +116,26 @@ def test_tiny_qwen2_bf16_package(tiny_bf16: Path, tiny_qwen2_dir: Path, tmp_path
     for index, piece in enumerate(report["pieces"]):  # one net per piece, in order
         assert f"net {index}: [{piece['name']}]" in info
     assert info.count("kernel_module size") == 1  # the 5.6 MB kernel is stored once
+    # What only this run needed is gone: the float ONNX pieces, and the combined bmodel moved
+    # into the package rather than copied (each about 60 and 15 GB at 7B).
+    work = out.parent / "work-bf16"
+    assert not (work / "onnx").exists() and not list(work.glob("*.bmodel"))
+
+
+def test_disk_estimate_matches_the_build(tiny_bf16: Path, tiny_qwen2_dir: Path) -> None:
+    """The disk preflight's estimate against the files the tiny build wrote: its compiled
+    pieces and its combined bmodel (kernel modules and all), within 5 %."""
+    from common.models.streaming import StreamedModel
+
+    sophgo_build = import_target("sophgo-bm1684x")
+    estimate = sophgo_build.disk_estimate(StreamedModel(tiny_qwen2_dir), "bf16", 64, None, 0)
+    compiled = tiny_bf16.parent / "compiled-bf16"
+    written = {
+        "compiled pieces": sum(p.stat().st_size for p in compiled.rglob("*.bmodel")),
+        "combined bmodel": (tiny_bf16 / "tiny-qwen2_bf16_seq64_1dev.bmodel").stat().st_size,
+    }
+    for part, size in written.items():
+        assert abs(estimate.parts[part] - size) <= 0.05 * size, (part, estimate.parts, size)
 
 
 @pytest.fixture(scope="module")
