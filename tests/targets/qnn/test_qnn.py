@@ -925,11 +925,12 @@ def test_windowed_vision_pieces_on_htp(tiny_qwen2_5_vl_dir: Path, tmp_path: Path
     paths = sorted((REPO_ROOT / "data" / "images").glob("*.jpg"))
     inputs = [pair[0] for pair in image_prompt_inputs(processor, ["Describe."], paths, 224)]
     pixels = [i["pixel_values"] for i in inputs]
-    float_dir = tmp_path / "float"
-    ref = vision.reference(adapter, geo, pixels, float_dir)
+    ref = vision.reference(adapter, geo, pixels, tmp_path / "float")
     plan = vision.plan(ref, "w8a16", "tiny-qwen2.5-vl")
 
-    def build(out: Path) -> tuple[list[dict[str, Any]], list[np.ndarray], PieceCache]:
+    def build(
+        out: Path, float_dir: Path
+    ) -> tuple[list[dict[str, Any]], list[np.ndarray], PieceCache]:
         cache = PieceCache(tmp_path / "cache")
         setup = pipeline.PieceSetup(
             adapter, float_dir, tmp_path / "work", out, out / "qdq", [qnn_ep.soc_by_name("SM8650")],
@@ -938,12 +939,15 @@ def test_windowed_vision_pieces_on_htp(tiny_qwen2_5_vl_dir: Path, tmp_path: Path
         )  # fmt: skip
         return (*vision.build(setup, geo, ref, plan, "key", pixels), cache)
 
-    rows, merged, _ = build(tmp_path / "a")
+    rows, merged, _ = build(tmp_path / "a", tmp_path / "float")
     for row in rows:
         assert row["all_nodes_on_qnn"] and row["cos_vs_float"] >= 0.999, row
+    assert not list((tmp_path / "float").glob("*.onnx"))  # each float piece gone once built
     features = [ve_features(adapter, i) for i in inputs]
     assert vision.merged_similarity(merged, features)["cos"] >= 0.999
-    again, merged_again, cache = build(tmp_path / "b")
+    # A second run exports its float pieces afresh, and its cache keys find the first's.
+    vision.reference(adapter, geo, pixels, tmp_path / "float-again")
+    again, merged_again, cache = build(tmp_path / "b", tmp_path / "float-again")
     assert again == rows and sorted(cache.reused) == sorted(ref.names)
     assert all(np.array_equal(a, b) for a, b in zip(merged, merged_again, strict=True))
 
