@@ -24,9 +24,7 @@ changed; the checks always run.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
-import os
 import shutil
 import subprocess
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 
 from common.backends.tpu_mlir import Toolchain
 from common.core.errors import EdgeforgeError, run_cli
+from common.core.interpreters import find_python310
 from common.core.paths import REPO_ROOT
 
 HERE = Path(__file__).resolve().parent
@@ -48,31 +47,6 @@ PARALLEL_SHA256 = "6f515189a784f63fe28b11b262f404b0a1a74cc63dac4038bb31f248e3706
 BUNDLED_GLIBC = ("libc.so.6", "libm.so.6", "libpthread.so.0")
 #: Modules the ONNX route imports but tpu-mlir does not declare (or only as an extra).
 REQUIRED_MODULES = ("onnx", "onnxruntime", "onnxsim", "psutil", "torch", "tqdm")
-
-
-def find_python310(explicit: str | None) -> str:
-    """A working Python 3.10: ``--python``/``$PYTHON310``, ``python3.10`` on PATH, or pyenv's."""
-    candidates = [explicit or os.environ.get("PYTHON310") or "", "python3.10"]
-    pyenv_root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
-    candidates += sorted(glob.glob(f"{pyenv_root}/versions/3.10.*/bin/python3.10"), reverse=True)
-    for candidate in filter(None, candidates):
-        exe = shutil.which(candidate) or candidate
-        try:
-            out = subprocess.run(
-                [exe, "-c", "import sys; print(sys.version_info[:2] == (3, 10))"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-        except OSError:
-            continue
-        if out.returncode == 0 and out.stdout.strip() == "True":
-            return exe
-    raise EdgeforgeError(
-        "Python 3.10 not found (tpu-mlir is published for cp310 only): install it with "
-        "'pyenv install 3.10.13' or your distribution's python3.10, or pass "
-        "PYTHON310=/path/to/python3.10"
-    )
 
 
 def requirements_hash(requirements: Path) -> str:
