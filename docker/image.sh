@@ -23,6 +23,8 @@ wheelhouse="$state/wheelhouse"
 python=${PYTHON311:-python3.11}
 # What the wheelhouse is filled from: <interpreter whose pip fetches>:<pin file>, per target;
 # by default the host's 3.11 for every install_venv.sh pin file (set after the case below).
+# The filler `apt-get` downloads a pin file's Debian packages (docker/install_debs.sh) into
+# the wheelhouse's debs/ with the host's apt sources instead.
 fills=()
 # sophgo_inputs python3.10|edgeforge: one deterministic tar stream on stdout (sorted names,
 # SOURCE_DATE_EPOCH times, root owner, no __pycache__), hashed into the tag and put in the
@@ -33,15 +35,17 @@ fills=()
 #               interpreter as the host's. Without site-packages (pip, setuptools and the
 #               host's own .pth files, which may name its CA bundle) and the test suite.
 #   edgeforge   targets/sophgo-bm1684x/setup_toolchain.py, its pin file and common/ (which
-#               the script imports): the host's setup script, run in the image.
+#               the script imports): the host's setup script, run in the image; the Debian
+#               packages tpu-mlir's kernel JIT needs (debian-packages.txt) and their
+#               installer docker/install_debs.sh.
 sophgo_inputs() {
   local tar=(tar --sort=name --mtime="@$(sed -n 's/^SOURCE_DATE_EPOCH=//p' "$root/docker/base.env")"
     --owner=0 --group=0 --numeric-owner --exclude=__pycache__ --exclude='*.pyc' -cf -)
   case $1 in
     python3.10) "${tar[@]}" --exclude='./lib/python3.10/site-packages/*' \
       --exclude=./lib/python3.10/test -C "$py310_prefix" . ;;
-    edgeforge) "${tar[@]}" -C "$root" common targets/sophgo-bm1684x/setup_toolchain.py \
-      targets/sophgo-bm1684x/requirements-tpu-mlir.txt ;;
+    edgeforge) "${tar[@]}" -C "$root" common docker/install_debs.sh \
+      targets/sophgo-bm1684x/{setup_toolchain.py,requirements-tpu-mlir.txt,debian-packages.txt} ;;
   esac
 }
 extra_inputs=()
@@ -68,7 +72,8 @@ case $1 in
     name=sophgo; parent=cpu; dir=sophgo-bm1684x; pins=()
     found=$(PYTHONPATH="$root" "$python" -m common.core.interpreters ${PYTHON310:+--python "$PYTHON310"}) || exit 2
     IFS=$'\t' read -r python310 py310_prefix <<<"$found"
-    fills=("$python310:$root/targets/sophgo-bm1684x/requirements-tpu-mlir.txt")
+    fills=("$python310:$root/targets/sophgo-bm1684x/requirements-tpu-mlir.txt"
+      "apt-get:$root/targets/sophgo-bm1684x/debian-packages.txt")
     extra_inputs=(python3.10 edgeforge) ;;
   *) echo "error: no image for TARGET=$1; targets with an image: $TARGETS" >&2; exit 2 ;;
 esac
@@ -95,6 +100,17 @@ for f in "${fills[@]}"; do
   fill_python=${f%%:*} file=${f#*:}
   marker="$wheelhouse/.filled-$(sha256sum "$file" | cut -c1-16)"
   [ -f "$marker" ] && continue
+  if [ "$fill_python" = apt-get ]; then
+    echo "image: filling $wheelhouse/debs from $file with the host's apt-get download" >&2
+    mkdir -p "$wheelhouse/debs"
+    # shellcheck disable=SC2046  # one argument per pin line
+    if ! (cd "$wheelhouse/debs" && apt-get download $(grep -v -e '^#' -e '^$' "$file")) >"$state/wheel.log" 2>&1; then
+      echo "error: the host's apt-get could not download the packages of $file (log: $state/wheel.log); resolve them again as its header says and run make image TARGET=$1 again" >&2
+      exit 2
+    fi
+    touch "$marker"
+    continue
+  fi
   echo "image: filling $wheelhouse from $file with the host's pip ($fill_python -m pip wheel)" >&2
   if ! "$fill_python" -m pip wheel --no-deps --progress-bar off -r "$file" -w "$wheelhouse" >"$state/wheel.log" 2>&1; then
     echo "error: the host's pip could not fetch the wheels of $file (log: $state/wheel.log); fix the host's pip configuration ('pip config list') and run make image TARGET=$1 again" >&2
