@@ -7,6 +7,10 @@
 # checkout, BUILD_DIR and MODEL_PATH at their host paths (manifests name the same paths as a
 # native run). The image's tag and id go into the environment as EDGEFORGE_IMAGE and
 # EDGEFORGE_IMAGE_ID, which every artifact manifest records (common/core/records.py).
+# The caller's OpenBLAS variables (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE, ...) go in as they
+# are: they pick OpenBLAS's kernels, so numpy's products (tpu-mlir's compares, make sophgo's
+# cosines) differ in their last bits without them (measured: README "Containers").
+# Targets map to images in docker/image.sh (sophgo-bm1684x: the sophgo image).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: docker/run.sh <target> <make-step> [VAR=value ...]" >&2
@@ -57,10 +61,17 @@ image_id=$(docker image inspect --format '{{.Id}}' "$tag")
 hf_cache=${HF_HOME:-$HOME/.cache/huggingface}
 env_args=(-e HOME=/tmp -e EDGEFORGE_IMAGE="$tag" -e EDGEFORGE_IMAGE_ID="$image_id"
   -e GIT_CONFIG_COUNT=1 -e GIT_CONFIG_KEY_0=safe.directory -e GIT_CONFIG_VALUE_0='*')
+for name in $(compgen -e | grep '^OPENBLAS_' || true); do env_args+=(-e "$name"); done
 if [ -d "$hf_cache" ]; then
   mount_at_host_path "$hf_cache" ro
   env_args+=(-e HF_HOME="$(cd "$hf_cache" && pwd)")
 fi
+# The image's venv stamps name their pin files' hashes, which the tag hashes too, so in the
+# image they are current whatever the checkout's file times; make judges by time, and a
+# checkout newer than the image (a fresh clone, a pull) would re-run pip into /opt, which a
+# non-root caller cannot write ("rm: cannot remove ...: Permission denied"). -o: not that.
+old_pins=()
+for f in "$root"/requirements.txt "$root"/targets/*/requirements.txt; do old_pins+=(-o "${f#"$root"/}"); done
 exec docker run --rm --network none --user "$(id -u):$(id -g)" --cap-drop ALL \
   --security-opt no-new-privileges "${mounts[@]}" "${env_args[@]}" -w "$root" "$tag" \
-  make --no-print-directory "$step" USE_DOCKER= VENV=/opt/edgeforge-venv "$@"
+  make --no-print-directory "${old_pins[@]}" "$step" USE_DOCKER= VENV=/opt/edgeforge-venv "$@"

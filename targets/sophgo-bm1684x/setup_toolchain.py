@@ -24,9 +24,7 @@ changed; the checks always run.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
-import os
 import shutil
 import subprocess
 import time
@@ -34,6 +32,7 @@ from pathlib import Path
 
 from common.backends.tpu_mlir import Toolchain
 from common.core.errors import EdgeforgeError, run_cli
+from common.core.interpreters import find_python310
 from common.core.paths import REPO_ROOT
 
 HERE = Path(__file__).resolve().parent
@@ -48,31 +47,12 @@ PARALLEL_SHA256 = "6f515189a784f63fe28b11b262f404b0a1a74cc63dac4038bb31f248e3706
 BUNDLED_GLIBC = ("libc.so.6", "libm.so.6", "libpthread.so.0")
 #: Modules the ONNX route imports but tpu-mlir does not declare (or only as an extra).
 REQUIRED_MODULES = ("onnx", "onnxruntime", "onnxsim", "psutil", "torch", "tqdm")
-
-
-def find_python310(explicit: str | None) -> str:
-    """A working Python 3.10: ``--python``/``$PYTHON310``, ``python3.10`` on PATH, or pyenv's."""
-    candidates = [explicit or os.environ.get("PYTHON310") or "", "python3.10"]
-    pyenv_root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
-    candidates += sorted(glob.glob(f"{pyenv_root}/versions/3.10.*/bin/python3.10"), reverse=True)
-    for candidate in filter(None, candidates):
-        exe = shutil.which(candidate) or candidate
-        try:
-            out = subprocess.run(
-                [exe, "-c", "import sys; print(sys.version_info[:2] == (3, 10))"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-        except OSError:
-            continue
-        if out.returncode == 0 and out.stdout.strip() == "True":
-            return exe
-    raise EdgeforgeError(
-        "Python 3.10 not found (tpu-mlir is published for cp310 only): install it with "
-        "'pyenv install 3.10.13' or your distribution's python3.10, or pass "
-        "PYTHON310=/path/to/python3.10"
-    )
+#: What tpu-mlir's PPL kernel JIT runs during model_deploy's layer-group pass
+#: (tpu_mlir/cross_toolchains/ppl_compile/bin/ppl_jit.sh): ppl-compile, whose clang includes
+#: the system C and C++ headers, then cmake and make with the system C++ compiler. Nothing
+#: in the wheel declares them; without them model_deploy fails with "block split failed".
+KERNEL_JIT_TOOLS = ("cmake", "make", "c++")
+KERNEL_JIT_PROBE = "#include <inttypes.h>\n#include <type_traits>\nint main() { return 0; }\n"
 
 
 def requirements_hash(requirements: Path) -> str:
@@ -148,6 +128,33 @@ def check_llm_convert(toolchain: Toolchain) -> dict[str, str]:
     return {"llm_convert": f"torch {out.strip()}; {version[0]}; llm_convert starts"}
 
 
+def check_kernel_jit(toolchain: Toolchain) -> str:
+    """The kernel JIT's tools are on the tools' PATH and the C++ compiler finds the
+    headers ppl-compile includes (the compile itself happens only inside model_deploy)."""
+    env = toolchain.env()
+    missing = [tool for tool in KERNEL_JIT_TOOLS if not shutil.which(tool, path=env["PATH"])]
+    if missing:
+        raise EdgeforgeError(
+            f"tpu-mlir compiles kernels with cmake, make and a C++ compiler during "
+            f"model_deploy; missing: {', '.join(missing)}; run: apt-get install cmake g++"
+        )
+    proc = subprocess.run(
+        ["c++", "-fsyntax-only", "-x", "c++", "-"],
+        input=KERNEL_JIT_PROBE,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgeforgeError(
+            "the C++ compiler does not find the headers tpu-mlir's kernel JIT includes "
+            f"(<inttypes.h>, <type_traits>): {last}; run: apt-get install libc6-dev g++"
+        )
+    return f"{', '.join(KERNEL_JIT_TOOLS)} on PATH; <inttypes.h> and <type_traits> compile"
+
+
 def check(toolchain: Toolchain) -> dict[str, str]:
     """Prove each fix took effect; returns what was checked, for the log."""
     results: dict[str, str] = {}
@@ -175,6 +182,7 @@ def check(toolchain: Toolchain) -> dict[str, str]:
     for tool in ("model_transform", "model_deploy", "model_runner"):
         toolchain.python([str(toolchain.bin(tool)), "--help"], what=f"{tool} --help")
     results["glibc"] = "model_transform/model_deploy/model_runner start (bundled glibc removed)"
+    results["kernel_jit"] = check_kernel_jit(toolchain)
     results["tpu_mlir"] = toolchain.version()
     return results
 

@@ -4,15 +4,21 @@
 # the project's .venv drives its tools as subprocesses (common/backends/tpu_mlir.py).
 # LLM_CONVERT=1 builds the second venv ROUTE=llm_convert needs (SOPHGO_LLM_VENV: torch 2.1,
 # GNU parallel; requirements-llm-convert.txt).
+# USE_DOCKER=1 runs in the sophgo image (targets/sophgo-bm1684x/Dockerfile, docker/image.sh),
+# whose /opt/tpu-mlir-venv the same setup script made from the host's Python 3.10 (PYTHON310
+# picks it, as natively); sophgo-toolchain then re-runs the script's checks on that venv. The
+# image holds the ROUTE=onnx venv only: ROUTE=llm_convert (6.5 GB more) runs natively.
+SOPHGO_NO_LLM_IMAGE = { echo "error: the sophgo image holds the ROUTE=onnx venv only; run ROUTE=llm_convert (LLM_CONVERT=1) without USE_DOCKER" >&2; exit 2; }
 SOPHGO_VENV ?= .venv-tpu-mlir
 SOPHGO_LLM_VENV ?= .venv-tpu-mlir-llm
 PYTHON310   ?=
 LLM_CONVERT ?=
 .PHONY: sophgo-toolchain
 
-sophgo-toolchain: venv ## SOPHGO: pinned Python 3.10 tpu-mlir venv (.venv-tpu-mlir; LLM_CONVERT=1: .venv-tpu-mlir-llm), fixes checked
+sophgo-toolchain: $(HOST_VENV) ## SOPHGO: pinned Python 3.10 tpu-mlir venv (.venv-tpu-mlir; LLM_CONVERT=1: .venv-tpu-mlir-llm), fixes checked
 ifeq ($(USE_DOCKER),1)
-	docker/run.sh sophgo-bm1684x sophgo-toolchain SOPHGO_VENV=/opt/tpu-mlir-venv SOPHGO_LLM_VENV=/opt/tpu-mlir-llm-venv PYTHON310=/usr/bin/python3.10 $(if $(LLM_CONVERT),LLM_CONVERT=1)
+	@$(if $(LLM_CONVERT),$(SOPHGO_NO_LLM_IMAGE))
+	PYTHON310=$(PYTHON310) docker/run.sh sophgo-bm1684x sophgo-toolchain SOPHGO_VENV=/opt/tpu-mlir-venv PYTHON310=/opt/python3.10/bin/python3.10
 else
 	$(PY) targets/sophgo-bm1684x/setup_toolchain.py $(if $(LLM_CONVERT),--llm-convert --venv $(SOPHGO_LLM_VENV),--venv $(SOPHGO_VENV)) $(if $(PYTHON310),--python $(PYTHON310))
 endif
@@ -27,9 +33,10 @@ SOPHGO_OPTIONS := MODE CHIP ROUTE SEQ_LEN Q_GROUP_SIZE DECODE_TOKENS VERIFY MAX_
 ROUTE ?= onnx
 SOPHGO_ARGS = $(call option_args,$(SOPHGO_OPTIONS))
 .PHONY: sophgo
-sophgo: venv ## SOPHGO BM1684X: bmodel (MODE=bf16|f16|w8bf16|w4bf16, ROUTE=onnx|llm_convert), checked on the simulator
+sophgo: $(HOST_VENV) ## SOPHGO BM1684X: bmodel (MODE=bf16|f16|w8bf16|w4bf16, ROUTE=onnx|llm_convert), checked on the simulator
 ifeq ($(USE_DOCKER),1)
-	docker/run.sh sophgo-bm1684x sophgo MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) $(call option_vars,$(SOPHGO_OPTIONS)) SOPHGO_VENV=/opt/tpu-mlir-venv SOPHGO_LLM_VENV=/opt/tpu-mlir-llm-venv
+	@$(if $(filter llm_convert,$(ROUTE)),$(SOPHGO_NO_LLM_IMAGE))
+	PYTHON310=$(PYTHON310) docker/run.sh sophgo-bm1684x sophgo MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) $(call option_vars,$(SOPHGO_OPTIONS)) SOPHGO_VENV=/opt/tpu-mlir-venv
 else
 	$(PY) targets/sophgo-bm1684x/build.py $(MODEL_ARGS) $(SOPHGO_ARGS) --venv $(if $(filter llm_convert,$(ROUTE)),$(SOPHGO_LLM_VENV),$(SOPHGO_VENV))
 endif

@@ -1,4 +1,4 @@
-"""Containers end to end: the Debian base, the cpu image, and ``USE_DOCKER=1 make cpu``.
+"""Containers end to end: the Debian base, the cpu and sophgo images, ``USE_DOCKER=1 make``.
 
 Everything runs the way a user runs it (``make image-base``, ``make image TARGET=cpu``,
 ``make cpu USE_DOCKER=1``). The session starts a private Docker engine through
@@ -139,7 +139,7 @@ def test_make_cpu_in_docker_same_bytes_as_native(cpu_tag: str, tmp_path: Path) -
         result = make("cpu", "MODEL=tiny-qwen2", f"BUILD_DIR={build_dir}", *extra)
         assert result.returncode == 0, result.stderr
     out_native, out_docker = (d / "tiny-qwen2" / "cpu-fp32-rotated" for d in (native, docker))
-    assert images_check.differences(out_native, out_docker, native, docker) == []
+    assert images_check.differences(out_native, out_docker, native, docker) == ([], [])
     compared = hash_tree(out_native).keys() - images_check.DESCRIBED
     assert {"model.mllm", "model/model.safetensors", "rotation.safetensors"} <= compared
 
@@ -162,6 +162,78 @@ def test_failed_step_in_docker_leaves_nothing(cpu_tag: str, tmp_path: Path) -> N
     assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
-@pytest.mark.parametrize("target", ["", "sophgo-bm1684x", "nope"])
+@pytest.fixture(scope="session")
+def sophgo_tag(cpu_tag: str) -> str:
+    """``make image TARGET=sophgo``: the cpu image plus the tpu-mlir venv made in it."""
+    result = make("image", "TARGET=sophgo")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_sophgo_image_passes_the_toolchain_checks(sophgo_tag: str) -> None:
+    """``make sophgo-toolchain USE_DOCKER=1`` re-runs setup_toolchain.py's checks on the
+    image's venv as the caller, with no network: the tools start, ``python3`` on their PATH
+    is the venv's, the undeclared modules import; nothing is installed (the stamp matches)."""
+    result = make("sophgo-toolchain", "USE_DOCKER=1")
+    assert result.returncode == 0, result.stderr
+    assert "install skipped" in result.stdout
+    assert "ok tpu_mlir: 1.30.2" in result.stdout
+    assert "ok kernel_jit: cmake, make, c++ on PATH" in result.stdout
+    assert "ok path: python3 on the tools' PATH resolves to /opt/tpu-mlir-venv" in result.stdout
+    # The pins and the host's setup script that made the venv stay in the image, no pip
+    # configuration, pip cache, wheel or .deb: pip had the wheelhouse only as environment
+    # variables of the RUN, dpkg the packages in a temporary folder. (Wheels that packages
+    # ship for seeding venvs are theirs: Debian's python3-venv, ensurepip, virtualenv.)
+    shipped = ("/usr/share/python-wheels/*", "*/ensurepip/*", "*/virtualenv/seed/wheels/*")
+    leftovers = (r"find / -xdev \( -name pip.conf -o -name '*.whl' -o -name '*.deb' \)"
+                 + "".join(f" -not -path '{p}'" for p in shipped))  # fmt: skip
+    script = "; ".join((
+        "ls /opt/edgeforge-pins/sophgo/targets/sophgo-bm1684x",
+        leftovers,
+        "test ! -e /root/.cache/pip || echo /root/.cache/pip",
+    ))  # fmt: skip
+    listing = run("docker", "run", "--rm", "--network", "none", sophgo_tag, "sh", "-c", script)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.split() == [
+        "debian-packages.txt",
+        "requirements-tpu-mlir.txt",
+        "setup_toolchain.py",
+    ]
+
+
+def test_failed_sophgo_step_in_docker_leaves_nothing(sophgo_tag: str, tmp_path: Path) -> None:
+    """A sophgo step refused inside its container: one error line, no output, no temporaries."""
+    result = make("sophgo", "MODEL=tiny-qwen2", f"BUILD_DIR={tmp_path}", "USE_DOCKER=1",
+                  "MODE=int3")  # fmt: skip
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert not (tmp_path / "tiny-qwen2" / "sophgo-bm1684x").exists()
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_llm_convert_route_is_refused_before_docker(tmp_path: Path) -> None:
+    """The image holds the ROUTE=onnx venv only: one error line, before any image or engine."""
+    result = make("sophgo", "MODEL=tiny-qwen2", f"BUILD_DIR={tmp_path}", "USE_DOCKER=1",
+                  "ROUTE=llm_convert")  # fmt: skip
+    assert_clean_error(result, "ROUTE=onnx venv only", "without USE_DOCKER")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bmodel_byte_differences_count_the_create_time_apart(tmp_path: Path) -> None:
+    """images_check's by-report rule: same size required; differing bytes counted, those of a
+    ctime string at one offset in both (the bmodel's create time) apart from the rest."""
+    head = b"\x10\x00B.2.2\x00"
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    a.write_bytes(head + b"Mon Dec  7 09:19:32 2026" + b"\x01\x02")
+    b.write_bytes(head + b"Tue Dec  8 10:00:01 2026" + b"\x01\x02")
+    c.write_bytes(head + b"Tue Dec  8 10:00:01 2026" + b"\x01\x03")
+    d.write_bytes(head + b"Tue Dec  8 10:00:01 2026" + b"\x01\x02\x00")
+    assert images_check.byte_differences(a, a) == (0, 0)
+    assert images_check.byte_differences(a, b) == (10, 0)
+    assert images_check.byte_differences(a, c) == (10, 1)
+    assert images_check.byte_differences(a, d) is None
+
+
+@pytest.mark.parametrize("target", ["", "pulsar2", "nope"])
 def test_unknown_target_lists_the_targets_with_images(target: str) -> None:
-    assert_clean_error(make("image", f"TARGET={target}"), "cpu qnn autoround axera")
+    assert_clean_error(make("image", f"TARGET={target}"), "cpu qnn autoround axera sophgo")
