@@ -14,3 +14,4 @@ image: ## docker build of a target's Dockerfile (TARGET=cpu|qnn|autoround|sophgo
 
 images-check: ## every step with an image, natively and in it: same bytes, same report numbers (slow; STEPS="sophgo ..." for some)
 	PYTHON311=$(PYTHON311) PYTHON310=$(PYTHON310) PYTHONPATH=$(CURDIR) python3 docker/images_check.py $(foreach s,$(STEPS),--step $(s))
+	$(if $(STEPS),,$(PY) -m pytest tests/docker -m images_check -q)

@@ -170,6 +170,7 @@ def sophgo_tag(cpu_tag: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.images_check
 def test_sophgo_image_passes_the_toolchain_checks(sophgo_tag: str) -> None:
     """``make sophgo-toolchain USE_DOCKER=1`` re-runs setup_toolchain.py's checks on the
     image's venv as the caller, with no network: the tools start, ``python3`` on their PATH
@@ -201,6 +202,7 @@ def test_sophgo_image_passes_the_toolchain_checks(sophgo_tag: str) -> None:
     ]
 
 
+@pytest.mark.images_check
 def test_failed_sophgo_step_in_docker_leaves_nothing(sophgo_tag: str, tmp_path: Path) -> None:
     """A sophgo step refused inside its container: one error line, no output, no temporaries."""
     result = make("sophgo", "MODEL=tiny-qwen2", f"BUILD_DIR={tmp_path}", "USE_DOCKER=1",
