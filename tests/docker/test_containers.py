@@ -236,6 +236,18 @@ def test_bmodel_byte_differences_count_the_create_time_apart(tmp_path: Path) -> 
     assert images_check.byte_differences(a, d) is None
 
 
+def test_pulsar2_image_not_loaded_names_the_docker_load() -> None:
+    """The Pulsar2 image is built on AXERA's vendor image, which no registry serves: named
+    but not loaded, one error line with the docker load command, and no image built."""
+    result = make("image", "TARGET=axera", "PULSAR2_IMAGE=pulsar2:0.0-not-loaded")
+    assert_clean_error(
+        result, "PULSAR2_IMAGE=pulsar2:0.0-not-loaded is not loaded",
+        "docker load -i ax_pulsar2_0.0-not-loaded.tar.gz",
+    )  # fmt: skip
+    listed = run("docker", "images", "--format", "{{.Repository}}", "edgeforge/axera-pulsar2")
+    assert listed.returncode == 0 and listed.stdout.strip() == ""
+
+
 @pytest.mark.parametrize("target", ["", "pulsar2", "nope"])
 def test_unknown_target_lists_the_targets_with_images(target: str) -> None:
     assert_clean_error(make("image", f"TARGET={target}"), "cpu qnn autoround axera sophgo")
