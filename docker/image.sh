@@ -87,8 +87,8 @@ case $1 in
   *) echo "error: no image for TARGET=$1; targets with an image: $TARGETS" >&2; exit 2 ;;
 esac
 
+"$root/docker/engine.sh" start
 if [ "$parent" = vendor ]; then
-  "$root/docker/engine.sh" start
   version=${PULSAR2_IMAGE##*:}
   if ! docker image inspect "$PULSAR2_IMAGE" >/dev/null 2>&1; then
     echo "error: PULSAR2_IMAGE=$PULSAR2_IMAGE is not loaded in this Docker engine: download ax_pulsar2_$version.tar.gz (Hugging Face, AXERA-TECH/Pulsar2) and run: docker load -i ax_pulsar2_$version.tar.gz" >&2
@@ -108,7 +108,6 @@ dockerfile="$root/targets/$dir/Dockerfile"
 hash=$({ echo "$parent_tag"; cat "$dockerfile" "$root/docker/install_venv.sh"; for p in "${pins[@]}"; do cat "${p%%:*}"; echo "${p#*:}"; done
   for x in "${extra_inputs[@]}"; do sophgo_inputs "$x"; done; } | sha256sum | cut -c1-12)
 tag="edgeforge/$name:$hash"
-"$root/docker/engine.sh" start
 if docker image inspect "$tag" >/dev/null 2>&1; then
   echo "$tag"
   exit 0

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.core.disk import DiskEstimate, disk_preflight, free_bytes, tree_bytes
+from common.core.disk import DiskEstimate, disk_preflight, free_bytes
 from common.core.errors import EdgeforgeError
+from common.core.records import tree_bytes
 
 
 def test_estimate_counts_what_an_earlier_run_left() -> None:

@@ -45,13 +45,6 @@ def free_bytes(where: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def tree_bytes(root: Path) -> int:
-    """Bytes of the files under ``root`` (0 when it does not exist)."""
-    if not root.is_dir():
-        return 0
-    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
-
-
 def disk_preflight(estimate: DiskEstimate, where: Path, remedy: str) -> None:
     """Stop with one line when ``estimate`` exceeds the free space under ``where``;
     ``remedy`` says what lowers the need."""

@@ -116,7 +116,7 @@ def remove_dead_temporaries(dest: Path) -> list[Path]:
         match = pattern.fullmatch(entry.name)
         if match is None or _process_exists(int(match.group(1))):
             continue
-        size += _tree_bytes(entry)
+        size += tree_bytes(entry)
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -143,8 +143,11 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def _tree_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (or of ``path`` itself), links not followed."""
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (or of ``path`` itself), links not followed; 0 when
+    it does not exist."""
+    if not path.exists() and not path.is_symlink():
+        return 0
     if not path.is_dir() or path.is_symlink():
         return path.lstat().st_size
     total = 0

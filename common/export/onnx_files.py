@@ -59,6 +59,12 @@ def data_file(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.name + ".data")
 
 
+def remove(onnx_path: Path) -> None:
+    """Remove the model at ``onnx_path`` and its :func:`data_file`, whichever exist."""
+    for path in (onnx_path, data_file(onnx_path)):
+        path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def onnx_destination(dest: Path) -> Iterator[Path]:
     """Yield the path an exporter writes ``dest``'s model to; place the model on success.

@@ -34,8 +34,8 @@ from common.analysis.layerwise_decode import VisualPrompt, prompt_group
 from common.backends import qdq, qnn_ep
 from common.core.piece_cache import PieceCache, cache_key
 from common.core.progress import progress
+from common.export import onnx_files
 from common.export import piece_export as pe
-from common.export.onnx_files import data_file
 from common.models import ModelAdapter, iter_linears
 from common.models.static_decoder import MROPE_ROWS
 
@@ -437,8 +437,7 @@ def build_piece(
         qdq.quantize_piece(static, qdq_path, **quantize)
         # A float copy of the piece read by nothing after this: at Qwen2.5-VL-3B the copies
         # of all pieces would add 26 GB to the float pieces' 26.
-        for path in (static, data_file(static)):
-            path.unlink(missing_ok=True)
+        onnx_files.remove(static)
     feeds = golden.inputs[name]
     float_out = golden.outputs[name] or _cpu_run(float_dir / f"{name}.onnx", feeds)
     # Not emulated, the QDQ graph on the CPU also stands in for the binary in the chain:
@@ -513,7 +512,7 @@ def piece_key(
         {
             "format": PIECE_FORMAT,
             "float": float_model,
-            "float_data": data_file(float_model),
+            "float_data": onnx_files.data_file(float_model),
             "plan": plan.to_json(),
             "levels": levels_key,
             "piece": name,
@@ -613,9 +612,7 @@ def cached_piece(
             _link_tree(path, dest)
     # The float piece has given its golden outputs, its key and its QDQ graph: nothing reads
     # it again, and at Qwen2.5-VL-3B the float pieces are 26 GB, so each goes once built.
-    float_model = setup.float_dir / f"{name}.onnx"
-    for path in (float_model, data_file(float_model)):
-        path.unlink(missing_ok=True)
+    onnx_files.remove(setup.float_dir / f"{name}.onnx")
     return row, chained
 
 

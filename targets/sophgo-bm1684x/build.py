@@ -49,7 +49,7 @@ from sophgo_verify import (
 )
 
 from common.backends.tpu_mlir import CHIPS, QUANTIZE, ROUTES, Toolchain, mode_scheme
-from common.core.disk import DiskEstimate, disk_preflight, tree_bytes
+from common.core.disk import DiskEstimate, disk_preflight
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli
 from common.core.gates import failures, gate, markdown_table, records
 from common.core.memory import Estimate, MemoryCap, room_bytes
@@ -65,7 +65,7 @@ from common.core.options import (
 from common.core.paths import REPO_ROOT
 from common.core.piece_cache import PieceCache
 from common.core.progress import progress
-from common.core.records import atomic_path, build_manifest, dumps_json
+from common.core.records import atomic_path, build_manifest, dumps_json, tree_bytes
 from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import copy_tokenizer_files, describe
 from common.steps.phases import Run
@@ -413,7 +413,8 @@ def stored_bytes_per_float(weights: Any) -> float:
     half types 2 of 4; int8/int4 their width plus a bf16 scale and a zero point per group."""
     if weights.bits is None:
         return 0.5
-    return (weights.bits / 8 + 3 / (weights.group_size or 2**31)) / 4
+    per_group = 3 / weights.group_size if weights.group_size else 0.0
+    return (weights.bits / 8 + per_group) / 4
 
 
 def disk_estimate(

@@ -177,6 +177,19 @@ def test_multi_head_attention_block_compiles(tmp_path: Path, tiny_qwen2_dir: Pat
     assert binary.is_file()
 
 
+def _product_operands(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The DequantizeLinear feeding the second input of each MatMul of two activations (not
+    of a weight, nor of a float one) in a QDQ ``graph``."""
+    producers = {out: node for node in graph.node for out in node.output}
+    weights = {init.name for init in graph.initializer}
+    feeding = [producers.get(node.input[1]) for node in graph.node if node.op_type == "MatMul"]
+    return [
+        dq
+        for dq in feeding
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] not in weights
+    ]
+
+
 def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(a))
 
@@ -236,13 +249,8 @@ def test_block_products_take_a_signed_second_operand(tmp_path: Path, tiny_qwen2_
         num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512,
     )  # fmt: skip
     graph = onnx.load(str(_qdq_block(tmp_path, tiny_qwen2_dir, config))).graph
-    producers = {out: node for node in graph.node for out in node.output}
     inits = {init.name: init for init in graph.initializer}
-    operands = [
-        producers[node.input[1]]
-        for node in graph.node
-        if node.op_type == "MatMul" and producers[node.input[1]].input[0] not in inits
-    ]
+    operands = _product_operands(graph)
     assert len(operands) == 2
     assert {inits[dq.input[2]].data_type for dq in operands} == {TensorProto.INT16}
 
@@ -537,13 +545,7 @@ def test_quant_plan_regenerates_the_binaries_encodings(
             assert not inits[weight_dq.input[2]].any()  # symmetric: zero points 0
         # The attention products' second operands are re-quantized to int16 on their way
         # into the MatMul (qdq.signed_matmul_operands); every other activation is calibrated.
-        operands = {
-            producers[n.input[1]].input[0]
-            for n in graph.graph.node
-            if n.op_type == "MatMul"
-            and n.input[1] in producers
-            and producers[n.input[1]].input[0] not in protos
-        }
+        operands = {dq.input[0] for dq in _product_operands(graph.graph)}
         zero_of = {
             q.output[0]: inits[q.input[2]].dtype for q in quantizers.values() if q.input[2] in inits
         }
