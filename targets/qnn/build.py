@@ -38,6 +38,7 @@ import sampling
 import vision
 
 from common.backends import qdq, qnn_ep
+from common.core.disk import DiskEstimate, disk_preflight
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli
 from common.core.gates import failures, records
 from common.core.memory import Estimate, MemoryCap
@@ -58,6 +59,7 @@ from common.core.piece_cache import PieceCache, cache_key
 from common.core.records import (
     atomic_path,
     build_manifest,
+    tree_bytes,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -329,6 +331,86 @@ def memory_estimate(streamed: Any, gptq: bool, head_narrow: bool = True) -> Esti
     return Estimate("make qnn", {**parts, "pickled .bin pages (mapped)": mapped})
 
 
+#: What a piece's files carry besides its weights (QNN 2.51, measured on tiny-qwen2's
+#: pieces, 37 K weights, and on 16.8 M-weight decoder layers): a context binary about
+#: 95 KB and 2.1 % more (its graph, encodings, the HTP's own sections), a QDQ graph about
+#: 43 KB and 0.7 % (the graph, a scale and zero point per output channel).
+BINARY_OVERHEAD = (100_000, 40)  # bytes, and 1/40 of the weights
+QDQ_OVERHEAD = (50_000, 100)
+#: What lowers the disk a ``make qnn`` needs.
+DISK_REMEDY = (
+    "free space there or set BUILD_DIR to a larger disk (each float piece is removed once "
+    "it is built; fewer SOCS= write fewer binaries)"
+)
+
+
+def _entry_bytes(qdq_weights: int, binary_weights: int, socs: int) -> int:
+    """A piece's cache entry: its QDQ graph and a context binary per SoC, from the bytes
+    of the weights each holds."""
+    (qdq_fixed, qdq_share), (bin_fixed, bin_share) = QDQ_OVERHEAD, BINARY_OVERHEAD
+    graph = qdq_weights + qdq_weights // qdq_share + qdq_fixed
+    return graph + socs * (binary_weights + binary_weights // bin_share + bin_fixed)
+
+
+def disk_estimate(
+    streamed: Any, plan: qdq.QdqPlan, socs: int, vision_bits: int | None, gptq: bool,
+    reused: int,
+) -> DiskEstimate:  # fmt: skip
+    """What ``make qnn`` holds on disk at its fullest, the larger of two moments:
+
+    * the compile phase's start: every float piece (float32; each layer twice, its prefill
+      and decode graphs, the LM head, a vision-language model's vision pieces), the largest
+      piece's static copy beside them, and GPTQ's levels (one byte a weight);
+    * the package: each piece's cache entry (its QDQ graph and a context binary per SoC,
+      weights at the plan's width, a float linear at 4 and 2 bytes a weight), the int8
+      ``.mllm`` and the levels, less ``reused``: entries an earlier run left.
+
+    In between, each float piece goes once it is built and its entry is smaller than it
+    (up to three SoCs), so the disk in use falls from the first moment to the second. The
+    package's binaries are hard links into the cache: no second copy."""
+    from common.models import iter_linears
+
+    adapter = streamed.adapter
+
+    def widths(names: dict[str, Any]) -> tuple[int, int]:
+        """Bytes of these linears' weights in the QDQ graph and in a binary."""
+        in_graph = in_binary = 0
+        for name, linear in names.items():
+            count, bits = linear.weight.numel(), plan.linears[name].weight.bits
+            in_graph += 4 * count if bits is None else count * bits // 8
+            in_binary += 2 * count if bits is None else count * bits // 8  # fp16 on the HTP
+        return in_graph, in_binary
+
+    layers = {layer.index: streamed.part_bytes(layer.name) for layer in adapter.layers()}
+    entries = 0
+    for layer in adapter.layers():
+        named = {layer.linear_names[role]: m for role, m in layer.linears.items()}
+        entries += 2 * _entry_bytes(*widths(named), socs)  # prefill and decode graphs
+    head = streamed.part_bytes(adapter.name_of("embed_tokens"))  # the head's shape, tied or not
+    entries += _entry_bytes(*widths({adapter.lm_head_path: adapter.lm_head()}), socs)
+    tower = streamed.vision_tower_bytes()
+    if tower and vision_bits is not None:
+        pieces = len(adapter.vision_blocks()) + 1  # and the merger
+        stored = tower * vision_bits // 32
+        entries += _entry_bytes(stored, stored, socs) + (pieces - 1) * _entry_bytes(0, 0, socs)
+    weights = sum(linear.weight.numel() for _name, _role, linear in iter_linears(adapter))
+    levels = {"GPTQ levels": weights} if gptq else {}
+    # The .mllm: the decoder's linears a byte a weight, the embedding and LM head float32.
+    mllm = weights - head // 4 + 2 * head
+    start = DiskEstimate(
+        "make qnn",
+        {"float ONNX pieces": 2 * sum(layers.values()) + head + tower,
+         "a piece's static copy": max(max(layers.values()), head), **levels},
+    )  # fmt: skip
+    end = DiskEstimate(
+        "make qnn",
+        {"compiled pieces (QDQ graphs and binaries)": entries,
+         "int8 .mllm": mllm, **levels},
+        reused,
+    )  # fmt: skip
+    return max(start, end, key=lambda estimate: estimate.total)
+
+
 def emulator_policy(
     choice: str,
     streamed: Any,
@@ -516,7 +598,15 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     parts = Parts(adapter, streamed, Transforms.of(adapter, transforms))
     # GPTQ's levels and every compiled piece outlive a killed run: the same command then
     # continues from the last complete step (build/<MODEL>/qnn-pieces/).
-    cache = PieceCache(build_dir / f"{TARGET}-pieces")
+    cache_dir = build_dir / f"{TARGET}-pieces"
+    vision_bits = qdq.preset_by_name(opts["vision_preset"]).weights.bits if pictures else None
+    disk = disk_estimate(
+        streamed, binaries_plan, len(socs), vision_bits, opts["rounding"] == "gptq",
+        tree_bytes(cache_dir),
+    )  # fmt: skip
+    disk_preflight(disk, build_dir, DISK_REMEDY)
+    run.log(f"disk: needs about {disk.describe()} under {build_dir}")
+    cache = PieceCache(cache_dir)
     with atomic_path(out_dir) as tmp:
         run.phase("reference")
         work = tmp / "_work"

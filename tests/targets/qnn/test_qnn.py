@@ -432,6 +432,33 @@ def test_preflight_stops_before_the_build(
     )
 
 
+def test_disk_estimate_covers_the_build(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
+    """The disk preflight's estimate against the files the tiny build wrote (two SoCs,
+    GPTQ), at its fullest moment, the package: the cache entries' QDQ graphs and binaries
+    covered within 15 % (the overheads are set from larger graphs), the ``.mllm`` and
+    GPTQ's levels within 10 %."""
+    build = import_target("qnn", "build")
+    plan = qdq.load_qdq_plan(tiny_run / "quant_plan.json")
+    estimate = build.disk_estimate(StreamedModel(tiny_qwen2_dir), plan, 2, None, True, 0)
+    entries = list((tiny_run.parent / "qnn-pieces").iterdir())
+    pieces = [path for entry in entries for path in entry.rglob("*") if path.suffix == ".onnx"]
+    binaries = [path for entry in entries for path in entry.rglob("*_qnn.bin")]
+    assert len(pieces) == 3 * 5 and len(binaries) == 2 * 5  # QDQ + a context per SoC
+    written = {
+        "compiled pieces (QDQ graphs and binaries)": sum(
+            path.stat().st_size for path in pieces + binaries
+        ),
+        "int8 .mllm": (tiny_run / "model.int8.mllm").stat().st_size,
+        "GPTQ levels": sum(e.stat().st_size for e in tiny_run.parent.glob("qnn-pieces/gptq.*/*")),
+    }
+    assert estimate.parts.keys() == written.keys()  # the package outweighs the float pieces
+    compiled = "compiled pieces (QDQ graphs and binaries)"
+    assert written[compiled] <= estimate.parts[compiled] <= 1.15 * written[compiled]
+    for part in ("int8 .mllm", "GPTQ levels"):
+        assert abs(estimate.parts[part] - written[part]) <= 0.1 * written[part], part
+    assert estimate.total == sum(estimate.parts.values())
+
+
 def test_tiny_report_and_binaries(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     report = json.loads((tiny_run / "report.json").read_text())
     assert_same_tokenizer(report["tokenizer"], tiny_run / "tokenizer", tiny_qwen2_dir)
