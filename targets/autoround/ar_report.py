@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from common.analysis.accuracy import accuracy_block, accuracy_line
 from common.core.gates import Gate, failures, gate, markdown_table, records
 from common.models.tokenizer_fidelity import describe
 
@@ -44,6 +45,20 @@ def format_gates(
     return checks
 
 
+def format_accuracy(
+    fmt: str, result: dict[str, Any], ppl_fp: float, eval_shape: list[int]
+) -> dict[str, Any]:
+    """The common accuracy block of one reloaded export: its perplexity over every
+    held-out window (``eval_shape`` ``[windows, seq]``), its top-1 agreement over the
+    compared windows' rows (``result["tokens"]``)."""
+    windows, seq = eval_shape
+    comparison = {
+        "ppl": result["ppl"], "ppl_reference": ppl_fp, "ppl_tokens": windows * (seq - 1),
+        "top1_agreement": result["top1_agreement"], "tokens": result["tokens"],
+    }  # fmt: skip
+    return accuracy_block(comparison, f"the {fmt} export as reloaded", seq)
+
+
 def build_report(
     *,
     recipe: str,
@@ -63,6 +78,8 @@ def build_report(
     all_gates: list[dict[str, Any]] = []
     for fmt, result in per_format.items():
         result["ppl_ratio"] = _ratio(result.get("ppl"), ppl_fp)
+        if result.get("ppl") is not None:  # reloaded and scored
+            result["accuracy"] = format_accuracy(fmt, result, ppl_fp, eval_shape)
         checks = format_gates(fmt, result, fp, rtn, options)
         result["gates"] = records(checks)
         result["failures"] = failures(checks)
@@ -89,6 +106,7 @@ def build_report(
         "ppl_ratio": primary.get("ppl_ratio"),
         "top1_agreement": primary.get("top1_agreement"),
         "cosine_mean": primary.get("cosine_mean"),
+        "accuracy": primary.get("accuracy"),
         "tokenizer": primary.get("tokenizer"),
         "quantize_seconds": quantize_seconds,
         "rtn": rtn,
@@ -113,6 +131,7 @@ def format_report(report: dict[str, Any], fmt: str) -> dict[str, Any]:
         "ppl_ratio": result.get("ppl_ratio"),
         "top1_agreement": result.get("top1_agreement"),
         "cosine_mean": result.get("cosine_mean"),
+        "accuracy": result.get("accuracy"),
         "tokenizer": result.get("tokenizer"),
         "per_format": {fmt: result},
         "gates": result["gates"],
@@ -161,6 +180,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
+    blocks = [r["accuracy"] for r in report["per_format"].values() if "accuracy" in r]
+    lines += [line for block in blocks for line in ("", accuracy_line(block))]
     formats = [f for f, r in report["per_format"].items() if "layers" in r]
     layer_names = list(report["rtn"]["layers"])
     lines += ["", "## Per-layer output cosine (first held-out window)", ""]

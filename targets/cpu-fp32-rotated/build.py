@@ -24,6 +24,7 @@ from typing import Any
 
 import report as rep
 
+from common.analysis.accuracy import accuracy_block
 from common.core.errors import CheckFailed, EdgeforgeError, run_cli
 from common.core.gates import failures, gate, records
 from common.core.options import Choice, FilePath, Integer, option, resolve_target, target_parser
@@ -406,6 +407,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             "top1_agreement": logits["top1_agreement"],
             "cosine_mean": logits["cosine_mean"],
             "cosine_min": logits["cosine_min"],
+            "accuracy": accuracy_block(logits, "the rotated model as written, float32", seq_len),
             "image_prompt": image,
             "tokenizer": tokenizer_check,
             "rotation": {**dict(rotation.info), **rotated_info,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.analysis.accuracy import accuracy_line
 from common.analysis.layerwise import Cursor
 from common.core.gates import by_name, limit_text
 from common.models import ModelAdapter
@@ -178,6 +179,8 @@ def render_markdown(report: dict[str, Any], plot_name: str) -> str:
         f"| tokenizer | {describe(report['tokenizer'])} | ids equal |",
         f"| model.mllm | {mllm['tensors']} tensors, {mllm['bytes']} bytes, "
         f"read back bit-exact: {mllm['verified']} | |",
+        "",
+        accuracy_line(report["accuracy"]),
         "",
         f"![max|x|/RMS(x) per layer]({plot_name})",
         "",

@@ -709,7 +709,9 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                 f"memory on them or on the same graph of an earlier layer: {', '.join(lowered)}"
             )
         run.phase("verify")
-        e2e = pipeline.end_to_end(parts, out.prefill[: len(checked)], checked)
+        e2e = pipeline.end_to_end(
+            parts, out.prefill[: len(checked)], checked, graph=policy.chain_graph()
+        )
         picture_e2e = image_chain = None
         if pictures is not None:
             shown = len(checked) + len(picture_checks)

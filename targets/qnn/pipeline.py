@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.analysis.accuracy import accuracy_block
+from common.analysis.eval import LogitComparison
 from common.analysis.layerwise import Parts, head, run_groups, run_layers
 from common.analysis.layerwise_decode import VisualPrompt, prompt_group
 from common.backends import qdq, qnn_ep
@@ -697,6 +699,7 @@ def end_to_end(
     hiddens: Sequence[np.ndarray],
     prompts: Sequence[Prompt],
     decoded: Sequence[np.ndarray] | None = None,
+    graph: str | None = None,
 ) -> dict[str, Any]:
     """Final norm + LM head (float, host) on the QNN chain's hidden states vs the FP32
     model's logits on the same prompts (run a part at a time through ``parts``): cosine
@@ -710,7 +713,10 @@ def end_to_end(
     logits at each prompt's :attr:`Prompt.decoded` positions against the float model's
     rows there, as ``decode``.
     Text windows and picture prompts (the float model given the same vision embeddings)
-    are not mixed in one call."""
+    are not mixed in one call. Held-out text windows with ``graph`` (what computed the
+    chain: the emulator, the CPU QDQ graphs) also give the common accuracy block
+    (:func:`common.analysis.accuracy.accuracy_block`: perplexity ratio, top-1 agreement
+    with its interval) as ``accuracy``."""
     if any(p.visual is not None for p in prompts):
         groups = run_groups(
             parts, lambda embed: [prompt_group(parts.adapter, embed, p.visual) for p in prompts]
@@ -745,6 +751,11 @@ def end_to_end(
     }
     if step_got:
         out["decode"] = _agreement(np.concatenate(step_got), np.concatenate(step_want))
+    if graph is not None:
+        comparison = LogitComparison()
+        for g, w, prompt in zip(got, want, prompts, strict=True):
+            comparison.add(torch.from_numpy(g), torch.from_numpy(w), torch.tensor(prompt.ids))
+        out["accuracy"] = accuracy_block(comparison.result(), graph, len(prompts[0].ids))
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from common.analysis.accuracy import accuracy_line
 from common.core.gates import Gate, failures, gate, markdown_table
 from common.models.tokenizer_fidelity import describe
 
@@ -112,6 +113,8 @@ def render(report: dict[str, Any]) -> str:
         f"End to end (prefill chain on HTP, float LM head on host, {e2e['tokens']} tokens "
         f"in {e2e['windows']} held-out windows): "
         f"logit cosine {e2e['cos']:.6f}, top-1 agreement {e2e['top1_agreement']:.4f}.",
+        "",
+        accuracy_line(e2e["accuracy"]),
         "",
         *_picture_lines(report.get("picture_prompts")),
         *_chain_lines(report.get("image_chain")),

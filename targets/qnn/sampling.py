@@ -79,6 +79,15 @@ class EmulatorPolicy:
             "reason": self.reason,
         }
 
+    def chain_graph(self) -> str:
+        """What computed the end-to-end chain's logits (the accuracy block's ``graph``)."""
+        if self.mode == "full":
+            return "QNN HTP emulator, every piece"
+        return (
+            f"QNN HTP emulator for decoder layers {list(self.layers)} of {self.num_layers}, "
+            "the other layers' QDQ graphs on onnxruntime CPU"
+        )
+
     def note(self) -> str | None:
         """The report's line on a sampled verification (None in full)."""
         if self.mode == "full":

@@ -9,6 +9,7 @@ real-model gate (perplexity and cosine) is exercised by `make autoround MODEL=sm
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.analysis.accuracy import accuracy_line
 from common.core.errors import EdgeforgeError
 from common.inputs.calib_data import read_calibration_file
 from common.inputs.data import CALIB_CORPUS, iter_texts
@@ -117,6 +119,16 @@ def _check_common(report: dict, build_dir: Path, model: str, layers: int) -> Non
         assert result["cosine_mean"] > report["rtn"]["cosine_mean"] > 0.9
         assert result["top1_agreement"] > 0.5
         assert 0.8 < result["ppl_ratio"] < 1.1
+        accuracy = result["accuracy"]  # the block every target's report carries
+        assert accuracy["graph"] == f"the {fmt} export as reloaded"
+        assert accuracy["ppl_ratio"] == result["ppl_ratio"]
+        assert accuracy["top1_agreement"] == result["top1_agreement"]
+        assert (
+            accuracy["ppl_tokens"]
+            == math.prod(report["eval"]["windows"]) - (report["eval"]["windows"][0])
+        )
+        assert accuracy_line(accuracy) in (out / "report.md").read_text()
+    assert report["accuracy"] == report["per_format"][report["formats"][0]]["accuracy"]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.analysis.accuracy import accuracy_line
 from common.core.errors import CheckFailed
 from common.core.records import sha256_file
 from common.export.mllm_format import read_mllm
@@ -69,6 +70,11 @@ def test_tiny_outputs_and_gates(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     assert abs(report["ppl_ratio"] - 1) < 1e-5
     assert report["top1_agreement"] == 1.0
     assert report["max_abs_logit_diff"] < 1e-4  # float32 rounding on |logits| ≲ 5
+    accuracy = report["accuracy"]  # the block every target's report carries
+    assert accuracy["ppl_ratio"] == report["ppl_ratio"] and accuracy["top1_agreement"] == 1.0
+    assert accuracy["rows"] == report["num_windows"] * report["seq_len"]
+    assert accuracy["windows"] == report["num_windows"]
+    assert accuracy_line(accuracy) in (tiny_run / "report.md").read_text()
     assert len(report["per_layer"]) == 2
     for row in report["per_layer"]:
         assert row["hidden_cosine_min"] > 0.999999

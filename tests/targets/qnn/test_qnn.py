@@ -20,6 +20,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from common.analysis.accuracy import accuracy_line
 from common.analysis.layerwise import Parts
 from common.analysis.simulate import apply_plan, transformed_model
 from common.backends import qdq, qnn_ep
@@ -486,6 +487,16 @@ def test_tiny_report_and_binaries(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
             assert (info.soc_model, info.htp_arch) == soc
     assert report["end_to_end"]["top1_agreement"] >= 0.95
     assert report["end_to_end"]["cos"] >= 0.99
+    # The common accuracy block, from the same chain's logits on the held-out windows.
+    accuracy = report["end_to_end"]["accuracy"]
+    assert accuracy["graph"] == "QNN HTP emulator, every piece"
+    assert accuracy["top1_agreement"] == report["end_to_end"]["top1_agreement"]
+    assert (accuracy["rows"], accuracy["windows"]) == (report["end_to_end"]["tokens"], 8)
+    assert accuracy["ppl_tokens"] == 8 * 15  # each window's rows but its last
+    assert 0.95 < accuracy["ppl_ratio"] < 1.05  # random weights: a spread-out softmax
+    low, high = accuracy["top1_interval_95"]
+    assert low <= accuracy["top1_agreement"] <= high
+    assert accuracy_line(accuracy) in (tiny_run / "report.md").read_text()
     assert report["mllm_int8"]["max_abs_diff"] <= 1e-4
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     assert manifest["versions"]["onnxruntime-qnn"] == "2.7.0"
@@ -935,6 +946,12 @@ def test_sampled_verification_emulates_first_middle_last(deep_vl: Path, tmp_path
     for key in ("end_to_end", "picture_prompts", "image_chain"):
         assert abs(sampled[key]["cos"] - full[key]["cos"]) < 1e-3, key
         assert abs(sampled[key]["top1_agreement"] - full[key]["top1_agreement"]) <= 0.05, key
+    # The accuracy block says which graph computed the chain: sampled, partly CPU QDQ.
+    assert full["end_to_end"]["accuracy"]["graph"] == "QNN HTP emulator, every piece"
+    assert sampled["end_to_end"]["accuracy"]["graph"] == (
+        "QNN HTP emulator for decoder layers [0, 2, 4] of 5, the other layers' QDQ graphs on "
+        "onnxruntime CPU"
+    )
 
 
 def test_windowed_vision_pieces_on_htp(tiny_qwen2_5_vl_dir: Path, tmp_path: Path) -> None:
