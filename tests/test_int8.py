@@ -52,6 +52,24 @@ def test_weight_quantization_matmul_error(granularity: str) -> None:
         assert float((w_hat - w)[0].abs().max()) < float((w[3].abs().max()) / 127 / 2)
 
 
+def test_group_weights_step_per_block_of_columns() -> None:
+    """``group``: one step per ``group_size`` consecutive input columns of a row; each
+    weight within half its own group's step, a loud group coarsening only itself."""
+    w = torch.randn(8, 96, generator=_gen(3))
+    w[2, 40:50] *= 30  # inside the second group of 32
+    q, s = int8.quantize_weight(w, "group", 4, 32)
+    assert q.dtype == torch.int8 and s.shape == (8, 3)
+    assert torch.equal(s, int8.weight_scale(w, "group", 4, 32))
+    w_hat = int8.dequantize_weight(q, s)
+    steps = int8.column_scales(s, 96)
+    assert float(((w_hat - w).abs() / steps).max()) <= 0.5 + 1e-5
+    assert float(s[2, 1]) > 10 * float(s[2, 0]) and float(s[2, 2]) < 2 * float(s[3, 2])
+    assert torch.equal(int8.dequantize_weight(*int8.quantize_weight(w, "per_channel", 4)),
+                       int8.dequantize(*int8.quantize_weight(w, "per_channel", 4)))  # fmt: skip
+    with pytest.raises(EdgeforgeError, match="group_size 40 does not divide the 96 input"):
+        int8.weight_scale(w, "group", 4, 40)
+
+
 def test_bad_granularity_and_bits() -> None:
     with pytest.raises(EdgeforgeError, match="granularity"):
         int8.weight_scale(torch.ones(2, 2), "per_row")

@@ -20,7 +20,7 @@ from common.export import onnx_files
 from common.export import piece_export as pe
 from common.models import get_adapter, iter_linears
 from common.models.loading import load_model
-from common.quant.int8 import quantize, quantize_weight, symmetric_scale
+from common.quant.int8 import quantize_weight, symmetric_scale
 from common.quant.schemes import SCHEMES, QuantScheme, Weights, float_activation_plan, int_bits
 from tests.test_onnx_files import SMALL, assert_one_data_file, names
 
@@ -193,23 +193,35 @@ def test_residual_stream_and_norms_stay_float(layer: dict) -> None:
         assert not set(stream) & set(params), preset
 
 
-def test_w4a16_holds_our_int4_levels_and_is_coarser(layer: dict) -> None:
+def test_w4a16_holds_our_int4_blocks_and_is_coarser(layer: dict) -> None:
+    """``w4a16``: int4 levels with one scale per 32 input columns of a row, as ONNX's
+    blocked DequantizeLinear (axis 0 of the ``[in, out]`` weight, ``block_size`` 32)."""
     path, sites = _quantize(layer, "w4a16")
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
     for name, site in sites.items():
         dq = _weight_dq(model, site)
         weight = layer["weights"][name]
-        scale = symmetric_scale(weight.abs().amax(dim=1, keepdim=True), 4)
-        levels = quantize(weight, scale, 4)  # common.quant.int8 on the 4-bit grid
+        levels, scale = quantize_weight(weight, "group", 4, 32)  # int8.py's 4-bit grid
+        assert scale.shape == (weight.shape[0], weight.shape[1] // 32)
         assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
         stored = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int8)
         np.testing.assert_array_equal(stored, levels.T.numpy())
-        np.testing.assert_array_equal(
-            numpy_helper.to_array(inits[dq.input[1]]), scale.reshape(-1).numpy()
-        )
+        assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 32}, name
+        np.testing.assert_array_equal(numpy_helper.to_array(inits[dq.input[1]]), scale.T)
+        zero = numpy_helper.to_array(inits[dq.input[2]])
+        assert zero.shape == scale.T.shape and not zero.any()
     cos = _cos(path, layer)
     assert 0.95 < cos < _cos(_quantize(layer, "w8a16")[0], layer)
+
+
+def test_one_group_a_row_is_the_per_channel_layout(layer: dict) -> None:
+    """Levels with one scale per row (a group as wide as the row) keep the per-channel
+    DequantizeLinear (axis 1, a scale per output channel): nothing blocked."""
+    path, sites = _quantize(layer, "w8a16")
+    model = onnx.load(str(path))
+    for site in sites.values():
+        assert {a.name: a.i for a in _weight_dq(model, site).attribute} == {"axis": 1}
 
 
 def test_rms_norms_fused_into_one_node(layer: dict) -> None:
@@ -402,8 +414,13 @@ def test_schemes_without_htp_types_are_refused() -> None:
         qdq.check_htp(QuantScheme("a", w8a16.weights, "float16"))
     with pytest.raises(EdgeforgeError, match=r"scheme d: down bfloat16"):
         qdq.check_htp(QuantScheme("d", w8a16.weights, "int16", down="bfloat16"))
-    with pytest.raises(EdgeforgeError, match="symmetric per-channel weights only"):
+    groups = "the QDQ writer writes symmetric per-channel weights and symmetric int4 groups only"
+    with pytest.raises(EdgeforgeError, match=f"weights int8 group, symmetric True; {groups}"):
         qdq.check_htp(w8a16.with_weights(granularity="group", group_size=32))
+    w4a16 = qdq.preset_by_name("w4a16")  # int4 groups of 32: HTP block quantization
+    assert (w4a16.weights.granularity, w4a16.weights.group_size) == ("group", 32)
+    with pytest.raises(EdgeforgeError, match=f"weights int4 group, symmetric False; {groups}"):
+        qdq.check_htp(w4a16.with_weights(symmetric=False))
     with pytest.raises(EdgeforgeError, match="rounding autoround"):
         qdq.check_htp(w8a16.with_weights(rounding="autoround"))
     with pytest.raises(EdgeforgeError, match="the LM head piece is quantized"):
@@ -482,7 +499,7 @@ def test_narrow_head_gives_the_whole_heads_bytes(
     gen = torch.Generator().manual_seed(0)
     feeds = [{"hidden_states": torch.randn(1, head.in_features, generator=gen).numpy()}]
     weights = {name: head.weight.detach()}
-    levels = qdq.nearest_levels(weights, scheme.weights.bits)
+    levels = qdq.nearest_levels(weights, scheme.weights.bits, scheme.weights.group_size)
     common = dict(plan=plan, weights=weights, calibration=feeds * 4, levels=levels)
     static = qdq.static_float_model(tmp_path / "lm_head.onnx", tmp_path / "static.onnx")
     qdq.quantize_piece(static, tmp_path / "whole.onnx", **common)

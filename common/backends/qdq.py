@@ -28,7 +28,7 @@ The residual stream and its RMSNorms stay float (fp16 on HTP; :func:`float_nodes
 
 **The plan.** :func:`qdq_plan` turns the ``.mllm``'s quant plan (its shadow tensors), the
 profile (ranges) and a scheme (widths) into a :class:`QdqPlan`: per linear its weight
-(int4/int8 per channel, GPTQ or nearest, or float) and per side the exact encoding imposed
+(int4/int8 per channel or int4 per group, GPTQ or nearest, or float) and per side the exact encoding imposed
 (width, abs-max, covered range, float32 scale, zero point) or the float fallback and why.
 ``make qnn`` writes it as ``quant_plan.json`` beside the binaries and the QDQ step reads it
 back from that file (:func:`load_qdq_plan`): what the file says is what was built.
@@ -39,8 +39,11 @@ attention scores/probabilities, which lose all resolution in 8 bits next to a �
 measured cos 0.93 → 0.999; the P·V product feeding o_proj keeps a calibrated encoding;
 and the down_proj inputs, 16-bit — the ``w8a8_best`` plan of ``make simulate``: the
 attention sink drives them to ~3000 against a bulk of ~1, and at 8 bits 12 of SmolLM2's
-61 pieces fell below cos 0.99), ``w4a16`` (int4 per-channel weights on
-:mod:`common.quant.int8`'s 4-bit grid).
+61 pieces fell below cos 0.99), ``w4a16`` (int4 weights with one scale per 32 input
+columns of a row, on :mod:`common.quant.int8`'s 4-bit grid: ONNX's blocked
+DequantizeLinear, which the QNN EP compiles to HTP block-quantized weights on v73, v75,
+v79 and v81; one scale per output channel had SmolLM2 agree with float on 0.715 of
+next tokens).
 """
 
 from __future__ import annotations
@@ -82,9 +85,10 @@ HTP_ROUNDINGS = ("gptq", "nearest")
 def check_htp(scheme: QuantScheme) -> QuantScheme:
     """``scheme`` if the QDQ writer can build it for HTP, else an error naming the field.
 
-    Weights: int4/int8, symmetric per output channel (:func:`replace_weights` writes that
-    layout), GPTQ or nearest; every activation int8 or int16; the LM head quantized (its
-    piece is an HTP graph like the blocks: a float override has no meaning here).
+    Weights: int4/int8, symmetric per output channel, or int4 per group of input columns
+    (:func:`replace_weights` writes those layouts), GPTQ or nearest; every activation
+    int8 or int16; the LM head quantized (its piece is an HTP graph like the blocks: a
+    float override has no meaning here).
     """
     weights = scheme.weights
     if weights.dtype not in HTP_WEIGHTS:
@@ -92,10 +96,12 @@ def check_htp(scheme: QuantScheme) -> QuantScheme:
             f"scheme {scheme.name}: weights {weights.dtype}; the QDQ writer has HTP types for "
             f"{', '.join(HTP_WEIGHTS)} only"
         )
-    if weights.granularity != "per_channel" or not weights.symmetric:
+    grouped_int4 = weights.granularity == "group" and weights.dtype == "int4"
+    if not (weights.granularity == "per_channel" or grouped_int4) or not weights.symmetric:
         raise EdgeforgeError(
-            f"scheme {scheme.name}: weights {weights.granularity}, symmetric "
-            f"{weights.symmetric}; the QDQ writer writes symmetric per-channel weights only"
+            f"scheme {scheme.name}: weights {weights.dtype} {weights.granularity}, symmetric "
+            f"{weights.symmetric}; the QDQ writer writes symmetric per-channel weights and "
+            "symmetric int4 groups only"
         )
     if weights.rounding not in HTP_ROUNDINGS:
         raise EdgeforgeError(
@@ -722,11 +728,13 @@ WeightLevels = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def nearest_levels(
-    weights: Mapping[str, torch.Tensor], bits: int
+    weights: Mapping[str, torch.Tensor], bits: int, group_size: int | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Round-to-nearest :data:`WeightLevels` of float ``[out, in]`` weights on
-    :mod:`common.quant.int8`'s symmetric per-output-channel grid."""
-    return {name: quantize_weight(w, "per_channel", bits) for name, w in weights.items()}
+    :mod:`common.quant.int8`'s symmetric grid: one scale per output channel, or per
+    ``group_size`` input columns of it."""
+    granularity = "group" if group_size else "per_channel"
+    return {n: quantize_weight(w, granularity, bits, group_size) for n, w in weights.items()}
 
 
 def _weight_dq(model: Any, site: LinearSite) -> Any:
@@ -747,26 +755,39 @@ def _weight_dq(model: Any, site: LinearSite) -> Any:
 def replace_weights(
     model: Any, sites: Mapping[str, LinearSite], levels: WeightLevels, bits: Mapping[str, int]
 ) -> None:
-    """Put each linear's integer levels (transposed to ``[in, out]``, axis 1; ONNX ``INT4``
-    where its ``bits`` are 4) and per-channel scales into its weight DequantizeLinear.
+    """Put each linear's integer levels (transposed to ``[in, out]``; ONNX ``INT4`` where
+    its ``bits`` are 4) and scales into its weight DequantizeLinear: per output channel
+    (axis 1), or per block of input columns when the levels come with a scale per group
+    (``[out, groups]``): then axis 0 and ``block_size``, ONNX's blocked dequantization,
+    which the QNN EP compiles to HTP block-quantized weights (tested on v73-v81).
 
     Only the shapes of the quantizer's weights are read, so ``model`` may be loaded
     without its external data; the new tensors are held in memory."""
     import ml_dtypes
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     inits = {init.name: init for init in model.graph.initializer}
     for name, site in sites.items():
         dq = _weight_dq(model, site)
         q = levels[name][0].T.contiguous().numpy().astype(np.int8)
-        scale = levels[name][1].reshape(-1).numpy().astype(np.float32)
+        scale = levels[name][1]
         if tuple(inits[dq.input[0]].dims) != q.shape:
             raise EdgeforgeError(f"{name}: weight shape differs from the exported graph")
         dtype = ml_dtypes.int4 if bits[name] == 4 else np.int8
+        groups = scale.shape[1] if scale.dim() == 2 else 1
+        if groups > 1:  # [groups, out] blocks of consecutive input rows
+            scale = scale.T.contiguous().numpy().astype(np.float32)
+            del dq.attribute[:]
+            dq.attribute.extend([
+                helper.make_attribute("axis", 0),
+                helper.make_attribute("block_size", q.shape[0] // groups),
+            ])  # fmt: skip
+        else:
+            scale = scale.reshape(-1).numpy().astype(np.float32)
         inits[dq.input[0]].CopyFrom(numpy_helper.from_array(q.astype(dtype), dq.input[0]))
         inits[dq.input[1]].CopyFrom(numpy_helper.from_array(scale, dq.input[1]))
         inits[dq.input[2]].CopyFrom(
-            numpy_helper.from_array(np.zeros(q.shape[1], dtype), dq.input[2])
+            numpy_helper.from_array(np.zeros(scale.shape, dtype), dq.input[2])
         )
 
 
@@ -1009,7 +1030,10 @@ def quantize_piece(
         bits = {n: plan.linears[n].weight.bits for n in quantized}
         chosen = levels
         if chosen is None:
-            chosen = {n: quantize_weight(weights[n], "per_channel", bits[n]) for n in quantized}
+            chosen = {
+                n: nearest_levels({n: weights[n]}, bits[n], plan.linears[n].weight.group_size)[n]
+                for n in quantized
+            }
         replace_weights(qdq, quantized, chosen, bits)
         tighten_masked_scores(qdq, model)
         signed_matmul_operands(qdq)

@@ -34,7 +34,7 @@ from common.export import piece_export as pe
 from common.models import ModelAdapter
 from common.models.static_decoder import BlockPiece, piece_dims, rotary_table
 from common.quant.gptq import HessianObserver, gptq_levels
-from common.quant.int8 import dequantize
+from common.quant.int8 import dequantize_weight
 
 #: ``name -> (levels [out, in] int8, scale [out, 1])``.
 Levels = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -120,6 +120,7 @@ def _round_and_run(
     bits: int,
     levels: Levels,
     *,
+    group_size: int | None = None,
     propagate: bool = True,
 ) -> list[_Rows]:
     """Gather Hessians of ``linears`` over ``run(rows)`` for every sequence (``run`` calls
@@ -135,13 +136,13 @@ def _round_and_run(
         gathered.remove()
     hessians = gathered.hessians()
     for name, linear in linears.items():
-        levels[name] = gptq_levels(linear.weight, hessians[name], bits)
+        levels[name] = gptq_levels(linear.weight, hessians[name], bits, group_size=group_size)
     if not propagate:  # no rounded copy of the weights (the LM head: the largest part)
         return []
     originals = {}
     for name, linear in linears.items():
         originals[name] = linear.weight.data
-        linear.weight.data = dequantize(*levels[name]).to(linear.weight.dtype)
+        linear.weight.data = dequantize_weight(*levels[name]).to(linear.weight.dtype)
     try:
         with torch.no_grad():
             return [replace(rows, hidden=run(rows)) for rows in hidden]
@@ -155,6 +156,7 @@ def sequential_gptq(
     windows: torch.Tensor,
     bits: int,
     *,
+    group_size: int | None = None,
     progress: bool = True,
     parts: Parts | None = None,
     pictures: Sequence[pe.MultimodalPrompt] = (),
@@ -163,7 +165,8 @@ def sequential_gptq(
     (token ids, each a full causal sequence from position 0) and, for a vision-language
     model, ``pictures``: prompts whose vision embeddings replace their placeholder rows,
     at their M-RoPE positions (the statistics of what the deployed model reads). ``parts``
-    reads a streamed model's parts one at a time (:class:`~common.analysis.layerwise.Parts`)."""
+    reads a streamed model's parts one at a time (:class:`~common.analysis.layerwise.Parts`);
+    ``group_size``: one scale per that many input columns (block-quantized weights)."""
     seq_len = max([windows.shape[1], *(len(p.token_ids) for p in pictures)])
     dims = piece_dims(adapter, seq_len)
     cos, sin = rotary_table(adapter, seq_len)
@@ -184,11 +187,11 @@ def sequential_gptq(
             linears = {layer.linear_names[r]: m for r, m in layer.linears.items()}
             hidden = _round_and_run(
                 linears, lambda r, b=block: b(r.hidden, r.positions, r.mask)[0], hidden, bits,
-                levels,
+                levels, group_size=group_size,
             )  # fmt: skip
     with parts.head() as (norm, head):
         _round_and_run(
             {adapter.lm_head_path: head}, lambda r: head(norm(r.hidden)), hidden, bits, levels,
-            propagate=False,
+            group_size=group_size, propagate=False,
         )  # fmt: skip
     return levels

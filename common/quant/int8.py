@@ -22,7 +22,7 @@ from common.core.errors import EdgeforgeError
 
 #: Smallest range a scale is computed from (mllm's guard against all-zero tensors).
 MIN_RANGE = 1e-5
-WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor", "group")
 #: Storage dtype per bit width; int4 levels (``[-8, 7]``) are held in int8 and packed
 #: only by the file format that ships them (e.g. ONNX ``INT4`` for QNN ``w4a16``).
 _INT_DTYPES = {4: torch.int8, 8: torch.int8, 16: torch.int16, 32: torch.int32}
@@ -72,17 +72,37 @@ def fake_quantize(
 
 
 def weight_scale(
-    weight: torch.Tensor, granularity: str = "per_channel", bits: int = 8
+    weight: torch.Tensor,
+    granularity: str = "per_channel",
+    bits: int = 8,
+    group_size: int | None = None,
 ) -> torch.Tensor:
-    """Scale of a ``[out, in]`` weight on the ``bits`` grid: one per output row, or one
-    for the tensor."""
+    """Scale of a ``[out, in]`` weight on the ``bits`` grid: one per output row
+    (``[out, 1]``), one for the tensor (``[]``), or one per ``group_size`` consecutive input
+    columns of a row (``group``: ``[out, in / group_size]``, the block scales of QNN's
+    block-quantized int4 and of GPTQ's groups)."""
     if granularity == "per_channel":
         return symmetric_scale(weight.detach().abs().amax(dim=1, keepdim=True).float(), bits)
     if granularity == "per_tensor":
         return symmetric_scale(weight.detach().abs().max().float(), bits)
+    if granularity == "group":
+        rows, columns = weight.shape
+        if not group_size or columns % group_size:
+            raise EdgeforgeError(
+                f"weight groups: group_size {group_size!r} does not divide the "
+                f"{columns} input columns"
+            )
+        blocks = weight.detach().reshape(rows, columns // group_size, group_size)
+        return symmetric_scale(blocks.abs().amax(dim=2).float(), bits)
     raise EdgeforgeError(
         f"weight granularity: {granularity!r} is not one of {', '.join(WEIGHT_GRANULARITIES)}"
     )
+
+
+def column_scales(scale: torch.Tensor, columns: int) -> torch.Tensor:
+    """Each weight's own step, ``[out, columns]``, from a per-row ``[out, 1]`` or a
+    per-group ``[out, groups]`` scale (groups of ``columns / groups`` consecutive columns)."""
+    return scale.repeat_interleave(columns // scale.shape[1], dim=1)
 
 
 #: Rows of a weight :func:`quantize_weight` rounds at a time.
@@ -90,10 +110,13 @@ WEIGHT_ROWS = 4096
 
 
 def quantize_weight(
-    weight: torch.Tensor, granularity: str = "per_channel", bits: int = 8
+    weight: torch.Tensor,
+    granularity: str = "per_channel",
+    bits: int = 8,
+    group_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(levels [out, in], float32 scale)`` on the ``bits`` grid (int8 storage for 4 and 8
-    bits); the scale has shape ``[out, 1]`` or ``[]``.
+    bits); the scale has shape ``[out, 1]``, ``[]`` or, per group, ``[out, groups]``.
 
     :data:`WEIGHT_ROWS` rows at a time, into one int8 result: every step is elementwise
     or a per-row/whole maximum, so the values are those of one pass, while the float
@@ -104,10 +127,20 @@ def quantize_weight(
         scale = symmetric_scale(torch.stack([r.abs().max() for r in rows]).max().float(), bits)
         scales = [scale] * len(rows)
     else:
-        scales = [weight_scale(r, granularity, bits) for r in rows]
+        scales = [weight_scale(r, granularity, bits, group_size) for r in rows]
         scale = torch.cat(scales)
+    if granularity == "group":  # each weight divided by its own group's step
+        scales = [column_scales(s, weight.shape[1]) for s in scales]
     levels = [quantize(r.float(), s, bits) for r, s in zip(rows, scales, strict=True)]
     return torch.cat(levels), scale
+
+
+def dequantize_weight(levels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float ``[out, in]`` weights of :func:`quantize_weight`'s levels and scale (per row,
+    per tensor or per group)."""
+    if scale.dim() == 2 and scale.shape[1] > 1:
+        scale = column_scales(scale, levels.shape[1])
+    return dequantize(levels, scale)
 
 
 def quantize_bias(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -187,7 +187,7 @@ QNN, SOPHGO = ("qnn",), ("sophgo",)
 SCHEMES: dict[str, QuantScheme] = {
     scheme.name: scheme
     for scheme in (
-        # QNN HTP: per-channel symmetric int weights, static symmetric activations.
+        # QNN HTP: symmetric int weights, static symmetric activations.
         QuantScheme("w8a16", Weights("int8", rounding="gptq"), "int16", backends=QNN),
         # 8-bit activations except where 8 bits measurably fail (common.backends.qdq).
         QuantScheme(
@@ -198,7 +198,13 @@ SCHEMES: dict[str, QuantScheme] = {
             down="int16",
             backends=QNN,
         ),
-        QuantScheme("w4a16", Weights("int4", rounding="gptq"), "int16", backends=QNN),
+        # Block-quantized int4: a scale per 32 input columns (QNN EP: blocked DQ on HTP).
+        QuantScheme(
+            "w4a16",
+            Weights("int4", granularity="group", group_size=32, rounding="gptq"),
+            "int16",
+            backends=QNN,
+        ),
         # SOPHGO tpu-mlir (model_deploy --quantize BF16 / F16 / W8BF16 / W4BF16).
         QuantScheme("bf16", Weights("bfloat16"), "bfloat16", backends=SOPHGO),
         QuantScheme("f16", Weights("float16"), "float16", backends=SOPHGO),

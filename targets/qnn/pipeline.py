@@ -316,12 +316,13 @@ class NearestLevels(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
     piece asks for its own, from the part of the model in memory then: the whole model's
     levels (one byte per weight, 1.8 GB at 1.8B) are never held at once."""
 
-    def __init__(self, adapter: ModelAdapter, bits: int) -> None:
-        self.bits = bits
+    def __init__(self, adapter: ModelAdapter, bits: int, group_size: int | None = None) -> None:
+        self.bits, self.group_size = bits, group_size
         self.linears = {name: m for name, _role, m in iter_linears(adapter)}
 
     def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return qdq.nearest_levels({name: self.linears[name].weight}, self.bits)[name]
+        weight = {name: self.linears[name].weight}
+        return qdq.nearest_levels(weight, self.bits, self.group_size)[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.linears)

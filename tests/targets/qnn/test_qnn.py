@@ -491,8 +491,8 @@ def test_tiny_report_and_binaries(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     accuracy = report["end_to_end"]["accuracy"]
     assert accuracy["graph"] == "QNN HTP emulator, every piece"
     assert accuracy["top1_agreement"] == report["end_to_end"]["top1_agreement"]
-    assert (accuracy["rows"], accuracy["windows"]) == (report["end_to_end"]["tokens"], 8)
-    assert accuracy["ppl_tokens"] == 8 * 15  # each window's rows but its last
+    assert (accuracy["rows"], accuracy["windows"]) == (report["end_to_end"]["tokens"], 32)
+    assert accuracy["ppl_tokens"] == 32 * 15  # each window's rows but its last
     assert 0.95 < accuracy["ppl_ratio"] < 1.05  # random weights: a spread-out softmax
     low, high = accuracy["top1_interval_95"]
     assert low <= accuracy["top1_agreement"] <= high
@@ -504,6 +504,56 @@ def test_tiny_report_and_binaries(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     # the binaries and the .mllm each have their plan; no third description of the encodings
     assert {"quant_plan.json", "model.int8.plan.json"} <= set(manifest["outputs"])
     assert "qnn_scales.json" not in manifest["outputs"]
+
+
+def test_block_quantized_int4_pieces_on_htp(
+    tiny_profile: Path, tiny_qwen2_dir: Path, tmp_path: Path
+) -> None:
+    """``PRESET=w4a16``: int4 weights with a scale per 32 input columns, written as ONNX's
+    blocked DequantizeLinear, compile all on QNN for the oldest and newest HTP of the
+    table (v73, v81) and run on the emulator as their QDQ graph does on CPU. A model whose
+    linears the groups do not divide is refused (the build checks before any work)."""
+    common = ("--model", "tiny-qwen2", "--profile", str(tiny_profile), "--preset", "w4a16")
+    result = run_target(
+        tmp_path, *common, "--prefill-len", "16", "--kv-len", "24", "--socs", "SM8550,SM8850",
+        "--keep-qdq", "--e2e-windows", "4",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "tiny-qwen2" / "qnn"
+    report = json.loads((out / "report.json").read_text())
+    plan = json.loads((out / "quant_plan.json").read_text())
+    assert {json.dumps(t["weight"], sort_keys=True) for t in plan["tensors"].values()} == {
+        json.dumps({"dtype": "int4", "granularity": "group", "group_size": 32,
+                    "symmetric": True, "rounding": "gptq"}, sort_keys=True)
+    }  # fmt: skip
+    for row in report["layers"]:
+        assert row["all_nodes_on_qnn"] and row["cos_vs_cpu_qdq"] >= 0.9999, row
+        for soc_name, arch in (("SM8550", 73), ("SM8850", 81)):
+            info = qnn_ep.read_binary_info(out / row["binaries"][soc_name]["bin"])
+            assert info.htp_arch == arch
+    for piece in ("block_0", "block_cache_1"):
+        graph = onnx.load(str(out / "qdq" / f"{piece}.onnx"))
+        inits = {i.name: i for i in graph.graph.initializer}
+        weights = [
+            n for n in graph.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits
+            and inits[n.input[0]].data_type == TensorProto.INT4
+        ]  # fmt: skip
+        assert len(weights) == 7, piece
+        for node in weights:  # [in, out] levels, a scale per block of 32 input rows
+            assert {a.name: a.i for a in node.attribute} == {"axis": 0, "block_size": 32}
+            levels, scale = (list(inits[node.input[i]].dims) for i in (0, 1))
+            assert scale == [levels[0] // 32, levels[1]], (piece, levels, scale)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    build = import_target("qnn", "build")
+    config = AutoConfig.from_pretrained(tiny_qwen2_dir)
+    config.hidden_size = 48  # a group of 32 columns does not divide it
+    with torch.device("meta"):
+        odd = get_adapter(AutoModelForCausalLM.from_config(config))
+    with pytest.raises(EdgeforgeError, match="q_proj reads 48 inputs, which PRESET=w4a16's"):
+        build.check_groups(odd, qdq.preset_by_name("w4a16"), tmp_path / "config.json")
+    build.check_groups(odd, qdq.preset_by_name("w8a16"), tmp_path / "config.json")
 
 
 def _weights_in(graph: onnx.ModelProto, floats: dict[str, np.ndarray]) -> dict[str, tuple]:
