@@ -21,7 +21,7 @@ QNN_ARGS = $(call option_args,$(QNN_OPTIONS))
 QNN_ROTATE = $(if $(filter none,$(ROTATE)),,$(or $(ROTATE),hadamard))
 QNN_PROFILE_DIR = profile$(if $(QNN_ROTATE),-$(QNN_ROTATE))
 QNN_PROFILE = $(or $(PROFILE),$(BUILD_DIR)/$(MODEL)/$(QNN_PROFILE_DIR)/profile.json)
-.PHONY: qnn qnn-venv qnn-rotated-fp32
+.PHONY: qnn qnn-venv qnn-sweep qnn-rotated-fp32
 
 qnn-venv: $(QNN_STAMP) ## install onnxruntime-qnn (pinned) into the venv
 
@@ -43,6 +43,17 @@ ifeq ($(USE_DOCKER),1)
 	docker/run.sh qnn qnn MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) $(QNN_VARS)
 else
 	$(PY) targets/qnn/build.py $(MODEL_ARGS) $(QNN_ARGS)
+endif
+
+# make qnn-sweep MODEL=<recipe> [PRESETS=w8a16,w8a8,w4a16] [any make qnn variable but PRESET]:
+# each preset built as make qnn builds it, packages moved to build/<MODEL>/qnn-sweep/<preset>/,
+# and one table (sweep.md, sweep.json): accuracy block, binary bytes, build time, gates.
+QNN_SWEEP_ARGS = $(call option_args,$(filter-out PRESET,$(QNN_OPTIONS)))
+qnn-sweep: venv qnn-venv $(QNN_PROFILE) ## QNN presets side by side: accuracy, binary size, build time in one table
+ifeq ($(USE_DOCKER),1)
+	docker/run.sh qnn qnn-sweep MODEL=$(MODEL) BUILD_DIR=$(BUILD_DIR) $(if $(MODEL_PATH),MODEL_PATH=$(MODEL_PATH)) $(if $(PRESETS),PRESETS=$(PRESETS)) $(filter-out PRESET=%,$(QNN_VARS))
+else
+	$(PY) targets/qnn/sweep.py $(MODEL_ARGS) $(if $(PRESETS),--presets $(PRESETS)) $(QNN_SWEEP_ARGS)
 endif
 
 qnn-rotated-fp32: cpu ## mllm export_rotate_model: the FP32 rotated CPU model (= make cpu)

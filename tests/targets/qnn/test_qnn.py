@@ -556,6 +556,37 @@ def test_block_quantized_int4_pieces_on_htp(
     build.check_groups(odd, qdq.preset_by_name("w8a16"), tmp_path / "config.json")
 
 
+def test_sweep_tables_the_presets(tiny_profile: Path, tmp_path: Path) -> None:
+    """``make qnn-sweep``: each preset built as make qnn builds it, its package kept under
+    ``qnn-sweep/<preset>/``, and one table whose numbers are those packages' own: the
+    accuracy block, the binaries' bytes (int4 blocks are smaller than int8 rows)."""
+    sweep = REPO_ROOT / "targets" / "qnn" / "sweep.py"
+    common = ("--model", "tiny-qwen2", "--build-dir", str(tmp_path))
+    refused = run_python(str(sweep), *common, "--presets", "w8a16,w3a3")
+    assert_clean_error(refused, "PRESETS=w8a16,w3a3: expected a comma list of")
+    result = run_python(
+        str(sweep), *common, "--presets", "w8a16,w4a16", "--profile", str(tiny_profile),
+        "--prefill-len", "16", "--kv-len", "24", "--e2e-windows", "4", "--rounding", "nearest",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "tiny-qwen2" / "qnn-sweep"
+    rows = {r["preset"]: r for r in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert list(rows) == ["w8a16", "w4a16"]
+    for preset, row in rows.items():
+        report = json.loads((out / preset / "report.json").read_text())
+        assert report["preset"] == preset
+        accuracy = report["end_to_end"]["accuracy"]
+        assert (row["ppl_ratio"], row["top1_agreement"]) == (
+            accuracy["ppl_ratio"],
+            accuracy["top1_agreement"],
+        )
+        binaries = list((out / preset).glob("*/*_qnn.bin"))
+        assert row["binary_bytes"] == sum(b.stat().st_size for b in binaries) and len(binaries) == 5
+        assert f"| `{preset}` | {row['ppl_ratio']:.4f} |" in (out / "sweep.md").read_text()
+    assert rows["w4a16"]["binary_bytes"] < rows["w8a16"]["binary_bytes"]
+    assert not (tmp_path / "tiny-qwen2" / "qnn").exists()  # each package moved to the sweep
+
+
 def _weights_in(graph: onnx.ModelProto, floats: dict[str, np.ndarray]) -> dict[str, tuple]:
     """Each linear's ``(MatMul, weight DequantizeLinear or None)`` in a QDQ graph, found by
     its weight: a float linear keeps ``W^T`` itself; a quantized one is the linear whose
