@@ -28,8 +28,9 @@ The residual stream and its RMSNorms stay float (fp16 on HTP; :func:`float_nodes
 
 **The plan.** :func:`qdq_plan` turns the ``.mllm``'s quant plan (its shadow tensors), the
 profile (ranges) and a scheme (widths) into a :class:`QdqPlan`: per linear its weight
-(int4/int8 per channel or int4 per group, GPTQ or nearest, or float) and per side the exact encoding imposed
-(width, abs-max, covered range, float32 scale, zero point) or the float fallback and why.
+(int4/int8 per channel or int4 per group, GPTQ or nearest, or float) and per side the
+exact encoding imposed (width, abs-max, covered range, float32 scale, zero point) or the
+float fallback and why.
 ``make qnn`` writes it as ``quant_plan.json`` beside the binaries and the QDQ step reads it
 back from that file (:func:`load_qdq_plan`): what the file says is what was built.
 
