@@ -989,7 +989,7 @@ def test_sampled_verification_emulates_first_middle_last(deep_vl: Path, tmp_path
         result = run_target(
             tmp_path / verify, "--model", model, "--model-path", str(deep_vl), "--profile",
             str(profile), "--rounding", "nearest", "--verify", verify, "--prefill-len", "56",
-            "--kv-len", "64", *images,
+            "--kv-len", "64", "--e2e-windows", "8", *images,
         )  # fmt: skip
         assert "Traceback" not in result.stderr and result.returncode in (0, 1), result.stderr
         out = tmp_path / verify / model / "qnn"
