@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from common.core.errors import EdgeforgeError
-from common.quant.int8 import column_scales, qmax, weight_scale
+from common.quant.int8 import qmax, weight_scale
 
 #: Columns rounded per lazy batch update (the paper's B; only speed depends on it).
 BLOCK = 128
@@ -158,8 +158,8 @@ def gptq_levels(
     for first in range(0, weight.shape[0], rows):
         last = min(first + rows, weight.shape[0])
         w = weight[first:last].detach().float()[:, order]  # indexing copies: weight untouched
-        if group_size:  # each column's group step, in the visiting order
-            steps = column_scales(scale[first:last], columns)[:, order].contiguous().numpy()
+        if group_size:  # each column's group step, in the visiting order (one gather)
+            steps = scale[first:last][:, order // group_size].numpy()
         else:  # one step a row, seen by every column (a view, no copy)
             steps = np.broadcast_to(scale[first:last].numpy(), (last - first, columns))
         for start in range(0, columns, block):
