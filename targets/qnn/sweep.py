@@ -25,9 +25,11 @@ from common.core.errors import EdgeforgeError, run_cli
 from common.core.paths import REPO_ROOT
 from common.core.recipes import load_recipe, model_build_dir
 from common.core.records import atomic_path, write_bytes_atomic, write_json_atomic
+from common.quant.schemes import schemes_for
 
 BUILD = Path(__file__).with_name("build.py")
-PRESETS = ("w8a16", "w8a8", "w4a16")
+#: make qnn's presets, in registry order (the schemes naming the qnn backend).
+PRESETS = schemes_for("qnn")
 
 
 def sweep_row(preset: str, package: Path, seconds: float, error: str | None) -> dict[str, Any]:
