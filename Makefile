@@ -59,8 +59,13 @@ eval: venv ## held-out perplexity + canary prompt: build/<MODEL>/eval/report.jso
 	$(PY) -m common.steps.cli eval $(MODEL_ARGS) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY)) \
 		$(if $(SEQUENTIAL),--sequential $(SEQUENTIAL))
 
-test: venv ## the test suite through tox: lint, unit + integration tests, one env per target
-	$(VENV)/bin/tox
+# The envs run side by side (TEST_JOBS at a time, default one per core): much of a test is
+# single-threaded (imports, graph building, the vendor compilers), so two envs on two cores
+# finish in well under the sum of their times. The toolchains are installed first, once, so
+# that envs started together never install into the same venv at once.
+TEST_JOBS ?= $(shell nproc)
+test: venv qnn-venv sophgo-toolchain autoround-venv ## the test suite through tox: lint, unit + integration tests, one env per target, TEST_JOBS at a time
+	$(VENV)/bin/tox run-parallel --parallel $(TEST_JOBS) --parallel-live
 
 lint: venv ## ruff over the whole tree: lint rules and formatting (make format fixes the latter)
 	$(VENV)/bin/ruff check .
