@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from common.core.errors import reported_error
 from tests.conftest import assert_clean_error, run_cli, run_python
 
 
@@ -154,3 +155,18 @@ def test_a_full_disk_is_one_error_line() -> None:
     assert "Traceback" not in result.stderr and "run the same command again" in result.stderr
     other = run_python("-c", code.replace("errno.ENOSPC", "errno.EACCES"))
     assert other.returncode == 1 and "PermissionError" in other.stderr
+
+
+def test_a_child_processes_error_line_is_relayed() -> None:
+    """A parent (the sweep, the QNN compile) relays the message of the last ``error:``
+    line its child printed through ``run_cli``, and nothing when there is none."""
+    code = (
+        "from common.core.errors import EdgeforgeError, run_cli\n"
+        "def main():\n"
+        "    raise EdgeforgeError('PRESET=w9: no such preset')\n"
+        "run_cli(main)\n"
+    )
+    child = run_python("-c", code)
+    assert child.returncode == 2
+    assert reported_error("progress 3/4\n" + child.stderr) == "PRESET=w9: no such preset"
+    assert reported_error("Traceback (most recent call last):\n  ...\nValueError: x") is None

@@ -28,7 +28,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from common.core.errors import EdgeforgeError
+from common.core.errors import EdgeforgeError, reported_error
 
 EP_NAME = "QNNExecutionProvider"
 #: Lines of a failed compile process's stderr quoted in the error.
@@ -246,9 +246,9 @@ def compile_context(model: Path, dest: Path, options: Mapping[str, str]) -> Path
     command = [sys.executable, "-m", __name__, str(model), str(dest), json.dumps(dict(options))]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-        if errors:
-            raise EdgeforgeError(errors[-1].removeprefix("error: "))
+        reported = reported_error(done.stderr)
+        if reported is not None:
+            raise EdgeforgeError(reported)
         how = f"exit {done.returncode}"
         if done.returncode < 0:
             how = f"killed by {signal.Signals(-done.returncode).name}"

@@ -33,6 +33,13 @@ def fail(message: str) -> NoReturn:
     raise EdgeforgeError(message)
 
 
+def reported_error(stderr: str) -> str | None:
+    """The message of the last ``error:`` line a child edgeforge process printed (what
+    :func:`run_cli` writes), or None: a parent relays the child's own words, not its tail."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    return errors[-1].removeprefix("error: ") if errors else None
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (``kill``, ``timeout``, make stopping its jobs). A BaseException, so
     no ``except Exception`` swallows it on its way out through every ``finally``."""

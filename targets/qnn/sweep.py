@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.core.errors import EdgeforgeError, run_cli
+from common.core.errors import EdgeforgeError, reported_error, run_cli
 from common.core.paths import REPO_ROOT
 from common.core.recipes import load_recipe, model_build_dir
 from common.core.records import atomic_path, write_bytes_atomic, write_json_atomic
@@ -93,11 +93,6 @@ def _run_shown(command: list[str]) -> tuple[int, str]:
     return proc.returncode, kept.decode(errors="replace")
 
 
-def _error_line(stderr: str) -> str:
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    return errors[-1].removeprefix("error: ") if errors else stderr.strip()[-300:]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -124,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.monotonic()
             code, stderr = _run_shown(command)
             written = code in (0, 1) and (built / "report.json").is_file()
-            error = None if written else _error_line(stderr)
+            error = None if written else reported_error(stderr) or stderr.strip()[-300:]
             if written:
                 shutil.move(str(built), str(tmp / preset))
             rows.append(sweep_row(preset, tmp / preset, time.monotonic() - start, error))
