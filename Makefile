@@ -59,13 +59,17 @@ eval: venv ## held-out perplexity + canary prompt: build/<MODEL>/eval/report.jso
 	$(PY) -m common.steps.cli eval $(MODEL_ARGS) $(if $(MAX_MEMORY),--max-memory $(MAX_MEMORY)) \
 		$(if $(SEQUENTIAL),--sequential $(SEQUENTIAL))
 
-# The envs run side by side (TEST_JOBS at a time, default one per core): much of a test is
-# single-threaded (imports, graph building, the vendor compilers), so two envs on two cores
-# finish in well under the sum of their times. The toolchains are installed first, once, so
-# that envs started together never install into the same venv at once.
-TEST_JOBS ?= $(shell nproc)
+# The envs run side by side, TEST_JOBS at a time (default one per core), each with its share
+# of the cores as OMP_NUM_THREADS (torch and OpenBLAS; onnxruntime sessions are
+# single-threaded already): two envs of two torch threads each on two cores spent their time
+# waiting on each other's threads (measured: the autoround env 5.7 min alone, 14 min beside
+# another). The toolchains are installed first, once, so that envs started together never
+# install into the same venv at once.
+NPROC := $(shell nproc)
+TEST_JOBS ?= $(NPROC)
+TEST_THREADS ?= $(shell echo $$(( $(NPROC) / $(TEST_JOBS) > 0 ? $(NPROC) / $(TEST_JOBS) : 1 )))
 test: venv qnn-venv sophgo-toolchain autoround-venv ## the test suite through tox: lint, unit + integration tests, one env per target, TEST_JOBS at a time
-	$(VENV)/bin/tox run-parallel --parallel $(TEST_JOBS) --parallel-live
+	OMP_NUM_THREADS=$(TEST_THREADS) $(VENV)/bin/tox run-parallel --parallel $(TEST_JOBS) --parallel-live
 
 lint: venv ## ruff over the whole tree: lint rules and formatting (make format fixes the latter)
 	$(VENV)/bin/ruff check .

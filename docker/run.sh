@@ -9,7 +9,8 @@
 # EDGEFORGE_IMAGE_ID, which every artifact manifest records (common/core/records.py).
 # The caller's OpenBLAS variables (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE, ...) go in as they
 # are: they pick OpenBLAS's kernels, so numpy's products (tpu-mlir's compares, make sophgo's
-# cosines) differ in their last bits without them (measured: README "Containers").
+# cosines) differ in their last bits without them (measured: README "Containers"). So does
+# OMP_NUM_THREADS, when set: the step uses the threads the caller gave it, as natively.
 # Targets map to images in docker/image.sh (sophgo-bm1684x: the sophgo image).
 set -euo pipefail
 if [ $# -lt 2 ]; then
@@ -61,7 +62,9 @@ image_id=$(docker image inspect --format '{{.Id}}' "$tag")
 hf_cache=${HF_HOME:-$HOME/.cache/huggingface}
 env_args=(-e HOME=/tmp -e EDGEFORGE_IMAGE="$tag" -e EDGEFORGE_IMAGE_ID="$image_id"
   -e GIT_CONFIG_COUNT=1 -e GIT_CONFIG_KEY_0=safe.directory -e GIT_CONFIG_VALUE_0='*')
-for name in $(compgen -e | grep '^OPENBLAS_' || true); do env_args+=(-e "$name"); done
+for name in $(compgen -e | grep -E '^(OPENBLAS_|OMP_NUM_THREADS$)' || true); do
+  env_args+=(-e "$name")
+done
 if [ -d "$hf_cache" ]; then
   mount_at_host_path "$hf_cache" ro
   env_args+=(-e HF_HOME="$(cd "$hf_cache" && pwd)")
