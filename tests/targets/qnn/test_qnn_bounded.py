@@ -1,17 +1,18 @@
 """``make qnn`` builds a model whose float32 weights exceed the memory cap, a layer at a time.
 
-A random qwen2 in real-model proportions (hidden 1024, 64 MiB float32 layers, 37 of them,
-bf16 on disk, sharded; tiny-qwen2's tokenizer): 2.32 GiB of float32 weights against a
-2.3 GiB cap. The build holds one part at a time: each of its 75 pieces is exported,
+A random qwen2 in real-model proportions (hidden 1024, 64 MiB float32 layers, 41 of them,
+bf16 on disk, sharded; tiny-qwen2's tokenizer): 2.57 GiB of float32 weights against a
+2.55 GiB cap. The build holds one part at a time: each of its 83 pieces is exported,
 quantized, compiled for the SoC and loaded all on QNN, ``VERIFY=sample`` running the
 first, middle and last layers on the emulator. The cap bounds the step and the compiles
 it starts together, as sampled from outside; the preflight's estimate must cover what
 was measured.
 
 Weights of twice the cap are left to ``make bench-scale`` (Qwen1.5-1.8B under 8 GiB):
-the estimate holds about 2.2 GiB at this layer size (runtime, onnxruntime and the QNN
-backend, a layer's quantize at 7x), so twice that in weights would be 70 layers, 140
-pieces, beyond the test budget. (Measured 1.94-2.05 GiB for 42 layers.)
+the estimate holds about 2.5 GiB at this layer size (runtime, onnxruntime and the QNN
+backend, a layer's quantize at 7x, the compiler process beside it), so twice that in
+weights would be 80 layers, 160 pieces, beyond the test budget. (Measured: 1.94-2.05 GiB
+for the build's own process, 0.30 GiB for the compiler beside it, 2.32 GiB together.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tests.conftest import (
 )
 
 SCRIPT = REPO_ROOT / "targets" / "qnn" / "build.py"
-CAP = "2.3GB"
+CAP = "2.55GB"
 #: Any recipe of the model's architecture takes MODEL_PATH; this one is a qwen2.
 RECIPE = "qwen1.5-1.8b"
 #: Small graphs and few windows: what is measured is the model's size, not the checks'.
@@ -42,7 +43,7 @@ SMALL = ("--prefill-len", "8", "--kv-len", "16", "--e2e-windows", "1", "--calib-
 
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -> Path:
-    out = random_qwen2(tmp_path_factory.mktemp("big") / "model", tiny_qwen2_dir, layers=37)
+    out = random_qwen2(tmp_path_factory.mktemp("big") / "model", tiny_qwen2_dir, layers=41)
     assert float32_bytes(out) > parse_size(CAP)
     return out
 
@@ -63,8 +64,9 @@ def test_qnn_within_the_cap(big_model: Path, tmp_path: Path) -> None:
     resources = report["resources"]
     assert resources["peak_rss_bytes"] <= resources["estimated_peak_bytes"]["total"]
     assert resources["estimated_peak_bytes"]["total"] <= parse_size(CAP)
+    assert tree_peak <= resources["estimated_peak_bytes"]["total"], tree_peak  # the compiler too
     assert tree_peak <= parse_size(CAP), tree_peak
-    assert report["verify"]["emulated_layers"] == [0, 18, 36]
-    assert len(report["layers"]) == 2 * 37 + 1
+    assert report["verify"]["emulated_layers"] == [0, 20, 40]
+    assert len(report["layers"]) == 2 * 41 + 1
     assert all(row["all_nodes_on_qnn"] for row in report["layers"])
     assert report["passed"] is True
