@@ -88,13 +88,11 @@ def _plan(layer: dict, preset: str, headroom: float = 1.0) -> qdq.QdqPlan:
     linears = {}
     for name, (i, o) in layer["ranges"].items():
         role = layer["roles"][name]
-        bits = int_bits(scheme.activation(role))
-        linears[name] = qdq.LinearPlan(
-            role,
-            scheme.weights,
-            qdq.Encoding.grid(i, bits, headroom),
-            qdq.Encoding.grid(o, bits, headroom),
-        )
+        sides = [
+            qdq.Encoding.grid(absmax, int_bits(scheme.activation(role, side)), headroom)
+            for absmax, side in ((i, "input"), (o, "output"))
+        ]
+        linears[name] = qdq.LinearPlan(role, scheme.weights, *sides)
     return qdq.QdqPlan("block_0", scheme, {}, linears)
 
 
@@ -158,21 +156,33 @@ def test_w8a16_imposes_profile_scales_and_our_weights(layer: dict) -> None:
     assert _cos(path, layer) > 0.995
 
 
-def test_w8a8_keeps_attention_scores_in_16_bits(layer: dict) -> None:
+def test_w8a8_keeps_scores_and_the_swiglu_interior_in_16_bits(layer: dict) -> None:
+    """w8a8: every linear reads 8 bits except down_proj; the attention scores, gate/up's
+    outputs and the SiLU between them and down_proj are 16-bit; q/k/v/o write 8 bits."""
     path, sites = _quantize(layer, "w8a8")
     model = onnx.load(str(path))
     params = _q_params(model)
-    scores = qdq.score_tensors(onnx.load(str(layer["static"])))
+    static = onnx.load(str(layer["static"]))
+    scores = qdq.score_tensors(static)
     assert scores, "no attention score tensors found"
     for tensor in scores:
         if tensor in params:
             assert params[tensor][1].dtype == np.uint16, tensor
+    (down,) = (site for name, site in sites.items() if name.endswith("down_proj"))
+    interior = qdq.swiglu_interior(static, down)
+    producers = {out: n.op_type for n in static.graph.node for out in n.output}
+    assert sorted(producers[t] for t in interior) == ["Mul", "Sigmoid"]  # SiLU = x·σ(x)
+    for tensor in interior:
+        assert params[tensor][1].dtype == np.uint16, tensor
     for name, site in sites.items():  # o_proj's input encoding comes from P·V (calibrated)
         if name.endswith("down_proj"):  # mixed precision: reads and writes 16 bits
             assert params[site.input][1].dtype == np.uint16, name
             assert params[site.output][1].dtype == np.uint16, name
-        elif not name.endswith("o_proj"):
+            continue
+        if not name.endswith("o_proj"):
             assert params[site.input][1].dtype == np.uint8, name
+        wide = name.endswith(("gate_proj", "up_proj"))
+        assert params[site.output][1].dtype == (np.uint16 if wide else np.uint8), name
     assert _cos(path, layer) > 0.99
 
 
@@ -271,9 +281,10 @@ def test_qdq_plan_float_for_shadow_and_extreme_tensors() -> None:
     assert (got["a"].input, got["a"].output) == (grid(4.0, 8), grid(2.0, 8))
     assert (got["b"].input, got["b"].output) == (kept(9.0, "shadow"), kept(3.0, "linear"))
     assert got["b"].weight == Weights("float16")
-    assert (got["c"].input, got["c"].output) == (grid(2.0 * ratio, 8), grid(3.0, 8))
-    # w8a8's down_proj reads and writes 16 bits (with the 16-bit headroom).
+    # w8a8's down_proj reads and writes 16 bits (with the 16-bit headroom); gate_proj reads
+    # 8 and writes 16 (its output is the SwiGLU interior).
     assert (got["down"].input, got["down"].output) == (grid(5.0, 16, 2.0), grid(3.0, 16, 2.0))
+    assert (got["c"].input, got["c"].output) == (grid(2.0 * ratio, 8), grid(3.0, 16, 2.0))
     assert got["down"].input.range == 10.0 and got["down"].input.zero_point == 32768
     assert got["a"].weight == Weights("int8", rounding="gptq")
     wide = qdq.qdq_plan(mllm_plan, stats, qdq.preset_by_name("w8a16"), name="t")

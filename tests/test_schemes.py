@@ -29,6 +29,10 @@ def test_targets_names_resolve_to_what_each_means() -> None:
     w8a8 = SCHEMES["w8a8"]
     assert w8a8.activation("q") == "int8"
     assert w8a8.activation("scores") == w8a8.activation("down") == "int16"
+    # gate/up read the MLP input at 8 bits; their outputs are the 16-bit SwiGLU interior
+    assert w8a8.activation("gate") == w8a8.activation("up", "input") == "int8"
+    assert w8a8.activation("gate", "output") == w8a8.activation("swiglu") == "int16"
+    assert w8a8.activation("q", "output") == "int8"
     assert w8a8.weight("lm_head") == Weights("int8", rounding="gptq")  # QNN quantizes it
     w4bf16 = SCHEMES["w4bf16"]
     assert w4bf16.weights == Weights("int4", "group", 64, symmetric=False)

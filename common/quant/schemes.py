@@ -4,9 +4,9 @@ A :class:`QuantScheme` says how a model's linears are stored and computed: the w
 (:class:`Weights`: integer width, granularity, symmetry, how the levels are rounded — or a
 float dtype), the activations between them (an integer width, symmetric and static per
 tensor, or a float dtype), and the roles that differ (attention scores, down_proj's input
-and output, the LM head). It is the shape of compressed-tensors' ``QuantizationScheme`` and
-of auto-round's presets: one type, and the names people type are entries of
-:data:`SCHEMES` — QNN's ``PRESET=w8a16|w8a8|w4a16``, SOPHGO's
+and output, the SwiGLU interior, the LM head). It is the shape of compressed-tensors'
+``QuantizationScheme`` and of auto-round's presets: one type, and the names people type are
+entries of :data:`SCHEMES` — QNN's ``PRESET=w8a16|w8a8|w4a16``, SOPHGO's
 ``MODE=bf16|f16|w8bf16|w4bf16`` and AutoRound's default ``w4g32``. A backend states which
 entries it can build and refuses the widths it has no type for; a build that overrides a
 knob (``ROUNDING=``, ``Q_GROUP_SIZE=``) derives a new scheme with
@@ -41,7 +41,10 @@ GRANULARITIES = ("per_channel", "per_tensor", "group")
 #: calibration inputs), or by AutoRound's signed-gradient rounding.
 ROUNDINGS = ("nearest", "gptq", "autoround")
 #: Roles whose activation width a scheme may set apart from the others.
-ROLE_OVERRIDES = ("scores", "down", "lm_head")
+ROLE_OVERRIDES = ("scores", "down", "swiglu", "lm_head")
+#: The linear sides a role override covers though the linear's own role differs: gate_proj
+#: and up_proj *read* the MLP's input at the linear width, and their outputs are SwiGLU's.
+SIDE_ROLES = {("gate", "output"): "swiglu", ("up", "output"): "swiglu"}
 
 
 def int_bits(dtype: str) -> int | None:
@@ -125,6 +128,9 @@ class QuantScheme:
     scores: str | None = None
     #: down_proj's input and output (the input holds the MLP's attention-sink outliers).
     down: str | None = None
+    #: The SwiGLU interior: gate_proj's and up_proj's outputs and what is computed from them
+    #: elementwise (the gate's Sigmoid, SiLU's product) up to down_proj's input.
+    swiglu: str | None = None
     #: A float dtype the LM head's weight and activations keep; None: quantized like the
     #: other linears.
     lm_head: str | None = None
@@ -149,9 +155,11 @@ class QuantScheme:
                 f"keeps it float ({', '.join(FLOAT_DTYPES)})"
             )
 
-    def activation(self, role: str) -> str:
-        """The activation dtype of a linear of ``role`` (``scores`` for the attention
-        scores): its override, else :attr:`activations`."""
+    def activation(self, role: str, side: str = "input") -> str:
+        """The activation dtype on the ``side`` (``input`` or ``output``) of a linear of
+        ``role``, or of a role override's tensors (``scores``, ``swiglu``): the override
+        covering it (:data:`SIDE_ROLES`, else its role's), else :attr:`activations`."""
+        role = SIDE_ROLES.get((role, side), role)
         override = getattr(self, role) if role in ROLE_OVERRIDES else None
         return override or self.activations
 
@@ -196,6 +204,7 @@ SCHEMES: dict[str, QuantScheme] = {
             "int8",
             scores="int16",
             down="int16",
+            swiglu="int16",
             backends=QNN,
         ),
         # Block-quantized int4: a scale per 32 input columns (QNN EP: blocked DQ on HTP).
@@ -261,19 +270,18 @@ def float_activation_plan(
     per linear ``(name, role)``, its weight and its input/output dtype. No profile is
     involved: with float activations the scheme alone decides every tensor. A scheme with
     integer activations needs their ranges, i.e. its backend's own plan, and is refused."""
-    if any(d is not None and int_bits(d) for d in (scheme.activations, scheme.scores, scheme.down)):
+    widths = (scheme.activations, *(getattr(scheme, role) for role in ROLE_OVERRIDES))
+    if any(d is not None and int_bits(d) for d in widths):
         raise EdgeforgeError(
             f"scheme {scheme.name}: integer activations need ranges from a profile; "
             "this plan covers float activations only"
         )
     tensors = {}
     for linear, role in linears:
-        dtype = scheme.activation(role)
         tensors[linear] = {
             "role": role,
             "weight": scheme.weight(role).to_json(),
-            "input": {"dtype": dtype},
-            "output": {"dtype": dtype},
+            **{side: {"dtype": scheme.activation(role, side)} for side in ("input", "output")},
         }
     return {
         "format": PLAN_FORMAT,
