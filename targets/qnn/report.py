@@ -108,6 +108,8 @@ def render(report: dict[str, Any]) -> str:
         for r in (report.get("vision_pieces") or []) + report["layers"]
     ]
     lines += [
+        "",
+        _ranked_line((report.get("vision_pieces") or []) + report["layers"]),
         *[line for note in report.get("notes", []) for line in ("", note)],
         "",
         f"End to end (prefill chain on HTP, float LM head on host, {e2e['tokens']} tokens "
@@ -129,6 +131,23 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+#: How many pieces report.md names as losing the most accuracy.
+RANKED = 5
+
+
+def ranked_losses(rows: list[dict[str, Any]], count: int = RANKED) -> list[tuple[str, float]]:
+    """The ``count`` emulated pieces farthest from float (``1 - cos_vs_float``), worst
+    first: each piece ran on the float model's own inputs, so this is the error each adds
+    by itself, the place to look first when the end-to-end figure falls short."""
+    losses = [(r["name"], 1.0 - r["cos_vs_float"]) for r in rows if r["emulated"]]
+    return sorted(losses, key=lambda loss: (-loss[1], loss[0]))[:count]
+
+
+def _ranked_line(rows: list[dict[str, Any]]) -> str:
+    worst = ", ".join(f"{name} ({loss:.2e})" for name, loss in ranked_losses(rows))
+    return f"Pieces losing the most accuracy (1 - cosine vs float, on the emulator): {worst}."
 
 
 def _htp(row: dict[str, Any], key: str) -> str:

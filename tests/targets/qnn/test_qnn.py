@@ -47,6 +47,7 @@ from tests.conftest import (
 SCRIPT = REPO_ROOT / "targets" / "qnn" / "build.py"
 mllm_int8 = import_target("qnn", "mllm_int8")
 pipeline = import_target("qnn", "pipeline")
+qnn_report = import_target("qnn", "report")
 
 LINEAR_SUFFIXES = ("weight", "weight.scale", "input_scale", "output_scale", "clip_input",
                    "clip_output")  # fmt: skip
@@ -497,6 +498,12 @@ def test_tiny_report_and_binaries(tiny_run: Path, tiny_qwen2_dir: Path) -> None:
     low, high = accuracy["top1_interval_95"]
     assert low <= accuracy["top1_agreement"] <= high
     assert accuracy_line(accuracy) in (tiny_run / "report.md").read_text()
+    # report.md ranks the pieces by how much each loses by itself, worst first.
+    ranked = sorted(report["layers"], key=lambda r: (r["cos_vs_float"] - 1.0, r["name"]))
+    line = ", ".join(
+        f"{r['name']} ({1.0 - r['cos_vs_float']:.2e})" for r in ranked[: qnn_report.RANKED]
+    )
+    assert line in (tiny_run / "report.md").read_text()
     assert report["mllm_int8"]["max_abs_diff"] <= 1e-4
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     assert manifest["versions"]["onnxruntime-qnn"] == "2.7.0"
