@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from common.core.errors import EdgeforgeError
-from common.quant.int8 import dequantize, fake_quantize, qmax, quantize, symmetric_scale
+from common.quant.int8 import (
+    dequantize,
+    fake_quantize,
+    qmax,
+    quantize,
+    symmetric_scale,
+    weight_scale,
+)
 
 
 def test_qmax_int4_and_unknown_width():
@@ -33,3 +40,39 @@ def test_int4_per_row_error_bound():
     assert torch.all((dequantize(q, scale) - w).abs() <= scale / 2 + 1e-6)
     # every row uses its full positive or negative extreme
     assert torch.all(q.abs().amax(dim=1) == 7)
+
+
+def test_mse_scales_are_clips_that_never_round_worse():
+    """``mse``: each group's step is one of MSE_RATIOS x its abs-max step, the one with the
+    least squared rounding error: never worse than the abs-max grid, better on most groups
+    of a Gaussian weight (a 4-bit abs-max grid spends its levels on the tails)."""
+    from common.quant.int8 import MSE_RATIOS, WEIGHT_ROWS, quantize_weight, weight_scale
+
+    w = torch.randn(WEIGHT_ROWS + 8, 64, generator=torch.Generator().manual_seed(1))  # 2 chunks
+    absmax = weight_scale(w, "group", 4, 32)
+    mse = weight_scale(w, "group", 4, 32, "mse")
+    ratios = mse / absmax
+    assert all(any(abs(r - m) < 1e-6 for m in MSE_RATIOS) for r in ratios.flatten().tolist())
+
+    def error(scale: torch.Tensor) -> torch.Tensor:
+        blocks, steps = w.view(-1, 2, 32), scale[..., None]
+        return (fake_quantize(blocks, steps, 4) - blocks).square().sum(-1)
+
+    assert bool((error(mse) <= error(absmax)).all())
+    assert (ratios < 1).float().mean() > 0.5
+    levels, scale = quantize_weight(w, "group", 4, 32, "mse")
+    assert torch.equal(scale, mse) and levels.abs().max() <= 8
+    per_row = weight_scale(w, "per_channel", 4, rule="mse")
+    assert per_row.shape == (w.shape[0], 1) and bool((per_row <= absmax.amax(1, True)).all())
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda w: weight_scale(w, "group", 4, 32, "minmax"), "rule 'minmax' is not one of"),
+        (lambda w: weight_scale(w, "per_tensor", 4, rule="mse"), "per row or per group only"),
+    ],
+)
+def test_unknown_or_unsupported_scale_rules_are_refused(call, fragment: str) -> None:
+    with pytest.raises(EdgeforgeError, match=fragment):
+        call(torch.ones(2, 32))

@@ -212,7 +212,7 @@ def test_w4a16_holds_our_int4_blocks_and_is_coarser(layer: dict) -> None:
     for name, site in sites.items():
         dq = _weight_dq(model, site)
         weight = layer["weights"][name]
-        levels, scale = quantize_weight(weight, "group", 4, 32)  # int8.py's 4-bit grid
+        levels, scale = quantize_weight(weight, "group", 4, 32, "mse")  # int8.py grid
         assert scale.shape == (weight.shape[0], weight.shape[1] // 32)
         assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
         stored = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int8)
@@ -431,7 +431,7 @@ def test_schemes_without_htp_types_are_refused() -> None:
     w4a16 = qdq.preset_by_name("w4a16")  # int4 groups of 32: HTP block quantization
     assert (w4a16.weights.granularity, w4a16.weights.group_size) == ("group", 32)
     with pytest.raises(EdgeforgeError, match=f"weights int4 group, symmetric False; {groups}"):
-        qdq.check_htp(w4a16.with_weights(symmetric=False))
+        qdq.check_htp(w4a16.with_weights(symmetric=False, scales="absmax"))
     with pytest.raises(EdgeforgeError, match="rounding autoround"):
         qdq.check_htp(w8a16.with_weights(rounding="autoround"))
     with pytest.raises(EdgeforgeError, match="the LM head piece is quantized"):
@@ -510,7 +510,7 @@ def test_narrow_head_gives_the_whole_heads_bytes(
     gen = torch.Generator().manual_seed(0)
     feeds = [{"hidden_states": torch.randn(1, head.in_features, generator=gen).numpy()}]
     weights = {name: head.weight.detach()}
-    levels = qdq.nearest_levels(weights, scheme.weights.bits, scheme.weights.group_size)
+    levels = qdq.nearest_levels(weights, scheme.weights)
     common = dict(plan=plan, weights=weights, calibration=feeds * 4, levels=levels)
     static = qdq.static_float_model(tmp_path / "lm_head.onnx", tmp_path / "static.onnx")
     qdq.quantize_piece(static, tmp_path / "whole.onnx", **common)

@@ -43,6 +43,10 @@ def test_targets_names_resolve_to_what_each_means() -> None:
     assert int_bits(autoround.activations) is None and int_bits("int16") == 16
     assert SCHEMES["w8a16"].with_weights(rounding="nearest").weights.rounding == "nearest"
     assert SCHEMES["w8a16"].weights.rounding == "gptq"  # frozen: the registry is unchanged
+    # w4a16 chooses each group's step by least rounding error; a plan states it, and only
+    # where it is not the abs-max grid every other scheme has.
+    assert SCHEMES["w4a16"].weights.to_json()["scales"] == "mse"
+    assert "scales" not in SCHEMES["w8a16"].weights.to_json()
 
 
 @pytest.mark.parametrize(
@@ -53,6 +57,10 @@ def test_targets_names_resolve_to_what_each_means() -> None:
         (lambda: Weights("int4", group_size=32), "granularity per_channel with group_size 32"),
         (lambda: Weights("int8", rounding="stochastic"), "rounding 'stochastic'"),
         (lambda: Weights("bfloat16", rounding="gptq"), "bfloat16 weights are not quantized"),
+        (lambda: Weights("bfloat16", scales="mse"), "bfloat16 weights are not quantized"),
+        (lambda: Weights("int4", scales="minmax"), "scales 'minmax' is not one of"),
+        (lambda: Weights("int8", "per_tensor", scales="mse"), "not per_tensor, symmetric True"),
+        (lambda: Weights("int4", "group", 64, False, scales="mse"), "group, symmetric False"),
         (lambda: QuantScheme("x", Weights("int8"), "int12"), "activations 'int12'"),
         (lambda: QuantScheme("x", Weights("int8"), "int8", lm_head="int8"), "keeps it float"),
     ],

@@ -43,7 +43,8 @@ attention sink drives them to ~3000 against a bulk of ~1, and at 8 bits 12 of Sm
 61 pieces fell below cos 0.99; and the SwiGLU interior, gate/up's outputs to down_proj's
 input, 16-bit (:func:`swiglu_interior`: top-1 0.81 → 0.90; the MLP's MatMuls then compute
 on 16-bit activations, q/k/v/o on 8-bit ones), ``w4a16`` (int4 weights with one scale per
-32 input columns of a row, on :mod:`common.quant.int8`'s 4-bit grid: ONNX's blocked
+32 input columns of a row, each the clip of the group's abs-max that rounds it best, on
+:mod:`common.quant.int8`'s 4-bit grid: ONNX's blocked
 DequantizeLinear, which the QNN EP compiles to HTP block-quantized weights on v73, v75,
 v79 and v81; one scale per output channel had SmolLM2 agree with float on 0.715 of
 next tokens).
@@ -779,13 +780,16 @@ WeightLevels = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def nearest_levels(
-    weights: Mapping[str, torch.Tensor], bits: int, group_size: int | None = None
+    weights: Mapping[str, torch.Tensor], spec: Weights
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Round-to-nearest :data:`WeightLevels` of float ``[out, in]`` weights on
-    :mod:`common.quant.int8`'s symmetric grid: one scale per output channel, or per
-    ``group_size`` input columns of it."""
-    granularity = "group" if group_size else "per_channel"
-    return {n: quantize_weight(w, granularity, bits, group_size) for n, w in weights.items()}
+    :mod:`common.quant.int8`'s symmetric grid as ``spec`` says: its width, one scale per
+    output channel or per ``group_size`` input columns of it, chosen by its ``scales``."""
+    granularity = "group" if spec.group_size else "per_channel"
+    return {
+        n: quantize_weight(w, granularity, spec.bits, spec.group_size, spec.scales)
+        for n, w in weights.items()
+    }
 
 
 def _weight_dq(model: Any, site: LinearSite) -> Any:
@@ -1082,8 +1086,7 @@ def quantize_piece(
         chosen = levels
         if chosen is None:
             chosen = {
-                n: nearest_levels({n: weights[n]}, bits[n], plan.linears[n].weight.group_size)[n]
-                for n in quantized
+                n: nearest_levels({n: weights[n]}, plan.linears[n].weight)[n] for n in quantized
             }
         replace_weights(qdq, quantized, chosen, bits)
         tighten_masked_scores(qdq, model)

@@ -121,6 +121,7 @@ def _round_and_run(
     levels: Levels,
     *,
     group_size: int | None = None,
+    scales: str = "absmax",
     propagate: bool = True,
 ) -> list[_Rows]:
     """Gather Hessians of ``linears`` over ``run(rows)`` for every sequence (``run`` calls
@@ -136,7 +137,9 @@ def _round_and_run(
         gathered.remove()
     hessians = gathered.hessians()
     for name, linear in linears.items():
-        levels[name] = gptq_levels(linear.weight, hessians[name], bits, group_size=group_size)
+        levels[name] = gptq_levels(
+            linear.weight, hessians[name], bits, group_size=group_size, scales=scales
+        )
     if not propagate:  # no rounded copy of the weights (the LM head: the largest part)
         return []
     originals = {}
@@ -157,6 +160,7 @@ def sequential_gptq(
     bits: int,
     *,
     group_size: int | None = None,
+    scales: str = "absmax",
     progress: bool = True,
     parts: Parts | None = None,
     pictures: Sequence[pe.MultimodalPrompt] = (),
@@ -166,7 +170,8 @@ def sequential_gptq(
     model, ``pictures``: prompts whose vision embeddings replace their placeholder rows,
     at their M-RoPE positions (the statistics of what the deployed model reads). ``parts``
     reads a streamed model's parts one at a time (:class:`~common.analysis.layerwise.Parts`);
-    ``group_size``: one scale per that many input columns (block-quantized weights)."""
+    ``group_size``: one scale per that many input columns (block-quantized weights);
+    ``scales``: how each scale is chosen (:func:`common.quant.int8.weight_scale`)."""
     seq_len = max([windows.shape[1], *(len(p.token_ids) for p in pictures)])
     dims = piece_dims(adapter, seq_len)
     cos, sin = rotary_table(adapter, seq_len)
@@ -187,11 +192,11 @@ def sequential_gptq(
             linears = {layer.linear_names[r]: m for r, m in layer.linears.items()}
             hidden = _round_and_run(
                 linears, lambda r, b=block: b(r.hidden, r.positions, r.mask)[0], hidden, bits,
-                levels, group_size=group_size,
+                levels, group_size=group_size, scales=scales,
             )  # fmt: skip
     with parts.head() as (norm, head):
         _round_and_run(
             {adapter.lm_head_path: head}, lambda r: head(norm(r.hidden)), hidden, bits, levels,
-            group_size=group_size, propagate=False,
+            group_size=group_size, scales=scales, propagate=False,
         )  # fmt: skip
     return levels

@@ -76,6 +76,8 @@ def weight_flags(weights: Weights, flag: str, symmetric: str) -> list[str]:
     (``symmetric``; a zero point per group otherwise) of integer ``weights``."""
     if weights.bits is None:
         return []
+    if weights.scales != "absmax":  # tpu-mlir computes its own, from each group's range
+        raise EdgeforgeError(f"weights: scales {weights.scales}; tpu-mlir chooses its own")
     return [flag, str(weights.group_size or 0), *([symmetric] if weights.symmetric else [])]
 
 

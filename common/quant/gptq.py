@@ -113,6 +113,7 @@ def gptq_levels(
     bits: int = 8,
     *,
     group_size: int | None = None,
+    scales: str = "absmax",
     block: int = BLOCK,
     damp: float = DAMP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +134,7 @@ def gptq_levels(
             f"{columns} input columns"
         )
     granularity = "group" if group_size else "per_channel"
-    scale = weight_scale(weight, granularity, bits, group_size)
+    scale = weight_scale(weight, granularity, bits, group_size, scales)
     h = hessian.to(torch.float64)
     diag = torch.diagonal(h).clone()
     diag[diag == 0] = 1.0

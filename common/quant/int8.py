@@ -19,10 +19,15 @@ from __future__ import annotations
 import torch
 
 from common.core.errors import EdgeforgeError
+from common.quant.schemes import SCALE_RULES
 
 #: Smallest range a scale is computed from (mllm's guard against all-zero tensors).
 MIN_RANGE = 1e-5
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor", "group")
+#: The clips an ``mse`` scale is chosen among (1.0: the abs-max grid itself, so the chosen
+#: one never rounds worse). SmolLM2, int4 groups of 32 by GPTQ: perplexity ratio to float
+#: 1.168 with abs-max scales, 1.096 with these (top-1 0.786 → 0.807).
+MSE_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 #: Storage dtype per bit width; int4 levels (``[-8, 7]``) are held in int8 and packed
 #: only by the file format that ships them (e.g. ONNX ``INT4`` for QNN ``w4a16``).
 _INT_DTYPES = {4: torch.int8, 8: torch.int8, 16: torch.int16, 32: torch.int32}
@@ -76,11 +81,47 @@ def weight_scale(
     granularity: str = "per_channel",
     bits: int = 8,
     group_size: int | None = None,
+    rule: str = "absmax",
 ) -> torch.Tensor:
     """Scale of a ``[out, in]`` weight on the ``bits`` grid: one per output row
     (``[out, 1]``), one for the tensor (``[]``), or one per ``group_size`` consecutive input
     columns of a row (``group``: ``[out, in / group_size]``, the block scales of QNN's
-    block-quantized int4 and of GPTQ's groups)."""
+    block-quantized int4 and of GPTQ's groups), chosen by ``rule``: over the row's/group's
+    abs-max, or (``mse``) the one of :data:`MSE_RATIOS` times that abs-max whose rounding
+    leaves the least squared error in the row/group — a few large weights clipped for a
+    finer step on the rest."""
+    if rule not in SCALE_RULES:
+        raise EdgeforgeError(f"weight scale rule {rule!r} is not one of {', '.join(SCALE_RULES)}")
+    scale = _absmax_scale(weight, granularity, bits, group_size)
+    if rule == "mse":
+        if granularity == "per_tensor":
+            raise EdgeforgeError("weight scale rule mse: per row or per group only")
+        rows = zip(weight.detach().split(WEIGHT_ROWS), scale.split(WEIGHT_ROWS), strict=True)
+        scale = torch.cat([_least_error_scale(w, s, bits) for w, s in rows])
+    return scale
+
+
+def _least_error_scale(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per row/group of ``weight`` (its abs-max ``scale`` ``[rows, groups]``), the clip of
+    :data:`MSE_RATIOS` whose rounding error (squared, summed) is least; ties keep the
+    larger step."""
+    rows, groups = scale.shape
+    blocks = weight.float().reshape(rows, groups, -1)
+    best, best_error = scale, None
+    for ratio in MSE_RATIOS:
+        step = scale * ratio
+        error = (fake_quantize(blocks, step[..., None], bits) - blocks).square().sum(-1)
+        if best_error is None:
+            best, best_error = step, error
+            continue
+        better = error < best_error
+        best, best_error = torch.where(better, step, best), torch.where(better, error, best_error)
+    return best
+
+
+def _absmax_scale(
+    weight: torch.Tensor, granularity: str, bits: int, group_size: int | None
+) -> torch.Tensor:
     if granularity == "per_channel":
         return symmetric_scale(weight.detach().abs().amax(dim=1, keepdim=True).float(), bits)
     if granularity == "per_tensor":
@@ -114,9 +155,11 @@ def quantize_weight(
     granularity: str = "per_channel",
     bits: int = 8,
     group_size: int | None = None,
+    rule: str = "absmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(levels [out, in], float32 scale)`` on the ``bits`` grid (int8 storage for 4 and 8
-    bits); the scale has shape ``[out, 1]``, ``[]`` or, per group, ``[out, groups]``.
+    bits); the scale has shape ``[out, 1]``, ``[]`` or, per group, ``[out, groups]``, chosen
+    by ``rule`` (:func:`weight_scale`).
 
     :data:`WEIGHT_ROWS` rows at a time, into one int8 result: every step is elementwise
     or a per-row/whole maximum, so the values are those of one pass, while the float
@@ -127,7 +170,7 @@ def quantize_weight(
         scale = symmetric_scale(torch.stack([r.abs().max() for r in rows]).max().float(), bits)
         scales = [scale] * len(rows)
     else:
-        scales = [weight_scale(r, granularity, bits, group_size) for r in rows]
+        scales = [weight_scale(r, granularity, bits, group_size, rule) for r in rows]
         scale = torch.cat(scales)
     if granularity == "group":  # each weight divided by its own group's step
         scales = [column_scales(s, weight.shape[1]) for s in scales]

@@ -40,6 +40,9 @@ GRANULARITIES = ("per_channel", "per_tensor", "group")
 #: How integer levels are chosen on the grid: to nearest, by GPTQ (error feedback over
 #: calibration inputs), or by AutoRound's signed-gradient rounding.
 ROUNDINGS = ("nearest", "gptq", "autoround")
+#: How a weight scale is chosen: over its row's/group's abs-max, or (``mse``) the clip of
+#: that abs-max with the least squared rounding error (:func:`common.quant.int8.weight_scale`).
+SCALE_RULES = ("absmax", "mse")
 #: Roles whose activation width a scheme may set apart from the others.
 ROLE_OVERRIDES = ("scores", "down", "swiglu", "lm_head")
 #: The linear sides a role override covers though the linear's own role differs: gate_proj
@@ -64,6 +67,8 @@ class Weights:
     #: Zero point 0; otherwise each scale has its own zero point (tpu-mlir's W4/W8 default).
     symmetric: bool = True
     rounding: str = "nearest"
+    #: How each scale is chosen (:data:`SCALE_RULES`).
+    scales: str = "absmax"
 
     def __post_init__(self) -> None:
         if self.dtype not in WEIGHT_DTYPES:
@@ -71,13 +76,22 @@ class Weights:
                 f"weights: dtype {self.dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}"
             )
         if self.bits is None:
-            grid = (self.granularity, self.group_size, self.symmetric, self.rounding)
-            if grid != ("per_channel", None, True, "nearest"):
+            grid = (self.granularity, self.group_size, self.symmetric, self.rounding, self.scales)
+            if grid != ("per_channel", None, True, "nearest", "absmax"):
                 raise EdgeforgeError(
                     f"weights: {self.dtype} weights are not quantized; granularity, group "
-                    "size, symmetry and rounding describe integer grids only"
+                    "size, symmetry, rounding and scales describe integer grids only"
                 )
             return
+        if self.scales not in SCALE_RULES:
+            raise EdgeforgeError(
+                f"weights: scales {self.scales!r} is not one of {', '.join(SCALE_RULES)}"
+            )
+        if self.scales != "absmax" and (self.granularity == "per_tensor" or not self.symmetric):
+            raise EdgeforgeError(
+                f"weights: scales {self.scales} is a rule for symmetric per-row or per-group "
+                f"grids, not {self.granularity}, symmetric {self.symmetric}"
+            )
         if self.granularity not in GRANULARITIES:
             raise EdgeforgeError(
                 f"weights: granularity {self.granularity!r} is not one of "
@@ -109,6 +123,8 @@ class Weights:
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "rounding": self.rounding,
+            # Stated where it is not the abs-max every backend's grids had before it.
+            **({"scales": self.scales} if self.scales != "absmax" else {}),
         }
 
     @classmethod
@@ -207,10 +223,11 @@ SCHEMES: dict[str, QuantScheme] = {
             swiglu="int16",
             backends=QNN,
         ),
-        # Block-quantized int4: a scale per 32 input columns (QNN EP: blocked DQ on HTP).
+        # Block-quantized int4: a scale per 32 input columns (QNN EP: blocked DQ on HTP),
+        # each the clip of its group's abs-max with the least rounding error.
         QuantScheme(
             "w4a16",
-            Weights("int4", granularity="group", group_size=32, rounding="gptq"),
+            Weights("int4", granularity="group", group_size=32, rounding="gptq", scales="mse"),
             "int16",
             backends=QNN,
         ),

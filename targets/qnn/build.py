@@ -698,10 +698,12 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
             made = vision.plan(vision_ref, opts["vision_preset"], recipe.name)
             write_json_atomic(tmp / "vision_quant_plan.json", made.to_json())
             vision_plan = qdq.load_qdq_plan(tmp / "vision_quant_plan.json")
-        weight_bits, group_size = plan.scheme.weights.bits, plan.scheme.weights.group_size
+        spec = plan.scheme.weights
+        weight_bits, group_size = spec.bits, spec.group_size
         source = {"model": model_files(model_dir), "transforms": transforms,
                   "rotation_file": rotation_file(rotation), "bits": weight_bits,
-                  **({"group_size": group_size} if group_size else {})}  # fmt: skip
+                  **({"group_size": group_size} if group_size else {}),
+                  **({"scales": spec.scales} if spec.scales != "absmax" else {})}  # fmt: skip
         if plan.scheme.weights.rounding == "gptq":
             # A vision-language model's calibration pictures join GPTQ's text windows.
             shown = [p.image for p in calibration if p.image is not None]
@@ -714,12 +716,13 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                     gptq_ids,
                     weight_bits,
                     group_size=group_size,
+                    scales=spec.scales,
                     parts=parts,
                     pictures=shown,
                 ),
             )
         else:  # rounded by each piece as it is built
-            levels = pipeline.NearestLevels(adapter, weight_bits, group_size)
+            levels = pipeline.NearestLevels(adapter, spec)
             levels_key = cache_key({"rounding": "nearest", **source})
         run.phase("compile")
         setup = pipeline.PieceSetup(

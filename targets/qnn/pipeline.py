@@ -40,6 +40,7 @@ from common.export import onnx_files
 from common.export import piece_export as pe
 from common.models import ModelAdapter, iter_linears
 from common.models.static_decoder import MROPE_ROWS
+from common.quant.schemes import Weights
 
 Feeds = dict[str, np.ndarray]
 
@@ -316,13 +317,13 @@ class NearestLevels(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
     piece asks for its own, from the part of the model in memory then: the whole model's
     levels (one byte per weight, 1.8 GB at 1.8B) are never held at once."""
 
-    def __init__(self, adapter: ModelAdapter, bits: int, group_size: int | None = None) -> None:
-        self.bits, self.group_size = bits, group_size
+    def __init__(self, adapter: ModelAdapter, spec: Weights) -> None:
+        self.spec = spec
         self.linears = {name: m for name, _role, m in iter_linears(adapter)}
 
     def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         weight = {name: self.linears[name].weight}
-        return qdq.nearest_levels(weight, self.bits, self.group_size)[name]
+        return qdq.nearest_levels(weight, self.spec)[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.linears)

@@ -178,11 +178,10 @@ def build(
     for name in progress(ref.names, desc="qnn vision", unit="piece"):
         linears = piece_linears(setup.adapter, name, modules[name])
         weights = {qualified: lin.weight.detach() for qualified, _, lin in linears}
-        bits, group_size = vision_plan.scheme.weights.bits, vision_plan.scheme.weights.group_size
         first, _ = vp.io_names(name)
         row, chained = pipeline.cached_piece(
             setup, name, [{first: x} for x in states], nullcontext, lambda w=weights: w,
-            plan=vision_plan, levels=qdq.nearest_levels(weights, bits, group_size),
+            plan=vision_plan, levels=qdq.nearest_levels(weights, vision_plan.scheme.weights),
             levels_key=levels_key, golden=ref.golden,
         )  # fmt: skip
         rows.append(row)

@@ -29,7 +29,7 @@ from common.export.mllm_format import read_mllm
 from common.models import get_adapter, iter_linears
 from common.models.loading import load_model
 from common.models.streaming import StreamedModel
-from common.quant.schemes import int_bits
+from common.quant.schemes import Weights, int_bits
 from common.quant.transforms import Transforms
 from tests.conftest import (
     REPO_ROOT,
@@ -531,7 +531,7 @@ def test_block_quantized_int4_pieces_on_htp(
     plan = json.loads((out / "quant_plan.json").read_text())
     assert {json.dumps(t["weight"], sort_keys=True) for t in plan["tensors"].values()} == {
         json.dumps({"dtype": "int4", "granularity": "group", "group_size": 32,
-                    "symmetric": True, "rounding": "gptq"}, sort_keys=True)
+                    "symmetric": True, "rounding": "gptq", "scales": "mse"}, sort_keys=True)
     }  # fmt: skip
     for row in report["layers"]:
         assert row["all_nodes_on_qnn"] and row["cos_vs_cpu_qdq"] >= 0.9999, row
@@ -1132,9 +1132,12 @@ def test_levels_come_a_piece_at_a_time(tiny_qwen2_dir: Path, tmp_path: Path) -> 
 
     pipeline, qnn_build = import_target("qnn", "pipeline"), import_target("qnn")
     whole = get_adapter(load_model(tiny_qwen2_dir))
-    want = qdq.nearest_levels({n: m.weight for n, _r, m in iter_linears(whole)}, 8)
+    want = qdq.nearest_levels({n: m.weight for n, _r, m in iter_linears(whole)}, Weights("int8"))
     streamed = StreamedModel(tiny_qwen2_dir)
-    parts, lazy = Parts(streamed.adapter, streamed), pipeline.NearestLevels(streamed.adapter, 8)
+    parts, lazy = (
+        Parts(streamed.adapter, streamed),
+        pipeline.NearestLevels(streamed.adapter, Weights("int8")),
+    )
     assert sorted(lazy) == sorted(want)
     seen = []
     for layer in streamed.adapter.layers():

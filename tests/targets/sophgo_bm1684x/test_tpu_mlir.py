@@ -26,6 +26,7 @@ from common.backends.tpu_mlir import (
     parse_compares,
     shapes_arg,
     transform_args,
+    weight_flags,
 )
 from common.core.errors import EdgeforgeError
 from common.core.memory import MemoryGate
@@ -33,6 +34,7 @@ from common.export.piece_export import example_inputs, export_pieces, onnx_runne
 from common.models import get_adapter
 from common.models.loading import load_model
 from common.models.static_decoder import piece_dims as dims_of
+from common.quant.schemes import Weights
 
 REPO = Path(__file__).resolve().parents[3]
 VENV = REPO / ".venv-tpu-mlir"
@@ -130,6 +132,10 @@ def test_modes_and_their_plan_come_from_the_schemes() -> None:
     f16 = bmodel_plan("f16", 64, "llm_convert", linears, "tiny-f16")["tensors"]
     assert f16["lm_head"]["weight"] == f16["model.layers.0.mlp.down_proj"]["weight"]
     assert f16["lm_head"]["weight"] == {"dtype": "float16"}
+    # tpu-mlir picks each group's scale itself: a scheme asking for another rule is refused
+    mse = Weights("int4", "group", 64, rounding="nearest", scales="mse")
+    with pytest.raises(EdgeforgeError, match="scales mse; tpu-mlir chooses its own"):
+        weight_flags(mse, "--q_group_size", "--q_symmetric")
 
 
 def test_fused_norm_reference_is_the_same_model(tiny_qwen2_dir: Path, tmp_path: Path) -> None:
