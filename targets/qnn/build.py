@@ -67,6 +67,7 @@ from common.core.resources import resources_line
 from common.models.tokenizer_fidelity import write_tokenizer_dir
 from common.quant.gptq import ROW_SLICE_BYTES
 from common.quant.hadamard import ROTATE_MODES
+from common.quant.int8 import MSE_RATIOS
 from common.steps.phases import Run
 from common.steps.preflight import max_memory_option
 from common.steps.verify_sampling import VERIFY_CHOICES
@@ -703,7 +704,9 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         source = {"model": model_files(model_dir), "transforms": transforms,
                   "rotation_file": rotation_file(rotation), "bits": weight_bits,
                   **({"group_size": group_size} if group_size else {}),
-                  **({"scales": spec.scales} if spec.scales != "absmax" else {})}  # fmt: skip
+                  # the clips an mse scale is chosen among: other clips, other levels
+                  **({"scales": spec.scales, "clips": MSE_RATIOS}
+                     if spec.scales == "mse" else {})}  # fmt: skip
         if plan.scheme.weights.rounding == "gptq":
             # A vision-language model's calibration pictures join GPTQ's text windows.
             shown = [p.image for p in calibration if p.image is not None]
