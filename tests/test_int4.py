@@ -10,6 +10,7 @@ from common.quant.int8 import (
     fake_quantize,
     qmax,
     quantize,
+    quantize_weight,
     symmetric_scale,
     weight_scale,
 )
@@ -46,7 +47,7 @@ def test_mse_scales_are_clips_that_never_round_worse():
     """``mse``: each group's step is one of MSE_RATIOS x its abs-max step, the one with the
     least squared rounding error: never worse than the abs-max grid, better on most groups
     of a Gaussian weight (a 4-bit abs-max grid spends its levels on the tails)."""
-    from common.quant.int8 import MSE_RATIOS, WEIGHT_ROWS, quantize_weight, weight_scale
+    from common.quant.int8 import MSE_RATIOS, WEIGHT_ROWS
 
     w = torch.randn(WEIGHT_ROWS + 8, 64, generator=torch.Generator().manual_seed(1))  # 2 chunks
     absmax = weight_scale(w, "group", 4, 32)
@@ -71,6 +72,7 @@ def test_mse_scales_are_clips_that_never_round_worse():
     [
         (lambda w: weight_scale(w, "group", 4, 32, "minmax"), "rule 'minmax' is not one of"),
         (lambda w: weight_scale(w, "per_tensor", 4, rule="mse"), "per row or per group only"),
+        (lambda w: quantize_weight(w, "per_tensor", 4, rule="mse"), "per row or per group only"),
     ],
 )
 def test_unknown_or_unsupported_scale_rules_are_refused(call, fragment: str) -> None:

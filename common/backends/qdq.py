@@ -539,12 +539,13 @@ def overrides_for(
     score_dtype = plan.scheme.activation("scores")
     scores = set(score_tensors(model)) if score_dtype != plan.scheme.activations else set()
     producers = {out: node for node in model.graph.node for out in node.output}
-    swiglu_type = _quant_type(int_bits(plan.scheme.activation("swiglu")))[0]
+    swiglu_dtype = plan.scheme.activation("swiglu")
+    swiglu_type = _quant_type(int_bits(swiglu_dtype))[0]
     for name, site in sites.items():
         linear = plan.linears[name]
         if linear.is_float:
             continue
-        if linear.role == "down" and plan.scheme.swiglu not in (None, plan.scheme.activations):
+        if linear.role == "down" and swiglu_dtype != plan.scheme.activations:
             for tensor in swiglu_interior(model, site):
                 overrides[tensor] = [{"quant_type": swiglu_type}]
         chain = encoding_chain(model, site.input)

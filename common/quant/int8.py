@@ -91,15 +91,20 @@ def weight_scale(
     abs-max, or (``mse``) the one of :data:`MSE_RATIOS` times that abs-max whose rounding
     leaves the least squared error in the row/group — a few large weights clipped for a
     finer step on the rest."""
-    if rule not in SCALE_RULES:
-        raise EdgeforgeError(f"weight scale rule {rule!r} is not one of {', '.join(SCALE_RULES)}")
+    _check_rule(rule, granularity)
     scale = _absmax_scale(weight, granularity, bits, group_size)
     if rule == "mse":
-        if granularity == "per_tensor":
-            raise EdgeforgeError("weight scale rule mse: per row or per group only")
         rows = zip(weight.detach().split(WEIGHT_ROWS), scale.split(WEIGHT_ROWS), strict=True)
         scale = torch.cat([_least_error_scale(w, s, bits) for w, s in rows])
     return scale
+
+
+def _check_rule(rule: str, granularity: str) -> None:
+    """``rule`` is a known scale rule, and ``mse`` is asked of rows or groups only."""
+    if rule not in SCALE_RULES:
+        raise EdgeforgeError(f"weight scale rule {rule!r} is not one of {', '.join(SCALE_RULES)}")
+    if rule == "mse" and granularity == "per_tensor":
+        raise EdgeforgeError("weight scale rule mse: per row or per group only")
 
 
 def _least_error_scale(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -166,6 +171,7 @@ def quantize_weight(
     or a per-row/whole maximum, so the values are those of one pass, while the float
     temporaries stay a chunk's (one pass over a vocab-wide LM head held 2.7x its float32
     weights, 3.4 GiB at Qwen1.5-1.8B)."""
+    _check_rule(rule, granularity)  # the per-tensor scale below is not weight_scale's
     rows = weight.detach().split(WEIGHT_ROWS)
     if granularity == "per_tensor":
         scale = symmetric_scale(torch.stack([r.abs().max() for r in rows]).max().float(), bits)

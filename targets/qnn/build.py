@@ -707,7 +707,7 @@ def build(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                   # the clips an mse scale is chosen among: other clips, other levels
                   **({"scales": spec.scales, "clips": MSE_RATIOS}
                      if spec.scales == "mse" else {})}  # fmt: skip
-        if plan.scheme.weights.rounding == "gptq":
+        if spec.rounding == "gptq":
             # A vision-language model's calibration pictures join GPTQ's text windows.
             shown = [p.image for p in calibration if p.image is not None]
             seen = [(p.token_ids, p.positions, p.rows, p.embeds) for p in shown]

@@ -81,6 +81,7 @@ def plot_layers(rows: list[dict[str, Any]], dest: Path) -> None:
 def render(report: dict[str, Any]) -> str:
     """report.md: settings, binaries, per-piece table, end to end, int8 .mllm check."""
     e2e, mllm = report["end_to_end"], report["mllm_int8"]
+    pieces = (report.get("vision_pieces") or []) + report["layers"]
     failed = failures(report["gates"])
     lines = [
         f"# QNN HTP: {report['model']} ({report['preset']}, {report['rounding']} weight "
@@ -105,11 +106,11 @@ def render(report: dict[str, Any]) -> str:
     lines += [
         f"| {r['name']} | {_htp(r, 'cos_vs_float')} | {_htp(r, 'cos_vs_cpu_qdq')} | "
         f"{r['cpu_qdq_cos_vs_float']:.6f} | {'yes' if r['all_nodes_on_qnn'] else 'NO'} |"
-        for r in (report.get("vision_pieces") or []) + report["layers"]
+        for r in pieces
     ]
     lines += [
         "",
-        _ranked_line((report.get("vision_pieces") or []) + report["layers"]),
+        _ranked_line(pieces),
         *[line for note in report.get("notes", []) for line in ("", note)],
         "",
         f"End to end (prefill chain on HTP, float LM head on host, {e2e['tokens']} tokens "
